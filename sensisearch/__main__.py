@@ -1,0 +1,4 @@
+from sensisearch.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,143 @@
+"""The small interface every backend implements (after Polygraphy's runners).
+
+The study only talks to :class:`Backend` and :class:`Runner`; which engine
+compiles and runs the deployable ONNX (ONNX Runtime on the CPU, TensorRT,
+TensorRT-RTX) is invisible to it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from sensisearch.model.tensor import TensorSpec
+from sensisearch.quantize.config import Precision
+from sensisearch.quantize.profiles import QuantizationProfile
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can do on this machine."""
+
+    precisions: tuple[Precision, ...]
+    """Precisions the search may assign to a layer on this backend."""
+    fp16_compute: bool
+    """True when FP16 layers really compute in FP16 (not only round storage)."""
+    fp16_note: str
+    """What FP16 means on this backend, in one sentence, for the report."""
+    artifact_suffix: str
+    """File suffix of the built artifact, e.g. ``.onnx`` or ``.plan``."""
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    warmup_runs: int = 10
+    min_runs: int = 30
+    max_runs: int = 1000
+    min_seconds: float = 1.0
+    """Keep timing until both ``min_runs`` and ``min_seconds`` are reached (or ``max_runs``)."""
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Per-inference latency in milliseconds for one batch."""
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "median_ms": self.median_ms,
+            "p90_ms": self.p90_ms,
+            "mean_ms": self.mean_ms,
+            "min_ms": self.min_ms,
+            "runs": self.runs,
+            "batch_size": self.batch_size,
+        }
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float], batch_size: int) -> "LatencyStats":
+        values = np.asarray(samples_ms, dtype=np.float64)
+        return cls(
+            median_ms=float(np.median(values)),
+            p90_ms=float(np.percentile(values, 90)),
+            mean_ms=float(values.mean()),
+            min_ms=float(values.min()),
+            runs=int(values.size),
+            batch_size=batch_size,
+        )
+
+
+@dataclass
+class BuildResult:
+    """What a build produced."""
+
+    artifact: Path
+    seconds: float
+    layer_precisions: Mapping[str, int] = field(default_factory=dict)
+    """How many quantizable layers really run in each precision, as far as the
+    backend can tell (e.g. ``{"int8": 12, "fp32": 3}``)."""
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Runner(abc.ABC):
+    """A loaded artifact that runs batches."""
+
+    @property
+    @abc.abstractmethod
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    @abc.abstractmethod
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @abc.abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Run one batch; returns the outputs in graph order."""
+
+    @abc.abstractmethod
+    def measure_latency(self, feeds: Mapping[str, np.ndarray], settings: LatencySettings) -> LatencyStats:
+        """Time repeated runs of one batch after warm-up."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (sessions, device buffers)."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Backend(abc.ABC):
+    """Compiles a deployable ONNX into an artifact and loads it for running."""
+
+    name: str
+
+    @property
+    @abc.abstractmethod
+    def profile(self) -> QuantizationProfile:
+        """How Q/DQ must be placed for this backend to run INT8 kernels."""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> BackendCapabilities: ...
+
+    @abc.abstractmethod
+    def build(self, onnx_path: Path, out_dir: Path) -> BuildResult:
+        """Compile ``onnx_path`` into an artifact inside ``out_dir``."""
+
+    @abc.abstractmethod
+    def load(self, artifact: Path) -> Runner: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Versions and settings, recorded with every trial."""
+        return {"name": self.name, "profile": self.profile.name}

@@ -1,0 +1,715 @@
+"""YOLOv5-style ONNX detectors scored with COCO mAP (pycocotools).
+
+The pipeline reproduces YOLOv5 v7.0 ``val.py`` for a square ONNX model:
+letterbox preprocessing (:mod:`sensisearch.evaluation.letterbox`), decoded
+``[N, anchors, 5 + classes]`` outputs, multi-label per-class NMS
+(:mod:`sensisearch.evaluation.nms`), boxes scaled back and clipped, COCO json
+rounding (bbox to 3 decimals, score to 5) and ``COCOeval``. On the shared
+``coco-dev`` set it gives the README's reference numbers.
+
+Images are decoded and letterboxed once into a memory-mapped tensor store
+(:mod:`sensisearch.evaluation.tensor_store`), so a trial's evaluation costs
+little more than its inference.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from sensisearch.backends.base import Runner
+from sensisearch.errors import SensisearchError
+from sensisearch.evaluation.base import EvaluationResult, Evaluator
+from sensisearch.evaluation.letterbox import PAD_VALUE, scale_boxes_to_original
+from sensisearch.evaluation.nms import NmsSettings, yolov5_nms
+from sensisearch.evaluation.tensor_store import TensorStore
+from sensisearch.model.tensor import TensorSpec
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+METRICS = ("mAP50-95", "mAP50")
+YOLO_STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64))  # P5 and P6 models, 3 anchors per cell
+DEFAULT_DYNAMIC_BATCH = 8
+
+
+# --------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DetectionSettings:
+    """Post-processing and preprocessing of the detector evaluation.
+
+    The defaults are YOLOv5 v7.0 ``val.py``'s and give the shared/data README's
+    reference numbers. ``iou_threshold=0.6`` is what that reference uses
+    (``val.py --iou-thres`` default); 0.65 is the other setting ``val.py`` is
+    run with (by ``train.py`` on COCO) and scores this model 0.3585 / 0.5534.
+    """
+
+    conf_threshold: float = 0.001
+    iou_threshold: float = 0.6
+    max_det: int = 300
+    max_nms: int = 30000
+    """At most this many candidate boxes (by score) go into NMS."""
+    multi_label: bool = True
+    """Every class whose score passes ``conf_threshold`` yields a box."""
+    agnostic: bool = False
+    """Class-agnostic NMS (YOLOv5's ``--single-cls``); per-class when False."""
+    input_size: int = 640
+    """Letterbox size when the model's spatial input dimensions are dynamic."""
+    pad_value: int = PAD_VALUE
+
+    def nms(self) -> NmsSettings:
+        return NmsSettings(
+            conf_threshold=self.conf_threshold,
+            iou_threshold=self.iou_threshold,
+            max_det=self.max_det,
+            max_nms=self.max_nms,
+            multi_label=self.multi_label,
+            agnostic=self.agnostic,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conf_threshold": self.conf_threshold,
+            "iou_threshold": self.iou_threshold,
+            "max_det": self.max_det,
+            "max_nms": self.max_nms,
+            "multi_label": self.multi_label,
+            "agnostic": self.agnostic,
+            "input_size": self.input_size,
+            "pad_value": self.pad_value,
+        }
+
+
+# --------------------------------------------------------------------------- model recognition
+def _shape_of(item: Any) -> tuple[int | None, ...] | None:
+    shape = getattr(item, "shape", item)
+    if isinstance(shape, (tuple, list)):
+        return tuple(d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else None for d in shape)
+    return None
+
+
+def _output_shapes(model: Any) -> list[tuple[int | None, ...]]:
+    """Output shapes of a Runner, a model-info object, a list of TensorSpecs/shapes, or one shape."""
+    outputs = getattr(model, "outputs", model)
+    if isinstance(outputs, (tuple, list)) and outputs and all(isinstance(d, int) or d is None for d in outputs):
+        outputs = [outputs]  # a single shape
+    if not isinstance(outputs, (tuple, list)):
+        return []
+    shapes = [_shape_of(o) for o in outputs]
+    return [s for s in shapes if s is not None]
+
+
+def _input_hw(model: Any) -> tuple[int | None, int | None] | None:
+    inputs = getattr(model, "inputs", None)
+    if not isinstance(inputs, (tuple, list)) or not inputs:
+        return None
+    shape = _shape_of(inputs[0])
+    if shape is None or len(shape) != 4:
+        return None
+    return shape[2], shape[3]
+
+
+def _expected_anchor_counts(h: int, w: int) -> set[int]:
+    return {3 * sum((h // s) * (w // s) for s in strides) for strides in YOLO_STRIDE_SETS}
+
+
+def yolov5_output_index(
+    model: Any, input_hw: tuple[int | None, int | None] | None = None, num_classes: int | None = None
+) -> int | None:
+    """Index of the first output shaped like YOLOv5's ``[N, anchors, 5 + classes]``, or None."""
+    if input_hw is None:
+        input_hw = _input_hw(model)
+    for index, shape in enumerate(_output_shapes(model)):
+        if len(shape) != 3:
+            continue
+        anchors, width = shape[1], shape[2]
+        if width is None or width < 6:
+            continue
+        if num_classes is not None and width != 5 + num_classes:
+            continue
+        if anchors is not None:
+            if anchors <= width:
+                continue  # e.g. YOLOv8's transposed [N, 4 + classes, anchors]
+            if input_hw is not None and input_hw[0] and input_hw[1]:
+                if anchors not in _expected_anchor_counts(input_hw[0], input_hw[1]):
+                    continue
+        return index
+    return None
+
+
+def is_yolov5_detector(
+    model: Any, input_hw: tuple[int | None, int | None] | None = None, num_classes: int | None = None
+) -> bool:
+    """True when ``model`` has a YOLOv5-style decoded output ``[N, anchors, 5 + classes]``.
+
+    ``model`` may be a Runner or any object with ``.outputs`` (TensorSpecs or
+    shapes), a list of output shapes, or one shape. When the input size is known
+    (``input_hw`` or ``model.inputs``) the anchor count must be
+    ``3 * sum((H/s) * (W/s))`` over strides 8/16/32 (or 8..64 for P6 models).
+    """
+    return yolov5_output_index(model, input_hw, num_classes) is not None
+
+
+def parse_class_names(value: Any) -> list[str] | None:
+    """YOLOv5's ``names`` metadata (a dict repr ``{0: 'person', ...}`` or a list) -> list, else None."""
+    if isinstance(value, str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return None
+    if isinstance(value, dict):
+        try:
+            keys = sorted(int(k) for k in value)
+        except (TypeError, ValueError):
+            return None
+        if keys != list(range(len(keys))):
+            return None
+        return [str(value[k] if k in value else value[str(k)]) for k in keys]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def read_onnx_class_names(onnx_path: Path) -> list[str] | None:
+    """Class names from the ONNX ``metadata_props['names']`` YOLOv5 writes at export, or None."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for bad files
+        raise SensisearchError(f"cannot read ONNX model {onnx_path}: {_one_line(exc) or type(exc).__name__}; pass a valid .onnx file") from exc
+    for prop in model.metadata_props:
+        if prop.key == "names":
+            names = parse_class_names(prop.value)
+            if names is None:
+                log.warning("ignoring unparsable 'names' metadata in %s", onnx_path)
+            return names
+    return None
+
+
+def _onnx_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+    from onnx import helper
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for bad files
+        raise SensisearchError(f"cannot read ONNX model {onnx_path}: {_one_line(exc) or type(exc).__name__}; pass a valid .onnx file") from exc
+    initializers = {i.name for i in model.graph.initializer}
+
+    def spec(value_info: Any) -> TensorSpec:
+        t = value_info.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
+        except Exception:  # noqa: BLE001
+            dtype = np.dtype(np.float32)
+        return TensorSpec(value_info.name, dims, dtype)
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
+    outputs = [spec(v) for v in model.graph.output]
+    return inputs, outputs
+
+
+# --------------------------------------------------------------------------- COCO data
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def load_coco_annotations(path: Path) -> dict[str, Any]:
+    """Read and check a COCO instances json (``images``, ``annotations``, ``categories``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SensisearchError(f"annotation file {path} does not exist; pass a COCO instances json (e.g. instances_val2017.json)")
+    try:
+        with open(path, "rb") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise SensisearchError(f"annotation file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass a COCO instances json") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SensisearchError(f"annotation file {path} cannot be read ({_one_line(exc)}); pass a COCO instances json") from exc
+    if not isinstance(data, dict):
+        raise SensisearchError(f"annotation file {path} is not COCO instances format (top level is a {type(data).__name__}, not an object); pass a COCO instances json")
+    missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+    if missing:
+        raise SensisearchError(
+            f"annotation file {path} is not COCO instances format: missing list(s) {', '.join(repr(k) for k in missing)}; "
+            "pass a json with 'images', 'annotations' and 'categories'"
+        )
+    if not data["categories"]:
+        raise SensisearchError(f"annotation file {path} has no categories; add the dataset's 'categories' list")
+    for key, fields in (("images", ("id", "file_name")), ("categories", ("id", "name")), ("annotations", ("image_id", "category_id", "bbox"))):
+        for entry in data[key]:
+            if not isinstance(entry, dict) or any(f not in entry for f in fields):
+                raise SensisearchError(
+                    f"annotation file {path} is not COCO instances format: an entry of '{key}' lacks {', '.join(fields)}; "
+                    "fix or regenerate the json"
+                )
+    return data
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name; an error when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SensisearchError(f"images folder {folder} does not exist or is not a folder; pass the folder holding the images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise SensisearchError(
+            f"images folder {folder} contains no images ({'/'.join(sorted(s[1:] for s in IMAGE_SUFFIXES))}); pass the folder holding the images"
+        )
+    return files
+
+
+def coco80_to_coco91() -> list[int]:
+    """The standard YOLO class index -> COCO category id list (for reference and tests)."""
+    return [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+            35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63,
+            64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]  # fmt: skip
+
+
+def _norm_name(name: str) -> str:
+    return " ".join(str(name).lower().replace("_", " ").split())
+
+
+def category_mapping(
+    categories: Sequence[Mapping[str, Any]],
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    source: str = "the annotation file",
+) -> list[int]:
+    """Model class index -> COCO category id.
+
+    With ``class_names`` the mapping is by name (case- and ``_``-insensitive),
+    and every model class must be a category. Without, the model must predict
+    exactly as many classes as there are categories, and class k is the k-th
+    category by id (for COCO's 80: the standard coco80 -> coco91 list).
+    """
+    cats = sorted(categories, key=lambda c: int(c["id"]))
+    if class_names is not None:
+        if len(class_names) != num_classes:
+            raise SensisearchError(
+                f"the model predicts {num_classes} classes but has {len(class_names)} class names; "
+                "pass class names matching the model output (or none to map by category order)"
+            )
+        by_name: dict[str, int] = {}
+        for c in cats:
+            by_name.setdefault(_norm_name(c["name"]), int(c["id"]))
+        unknown = [n for n in class_names if _norm_name(n) not in by_name]
+        if unknown:
+            shown = ", ".join(repr(n) for n in unknown[:5])
+            raise SensisearchError(
+                f"{len(unknown)} of the model's {num_classes} class names are not categories of {source} "
+                f"(first: {shown}); use annotations for the model's classes or pass matching class names"
+            )
+        return [by_name[_norm_name(n)] for n in class_names]
+    if num_classes != len(cats):
+        raise SensisearchError(
+            f"the model predicts {num_classes} classes but {source} has {len(cats)} categories; "
+            "use annotations for the model's classes or pass the model's class names"
+        )
+    return [int(c["id"]) for c in cats]
+
+
+# --------------------------------------------------------------------------- predictions
+@dataclass
+class DetectionPredictions:
+    """Detections per evaluated image, in original-image pixels."""
+
+    image_ids: list[int]
+    detections: list[np.ndarray]
+    """Per image ``[k, 6]`` float32: x1, y1, x2, y2, score, class index."""
+    timings: dict[str, float] = field(default_factory=dict)
+    num_classes: int | None = None
+    """Classes the model predicts (``anchors`` row width - 5)."""
+
+    @property
+    def num_detections(self) -> int:
+        return int(sum(d.shape[0] for d in self.detections))
+
+
+def _quiet_coco(data: Mapping[str, Any]) -> Any:
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dict(data)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_results(predictions: DetectionPredictions, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO result dicts exactly as YOLOv5 ``save_one_json`` writes them (bbox 3 decimals, score 5)."""
+    cat = list(category_ids)
+    results: list[dict[str, Any]] = []
+    for image_id, det in zip(predictions.image_ids, predictions.detections):
+        if det.shape[0] == 0:
+            continue
+        xyxy = det[:, :4]
+        box = np.empty_like(xyxy)  # xyxy2xywh, then centre -> top-left, in float32 as in PyTorch
+        box[:, 0] = (xyxy[:, 0] + xyxy[:, 2]) / 2
+        box[:, 1] = (xyxy[:, 1] + xyxy[:, 3]) / 2
+        box[:, 2] = xyxy[:, 2] - xyxy[:, 0]
+        box[:, 3] = xyxy[:, 3] - xyxy[:, 1]
+        box[:, :2] -= box[:, 2:] / 2
+        for b, score, c in zip(box.tolist(), det[:, 4].tolist(), det[:, 5].astype(np.int64).tolist()):
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": cat[c],
+                    "bbox": [round(b[0], 3), round(b[1], 3), round(b[2], 3), round(b[3], 3)],
+                    "score": round(score, 5),
+                }
+            )
+    return results
+
+
+# --------------------------------------------------------------------------- evaluator
+class CocoDetectionEvaluator(Evaluator):
+    """COCO mAP of a YOLOv5-style detector (decoded ``[N, anchors, 5 + classes]`` output).
+
+    ``metric`` is ``"mAP50-95"`` (default) or ``"mAP50"``; both are always
+    reported, in points. ``image_ids`` and ``limit`` restrict the evaluation to a
+    subset (ids in annotation-file order, then the first ``limit``) for fast studies.
+    """
+
+    def __init__(
+        self,
+        images_dir: Path,
+        annotations: Path,
+        *,
+        settings: DetectionSettings | None = None,
+        cache_dir: Path | None = None,
+        input_spec: TensorSpec | None = None,
+        class_names: Sequence[str] | None = None,
+        metric: str = "mAP50-95",
+        image_ids: Sequence[int] | None = None,
+        limit: int | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        if metric not in METRICS:
+            raise SensisearchError(f"unknown detection metric {metric!r}; use one of {', '.join(METRICS)}")
+        self.metric = metric
+        self.settings = settings or DetectionSettings()
+        self.images_dir = Path(images_dir)
+        self.annotations = Path(annotations)
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.class_names = None if class_names is None else [str(n) for n in class_names]
+        if batch_size is not None and batch_size < 1:
+            raise SensisearchError(f"batch size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+
+        # Input geometry: the model's static H, W, else the settings' square size.
+        size = self.settings.input_size
+        self.input_name = "images"
+        self.input_shape: tuple[int, int] = (size, size)
+        self.static_batch: int | None = None
+        if input_spec is not None:
+            self.input_name = input_spec.name
+            if len(input_spec.shape) != 4 or (input_spec.shape[1] not in (None, 3)):
+                raise SensisearchError(
+                    f"model input {input_spec.name!r} has shape {list(input_spec.shape)}; a YOLOv5 detector takes [N, 3, H, W] images"
+                )
+            h, w = input_spec.shape[2], input_spec.shape[3]
+            self.input_shape = (h or size, w or size)
+            self.static_batch = input_spec.static_batch
+
+        data = load_coco_annotations(self.annotations)
+        self._categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+        self._category_names = {int(c["id"]): str(c["name"]) for c in self._categories}
+        images = list(data["images"])
+        if image_ids is not None:
+            wanted = {int(i) for i in image_ids}
+            known = {int(im["id"]) for im in images}
+            unknown = sorted(wanted - known)
+            if unknown:
+                raise SensisearchError(
+                    f"{len(unknown)} requested image ids are not in {self.annotations} (first: {', '.join(map(str, unknown[:5]))}); "
+                    "pass ids listed in its 'images'"
+                )
+            images = [im for im in images if int(im["id"]) in wanted]
+        if limit is not None:
+            if limit < 1:
+                raise SensisearchError(f"image limit must be at least 1, got {limit}")
+            images = images[:limit]
+        if not images:
+            raise SensisearchError(f"annotation file {self.annotations} lists no images to evaluate; check its 'images' (or the subset)")
+        self.image_ids = [int(im["id"]) for im in images]
+        self.image_paths = self._resolve_images(images)
+        self._coco = _quiet_coco(data)
+        self._store: TensorStore | None = None
+        self._category_ids: list[int] | None = None
+        if self.class_names is not None:
+            self._category_ids = category_mapping(self._categories, len(self.class_names), self.class_names, str(self.annotations))
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_onnx(cls, onnx_path: Path, images_dir: Path, annotations: Path, **kwargs: Any) -> "CocoDetectionEvaluator":
+        """An evaluator set up for this ONNX model: its input, its class names, and a detector check."""
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise SensisearchError(f"model file {onnx_path} does not exist; pass a YOLOv5 ONNX export")
+        inputs, outputs = _onnx_io(onnx_path)
+        image_inputs = [s for s in inputs if len(s.shape) == 4]
+        if len(image_inputs) != 1:
+            raise SensisearchError(f"model {onnx_path} has {len(image_inputs)} image inputs; a YOLOv5 detector has one [N, 3, H, W] input")
+        spec = image_inputs[0]
+        hw = (spec.shape[2], spec.shape[3])
+        names = kwargs.pop("class_names", None)
+        if names is None:
+            names = read_onnx_class_names(onnx_path)
+        if not is_yolov5_detector(outputs, hw):
+            shapes = ", ".join(str(list(s.shape)) for s in outputs)
+            raise SensisearchError(
+                f"model {onnx_path} is not a YOLOv5-style detector (outputs {shapes}); "
+                "expected a decoded [N, anchors, 5 + classes] output as exported by YOLOv5 export.py without NMS"
+            )
+        return cls(images_dir, annotations, input_spec=spec, class_names=names, **kwargs)
+
+    def _resolve_images(self, images: list[Mapping[str, Any]]) -> list[Path]:
+        list_images(self.images_dir)  # clear error for a missing or empty folder
+        paths: list[Path] = []
+        missing: list[str] = []
+        for im in images:
+            name = str(im["file_name"])
+            path = self.images_dir / name
+            if not path.is_file():
+                alt = self.images_dir / Path(name).name
+                path = alt if alt.is_file() else path
+            if not path.is_file():
+                missing.append(name)
+            paths.append(path)
+        if missing:
+            raise SensisearchError(
+                f"{len(missing)} of {len(images)} images listed in {self.annotations} are missing from {self.images_dir} "
+                f"(first: {', '.join(missing[:3])}); point the images folder at the one holding them"
+            )
+        return paths
+
+    # ------------------------------------------------------------------ data
+    @property
+    def store(self) -> TensorStore:
+        """The preprocessed images (built, or memory-mapped from the cache, on first use)."""
+        if self._store is None:
+            self._store = TensorStore.build(self.image_paths, self.input_shape, self.cache_dir, self.settings.pad_value)
+        return self._store
+
+    def latency_feeds(self, batch_size: int) -> Mapping[str, np.ndarray]:
+        n = len(self.image_paths)
+        indices = [i % n for i in range(batch_size)]
+        return {self.input_name: self.store.batch(indices)}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "task": "coco-detection",
+            "annotations": str(self.annotations),
+            "images_dir": str(self.images_dir),
+            "images": len(self.image_ids),
+            "input_shape": list(self.input_shape),
+            "settings": self.settings.to_dict(),
+            "class_names": "model" if self.class_names is not None else "annotation categories",
+        }
+
+    # ------------------------------------------------------------------ runner checks
+    def _check_runner(self, runner: Runner) -> tuple[str, int, int]:
+        """Input name, output index and batch size for this runner."""
+        inputs = runner.inputs
+        names = [s.name for s in inputs]
+        if self.input_name in names:
+            spec = inputs[names.index(self.input_name)]
+        elif len(inputs) == 1:
+            spec = inputs[0]
+        else:
+            raise SensisearchError(
+                f"the model has inputs {names} and none is {self.input_name!r}; a YOLOv5 detector has one image input"
+            )
+        not_detector = (
+            "the model is not a YOLOv5-style detector (input {inp}, outputs {outs}); expected one [N, 3, H, W] image input "
+            "and a decoded [N, anchors, 5 + classes] output as exported by YOLOv5 export.py without NMS"
+        )
+        outs = ", ".join(str(list(s.shape)) for s in runner.outputs)
+        if len(spec.shape) != 4 or spec.shape[1] not in (None, 3) or yolov5_output_index(runner.outputs, (None, None)) is None:
+            raise SensisearchError(not_detector.format(inp=list(spec.shape), outs=outs))
+        h, w = spec.shape[2], spec.shape[3]
+        if (h is not None and h != self.input_shape[0]) or (w is not None and w != self.input_shape[1]):
+            raise SensisearchError(
+                f"model input {spec.name!r} is {h}x{w} but the evaluator letterboxes to {self.input_shape[0]}x{self.input_shape[1]}; "
+                "build the evaluator from the same model (or set the input size)"
+            )
+        out_index = yolov5_output_index(runner.outputs, (h, w))
+        if out_index is None:
+            raise SensisearchError(not_detector.format(inp=list(spec.shape), outs=outs))
+        batch = spec.static_batch or self.batch_size or DEFAULT_DYNAMIC_BATCH
+        return spec.name, out_index, batch
+
+    def _categories_for(self, num_classes: int) -> list[int]:
+        if self._category_ids is None:
+            self._category_ids = category_mapping(self._categories, num_classes, None, str(self.annotations))
+        elif len(self._category_ids) != num_classes:
+            raise SensisearchError(
+                f"the model predicts {num_classes} classes but its class names list {len(self._category_ids)}; "
+                "pass class names matching the model output"
+            )
+        return self._category_ids
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, runner: Runner) -> DetectionPredictions:
+        """Run every image through the runner and post-process: detections in original pixels."""
+        input_name, out_index, batch = self._check_runner(runner)
+        t0 = time.perf_counter()
+        store = self.store
+        t_pre = time.perf_counter() - t0
+        t_inf = t_nms = 0.0
+        nms_settings = self.settings.nms()
+        n = len(store)
+        detections: list[np.ndarray] = []
+        buf = np.empty((batch, 3, *self.input_shape), dtype=np.float32)
+        num_classes: int | None = None
+        for start in range(0, n, batch):
+            t0 = time.perf_counter()
+            idx = list(range(start, min(start + batch, n)))
+            real = len(idx)
+            if real < batch and self._needs_full_batch(runner, input_name):
+                idx += [idx[-1]] * (batch - real)  # static batch: pad with repeats, drop their outputs
+            x = store.batch(idx, out=buf[: len(idx)])
+            t1 = time.perf_counter()
+            out = runner.run({input_name: x})[out_index]
+            t2 = time.perf_counter()
+            out = np.asarray(out)
+            if out.ndim != 3 or out.shape[0] != len(idx) or out.shape[2] < 6 or out.shape[1] <= out.shape[2]:
+                raise SensisearchError(
+                    f"the model's detection output has shape {list(out.shape)} for a batch of {len(idx)}; "
+                    "expected a decoded [N, anchors, 5 + classes] YOLOv5 output"
+                )
+            if num_classes is None:
+                num_classes = out.shape[2] - 5
+                self._categories_for(num_classes)
+            for k in range(real):
+                det = yolov5_nms(out[k], nms_settings)
+                meta = store.meta(idx[k])
+                scale_boxes_to_original(det, meta.gain[0], meta.pad, meta.orig_shape)
+                detections.append(det)
+            t3 = time.perf_counter()
+            t_pre += t1 - t0
+            t_inf += t2 - t1
+            t_nms += t3 - t2
+        return DetectionPredictions(
+            image_ids=list(self.image_ids),
+            detections=detections,
+            timings={"preprocess": t_pre, "inference": t_inf, "nms": t_nms},
+            num_classes=num_classes,
+        )
+
+    @staticmethod
+    def _needs_full_batch(runner: Runner, input_name: str) -> bool:
+        for spec in runner.inputs:
+            if spec.name == input_name:
+                return spec.static_batch is not None
+        return True
+
+    def score(self, predictions: DetectionPredictions, image_ids: Sequence[int] | None = None) -> EvaluationResult:
+        """COCO mAP of these predictions, over ``image_ids`` (default: all predicted images)."""
+        t0 = time.perf_counter()
+        ids = list(predictions.image_ids if image_ids is None else image_ids)
+        category_ids = self._categories_for(predictions.num_classes or len(self._categories))
+        metrics, per_class = self._cocoeval(predictions, category_ids, ids)
+        timings = dict(predictions.timings)
+        timings["cocoeval"] = time.perf_counter() - t0
+        return EvaluationResult(metric=self.metric, metrics=metrics, count=len(ids), per_class=per_class, timings=timings)
+
+    def evaluate(self, runner: Runner) -> EvaluationResult:
+        return self.score(self.predict(runner))
+
+    def _class_name(self, category_id: int, category_ids: Sequence[int]) -> str:
+        if self.class_names is not None and category_id in category_ids:
+            return self.class_names[list(category_ids).index(category_id)]
+        return self._category_names[category_id]
+
+    def _cocoeval(
+        self, predictions: DetectionPredictions, category_ids: Sequence[int], image_ids: list[int]
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        from pycocotools.cocoeval import COCOeval
+
+        wanted = set(image_ids)
+        subset = DetectionPredictions(
+            image_ids=[i for i in predictions.image_ids if i in wanted],
+            detections=[d for i, d in zip(predictions.image_ids, predictions.detections) if i in wanted],
+        )
+        results = coco_results(subset, category_ids)
+        if not results:  # loadRes cannot take an empty list; nothing detected scores 0
+            return {"mAP50-95": 0.0, "mAP50": 0.0}, {}
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = self._coco.loadRes(results)
+            ev = COCOeval(self._coco, dt, "bbox")
+            ev.params.imgIds = list(image_ids)
+            # Only the numbers we report: area "all", 100 detections. The per-(image, class)
+            # matching and the precision for these are identical to the full 12-number run.
+            ev.params.areaRng = [[0, 1e10]]
+            ev.params.areaRngLbl = ["all"]
+            ev.params.maxDets = [100]
+            ev.evaluate()
+            ev.accumulate()
+        precision = ev.eval["precision"][:, :, :, 0, -1]  # [iou thresholds, recall, classes]
+
+        def mean_valid(p: np.ndarray) -> float:
+            valid = p[p > -1]
+            return float(valid.mean()) if valid.size else -1.0
+
+        map5095 = mean_valid(precision)
+        map50 = mean_valid(precision[0])
+        metrics = {"mAP50-95": max(map5095, 0.0) * 100.0, "mAP50": max(map50, 0.0) * 100.0}
+        per_class: dict[str, float] = {}
+        for k, cat_id in enumerate(ev.params.catIds):
+            ap = mean_valid(precision[:, :, k])
+            if ap >= 0:  # classes without ground truth in these images have no AP
+                per_class[self._class_name(int(cat_id), category_ids)] = ap * 100.0
+        return metrics, per_class
+
+
+# --------------------------------------------------------------------------- calibration
+def calibration_batches(
+    images: Path | Sequence[Path],
+    input_shape: int | tuple[int, int] = 640,
+    batch_size: int = 1,
+    *,
+    cache_dir: Path | None = None,
+    limit: int | None = None,
+    pad_value: int = PAD_VALUE,
+    drop_last: bool = False,
+) -> Iterator[np.ndarray]:
+    """float32 ``[B, 3, H, W]`` batches of unlabeled images, letterboxed exactly like the evaluation.
+
+    ``images`` is a folder (its image files, sorted by name) or a list of files;
+    ``limit`` keeps the first N. The last batch is smaller unless ``drop_last``.
+    """
+    if isinstance(images, (str, Path)):
+        paths = list_images(Path(images))
+    else:
+        paths = [Path(p) for p in images]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise SensisearchError(f"{len(missing)} calibration images do not exist (first: {', '.join(str(p) for p in missing[:3])}); check the list")
+    if limit is not None:
+        paths = paths[:limit]
+    if not paths:
+        raise SensisearchError("no calibration images given; pass a folder of images or a list of files")
+    if batch_size < 1:
+        raise SensisearchError(f"calibration batch size must be at least 1, got {batch_size}")
+    shape = (input_shape, input_shape) if isinstance(input_shape, int) else (int(input_shape[0]), int(input_shape[1]))
+    store = TensorStore.build(paths, shape, cache_dir, pad_value)
+    n = len(store)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if drop_last and stop - start < batch_size:
+            return
+        yield store.batch(slice(start, stop))

@@ -1,0 +1,407 @@
+"""Write the deployable ONNX of one trial: Q/DQ for INT8 layers, Cast for FP16 layers.
+
+Two steps per trial:
+
+1. :func:`tensors_to_quantize` lists the activation tensors that get Q/DQ for a
+   configuration and profile, so the caller derives thresholds only for those
+   (always a subset of :func:`sensisearch.model.analysis.statistics_tensors`).
+2. :func:`emit_deployable_onnx` returns a new model (the caller's model is never
+   mutated) that TensorRT (strongly typed) and ONNX Runtime compile as-is.
+
+What is emitted:
+
+* INT8 layer: a QuantizeLinear/DequantizeLinear pair on its activation input
+  (per-tensor; int8 with zero point 0 and scale amax/127; profile options: uint8
+  with zero point 0 and scale amax/255 for non-negative tensors, uint8 with zero
+  point 128 and scale amax/127 for the others),
+  and its weight stored as an int8 initializer (clipped to [-127, 127], per
+  output channel on the op's channel axis) followed by DequantizeLinear. All-zero
+  weight channels get scale 1.0 (any positive scale represents them exactly).
+  Profile extras: Q/DQ on the skip input of a residual Add, on layer outputs,
+  int32 bias with DequantizeLinear. One Q/DQ pair per tensor, shared by all of
+  its quantized consumers; other consumers keep reading the float tensor.
+* FP16 layer: ``Cast(to=FLOAT16)`` on its activation input (shared per tensor,
+  skipped when the input is the fp16 output of another FP16 layer), weight and
+  bias as new float16 initializers ``<name>_fp16`` (values clipped to +-65504;
+  the float32 originals stay for any other user), the layer writes
+  ``<output>_fp16`` and ``Cast(to=FLOAT)`` restores ``<output>`` for float
+  consumers and graph outputs.
+* FP32 layer: untouched.
+
+INT8 layers never sit inside an FP16 region with this per-layer Cast scheme (the
+tensors around every FP16 layer are float32), so float32 scales suffice and the
+opset is only raised to ``profile.min_opset`` (13, for per-channel ``axis``) when
+the trial has INT8 layers. An all-FP32/FP16 trial keeps the model's opset.
+
+Never quantized: graph outputs and anything that is not an input of a quantizable
+layer, a residual-Add skip input, or (``quantize_layer_outputs``) an INT8 layer
+output whose consumers are all quantized. YOLOv5's Detect decode stays float.
+
+Inserted names derive from the tensor or layer: ``<tensor>_QuantizeLinear``,
+``<tensor>_DequantizeLinear``, ``<tensor>_scale``, ``<tensor>_zero_point``,
+``<weight>_int8``, ``<weight>_DequantizeLinear``, ``<layer>_bias_int32``,
+``<tensor>_CastToFloat16``, ``<layer>_CastToFloat``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from sensisearch.model.analysis import GraphIndex, ModelInfo, QuantizableLayer, _subgraph_free_inputs
+from sensisearch.quantize.config import TrialConfig
+from sensisearch.quantize.opset import upgraded
+from sensisearch.quantize.placement import Placement, plan_placement
+from sensisearch.quantize.profiles import TENSORRT, QuantizationProfile
+from sensisearch.quantize.ranges import TensorRange
+
+__all__ = [
+    "TensorRange",
+    "tensors_to_quantize",
+    "emit_deployable_onnx",
+    "save_model",
+    "count_integer_kernels",
+    "INTEGER_KERNEL_OPS",
+]
+
+_MIN_SCALE = 1e-10
+"""Floor for activation scales (amax 0 = a tensor that is always zero)."""
+_FP16_MAX = 65504.0
+_INT32_MAX = 2**31 - 1
+
+INTEGER_KERNEL_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "ConvInteger",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "NhwcQLinearConv",
+        "QLinearConvTranspose",
+        "DynamicQuantizeMatMul",
+    }
+)
+
+
+def tensors_to_quantize(
+    info: ModelInfo, model: onnx.ModelProto, config: TrialConfig, profile: QuantizationProfile = TENSORRT
+) -> list[str]:
+    """Activation tensors that get Q/DQ for ``config`` under ``profile``, in graph order."""
+    if not config.uses_int8:
+        plan_placement(info, model, config, profile)  # validates layer names
+        return []
+    return plan_placement(info, model, config, profile).tensors
+
+
+class _Emitter:
+    def __init__(self, base: onnx.ModelProto, placement: Placement, thresholds: Mapping[str, TensorRange], profile: QuantizationProfile) -> None:
+        self.base = base
+        self.placement = placement
+        self.thresholds = thresholds
+        self.profile = profile
+        graph = base.graph
+        self.node_index = {n.name: i for i, n in enumerate(graph.node)}
+        self.inits = {i.name: i for i in graph.initializer}
+        self.index = GraphIndex(base)
+        self.taken: set[str] = set(self.node_index) | set(self.inits) | set(self.index.producer)
+        self.taken |= {v.name for v in graph.input}
+        self.start: list[onnx.NodeProto] = []
+        self.before: dict[int, list[onnx.NodeProto]] = {}
+        self.after: dict[int, list[onnx.NodeProto]] = {}
+        self.in_rewire: dict[int, dict[int, str]] = {}
+        self.out_rewire: dict[int, dict[int, str]] = {}
+        self.new_inits: list[onnx.TensorProto] = []
+        self.weight_q: dict[tuple[str, int, bytes], str] = {}
+        self.fp16_init: dict[str, str] = {}
+        self.fp16_tensor: dict[str, str] = {}
+        self.act_scale: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- helpers
+    def unique(self, name: str) -> str:
+        out, k = name, 1
+        while out in self.taken:
+            k += 1
+            out = f"{name}_{k}"
+        self.taken.add(out)
+        return out
+
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        name = self.unique(name)
+        self.new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def place_after_producer(self, tensor: str, node: onnx.NodeProto) -> None:
+        p = self.index.producer.get(tensor)
+        if p is None:
+            self.start.append(node)
+        else:
+            self.after.setdefault(p, []).append(node)
+
+    def node_idx(self, name: str) -> int:
+        try:
+            return self.node_index[name]
+        except KeyError:
+            raise RuntimeError(f"node {name!r} disappeared from the model (opset upgrade changed the graph?)") from None
+
+    def rewire_input(self, ni: int, ii: int, expected: str, new: str) -> None:
+        if self.base.graph.node[ni].input[ii] != expected:
+            raise RuntimeError(
+                f"input {ii} of node {self.base.graph.node[ni].name!r} is not {expected!r}; graph changed under placement"
+            )
+        self.in_rewire.setdefault(ni, {})[ii] = new
+
+    # ---------------------------------------------------------------- fp16
+    def fp16_initializer(self, name: str) -> str:
+        if name not in self.fp16_init:
+            arr = numpy_helper.to_array(self.inits[name])
+            arr16 = np.clip(arr, -_FP16_MAX, _FP16_MAX).astype(np.float16)
+            self.fp16_init[name] = self.add_init(f"{name}_fp16", arr16)
+        return self.fp16_init[name]
+
+    def emit_fp16(self, layer: QuantizableLayer, fp16_layer_names: set[str]) -> None:
+        ni = self.node_idx(layer.name)
+        x = layer.activation_input
+        if x not in self.fp16_tensor:
+            x16 = self.unique(f"{x}_fp16")
+            cast = helper.make_node("Cast", [x], [x16], name=self.unique(f"{x}_CastToFloat16"), to=onnx.TensorProto.FLOAT16)
+            self.place_after_producer(x, cast)
+            self.fp16_tensor[x] = x16
+        self.rewire_input(ni, 0, x, self.fp16_tensor[x])
+        self.rewire_input(ni, 1, layer.weight, self.fp16_initializer(layer.weight))
+        if layer.bias:
+            self.rewire_input(ni, 2, layer.bias, self.fp16_initializer(layer.bias))
+        out = layer.output
+        out16 = self.unique(f"{out}_fp16")
+        self.out_rewire.setdefault(ni, {})[0] = out16
+        self.fp16_tensor[out] = out16
+        float_users = [
+            (ci, ii)
+            for ci, ii in self.index.consumer_nodes(out)
+            if not (ii == 0 and self.base.graph.node[ci].name in fp16_layer_names)
+        ]
+        if float_users or out in self.index.graph_outputs:
+            back = helper.make_node("Cast", [out16], [out], name=self.unique(f"{layer.name}_CastToFloat"), to=onnx.TensorProto.FLOAT)
+            self.after.setdefault(ni, []).append(back)
+
+    # ---------------------------------------------------------------- int8
+    def activation_qdq(self, tensor: str, consumers: tuple[tuple[str, int], ...]) -> None:
+        try:
+            rng = self.thresholds[tensor]
+        except KeyError:
+            raise KeyError(
+                f"no threshold for tensor {tensor!r}; compute thresholds for every tensor in tensors_to_quantize()"
+            ) from None
+        amax = float(rng.amax)
+        if not np.isfinite(amax) or amax < 0:
+            raise ValueError(f"threshold for tensor {tensor!r} must be finite and >= 0, got {amax!r}")
+        if self.profile.unsigned_nonnegative_activations and rng.nonnegative:
+            scale, zp = max(amax / 255.0, _MIN_SCALE), np.array(0, dtype=np.uint8)
+        elif self.profile.uint8_signed_activations:
+            scale, zp = max(amax / 127.0, _MIN_SCALE), np.array(128, dtype=np.uint8)
+        else:
+            scale, zp = max(amax / 127.0, _MIN_SCALE), np.array(0, dtype=np.int8)
+        scale = float(np.float32(scale))
+        self.act_scale[tensor] = scale
+        s_name = self.add_init(f"{tensor}_scale", np.array(scale, dtype=np.float32))
+        z_name = self.add_init(f"{tensor}_zero_point", zp)
+        q_out = self.unique(f"{tensor}_quantized")
+        dq_out = self.unique(f"{tensor}_dequantized")
+        q = helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=self.unique(f"{tensor}_QuantizeLinear"))
+        dq = helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=self.unique(f"{tensor}_DequantizeLinear"))
+        self.place_after_producer(tensor, q)
+        self.place_after_producer(tensor, dq)
+        for node_name, ii in consumers:
+            self.rewire_input(self.node_idx(node_name), ii, tensor, dq_out)
+
+    def weight_scales(self, w: np.ndarray, axis: int) -> np.ndarray:
+        levels = 63.0 if self.profile.reduce_range_weights else 127.0
+        if self.profile.per_channel_weights:
+            moved = np.moveaxis(np.abs(w), axis, 0).reshape(w.shape[axis], -1)
+            amax = moved.max(axis=1) if moved.shape[1] else np.zeros(w.shape[axis], np.float32)
+        else:
+            amax = np.array(np.abs(w).max() if w.size else 0.0)
+        scale = (amax / levels).astype(np.float32)
+        return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+    def quantized_weight(self, layer: QuantizableLayer, scale: np.ndarray) -> str:
+        """int8 initializer + DequantizeLinear for ``layer``'s weight; returns the DQ output."""
+        key = (layer.weight, layer.weight_axis, scale.tobytes())
+        if key in self.weight_q:
+            return self.weight_q[key]
+        w = numpy_helper.to_array(self.inits[layer.weight])
+        levels = 63 if self.profile.reduce_range_weights else 127
+        per_channel = scale.ndim == 1
+        bshape = [1] * w.ndim
+        if per_channel:
+            bshape[layer.weight_axis] = scale.size
+        q = np.clip(np.rint(w / scale.reshape(bshape)), -levels, levels).astype(np.int8)
+        q_name = self.add_init(f"{layer.weight}_int8", q)
+        s_name = self.add_init(f"{layer.weight}_scale", scale)
+        z_name = self.add_init(f"{layer.weight}_zero_point", np.zeros(scale.shape, dtype=np.int8))
+        dq_out = self.unique(f"{layer.weight}_dequantized")
+        attrs = {"axis": layer.weight_axis} if per_channel else {}
+        dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out], name=self.unique(f"{layer.weight}_DequantizeLinear"), **attrs)
+        self.before.setdefault(self.node_idx(layer.name), []).append(dq)
+        self.weight_q[key] = dq_out
+        return dq_out
+
+    def emit_int8(self, layer: QuantizableLayer) -> None:
+        ni = self.node_idx(layer.name)
+        node = self.base.graph.node[ni]
+        w = numpy_helper.to_array(self.inits[layer.weight])
+        scale = self.weight_scales(w, layer.weight_axis)
+        bias_arr = None
+        if self.profile.quantize_bias and layer.bias and layer.op_type in ("Conv", "Gemm"):
+            bias_arr = numpy_helper.to_array(self.inits[layer.bias]).astype(np.float32)
+            n_out = w.shape[layer.weight_axis]
+            beta = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
+            if bias_arr.ndim != 1 or bias_arr.size != n_out or beta != 1.0:
+                bias_arr = None
+        if bias_arr is not None:
+            s_x = self.act_scale[layer.activation_input]
+            # Keep |bias / (s_x * s_w)| inside int32: raise tiny weight scales if needed.
+            floor = (np.abs(bias_arr) / (s_x * (_INT32_MAX // 2))).astype(np.float32)
+            scale = np.maximum(scale, floor if scale.ndim == 1 else floor.max(initial=0.0)).astype(np.float32)
+        self.rewire_input(ni, 1, layer.weight, self.quantized_weight(layer, scale))
+        if bias_arr is not None:
+            b_scale = (np.float32(s_x) * (scale if scale.ndim == 1 else np.full(bias_arr.shape, scale, np.float32))).astype(np.float32)
+            b_q = np.clip(np.rint(bias_arr / b_scale), -_INT32_MAX, _INT32_MAX).astype(np.int32)
+            q_name = self.add_init(f"{layer.name}_bias_int32", b_q)
+            s_name = self.add_init(f"{layer.name}_bias_scale", b_scale)
+            z_name = self.add_init(f"{layer.name}_bias_zero_point", np.zeros(b_scale.shape, dtype=np.int32))
+            dq_out = self.unique(f"{layer.name}_bias_dequantized")
+            dq = helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [dq_out], name=self.unique(f"{layer.name}_bias_DequantizeLinear"), axis=0)
+            self.before.setdefault(ni, []).append(dq)
+            self.rewire_input(ni, 2, layer.bias, dq_out)
+
+    # ---------------------------------------------------------------- assembly
+    def build(self) -> onnx.ModelProto:
+        fp16_names = {l.name for l in self.placement.fp16_layers}
+        for layer in self.placement.fp16_layers:  # first: Cast-back nodes must precede Q/DQ on the same tensor
+            self.emit_fp16(layer, fp16_names)
+        for act in self.placement.activations:
+            self.activation_qdq(act.tensor, act.consumers)
+        for layer in self.placement.int8_layers:
+            self.emit_int8(layer)
+        return self.assemble()
+
+    def assemble(self) -> onnx.ModelProto:
+        base = self.base
+        out = onnx.ModelProto()
+        _copy_fields(base, out, skip={"graph"})
+        out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
+        bg, g = base.graph, out.graph
+        _copy_fields(bg, g, skip={"node", "initializer", "value_info"})
+        for n in self.start:
+            g.node.append(n)
+        for ni, node in enumerate(bg.node):
+            for extra in self.before.get(ni, ()):
+                g.node.append(extra)
+            new = g.node.add()
+            new.CopyFrom(node)
+            for ii, name in self.in_rewire.get(ni, {}).items():
+                new.input[ii] = name
+            for oi, name in self.out_rewire.get(ni, {}).items():
+                new.output[oi] = name
+            for extra in self.after.get(ni, ()):
+                g.node.append(extra)
+        used: set[str] = {o.name for o in bg.output}
+        produced: set[str] = {i.name for i in bg.input}
+        for node in g.node:
+            used.update(node.input)
+            produced.update(node.output)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    used.update(_subgraph_free_inputs(attr.g))
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        used.update(_subgraph_free_inputs(sub))
+        dropped = {i.name for i in bg.initializer if i.name not in used}
+        g.initializer.extend(i for i in bg.initializer if i.name not in dropped)
+        g.initializer.extend(self.new_inits)
+        if dropped and any(v.name in dropped for v in g.input):  # IR < 4: initializers listed as inputs
+            keep = [v for v in g.input if v.name not in dropped]
+            g.ClearField("input")
+            g.input.extend(keep)
+        produced.update(i.name for i in g.initializer)
+        g.value_info.extend(v for v in bg.value_info if v.name in produced)
+        return out
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:
+    for fd, value in src.ListFields():
+        if fd.name in skip:
+            continue
+        target = getattr(dst, fd.name)
+        if fd.is_repeated:
+            target.extend(value)
+        elif fd.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def emit_deployable_onnx(
+    model: onnx.ModelProto,
+    info: ModelInfo,
+    config: TrialConfig,
+    thresholds: Mapping[str, TensorRange],
+    profile: QuantizationProfile = TENSORRT,
+) -> onnx.ModelProto:
+    """The deployable ONNX of one trial (a new model; ``model`` is not modified).
+
+    ``model`` must be the model returned by ``analyze_model`` (its node names are
+    the layer names). ``thresholds`` needs an entry for every tensor of
+    :func:`tensors_to_quantize` (extra entries are ignored). An all-FP32 config
+    returns an unmodified copy.
+    """
+    placement = plan_placement(info, model, config, profile)
+    if not placement.int8_layers and not placement.fp16_layers:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    base = model
+    if placement.int8_layers:
+        base = upgraded(model, profile.min_opset, key=info.sha256, source=str(info.path))
+    return _Emitter(base, placement, thresholds, profile).build()
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``model`` atomically (temporary file in the same directory, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = model.SerializeToString()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def count_integer_kernels(optimized_model: onnx.ModelProto) -> int:
+    """Number of integer-arithmetic kernels (QLinearConv, QGemm, MatMulInteger, ...)
+    in a model ONNX Runtime optimized (``SessionOptions.optimized_model_filepath``).
+
+    Q/DQ left around float ops do not count: they mean the fusion did not happen.
+    """
+    count = 0
+    for node in optimized_model.graph.node:
+        if node.op_type in INTEGER_KERNEL_OPS:
+            count += 1
+    return count

@@ -1,0 +1,156 @@
+"""Where Q/DQ goes for one trial configuration and profile (no graph is modified here).
+
+Consumers are referenced by ``(node name, input index)`` so a placement computed
+on the analysed model still applies after the opset upgrade (which keeps node
+names and adds only ``Constant`` nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from sensisearch.errors import SensisearchError
+from sensisearch.model.analysis import (
+    GraphIndex,
+    ModelInfo,
+    QuantizableLayer,
+    activation_epilogue,
+    residual_adds,
+)
+from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.profiles import QuantizationProfile
+
+
+@dataclass(frozen=True)
+class ActivationQdq:
+    """One shared Q/DQ pair on ``tensor``; ``consumers`` read the dequantized value."""
+
+    tensor: str
+    consumers: tuple[tuple[str, int], ...]
+    """``(node name, input index)`` of every input rewired to the DQ output."""
+    reasons: tuple[str, ...]
+    """Why: ``"layer_input"``, ``"residual_skip"`` and/or ``"layer_output"``."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    int8_layers: tuple[QuantizableLayer, ...]
+    fp16_layers: tuple[QuantizableLayer, ...]
+    activations: tuple[ActivationQdq, ...]
+    """In graph order of the tensors."""
+
+    @property
+    def tensors(self) -> list[str]:
+        return [a.tensor for a in self.activations]
+
+
+def _check_config(info: ModelInfo, config: TrialConfig) -> None:
+    known = {layer.name for layer in info.layers}
+    unknown = [name for name in config.precisions if name not in known]
+    if unknown:
+        raise SensisearchError(
+            f"{info.path}: the trial configuration names {len(unknown)} layer(s) the model does not have "
+            f"(first: {unknown[0]!r}); use layer names from the model analysis"
+        )
+
+
+def plan_placement(
+    info: ModelInfo,
+    model: onnx.ModelProto,
+    config: TrialConfig,
+    profile: QuantizationProfile,
+    index: GraphIndex | None = None,
+) -> Placement:
+    """Decide every Q/DQ pair and FP16 layer for ``config`` under ``profile``."""
+    _check_config(info, config)
+    index = index or GraphIndex(model)
+    names = [n.name for n in index.nodes]
+    int8 = [l for l in info.layers if config.precisions.get(l.name, Precision.FP32) is Precision.INT8]
+    fp16 = [l for l in info.layers if config.precisions.get(l.name, Precision.FP32) is Precision.FP16]
+    for layer in int8 + fp16:
+        node = index.nodes[layer.index] if layer.index < len(index.nodes) else None
+        if node is None or node.name != layer.name:
+            raise ValueError(
+                f"layer {layer.name!r} is not node {layer.index} of the model; pass the model returned by analyze_model"
+            )
+    int8_names = {l.name for l in int8}
+    int8_inputs = {(l.index, 0) for l in int8}
+
+    consumers: dict[str, dict[tuple[int, int], None]] = {}
+    reasons: dict[str, dict[str, None]] = {}
+
+    def want(tensor: str, cons: list[tuple[int, int]], reason: str) -> None:
+        consumers.setdefault(tensor, {}).update(dict.fromkeys(cons))
+        reasons.setdefault(tensor, {})[reason] = None
+
+    for layer in int8:
+        want(layer.activation_input, [(layer.index, 0)], "layer_input")
+
+    quantized_adds: set[int] = set()
+    if profile.quantize_residual_add:
+        for res in residual_adds(index, info.layers):
+            if res.node in quantized_adds or res.fed_by not in int8_names:
+                continue
+            if res.through_activation and not profile.residual_add_through_activation:
+                continue
+            quantized_adds.add(res.node)
+            want(res.skip_input, [(res.node, res.skip_input_index)], "residual_skip")
+
+    if profile.quantize_layer_outputs:
+        passthrough = set(profile.output_passthrough_ops)
+        memo: dict[str, bool] = {}
+
+        def feeds_only_int8(tensor: str) -> bool:
+            if tensor in memo:
+                return memo[tensor]
+            memo[tensor] = False  # guards against cycles
+            cons = index.consumer_nodes(tensor)
+            ok = tensor not in index.graph_outputs and bool(cons)
+            for ni, ii in cons:
+                if not ok:
+                    break
+                node = index.nodes[ni]
+                if (ni, ii) in int8_inputs or (ni in quantized_adds and ii >= 0):
+                    continue
+                if ii >= 0 and node.op_type in passthrough and node.domain in ("", "ai.onnx"):
+                    outs = [o for o in node.output if o]
+                    ok = bool(outs) and all(feeds_only_int8(o) for o in outs)
+                    continue
+                ok = False
+            memo[tensor] = ok
+            return ok
+
+        for layer in int8:
+            ep = activation_epilogue(index, layer.output)
+            if ep is None:
+                target = layer.output
+                if not feeds_only_int8(target):
+                    continue
+            elif ep.kind in profile.output_qdq_after_activations:
+                target = ep.output
+                if not feeds_only_int8(target):
+                    continue
+            elif profile.output_qdq_before_other_activations:
+                target = layer.output
+                if not feeds_only_int8(ep.output):
+                    continue
+            else:
+                continue
+            want(target, list(index.consumer_nodes(target)), "layer_output")
+
+    order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
+    base = len(order)
+    for ni, node in enumerate(index.nodes):
+        for out in node.output:
+            order.setdefault(out, base + ni + 1)
+    activations = tuple(
+        ActivationQdq(
+            tensor=t,
+            consumers=tuple((names[ni], ii) for ni, ii in sorted(consumers[t])),
+            reasons=tuple(reasons[t]),
+        )
+        for t in sorted(consumers, key=lambda t: order.get(t, -1))
+    )
+    return Placement(int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations)

@@ -1,0 +1,100 @@
+"""Per-backend Q/DQ placement profiles.
+
+The trial configuration says *which* layers are INT8; a profile says *how* the
+Q/DQ nodes must be placed so that a given backend really runs integer kernels.
+TensorRT wants symmetric INT8 Q/DQ on the inputs of weighted layers (plus the
+skip input of a residual Add); ONNX Runtime's CPU provider only fuses Q/DQ into
+integer kernels (QLinearConv, QGemm, ...) when the layer's output is quantized
+too and the bias is an int32 DequantizeLinear.
+
+Whatever the profile, sensisearch never puts Q/DQ on a graph output or on
+post-processing arithmetic: activation Q/DQ only ever goes on (a) the activation
+input of an INT8 layer, (b) the skip input of a residual ``Add`` fed by an INT8
+layer, (c) with ``quantize_layer_outputs``, the output of an INT8 layer (or of
+its activation) when every consumer, followed through ``output_passthrough_ops``,
+ends in INT8 layers or quantized residual Adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Data-movement / pooling ops through which a quantized tensor may flow when
+# deciding whether all consumers of a layer output are quantized.
+PASSTHROUGH_OPS = (
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Concat",
+    "Resize",
+    "Slice",
+    "Split",
+    "Identity",
+)
+
+
+@dataclass(frozen=True)
+class QuantizationProfile:
+    name: str
+    unsigned_nonnegative_activations: bool = False
+    """Quantize activations whose calibrated minimum is >= 0 (post-ReLU) as uint8
+    with zero point 0 (scale amax/255), doubling their resolution; others stay
+    symmetric int8 (scale amax/127). TensorRT requires int8, so keep False there."""
+    uint8_signed_activations: bool = False
+    """Quantize activations that can be negative as uint8 with zero point 128 (scale
+    amax/127, still symmetric around 0) instead of int8. ORT's CPU provider on x86
+    only fuses QDQ Conv/MatMul into QLinearConv/QLinearMatMul with uint8 activations
+    (int8 activations are only fused on ARM); TensorRT rejects non-zero zero points."""
+    per_channel_weights: bool = True
+    """Per-output-channel weight scales on the layer's output-channel axis (see
+    :attr:`~sensisearch.model.analysis.QuantizableLayer.weight_axis`); else per-tensor."""
+    quantize_layer_outputs: bool = False
+    """Also put Q/DQ on an INT8 layer's output when every consumer of that output is
+    an INT8 layer or a quantized Add (followed through ``output_passthrough_ops``)."""
+    output_qdq_after_activations: tuple[str, ...] = ("Relu", "Clip")
+    """Activations the output Q/DQ is placed *after* (ORT removes a Relu/Clip in
+    front of a Q whose zero point is the type minimum, i.e. uint8 zp 0)."""
+    output_qdq_before_other_activations: bool = False
+    """For any other activation directly after the layer (SiLU, LeakyRelu, ...), put
+    the output Q/DQ on the raw layer output, in front of the activation, provided
+    the activation's output only feeds quantized consumers."""
+    output_passthrough_ops: tuple[str, ...] = PASSTHROUGH_OPS
+    """Ops that do not stop a layer output from counting as 'only feeds INT8'."""
+    quantize_residual_add: bool = True
+    """Put Q/DQ on the other (skip) input of an Add fed by an INT8 layer so the Add
+    can fuse into the layer's epilogue (TensorRT explicit-quantization guide)."""
+    residual_add_through_activation: bool = False
+    """Also treat ``Add(act(layer(x)), skip)`` (e.g. YOLOv5's SiLU bottleneck) as a
+    residual Add of that layer; the guide's pattern is ``Add(layer(x), skip)``."""
+    quantize_bias: bool = False
+    """Store the bias of INT8 Conv/Gemm as int32 with DequantizeLinear (scale =
+    activation scale x weight scale); ORT's QDQ fusion requires it, TensorRT takes
+    a float bias."""
+    reduce_range_weights: bool = False
+    """Use 7-bit weights [-63, 63] (CPUs without VNNI saturate u8*s8 products)."""
+    min_opset: int = 13
+    """Per-channel Q/DQ (``axis``) needs opset >= 13; models are upgraded to this
+    when a trial has INT8 layers."""
+
+
+TENSORRT = QuantizationProfile(name="tensorrt")
+
+ONNXRUNTIME_CPU = QuantizationProfile(
+    name="onnxruntime-cpu",
+    unsigned_nonnegative_activations=True,
+    uint8_signed_activations=True,
+    quantize_layer_outputs=True,
+    output_qdq_before_other_activations=True,
+    # Residual Q/DQ makes the Add count as quantized, so the convs feeding it get
+    # output Q/DQ and fuse too (digits ResNet: 10/10 integer kernels instead of 4).
+    quantize_residual_add=True,
+    quantize_bias=True,
+)
+
+PROFILES = {p.name: p for p in (TENSORRT, ONNXRUNTIME_CPU)}

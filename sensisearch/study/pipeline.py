@@ -1,0 +1,139 @@
+"""One trial, start to finish: thresholds -> deployable ONNX -> build -> latency -> accuracy.
+
+The pipeline is shared by the study, ``sensisearch build`` and the winner's
+re-evaluation, so a configuration always turns into the same artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+
+from sensisearch.backends.base import Backend, BuildResult, LatencySettings, LatencyStats
+from sensisearch.study.calibrate import CalibrationRanges
+from sensisearch.evaluation.base import EvaluationResult, Evaluator
+from sensisearch.model.analysis import ModelInfo
+from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.emit import TensorRange, emit_deployable_onnx, save_model, tensors_to_quantize
+
+log = logging.getLogger(__name__)
+
+DEPLOYABLE_NAME = "deployable.onnx"
+
+
+@dataclass
+class TrialOutcome:
+    config: TrialConfig
+    deployable: Path
+    build: BuildResult
+    latency: LatencyStats
+    evaluation: EvaluationResult
+    timings: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "deployable_onnx": str(self.deployable),
+            "artifact": str(self.build.artifact),
+            "build": {"seconds": self.build.seconds, "layer_precisions": dict(self.build.layer_precisions), **dict(self.build.details)},
+            "latency": self.latency.to_dict(),
+            "evaluation": self.evaluation.to_dict(),
+            "timings": self.timings,
+        }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file and rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class Phases:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class TrialPipeline:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        info: ModelInfo,
+        backend: Backend,
+        evaluator: Evaluator,
+        thresholds: CalibrationRanges | None,
+        latency_settings: LatencySettings,
+        latency_batch: int = 1,
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.backend = backend
+        self.evaluator = evaluator
+        self.thresholds = thresholds
+        self.latency_settings = latency_settings
+        self.latency_batch = latency_batch
+
+    def ranges_for(self, config: TrialConfig) -> dict[str, TensorRange]:
+        tensors = tensors_to_quantize(self.info, self.model, config, self.backend.profile)
+        if not tensors:
+            return {}
+        if self.thresholds is None:
+            raise RuntimeError("INT8 layers need calibration statistics, but none were collected")
+        return self.thresholds.ranges(tensors, config.calibration)
+
+    def emit(self, config: TrialConfig, out_dir: Path, phases: Phases | None = None) -> tuple[Path, dict[str, TensorRange]]:
+        phases = phases or Phases()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with phases("thresholds"):
+            ranges = self.ranges_for(config)
+        with phases("emit"):
+            deployable = emit_deployable_onnx(self.model, self.info, config, ranges, self.backend.profile)
+            path = out_dir / DEPLOYABLE_NAME
+            save_model(deployable, path)
+        return path, ranges
+
+    def run(self, config: TrialConfig, out_dir: Path) -> TrialOutcome:
+        phases = Phases()
+        deployable, ranges = self.emit(config, out_dir, phases)
+        with phases("build"):
+            build = self.backend.build(deployable, out_dir)
+        with phases("load"):
+            runner = self.backend.load(build.artifact)
+        with runner:
+            with phases("latency"):
+                latency = runner.measure_latency(self.evaluator.latency_feeds(self.latency_batch), self.latency_settings)
+            with phases("evaluate"):
+                evaluation = self.evaluator.evaluate(runner)
+        requested = {p.value: len(config.layers_with(p)) for p in Precision}
+        log.info(
+            "%s=%.3f median=%.3fms (layers asked %s, ran %s)",
+            evaluation.metric, evaluation.value, latency.median_ms, requested, dict(build.layer_precisions),
+        )
+        return TrialOutcome(
+            config=config,
+            deployable=deployable,
+            build=build,
+            latency=latency,
+            evaluation=evaluation,
+            timings=phases.seconds,
+            thresholds={name: r.amax for name, r in ranges.items()},
+        )

@@ -1,0 +1,155 @@
+"""report.md: what a release reviewer reads."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sensisearch.study.results import SPEEDUP_NOISE, TrialRecord, WinnerChoice, baseline
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _layers(r: TrialRecord) -> str:
+    req = r.requested_counts()
+    return f"{req['int8']}/{req['fp16']}/{req['fp32']}"
+
+
+def _calibration(r: TrialRecord) -> str:
+    cal = r.config.get("calibration", {})
+    if not r.requested_counts()["int8"]:
+        return "-"
+    text = f"{cal.get('algorithm')} n={cal.get('samples')}"
+    if cal.get("algorithm") == "percentile":
+        text += f" p={cal.get('percentile')}"
+    return text
+
+
+def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
+    """Does all-INT8 beat FP32 on this backend, beyond noise?"""
+    fp32, int8 = baseline(recs, "fp32"), baseline(recs, "int8")
+    if fp32 is None or int8 is None or not fp32.median_ms or not int8.median_ms:
+        return None, "The all-FP32 or all-INT8 baseline did not complete, so INT8's speed-up is unknown."
+    speedup = fp32.median_ms / int8.median_ms
+    if speedup > 1 + SPEEDUP_NOISE:
+        return True, f"All-INT8 runs {speedup:.2f}x faster than FP32 on this backend ({int8.median_ms:.3f} ms vs {fp32.median_ms:.3f} ms)."
+    return False, (
+        f"**INT8 brings no speed for this model on this backend**: all-INT8 runs at {speedup:.2f}x the speed of FP32 "
+        f"({int8.median_ms:.3f} ms vs {fp32.median_ms:.3f} ms, {int8.layer_precisions.get('int8', 0)} layers ran integer kernels). "
+        "The front below is therefore not a speed/accuracy trade-off; judge INT8 on the target backend."
+    )
+
+
+def layer_effects(recs: list[TrialRecord], metric_ref: float | None) -> list[tuple[str, int, int, float, float]]:
+    """Per layer: mean metric of trials with the layer in INT8 vs in FP32 (non-baseline, complete)."""
+    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None and r.baseline is None]
+    by_layer: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in done:
+        for layer, p in r.config.get("precisions", {}).items():
+            by_layer[layer][p].append(r.value)  # type: ignore[arg-type]
+    rows = []
+    for layer, groups in by_layer.items():
+        low, high = groups.get("int8", []), groups.get("fp32", []) + groups.get("fp16", [])
+        if low and high:
+            rows.append((layer, len(low), len(high), sum(low) / len(low), sum(high) / len(high)))
+    rows.sort(key=lambda row: row[3] - row[4])
+    return rows
+
+
+def write_report(
+    out: Path, recs: list[TrialRecord], front: list[TrialRecord], choice: WinnerChoice, context: dict[str, Any]
+) -> Path:
+    metric = context["metric"]
+    fp32 = baseline(recs, "fp32")
+    ref = None if fp32 is None else fp32.value
+    lines = [f"# sensisearch report: {context['model_name']}", ""]
+    lines += [
+        f"- Model: `{context['model_path']}` (sha256 `{context['model_sha256'][:16]}…`, {context['num_layers']} quantizable layers)",
+        f"- Backend: {context['backend']}",
+        f"- Metric: {metric} (points, higher is better); latency: median ms per batch of {context['latency_batch']}",
+        f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, budget {context['budget']}",
+        f"- Search: precisions {', '.join(context['precisions'])}; calibration {', '.join(context['algorithms'])}; samples {context['sample_counts']}",
+    ]
+    for warning in context.get("warnings", []):
+        lines.append(f"- Warning: {warning}")
+    if "fp16_note" in context and "fp16" in context["precisions"]:
+        lines.append(f"- FP16 on this backend: {context['fp16_note']}")
+    lines += ["", "## Baselines", "", f"| baseline | trial | {metric} | median ms | p90 ms | speed-up vs FP32 | integer kernels |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in ("fp32", "int8", "fp16"):
+        r = baseline(recs, name)
+        if r is None:
+            failed = next((x for x in recs if x.baseline == name and x.state == "FAIL"), None)
+            if failed is not None:
+                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} | | | | |")
+            continue
+        speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
+        lines.append(
+            f"| all-{name.upper()} | {r.number} | {_fmt(r.value)} | {_fmt(r.median_ms, 3)} | {_fmt(r.latency.get('p90_ms'), 3)} | "
+            f"{_fmt(speed)}x | {r.layer_precisions.get('int8', 0)} |"
+        )
+    verdict, text = int8_speed_verdict(recs)
+    lines += ["", text, "", "## Pareto front", ""]
+    if verdict is False:
+        lines += ["(Accuracy-only: INT8 is not faster here, see above.)", ""]
+    lines += [f"| trial | {metric} | drop | median ms | p90 ms | speed-up | layers int8/fp16/fp32 | integer kernels | calibration |", "|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    for r in front:
+        drop = None if ref is None else ref - r.value  # type: ignore[operator]
+        speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
+        tag = f" ({r.baseline})" if r.baseline else ""
+        lines.append(
+            f"| {r.number}{tag} | {_fmt(r.value)} | {_fmt(drop)} | {_fmt(r.median_ms, 3)} | {_fmt(r.latency.get('p90_ms'), 3)} | "
+            f"{_fmt(speed)}x | {_layers(r)} | {r.layer_precisions.get('int8', 0)} | {_calibration(r)} |"
+        )
+    lines += ["", "## Winner", ""]
+    if choice.record is None:
+        lines.append(f"No winner: {choice.reason}.")
+    else:
+        r = choice.record
+        status = "qualified" if choice.qualified else "**best-effort — does not meet the accuracy target**"
+        lines += [
+            f"Trial {r.number} ({status}): {choice.reason}.",
+            "",
+            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, drop {_fmt(None if ref is None else ref - r.value)}; allowed {context['max_drop']:g})",  # type: ignore[operator]
+            f"- median {_fmt(r.median_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
+            f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
+            f"- calibration: {_calibration(r)}",
+            f"- files: `winner/` (artifact, deployable ONNX, config.json)",
+        ]
+        if r.per_class and fp32 is not None and fp32.per_class:
+            losses = sorted(((fp32.per_class[c] - v, c) for c, v in r.per_class.items() if c in fp32.per_class), reverse=True)[:10]
+            lines += ["", "Classes that lost most against FP32:", "", "| class | FP32 | winner | drop |", "|---|---:|---:|---:|"]
+            lines += [f"| {c} | {fp32.per_class[c]:.2f} | {r.per_class[c]:.2f} | {d:.2f} |" for d, c in losses]
+    lines += ["", "## What each precision choice did", ""]
+    effects = layer_effects(recs, ref)
+    if effects:
+        lines += [
+            f"Mean {metric} of searched trials with the layer in INT8 against trials with it in FP16/FP32 "
+            "(marginal effect; most harmful first).",
+            "",
+            "| layer | trials int8 | trials float | mean int8 | mean float | effect |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for layer, n_low, n_high, low, high in effects[:20]:
+            lines.append(f"| `{layer}` | {n_low} | {n_high} | {low:.2f} | {high:.2f} | {low - high:+.2f} |")
+    else:
+        lines.append("Not enough searched trials to compare precision choices.")
+    alg: dict[str, list[float]] = defaultdict(list)
+    for r in recs:
+        if r.state == "COMPLETE" and r.value is not None and r.requested_counts()["int8"]:
+            alg[_calibration(r).split(" ")[0]].append(r.value)
+    if alg:
+        lines += ["", "| calibration algorithm | trials | mean metric | best |", "|---|---:|---:|---:|"]
+        for name, values in sorted(alg.items(), key=lambda kv: -max(kv[1])):
+            lines.append(f"| {name} | {len(values)} | {sum(values) / len(values):.2f} | {max(values):.2f} |")
+    failed = [r for r in recs if r.state == "FAIL"]
+    if failed:
+        lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.error}" for r in failed]
+    path = out / "report.md"
+    tmp = path.with_name("report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path

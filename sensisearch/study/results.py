@@ -1,0 +1,230 @@
+"""Study results: Pareto front, winner export, report files.
+
+Everything here reads the Optuna storage only, so results can be rewritten at
+any time (after a crash, by another worker, or with ``sensisearch report``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sensisearch.study.pipeline import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+BASELINE_ATTR = "baseline"
+# All-INT8 must beat FP32 by more than latency noise to count as a speed-up.
+SPEEDUP_NOISE = 0.05
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    baseline: str | None
+    metric: str | None
+    value: float | None
+    latency: dict[str, Any]
+    config: dict[str, Any]
+    artifact: str | None
+    deployable: str | None
+    layer_precisions: dict[str, int]
+    error: str | None
+    feasible: bool
+    per_class: dict[str, float] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float | None:
+        return self.latency.get("median_ms")
+
+    def requested_counts(self) -> dict[str, int]:
+        counts = {"int8": 0, "fp16": 0, "fp32": 0}
+        for p in self.config.get("precisions", {}).values():
+            counts[p] = counts.get(p, 0) + 1
+        return counts
+
+    def to_dict(self, reference: float | None) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "baseline": self.baseline,
+            "metric": self.metric,
+            "value": self.value,
+            "drop": None if reference is None or self.value is None else reference - self.value,
+            "latency": self.latency,
+            "config": self.config,
+            "artifact": self.artifact,
+            "deployable_onnx": self.deployable,
+            "layers_requested": self.requested_counts(),
+            "layers_run": self.layer_precisions,
+        }
+
+
+def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    # Optuna 5: trial.set_constraint(key, value); feasible iff every value <= 0.
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def records(study: optuna.Study) -> list[TrialRecord]:
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        out.append(
+            TrialRecord(
+                number=t.number,
+                state=t.state.name,
+                baseline=attrs.get(BASELINE_ATTR),
+                metric=attrs.get("metric"),
+                value=t.values[0] if t.values else None,
+                latency=dict(attrs.get("latency", {})),
+                config=dict(attrs.get("config", {})),
+                artifact=attrs.get("artifact"),
+                deployable=attrs.get("deployable"),
+                layer_precisions=dict(attrs.get("layer_precisions", {})),
+                error=attrs.get("error"),
+                feasible=_feasible(t),
+                per_class=attrs.get("per_class"),
+                timings=dict(attrs.get("timings", {})),
+            )
+        )
+    return out
+
+
+def pareto_front(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Non-dominated feasible complete trials (max value, min latency), sorted by latency.
+
+    Computed here rather than with ``study.best_trials`` so the same rule
+    applies to records read back from any storage.
+    """
+    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    front = []
+    for r in done:
+        dominated = any(
+            o.value >= r.value and o.median_ms <= r.median_ms and (o.value > r.value or o.median_ms < r.median_ms)  # type: ignore[operator]
+            for o in done
+        )
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: (r.median_ms, -(r.value or 0.0)))
+
+
+def baseline(recs: list[TrialRecord], name: str) -> TrialRecord | None:
+    return next((r for r in recs if r.baseline == name and r.state == "COMPLETE"), None)
+
+
+@dataclass
+class WinnerChoice:
+    record: TrialRecord | None
+    qualified: bool
+    reason: str
+
+
+def choose_winner(recs: list[TrialRecord], max_drop: float) -> WinnerChoice:
+    """Fastest feasible trial within ``max_drop`` of FP32; else the most accurate non-baseline one."""
+    fp32 = baseline(recs, "fp32")
+    candidates = [
+        r for r in recs
+        if r.state == "COMPLETE" and r.feasible and r.baseline != "fp32" and r.value is not None and r.median_ms is not None
+    ]
+    if not candidates:
+        return WinnerChoice(None, False, "no trial other than the FP32 baseline completed")
+    if fp32 is None or fp32.value is None:
+        best = max(candidates, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
+        return WinnerChoice(best, False, "the FP32 baseline did not complete, so no accuracy drop can be judged; best-effort: the most accurate trial")
+    qualifying = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
+    if qualifying:
+        best = min(qualifying, key=lambda r: (r.median_ms, -r.value))  # type: ignore[arg-type, return-value]
+        note = ""
+        if fp32.median_ms is not None and best.median_ms >= fp32.median_ms:  # type: ignore[operator]
+            note = " (no qualifying trial is faster than FP32 on this backend)"
+        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32{note}")
+    pool = [r for r in candidates if r.baseline is None] or candidates
+    best = max(pool, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
+    return WinnerChoice(
+        best, False,
+        f"no trial stays within {max_drop:g} points of FP32; best-effort export of the most accurate non-baseline trial",
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_winner(
+    choice: WinnerChoice, recs: list[TrialRecord], out: Path, model_path: Path, model_sha256: str,
+    backend: dict[str, Any], max_drop: float,
+) -> Path | None:
+    if choice.record is None:
+        return None
+    record = choice.record
+    winner_dir = out / "winner"
+    tmp_dir = out / "winner.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    files = {}
+    for key, src in (("artifact", record.artifact), ("deployable_onnx", record.deployable)):
+        if src and Path(src).is_file():
+            shutil.copy2(src, tmp_dir / Path(src).name)
+            files[key] = Path(src).name
+    fp32 = baseline(recs, "fp32")
+    config = {
+        "status": "qualified" if choice.qualified else "best-effort",
+        "reason": choice.reason,
+        "trial": record.number,
+        "model": {"path": str(model_path.resolve()), "sha256": model_sha256},
+        "backend": backend,
+        "config": record.config,
+        "metric": record.metric,
+        "value": record.value,
+        "fp32_value": None if fp32 is None else fp32.value,
+        "max_drop": max_drop,
+        "latency": record.latency,
+        "layers_run": record.layer_precisions,
+        "files": files,
+    }
+    write_json_atomic(tmp_dir / "config.json", config)
+    # Replace the previous winner in one step, so a crash leaves one complete folder.
+    old = out / "winner.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if winner_dir.exists():
+        os.replace(winner_dir, old)
+    os.replace(tmp_dir, winner_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return winner_dir
+
+
+def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -> None:
+    write_json_atomic(out / "pareto.json", [r.to_dict(reference) for r in front])
+    tmp = out / "pareto.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([
+            "trial", "baseline", "metric", "value", "drop", "median_ms", "p90_ms", "runs",
+            "int8_layers", "fp16_layers", "fp32_layers", "int8_kernels", "algorithm", "samples", "percentile", "artifact",
+        ])
+        for r in front:
+            req = r.requested_counts()
+            cal = r.config.get("calibration", {})
+            writer.writerow([
+                r.number, r.baseline or "", r.metric, f"{r.value:.4f}",
+                "" if reference is None else f"{reference - r.value:.4f}",  # type: ignore[operator]
+                f"{r.latency.get('median_ms', float('nan')):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
+                r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
+                cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
+                cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
+                r.artifact or "",
+            ])
+    os.replace(tmp, out / "pareto.csv")

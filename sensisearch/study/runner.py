@@ -1,0 +1,293 @@
+"""Run (or resume) a study: prepare everything once, then trials until the budget is met."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import optuna
+
+from sensisearch.backends.base import Backend, LatencySettings
+from sensisearch.backends.factory import make_backend
+from sensisearch.errors import SensisearchError
+from sensisearch.evaluation.base import Evaluator
+from sensisearch.model.analysis import ModelInfo
+from sensisearch.quantize.config import CalibrationChoice, Precision
+from sensisearch.study.calibrate import CalibrationRanges, prepare_calibration
+from sensisearch.study.pipeline import TrialPipeline, write_json_atomic
+from sensisearch.study.settings import StudySettings
+from sensisearch.study.space import SearchSpace, capped_sample_counts
+from sensisearch.study.tasks import build_evaluator, resolve_inputs
+
+log = logging.getLogger(__name__)
+
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+BASELINE_ATTR = "baseline"
+
+
+@dataclass
+class StudyContext:
+    settings: StudySettings
+    out: Path
+    model_path: Path
+    model: onnx.ModelProto
+    info: ModelInfo
+    backend: Backend
+    evaluator: Evaluator
+    space: SearchSpace
+    pipeline: TrialPipeline
+    calibration: CalibrationRanges | None
+    storage_url: str
+    study_name: str
+    task: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.out / "trials"
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """What the progress display gets after every finished trial."""
+
+    number: int
+    state: str
+    finished: int
+    budget: int
+    value: float | None
+    latency_ms: float | None
+    best_value: float | None
+    best_latency_ms: float | None
+    error: str | None
+    seconds: float
+
+
+def prepare(settings: StudySettings) -> StudyContext:
+    """Load the model and data, pick the backend, collect calibration statistics (cached)."""
+    resolved = resolve_inputs(settings)
+    settings = resolved.settings
+    out = settings.out or Path("runs") / resolved.model_path.stem
+    out.mkdir(parents=True, exist_ok=True)
+    backend = make_backend(settings)
+    precisions = tuple(settings.precisions or backend.capabilities.precisions)
+    unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
+    if unsupported:
+        log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
+    evaluator, task, calib_source, warnings = build_evaluator(settings, resolved.input_spec, resolved.model, out)
+    calibration = None
+    sample_counts: tuple[int, ...] = tuple(settings.sample_counts)
+    if Precision.INT8 in precisions:
+        if calib_source is None:
+            raise SensisearchError("INT8 needs calibration data: pass --calib-data DIR (or --precisions fp16,fp32)")
+        sample_counts = capped_sample_counts(settings.sample_counts, calib_source.size)
+        calibration = prepare_calibration(
+            resolved.model_path, resolved.model, resolved.info, calib_source, sample_counts,
+            seed=settings.seed, cache_dir=settings.cache_dir or out / "cache", threads=settings.threads,
+        )
+    default_samples = sample_counts[0] if len(sample_counts) == 1 else sample_counts[min(1, len(sample_counts) - 1)]
+    space = SearchSpace(
+        layers=tuple(layer.name for layer in resolved.info.layers),
+        precisions=precisions,
+        algorithms=tuple(settings.algorithms),
+        sample_counts=sample_counts,
+        percentiles=tuple(settings.percentiles),
+        default_calibration=CalibrationChoice(settings.default_algorithm, default_samples, 99.99),
+    )
+    pipeline = TrialPipeline(
+        resolved.model, resolved.info, backend, evaluator, calibration,
+        LatencySettings(min_seconds=settings.latency_seconds), settings.latency_batch,
+    )
+    storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    return StudyContext(
+        settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
+        backend=backend, evaluator=evaluator, space=space, pipeline=pipeline, calibration=calibration,
+        storage_url=storage_url, study_name=settings.study_name or resolved.model_path.stem, task=task,
+        warnings=warnings + resolved.warnings,
+    )
+
+
+def open_study(ctx: StudyContext) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(seed=ctx.settings.seed)
+    try:
+        study = optuna.create_study(
+            storage=ctx.storage_url, study_name=ctx.study_name, load_if_exists=True,
+            directions=["maximize", "minimize"], sampler=sampler,
+        )
+    except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
+        raise SensisearchError(f"--storage {ctx.storage_url}: cannot open the study ({str(exc).splitlines()[0]})") from exc
+    recorded = study.user_attrs.get("model_sha256")
+    if recorded is None:
+        study.set_user_attr("model_sha256", ctx.info.sha256)
+        study.set_user_attr("model_path", str(ctx.model_path.resolve()))
+        study.set_user_attr("metric", ctx.evaluator.metric)
+        study.set_user_attr("layers", list(ctx.space.layers))
+        study.set_user_attr("backend", ctx.backend.describe())
+    elif recorded != ctx.info.sha256:
+        raise SensisearchError(
+            f"study '{ctx.study_name}' in {ctx.storage_url} was made for another model (sha256 {recorded[:12]}...); "
+            "use a new --out or --study-name"
+        )
+    return study
+
+
+def enqueue_baselines(ctx: StudyContext, study: optuna.Study) -> None:
+    """All-FP32 first (the reference), then all-INT8 and all-FP16 where offered."""
+    if study.trials:
+        return  # resumed: the baselines were queued when the study was made
+    order = [Precision.FP32, Precision.INT8, Precision.FP16]
+    for precision in order:
+        if precision in ctx.space.precisions:
+            config = ctx.space.uniform(precision)
+            study.enqueue_trial(ctx.space.params_for(config), user_attrs={BASELINE_ATTR: precision.value}, skip_if_exists=True)
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, float]]:
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        config = ctx.space.suggest(trial)
+        trial_dir = ctx.trials_dir / f"{trial.number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        record = {"number": trial.number, "baseline": trial.user_attrs.get(BASELINE_ATTR), "config": config.to_dict()}
+        try:
+            outcome = ctx.pipeline.run(config, trial_dir)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
+            trial.set_user_attr("error", error)
+            write_json_atomic(trial_dir / "trial.json", {**record, "status": "failed", "error": error, "traceback": traceback.format_exc()})
+            raise
+        result = outcome.to_dict()
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("metric", outcome.evaluation.metric)
+        trial.set_user_attr("metrics", outcome.evaluation.metrics)
+        trial.set_user_attr("latency", outcome.latency.to_dict())
+        trial.set_user_attr("artifact", str(outcome.build.artifact))
+        trial.set_user_attr("deployable", str(outcome.deployable))
+        trial.set_user_attr("layer_precisions", dict(outcome.build.layer_precisions))
+        trial.set_user_attr("timings", outcome.timings)
+        if outcome.evaluation.per_class is not None:
+            trial.set_user_attr("per_class", outcome.evaluation.per_class)
+            if ctx.settings.max_class_drop is not None:
+                _class_guard(ctx, trial, outcome.evaluation.per_class)
+        write_json_atomic(trial_dir / "trial.json", {**record, "status": "complete", **result})
+        return outcome.evaluation.value, outcome.latency.median_ms
+
+    return objective
+
+
+def _class_guard(ctx: StudyContext, trial: optuna.Trial, per_class: dict[str, float]) -> None:
+    """Per-class regression guard: infeasible when a class falls more than --max-class-drop below FP32."""
+    import math
+
+    reference = per_class if trial.user_attrs.get(BASELINE_ATTR) == "fp32" else None
+    if reference is None:
+        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get(BASELINE_ATTR) == "fp32":
+                reference = t.user_attrs.get("per_class")
+                break
+    if reference is None:
+        log.warning("trial %d: no FP32 per-class scores yet, class guard not applied", trial.number)
+        return
+    drops = {
+        name: reference[name] - value
+        for name, value in per_class.items()
+        if name in reference and math.isfinite(value) and math.isfinite(reference[name])
+    }
+    worst = max(drops, key=drops.get) if drops else None  # type: ignore[arg-type]
+    worst_drop = drops[worst] if worst else 0.0
+    assert ctx.settings.max_class_drop is not None
+    trial.set_user_attr("worst_class", {"name": worst, "drop": worst_drop})
+    trial.set_constraint("class_drop", worst_drop - ctx.settings.max_class_drop)
+
+
+def run_study(ctx: StudyContext, on_trial: Callable[[TrialEvent], None] | None = None) -> optuna.Study:
+    """Run trials until the study holds ``budget`` finished trials; resumes where it stopped."""
+    study = open_study(ctx)
+    enqueue_baselines(ctx, study)
+    budget = ctx.settings.budget
+    remaining = budget - finished_count(study)
+    if remaining <= 0:
+        log.info("study '%s' already has %d finished trials (budget %d)", ctx.study_name, finished_count(study), budget)
+        return study
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
+        # Counts trials of every worker sharing the storage, so N workers stop together.
+        optuna.study.MaxTrialsCallback(budget, states=FINISHED_STATES),
+    ]
+    if on_trial is not None:
+        callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
+    study.optimize(make_objective(ctx), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+    return study
+
+
+def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) -> TrialEvent:
+    best_value = best_latency = None
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+    if complete:
+        best = max(complete, key=lambda t: (t.values[0], -t.values[1]))
+        best_value, best_latency = best.values[0], best.values[1]
+    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else 0.0
+    return TrialEvent(
+        number=trial.number,
+        state=trial.state.name,
+        finished=finished_count(study),
+        budget=budget,
+        value=trial.values[0] if trial.values else None,
+        latency_ms=trial.values[1] if trial.values else None,
+        best_value=best_value,
+        best_latency_ms=best_latency,
+        error=trial.user_attrs.get("error"),
+        seconds=seconds,
+    )
+
+
+@dataclass
+class StudySummary:
+    records: list
+    front: list
+    winner: object
+    winner_dir: Path | None
+    report: Path
+    int8_faster: bool | None
+    int8_verdict: str
+
+
+def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
+    """pareto.json/.csv, winner/ and report.md from what the storage holds now."""
+    from sensisearch.study.report import int8_speed_verdict, write_report
+    from sensisearch.study.results import baseline, choose_winner, export_winner, pareto_front, records, write_pareto
+
+    recs = records(study)
+    front = pareto_front(recs)
+    fp32 = baseline(recs, "fp32")
+    write_pareto(front, None if fp32 is None else fp32.value, ctx.out)
+    choice = choose_winner(recs, ctx.settings.max_drop)
+    winner_dir = export_winner(choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop)
+    caps = ctx.backend.capabilities
+    report = write_report(
+        ctx.out, recs, front, choice,
+        {
+            "metric": ctx.evaluator.metric,
+            "model_name": ctx.model_path.name,
+            "model_path": str(ctx.model_path),
+            "model_sha256": ctx.info.sha256,
+            "num_layers": len(ctx.info.layers),
+            "backend": ", ".join(f"{k}={v}" for k, v in ctx.backend.describe().items()),
+            "latency_batch": ctx.settings.latency_batch,
+            "budget": ctx.settings.budget,
+            "precisions": [p.value for p in ctx.space.precisions],
+            "algorithms": [a.value for a in ctx.space.algorithms],
+            "sample_counts": list(ctx.space.sample_counts),
+            "max_drop": ctx.settings.max_drop,
+            "fp16_note": caps.fp16_note,
+            "warnings": ctx.warnings,
+        },
+    )
+    verdict, text = int8_speed_verdict(recs)
+    return StudySummary(recs, front, choice, winner_dir, report, verdict, text)

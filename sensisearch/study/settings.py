@@ -1,0 +1,144 @@
+"""Study settings: one dataclass, filled from a TOML study file and CLI flags.
+
+Every flag has a same-named key in the study file (dashes become underscores),
+so ``sensisearch run studies/digits.toml --budget 40`` is the file with one
+value overridden. Relative paths in a study file are relative to that file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from sensisearch.errors import SensisearchError
+from sensisearch.quantize.config import CalibrationAlgorithm, Precision
+
+PATH_FIELDS = ("model", "calib_data", "eval_data", "annotations", "out", "cache_dir")
+LIST_FIELDS = ("precisions", "algorithms", "sample_counts", "percentiles", "mean", "std")
+
+
+@dataclass
+class StudySettings:
+    model: Path | None = None
+    example: str | None = None
+    calib_data: Path | None = None
+    eval_data: Path | None = None
+    annotations: Path | None = None
+    out: Path | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    budget: int = 50
+    seed: int = 0
+    max_drop: float = 1.0
+    metric: str | None = None
+    task: str = "auto"
+    evaluator: str | None = None
+    backend: str = "onnxruntime"
+    threads: int | None = None
+    precisions: list[Precision] | None = None
+    algorithms: list[CalibrationAlgorithm] = field(default_factory=lambda: list(CalibrationAlgorithm))
+    sample_counts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
+    percentiles: list[float] = field(default_factory=lambda: [99.9, 99.99, 99.999])
+    default_algorithm: CalibrationAlgorithm = CalibrationAlgorithm.MINMAX
+    mean: list[float] = field(default_factory=lambda: [0.0])
+    std: list[float] = field(default_factory=lambda: [1.0])
+    batch_size: int = 64
+    latency_batch: int = 1
+    latency_seconds: float = 0.5
+    eval_limit: int | None = None
+    calib_limit: int | None = None
+    max_class_drop: float | None = None
+    iou: float = 0.6
+    cache_dir: Path | None = None
+
+    def validate(self) -> None:
+        if self.budget <= 0:
+            raise SensisearchError(f"--budget {self.budget}: must be a positive number of trials")
+        if self.model is None and self.example is None:
+            raise SensisearchError("no model given: pass --model FILE.onnx, --example digits, or a study file")
+        if self.max_drop < 0:
+            raise SensisearchError(f"--max-drop {self.max_drop}: must be >= 0 (points of the metric)")
+        if self.latency_batch <= 0 or self.batch_size <= 0:
+            raise SensisearchError("--latency-batch and --batch-size must be positive")
+        if not self.sample_counts or min(self.sample_counts) <= 0:
+            raise SensisearchError(f"--sample-counts {self.sample_counts}: give positive sample counts")
+        for p in self.percentiles:
+            if not 0 < p <= 100:
+                raise SensisearchError(f"--percentiles {p}: must be in (0, 100]")
+        if self.threads is not None and self.threads <= 0:
+            raise SensisearchError(f"--threads {self.threads}: must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, list):
+                value = [v.value if hasattr(v, "value") else v for v in value]
+            elif hasattr(value, "value"):
+                value = value.value
+            out[f.name] = value
+        return out
+
+
+def _coerce(name: str, value: Any, base: Path | None) -> Any:
+    if value is None:
+        return None
+    if name in PATH_FIELDS:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() or base is None else (base / path)
+    if name == "precisions":
+        try:
+            return [Precision(str(v).lower()) for v in value]
+        except ValueError as exc:
+            raise SensisearchError(f"--precisions {value}: use int8, fp16, fp32") from exc
+    if name == "algorithms":
+        try:
+            return [CalibrationAlgorithm(str(v).lower()) for v in value]
+        except ValueError as exc:
+            raise SensisearchError(f"--algorithms {value}: use minmax, entropy, percentile, mse") from exc
+    if name == "default_algorithm":
+        return CalibrationAlgorithm(str(value).lower())
+    if name == "sample_counts":
+        return [int(v) for v in value]
+    if name in ("percentiles", "mean", "std"):
+        return [float(v) for v in value]
+    return value
+
+
+def merge_settings(file_values: Mapping[str, Any], flag_values: Mapping[str, Any], base: Path | None) -> StudySettings:
+    """Study-file values, overridden by flags that were given (not None)."""
+    known = {f.name for f in dataclasses.fields(StudySettings)}
+    values: dict[str, Any] = {}
+    for key, value in file_values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise SensisearchError(f"study file: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        values[name] = _coerce(name, value, base)
+    for name, value in flag_values.items():
+        if value is not None:
+            values[name] = _coerce(name, value, None)
+    settings = StudySettings(**values)
+    settings.validate()
+    return settings
+
+
+def read_study_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SensisearchError(f"study file {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SensisearchError(f"study file {path}: not valid TOML ({exc})") from exc
+    # Tables are only for grouping in the file; flatten them to flag names.
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat

@@ -1,0 +1,77 @@
+"""The search space: Optuna parameters <-> :class:`TrialConfig`.
+
+Parameter names are stable strings stored in the study, so a resumed or shared
+study (many workers, one storage) decodes every trial the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import optuna
+
+from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
+
+LAYER_PREFIX = "layer:"
+ALGORITHM = "calib_algorithm"
+SAMPLES = "calib_samples"
+PERCENTILE = "calib_percentile"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    layers: tuple[str, ...]
+    precisions: tuple[Precision, ...]
+    algorithms: tuple[CalibrationAlgorithm, ...]
+    sample_counts: tuple[int, ...]
+    percentiles: tuple[float, ...]
+    default_calibration: CalibrationChoice
+
+    @property
+    def searches_int8(self) -> bool:
+        return Precision.INT8 in self.precisions
+
+    def suggest(self, trial: optuna.Trial) -> TrialConfig:
+        choices = [p.value for p in self.precisions]
+        precisions = {name: Precision(trial.suggest_categorical(LAYER_PREFIX + name, choices)) for name in self.layers}
+        calibration = self.default_calibration
+        if any(p is Precision.INT8 for p in precisions.values()):
+            # Calibration only matters when some layer is INT8; leaving the
+            # parameters out otherwise keeps the sampler's model honest.
+            algorithm = CalibrationAlgorithm(trial.suggest_categorical(ALGORITHM, [a.value for a in self.algorithms]))
+            samples = int(trial.suggest_categorical(SAMPLES, list(self.sample_counts)))
+            percentile = self.default_calibration.percentile
+            if algorithm is CalibrationAlgorithm.PERCENTILE:
+                percentile = float(trial.suggest_categorical(PERCENTILE, list(self.percentiles)))
+            calibration = CalibrationChoice(algorithm, samples, percentile)
+        return TrialConfig(precisions, calibration)
+
+    def params_for(self, config: TrialConfig) -> dict[str, Any]:
+        """Optuna parameters that reproduce ``config`` (for enqueueing)."""
+        params: dict[str, Any] = {LAYER_PREFIX + name: config.precisions[name].value for name in self.layers}
+        if config.uses_int8:
+            params[ALGORITHM] = config.calibration.algorithm.value
+            params[SAMPLES] = config.calibration.samples
+            if config.calibration.algorithm is CalibrationAlgorithm.PERCENTILE:
+                params[PERCENTILE] = config.calibration.percentile
+        return params
+
+    def config_from_params(self, params: Mapping[str, Any]) -> TrialConfig:
+        precisions = {name: Precision(params[LAYER_PREFIX + name]) for name in self.layers}
+        calibration = self.default_calibration
+        if ALGORITHM in params:
+            calibration = CalibrationChoice(
+                CalibrationAlgorithm(params[ALGORITHM]),
+                int(params.get(SAMPLES, self.default_calibration.samples)),
+                float(params.get(PERCENTILE, self.default_calibration.percentile)),
+            )
+        return TrialConfig(precisions, calibration)
+
+    def uniform(self, precision: Precision) -> TrialConfig:
+        return TrialConfig.uniform(list(self.layers), precision, self.default_calibration)
+
+
+def capped_sample_counts(requested: Sequence[int], available: int) -> tuple[int, ...]:
+    """The study's calibration sample counts, capped by the data size."""
+    return tuple(sorted({min(int(c), available) for c in requested}))

@@ -1,0 +1,156 @@
+"""Tests for sensisearch.model.analysis on a synthetic model and the real shared models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sensisearch.errors import SensisearchError
+from sensisearch.model.analysis import analyze_model, load_onnx, statistics_tensors
+
+
+def _shared_data() -> Path:
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(os.environ.get("SENSISEARCH_SHARED_DATA", default))
+
+
+def _shared(rel: str) -> Path:
+    path = _shared_data() / rel
+    if not path.exists():
+        pytest.skip(f"shared asset {path} is missing (set SENSISEARCH_SHARED_DATA to the shared/data directory)")
+    return path
+
+
+def _small_model(path: Path, named: bool = True) -> Path:
+    """x[N,3,8,8] -> Conv -> Relu -> MatMul(const) ; a second MatMul of two activations."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "mw"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv" if named else "", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),  # unnamed on purpose
+        helper.make_node("MatMul", ["r", "mw"], ["m"], name="mm" if named else ""),
+        helper.make_node("MatMul", ["r", "r"], ["rr"], name="act_matmul"),  # two activations: not a layer
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("m", TensorProto.FLOAT, None), helper.make_tensor_value_info("rr", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 3  # IR 3 lists initializers as graph inputs too
+    model.graph.input.extend([helper.make_tensor_value_info(i.name, TensorProto.FLOAT, list(i.dims)) for i in inits])
+    helper.set_model_props(model, {"stride": "8"})
+    onnx.save(model, path)
+    return path
+
+
+def test_small_model_layers_names_and_io(tmp_path: Path) -> None:
+    path = _small_model(tmp_path / "m.onnx", named=False)
+    info, model = analyze_model(path)
+    assert [(l.name, l.op_type, l.index, l.weight_axis) for l in info.layers] == [
+        ("Conv_0", "Conv", 0, 0),
+        ("MatMul_2", "MatMul", 2, 1),
+    ]
+    conv, mm = info.layers
+    assert (conv.activation_input, conv.weight, conv.bias, conv.output) == ("x", "w", "b", "c")
+    assert (mm.activation_input, mm.weight, mm.bias, mm.output) == ("r", "mw", None, "m")
+    assert [n.name for n in model.graph.node] == ["Conv_0", "Relu_1", "MatMul_2", "act_matmul"]
+    # initializers listed as inputs (IR 3) are not model inputs
+    assert [(s.name, s.shape, s.dtype) for s in info.inputs] == [("x", (None, 3, 8, 8), np.dtype(np.float32))]
+    assert [s.name for s in info.outputs] == ["m", "rr"]
+    assert info.opset == 13 and info.metadata == {"stride": "8"}
+    assert info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # names are deterministic: loading again gives the same ones
+    assert [n.name for n in load_onnx(path).graph.node] == [n.name for n in model.graph.node]
+
+
+def test_duplicate_names_are_made_unique(tmp_path: Path) -> None:
+    path = _small_model(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    model.graph.node[2].name = "conv"
+    onnx.save(model, path)
+    names = [n.name for n in load_onnx(path).graph.node]
+    assert len(set(names)) == len(names) and names[0] == "conv" and names[2] == "conv_2"
+
+
+def test_statistics_tensors_small(tmp_path: Path) -> None:
+    info, model = analyze_model(_small_model(tmp_path / "m.onnx"))
+    # conv input, conv raw output, post-Relu output, matmul input (= post-Relu); 'm' is a graph output
+    assert statistics_tensors(model, info) == ["x", "c", "r"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(SensisearchError, match="not found"):
+        analyze_model(tmp_path / "nope.onnx")
+
+
+def test_not_onnx(tmp_path: Path) -> None:
+    for i, data in enumerate([b"this is not an onnx model\n" * 10, bytes(range(256)) * 4, b""]):
+        path = tmp_path / f"bad{i}.onnx"
+        path.write_bytes(data)
+        with pytest.raises(SensisearchError, match="not an ONNX model") as exc:
+            analyze_model(path)
+        assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_directory_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SensisearchError, match="not a file"):
+        analyze_model(tmp_path)
+
+
+def test_no_quantizable_layer(tmp_path: Path) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("MatMul", ["y", "y"], ["z"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4])],
+    )
+    path = tmp_path / "noq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    with pytest.raises(SensisearchError, match="no quantizable layer"):
+        analyze_model(path)
+
+
+def test_mnist_real() -> None:
+    info, model = analyze_model(_shared("mnist/mnist_cnn.onnx"))
+    assert info.sha256 == "886402242b4f1ef887dd212a3482844ba3b60e5cf2594114ee794c8b28e002c6"
+    assert [(l.name, l.op_type, l.weight_axis, l.bias is not None) for l in info.layers] == [
+        ("/conv1/Conv", "Conv", 0, True),
+        ("/conv2/Conv", "Conv", 0, True),
+        ("/fc1/Gemm", "Gemm", 0, True),  # transB=1: weight [N, K]
+        ("/fc2/Gemm", "Gemm", 0, True),
+    ]
+    assert info.opset == 11 and [s.name for s in info.inputs] == ["input"]
+    assert info.inputs[0].shape[1:] == (1, 28, 28)
+    stats = statistics_tensors(model, info)
+    assert "output" not in stats  # graph output
+    assert stats[:3] == ["input", "/conv1/Conv_output_0", "/relu/Relu_output_0"]
+
+
+def test_yolov5n_real() -> None:
+    info, model = analyze_model(_shared("yolov5n.onnx"))
+    assert len(info.layers) == 60 and {l.op_type for l in info.layers} == {"Conv"}
+    assert info.opset == 12
+    assert info.metadata["stride"] == "32" and "person" in info.metadata["names"]
+    assert [(s.name, s.shape) for s in info.inputs] == [("images", (1, 3, 640, 640))]
+    assert [(s.name, s.shape) for s in info.outputs] == [("output0", (1, 25200, 85))]
+    names = [n.name for n in model.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    stats = statistics_tensors(model, info)
+    assert "output0" not in stats and "images" in stats
+    # the Detect decode (everything in /model.24/ but its three convs) produces no statistics tensor
+    producer = {o: n for n in model.graph.node for o in n.output}
+    decode = [t for t in stats if t in producer and producer[t].name.startswith("/model.24/") and producer[t].op_type != "Conv"]
+    assert decode == []

@@ -1,0 +1,125 @@
+"""The whole study, end to end, on the embedded CPU backend (real ORT, real Optuna storage)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import optuna
+import pytest
+
+from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+from sensisearch.cli import main
+from sensisearch.evaluation.classification import ClassificationEvaluator
+from sensisearch.evaluation.datasets import Preprocess, load_images
+from sensisearch.examples import load_example
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> int:
+    return main(["run", *args])
+
+
+@pytest.fixture(scope="module")
+def digits_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    code = _run(
+        "--example", "digits", "--budget", "6", "--out", str(out), "--latency-seconds", "0.2",
+        "--sample-counts", "64,128", "--seed", "1",
+    )
+    assert code == 0
+    return out
+
+
+def test_study_writes_every_output(digits_study: Path) -> None:
+    out = digits_study
+    assert (out / "study.db").is_file()
+    trials = sorted((out / "trials").iterdir())
+    assert len(trials) == 6
+    for trial_dir in trials:
+        record = json.loads((trial_dir / "trial.json").read_text())
+        assert record["status"] in ("complete", "failed")
+        if record["status"] == "complete":
+            assert (trial_dir / "deployable.onnx").is_file()
+            onnx.checker.check_model(onnx.load(str(trial_dir / "deployable.onnx")), full_check=True)
+            assert Path(record["artifact"]).is_file()
+            assert set(record["timings"]) >= {"thresholds", "emit", "build", "latency", "evaluate"}
+            assert record["latency"]["runs"] >= 30
+    baselines = [json.loads((t / "trial.json").read_text())["baseline"] for t in trials[:2]]
+    assert baselines == ["fp32", "int8"]
+    front = json.loads((out / "pareto.json").read_text())
+    assert len(front) >= 2
+    assert len({(p["value"], p["latency"]["median_ms"]) for p in front}) == len(front)
+    with (out / "pareto.csv").open() as f:
+        assert [int(row["trial"]) for row in csv.DictReader(f)] == [p["number"] for p in front]
+    report = (out / "report.md").read_text()
+    for heading in ("## Baselines", "## Pareto front", "## Winner", "## What each precision choice did"):
+        assert heading in report
+
+
+def test_all_int8_baseline_runs_integer_kernels_and_is_faster(digits_study: Path) -> None:
+    int8 = json.loads((digits_study / "trials" / "0001" / "trial.json").read_text())
+    fp32 = json.loads((digits_study / "trials" / "0000" / "trial.json").read_text())
+    layers = len(int8["config"]["precisions"])
+    assert int8["build"]["layer_precisions"]["int8"] == layers
+    assert fp32["build"]["layer_precisions"]["int8"] == 0
+    # Not a timing assertion on absolute numbers: the bundled example exists to
+    # show INT8 speed on CPU; a regression to "slower than FP32" must be caught.
+    assert int8["latency"]["median_ms"] < fp32["latency"]["median_ms"]
+
+
+def test_winner_re_evaluated_from_disk_gives_recorded_accuracy(digits_study: Path) -> None:
+    config = json.loads((digits_study / "winner" / "config.json").read_text())
+    example = load_example("digits")
+    assert config["model"]["sha256"] == __import__("hashlib").sha256(example.model.read_bytes()).hexdigest()
+    backend = OnnxRuntimeBackend()
+    artifact = digits_study / "winner" / config["files"]["artifact"]
+    deployable = digits_study / "winner" / config["files"]["deployable_onnx"]
+    with backend.load(artifact) as runner:
+        data = load_images(example.eval_data, runner.inputs[0], "--eval-data")
+        evaluator = ClassificationEvaluator(data, Preprocess(tuple(example.mean), tuple(example.std)), runner.inputs[0].name)
+        assert evaluator.evaluate(runner).value == pytest.approx(config["value"], abs=1e-9)
+    # The portable deployable ONNX, rebuilt from scratch, scores the same.
+    rebuilt = backend.build(deployable, digits_study / "rebuilt")
+    with backend.load(rebuilt.artifact) as runner:
+        assert evaluator.evaluate(runner).value == pytest.approx(config["value"], abs=1e-9)
+
+
+def test_rerun_with_larger_budget_resumes(digits_study: Path) -> None:
+    storage = f"sqlite:///{digits_study / 'study.db'}"
+    before = optuna.load_study(study_name="digits_resnet", storage=storage)
+    finished_before = {t.number: t.datetime_complete for t in before.trials if t.state.is_finished()}
+    assert _run("--example", "digits", "--budget", "8", "--out", str(digits_study), "--latency-seconds", "0.2",
+                "--sample-counts", "64,128", "--seed", "1") == 0
+    after = optuna.load_study(study_name="digits_resnet", storage=storage)
+    assert len([t for t in after.trials if t.state.is_finished()]) == 8
+    for number, completed in finished_before.items():
+        assert after.trials[number].datetime_complete == completed  # not rerun
+    # Same budget again: nothing new runs.
+    assert _run("--example", "digits", "--budget", "8", "--out", str(digits_study), "--latency-seconds", "0.2",
+                "--sample-counts", "64,128", "--seed", "1") == 0
+    assert len(optuna.load_study(study_name="digits_resnet", storage=storage).trials) == 8
+
+
+def test_mnist_short_study_produces_front(mnist_dir: Path, tmp_path: Path) -> None:
+    """A real model someone else trained, with real MNIST digits (first 1000 for speed)."""
+    out = tmp_path / "mnist"
+    code = _run(
+        "--model", str(mnist_dir / "mnist_cnn.onnx"), "--eval-data", str(mnist_dir), "--calib-data", str(mnist_dir),
+        "--mean", "0.5", "--std", "0.5", "--budget", "4", "--out", str(out), "--eval-limit", "1000",
+        "--calib-limit", "256", "--sample-counts", "128,256", "--latency-seconds", "0.2",
+    )
+    assert code == 0
+    front = json.loads((out / "pareto.json").read_text())
+    assert len(front) >= 1
+    fp32 = json.loads((out / "trials" / "0000" / "trial.json").read_text())
+    assert fp32["baseline"] == "fp32"
+    # Cross-check against the full-set reference: the first 1000 dev images are a subset.
+    assert fp32["evaluation"]["value"] > 98.0
