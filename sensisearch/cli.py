@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     ev.add_argument("--per-class", action="store_true", help="also print per-class scores")
     ev.add_argument("--cache-dir", type=Path, help="preprocessed-data cache (default: runs/cache)")
+    bd = sub.add_parser("build", help="rebuild one configuration (winner/config.json or a trial.json) into an artifact")
+    bd.add_argument("--config", type=Path, required=True, help="winner/config.json or trials/NNNN/trial.json")
+    bd.add_argument("--model", type=Path, help="the model (default: the path recorded in the config)")
+    bd.add_argument("--backend", default="onnxruntime", help="onnxruntime (default)")
+    bd.add_argument("--threads", type=int, help="ONNX Runtime threads")
+    bd.add_argument("--out", type=Path, help="artifact path (default: beside the config)")
+    bd.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -199,6 +206,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from sensisearch.backends.factory import make_backend
+    from sensisearch.study.build import build_from_config
+    from sensisearch.study.settings import StudySettings
+
+    backend = make_backend(StudySettings(example="-", backend=args.backend, threads=args.threads))
+    console.print(f"backend [bold]{backend.name}[/]")
+    out, result = build_from_config(args.config, backend, args.out, args.model)
+    kernels = ", ".join(f"{k} {v}" for k, v in result.layer_precisions.items())
+    stdout.print(f"built {out} in {result.seconds:.2f} s ({kernels})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "build":
+            return cmd_build(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

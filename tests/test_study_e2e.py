@@ -90,6 +90,11 @@ def test_winner_re_evaluated_from_disk_gives_recorded_accuracy(digits_study: Pat
     rebuilt = backend.build(deployable, digits_study / "rebuilt")
     with backend.load(rebuilt.artifact) as runner:
         assert evaluator.evaluate(runner).value == pytest.approx(config["value"], abs=1e-9)
+    # `sensisearch build --config` remakes it from config.json alone (recorded model + ranges).
+    out = digits_study / "from_config.onnx"
+    assert main(["build", "--config", str(digits_study / "winner" / "config.json"), "--out", str(out)]) == 0
+    with backend.load(out) as runner:
+        assert evaluator.evaluate(runner).value == pytest.approx(config["value"], abs=1e-9)
 
 
 def test_rerun_with_larger_budget_resumes(digits_study: Path) -> None:

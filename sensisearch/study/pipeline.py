@@ -20,7 +20,7 @@ import onnx
 from sensisearch.backends.base import Backend, BuildResult, LatencySettings, LatencyStats
 from sensisearch.study.calibrate import CalibrationRanges
 from sensisearch.evaluation.base import EvaluationResult, Evaluator
-from sensisearch.model.analysis import ModelInfo
+from sensisearch.model.analysis import ModelInfo, statistics_tensors
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.quantize.emit import TensorRange, emit_deployable_onnx, save_model, tensors_to_quantize
 
@@ -37,11 +37,14 @@ class TrialOutcome:
     latency: LatencyStats
     evaluation: EvaluationResult
     timings: dict[str, float] = field(default_factory=dict)
-    thresholds: dict[str, float] = field(default_factory=dict)
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+    """Calibrated range of every tensor any backend profile may quantize, so the
+    configuration can be rebuilt for another backend without calibration data."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
+            "thresholds": ranges_to_dict(self.ranges),
             "deployable_onnx": str(self.deployable),
             "artifact": str(self.build.artifact),
             "build": {"seconds": self.build.seconds, "layer_precisions": dict(self.build.layer_precisions), **dict(self.build.details)},
@@ -49,6 +52,14 @@ class TrialOutcome:
             "evaluation": self.evaluation.to_dict(),
             "timings": self.timings,
         }
+
+
+def ranges_to_dict(ranges: dict[str, TensorRange]) -> dict[str, dict[str, Any]]:
+    return {name: {"amax": r.amax, "nonnegative": r.nonnegative} for name, r in ranges.items()}
+
+
+def ranges_from_dict(data: dict[str, Any]) -> dict[str, TensorRange]:
+    return {name: TensorRange(amax=float(v["amax"]), nonnegative=bool(v["nonnegative"])) for name, v in data.items()}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -91,20 +102,34 @@ class TrialPipeline:
         self.thresholds = thresholds
         self.latency_settings = latency_settings
         self.latency_batch = latency_batch
+        self.recorded_tensors = statistics_tensors(model, info)
 
-    def ranges_for(self, config: TrialConfig) -> dict[str, TensorRange]:
-        tensors = tensors_to_quantize(self.info, self.model, config, self.backend.profile)
-        if not tensors:
+    def ranges_for(self, config: TrialConfig, every_tensor: bool = False) -> dict[str, TensorRange]:
+        """Ranges this backend's Q/DQ placement needs for ``config`` (empty without INT8).
+
+        ``every_tensor`` gives the ranges of every tensor any profile may
+        quantize: what a config.json records so another backend can rebuild it.
+        """
+        if not config.uses_int8:
             return {}
         if self.thresholds is None:
             raise RuntimeError("INT8 layers need calibration statistics, but none were collected")
+        tensors = self.recorded_tensors if every_tensor else tensors_to_quantize(self.info, self.model, config, self.backend.profile)
         return self.thresholds.ranges(tensors, config.calibration)
 
-    def emit(self, config: TrialConfig, out_dir: Path, phases: Phases | None = None) -> tuple[Path, dict[str, TensorRange]]:
+    def emit(
+        self, config: TrialConfig, out_dir: Path, phases: Phases | None = None, ranges: dict[str, TensorRange] | None = None
+    ) -> tuple[Path, dict[str, TensorRange]]:
+        """Write the deployable ONNX; ``ranges`` (e.g. from a config.json) skip calibration."""
         phases = phases or Phases()
         out_dir.mkdir(parents=True, exist_ok=True)
         with phases("thresholds"):
-            ranges = self.ranges_for(config)
+            if ranges is None:
+                ranges = self.ranges_for(config)
+            needed = tensors_to_quantize(self.info, self.model, config, self.backend.profile)
+            missing = [t for t in needed if t not in ranges]
+            if missing:
+                raise RuntimeError(f"no calibrated range for {len(missing)} tensors (first: {missing[0]})")
         with phases("emit"):
             deployable = emit_deployable_onnx(self.model, self.info, config, ranges, self.backend.profile)
             path = out_dir / DEPLOYABLE_NAME
@@ -135,5 +160,5 @@ class TrialPipeline:
             latency=latency,
             evaluation=evaluation,
             timings=phases.seconds,
-            thresholds={name: r.amax for name, r in ranges.items()},
+            ranges=ranges,
         )

@@ -165,7 +165,8 @@ def sha256_file(path: Path) -> str:
 
 def export_winner(
     choice: WinnerChoice, recs: list[TrialRecord], out: Path, model_path: Path, model_sha256: str,
-    backend: dict[str, Any], max_drop: float,
+    backend: dict[str, Any], max_drop: float, thresholds: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path | None:
     if choice.record is None:
         return None
@@ -194,6 +195,10 @@ def export_winner(
         "latency": record.latency,
         "layers_run": record.layer_precisions,
         "files": files,
+        # Calibrated ranges of every tensor any backend may quantize: `sensisearch
+        # build --config` rebuilds this configuration from this file alone.
+        "thresholds": thresholds or {},
+        **(extra or {}),
     }
     write_json_atomic(tmp_dir / "config.json", config)
     # Replace the previous winner in one step, so a crash leaves one complete folder.

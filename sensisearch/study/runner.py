@@ -172,6 +172,7 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
         trial.set_user_attr("deployable", str(outcome.deployable))
         trial.set_user_attr("layer_precisions", dict(outcome.build.layer_precisions))
         trial.set_user_attr("timings", outcome.timings)
+        trial.set_user_attr("trial_json", str(trial_dir / "trial.json"))
         if outcome.evaluation.per_class is not None:
             trial.set_user_attr("per_class", outcome.evaluation.per_class)
             if ctx.settings.max_class_drop is not None:
@@ -268,7 +269,23 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     fp32 = baseline(recs, "fp32")
     write_pareto(front, None if fp32 is None else fp32.value, ctx.out)
     choice = choose_winner(recs, ctx.settings.max_drop)
-    winner_dir = export_winner(choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop)
+    thresholds = None
+    if choice.record is not None and choice.record.config:
+        from sensisearch.quantize.config import TrialConfig
+        from sensisearch.study.pipeline import ranges_to_dict
+
+        winner_config = TrialConfig.from_dict(choice.record.config)
+        thresholds = ranges_to_dict(ctx.pipeline.ranges_for(winner_config, every_tensor=True))
+    extra = {
+        "task": ctx.task,
+        "preprocess": {"mean": ctx.settings.mean, "std": ctx.settings.std},
+        "profile": ctx.backend.profile.name,
+        "latency_batch": ctx.settings.latency_batch,
+    }
+    winner_dir = export_winner(
+        choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop,
+        thresholds, extra,
+    )
     caps = ctx.backend.capabilities
     report = write_report(
         ctx.out, recs, front, choice,

@@ -1,0 +1,76 @@
+"""``sensisearch build --config``: remake one configuration on this machine's backend.
+
+A winner's (or any trial's) config.json records the model path and sha256,
+the precision per layer and the calibrated ranges, so nothing else is needed:
+this is how users remake the winner on the production GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sensisearch.backends.base import Backend, BuildResult
+from sensisearch.errors import SensisearchError
+from sensisearch.model.analysis import analyze_model
+from sensisearch.quantize.config import TrialConfig
+from sensisearch.quantize.emit import emit_deployable_onnx, save_model, tensors_to_quantize
+from sensisearch.study.pipeline import ranges_from_dict
+
+log = logging.getLogger(__name__)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SensisearchError(f"--config {path}: no such file (use a winner/config.json or a trial's trial.json)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SensisearchError(f"--config {path}: not JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict) or "config" not in data:
+        raise SensisearchError(f"--config {path}: no 'config' entry; pass a winner/config.json or trials/NNNN/trial.json")
+    return data
+
+
+def build_from_config(config_path: Path, backend: Backend, out: Path | None = None, model: Path | None = None) -> tuple[Path, BuildResult]:
+    data = read_config(config_path)
+    recorded = data.get("model") or {}
+    model_path = Path(model or recorded.get("path") or "")
+    if not str(model_path) or not model_path.is_file():
+        raise SensisearchError(f"--config {config_path}: its model {model_path or '(none recorded)'} is not here; pass --model FILE.onnx")
+    info, proto = analyze_model(model_path)
+    if recorded.get("sha256") and recorded["sha256"] != info.sha256:
+        raise SensisearchError(
+            f"--model {model_path}: sha256 {info.sha256[:12]}… differs from the configuration's model "
+            f"({recorded['sha256'][:12]}…); pass the model the study ran on"
+        )
+    config = TrialConfig.from_dict(data["config"])
+    ranges = ranges_from_dict(data.get("thresholds") or {})
+    needed = tensors_to_quantize(info, proto, config, backend.profile)
+    missing = [t for t in needed if t not in ranges]
+    if missing:
+        raise SensisearchError(
+            f"--config {config_path}: no calibrated range for {len(missing)} tensors the {backend.profile.name} profile "
+            f"quantizes (first: {missing[0]}); use a winner/config.json written by this version"
+        )
+    deployable = emit_deployable_onnx(proto, info, config, {t: ranges[t] for t in needed}, backend.profile)
+    suffix = backend.capabilities.artifact_suffix
+    out = Path(out) if out is not None else config_path.parent / f"{model_path.stem}{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sensisearch-build-", dir=out.parent) as tmp:
+        onnx_path = Path(tmp) / f"{model_path.stem}.onnx"
+        save_model(deployable, onnx_path)
+        result = backend.build(onnx_path, Path(tmp))
+        # Move the artifact and anything written beside it (e.g. a .plan's sidecar JSON).
+        for produced in Path(tmp).iterdir():
+            if produced.name.startswith(result.artifact.name) and produced != result.artifact:
+                shutil.copy2(produced, out.with_name(out.name + produced.name[len(result.artifact.name):]))
+        os.replace(result.artifact, out)
+    result.artifact = out
+    log.info("built %s from %s in %.2f s", out, config_path, result.seconds)
+    return out, result
