@@ -382,13 +382,184 @@ def residual_adds(index: GraphIndex, layers: Iterable[QuantizableLayer]) -> list
     return found
 
 
+# --------------------------------------------------------------------------- INT8 regions
+
+# Ops that may join an INT8 region (backends that fuse them into integer kernels, e.g.
+# ONNX Runtime's QLinearAdd/QLinearMul/QLinearSigmoid/QLinearConcat/QLinearGlobalAveragePool,
+# or run them directly on 8-bit data: MaxPool, Resize, Reshape, ...).
+REGION_OP_TYPES = frozenset(
+    {
+        "Add",
+        "Mul",
+        "Sigmoid",
+        "LeakyRelu",
+        "Relu",
+        "Clip",
+        "Concat",
+        "GlobalAveragePool",
+        "AveragePool",
+        "MaxPool",
+        "GlobalMaxPool",
+        "Resize",
+        "Slice",
+        "Split",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Identity",
+    }
+)
+# Region ops whose every input is an activation (all others: input 0 only; the
+# remaining inputs are shapes, scales, axes, ... and are never quantized).
+_ALL_DATA_INPUT_OPS = frozenset({"Add", "Mul", "Concat"})
+# Region ops whose output values are a subset of (or copied from) their data input's
+# values: the output can reuse the input's quantization parameters exactly, and
+# ONNX Runtime only drops their Q/DQ (running them on 8-bit data) when it does.
+VALUE_PRESERVING_OP_TYPES = frozenset(
+    {"MaxPool", "GlobalMaxPool", "Resize", "Slice", "Split", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+)
+
+
+# Ops that read only the shape of their input: they may read the dequantized tensor
+# (same shape) so that they do not keep the producer from emitting 8-bit data.
+SHAPE_READER_OP_TYPES = frozenset({"Shape", "Size"})
+
+
+def data_input_indices(node: onnx.NodeProto) -> tuple[int, ...]:
+    """Input positions of ``node`` that carry activations when it is a region op."""
+    if node.op_type in _ALL_DATA_INPUT_OPS:
+        return tuple(range(len(node.input)))
+    return (0,) if node.input else ()
+
+
+@dataclass(frozen=True)
+class Int8Region:
+    """The elementwise/data-movement ops that run quantized between INT8 layers."""
+
+    nodes: frozenset[int]
+    """Node indices of the region ops."""
+    q_consumers: dict[str, tuple[tuple[int, int], ...]]
+    """Per tensor: every ``(node, input)`` that reads it quantized (an INT8 layer's
+    activation input or a data input of a region op; plus ``Shape``/``Size`` readers
+    of such a tensor, which see the same shape), in graph order. A tensor with
+    at least one entry gets a Q/DQ pair shared by exactly these consumers, unless it
+    is in :attr:`folded`."""
+    folded: frozenset[str]
+    """Tensors whose only consumer is a region Relu/Clip listed in ``fold_activations``:
+    no Q/DQ between the producer and the activation (the Q goes after it)."""
+    shared_params: dict[str, str]
+    """Output of a value-preserving region op -> the tensor whose quantization
+    parameters it reuses (followed back through chains of such ops)."""
+
+
+def int8_region(
+    index: GraphIndex,
+    layers: Iterable[QuantizableLayer],
+    int8_names: Iterable[str],
+    region_ops: Iterable[str] = REGION_OP_TYPES,
+    fold_activations: Iterable[str] = ("Relu", "Clip"),
+) -> Int8Region:
+    """The largest set of region ops (``region_ops``) such that each one
+
+    * has at least one activation input produced by an INT8 layer or another region op,
+    * has no constant activation input (it would need a quantized initializer),
+    * and every output feeds only INT8 layers (activation input) and region ops
+      (data inputs): no graph output, no float consumer.
+
+    A greatest fixpoint, so it is monotone: more INT8 layers never shrink the
+    region, and the all-INT8 region contains every other configuration's region.
+    Layers outside ``int8_names`` and their activations are never part of it.
+    """
+    region_ops = frozenset(region_ops)
+    fold = frozenset(fold_activations)
+    int8 = set(int8_names)
+    layer_list = [l for l in layers if l.name in int8]
+    int8_inputs = {(l.index, 0) for l in layer_list}
+    int8_outputs = {l.output for l in layer_list}
+    data_idx: dict[int, tuple[int, ...]] = {}
+    candidates: set[int] = set()
+    for ni, node in enumerate(index.nodes):
+        if node.op_type not in region_ops or node.domain not in ("", "ai.onnx"):
+            continue
+        idx = data_input_indices(node)
+        outs = [o for o in node.output if o]
+        if not idx or not outs or any(not node.input[i] or index.is_constant(node.input[i]) for i in idx):
+            continue
+        data_idx[ni] = idx
+        candidates.add(ni)
+
+    shape_readers = {
+        ni for ni, node in enumerate(index.nodes) if node.op_type in SHAPE_READER_OP_TYPES and node.domain in ("", "ai.onnx")
+    }
+
+    def is_q_consumer(ci: int, ii: int, region: set[int]) -> bool:
+        return (ci, ii) in int8_inputs or (ci in region and ii in data_idx[ci]) or (ci in shape_readers and ii == 0)
+
+    def produced_quantized(t: str, region: set[int]) -> bool:
+        return t in int8_outputs or index.producer.get(t, -1) in region
+
+    region = set(candidates)
+    changed = True
+    while changed:
+        changed = False
+        for ni in sorted(region):
+            node = index.nodes[ni]
+            ok = any(produced_quantized(node.input[i], region) for i in data_idx[ni])
+            for out in node.output:
+                if not ok:
+                    break
+                if not out:
+                    continue
+                cons = index.consumer_nodes(out)
+                ok = out not in index.graph_outputs and bool(cons) and all(is_q_consumer(c, i, region) for c, i in cons)
+            if not ok:
+                region.discard(ni)
+                changed = True
+
+    q_consumers: dict[str, list[tuple[int, int]]] = {}
+    for ci, ii in sorted(int8_inputs):
+        q_consumers.setdefault(index.nodes[ci].input[ii], []).append((ci, ii))
+    for ni in sorted(region):
+        for ii in data_idx[ni]:
+            q_consumers.setdefault(index.nodes[ni].input[ii], []).append((ni, ii))
+    for t, cons in q_consumers.items():
+        cons.extend(c for c in index.consumer_nodes(t) if c[0] in shape_readers and c[1] == 0)
+    folded: set[str] = set()
+    for t, cons in q_consumers.items():
+        if len(cons) == 1 and index.consumer_nodes(t) == cons and t not in index.graph_outputs:
+            ci, _ = cons[0]
+            if ci in region and index.nodes[ci].op_type in fold and produced_quantized(t, region):
+                folded.add(t)
+    shared: dict[str, str] = {}
+    for ni in sorted(region):  # graph order: a chain's source is resolved first
+        node = index.nodes[ni]
+        if node.op_type in VALUE_PRESERVING_OP_TYPES:
+            src = node.input[0]
+            src = shared.get(src, src)
+            for out in node.output:
+                if out:
+                    shared[out] = src
+    return Int8Region(
+        nodes=frozenset(region),
+        q_consumers={t: tuple(sorted(set(c))) for t, c in q_consumers.items()},
+        folded=frozenset(folded),
+        shared_params=shared,
+    )
+
+
 def statistics_tensors(model: onnx.ModelProto, info: ModelInfo) -> list[str]:
     """Every activation tensor any profile's emitter may ask a threshold for.
 
     The union, over all layers, of: the activation input, the raw output, the
     output of a directly following activation (Relu, Clip, SiLU, ...), and the
-    skip input of an ``Add`` fed by the layer. Graph outputs are excluded
-    (sensisearch never quantizes them). Sorted by first appearance in graph order.
+    skip input of an ``Add`` fed by the layer; plus every activation input of the
+    ops of the all-INT8 :func:`int8_region` (which contains the region of every
+    configuration and every profile's subset of :data:`REGION_OP_TYPES`): e.g.
+    YOLOv5's Sigmoid outputs, residual Add and Concat outputs. Graph outputs are
+    excluded (sensisearch never quantizes them), and so is everything the region
+    never reaches, such as YOLOv5's Detect decode. Sorted by first appearance in graph order.
     Calibration collects statistics for these once; per trial only
     :func:`sensisearch.quantize.emit.tensors_to_quantize` (a subset) is needed.
     """
@@ -407,6 +578,9 @@ def statistics_tensors(model: onnx.ModelProto, info: ModelInfo) -> list[str]:
             add(ep.output)
     for res in residual_adds(index, info.layers):
         add(res.skip_input)
+    region = int8_region(index, info.layers, [l.name for l in info.layers], REGION_OP_TYPES, fold_activations=())
+    for tensor in region.q_consumers:
+        add(tensor)
     order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
     base = len(order)
     for ni, node in enumerate(index.nodes):

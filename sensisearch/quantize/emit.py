@@ -97,7 +97,7 @@ def tensors_to_quantize(
     if not config.uses_int8:
         plan_placement(info, model, config, profile)  # validates layer names
         return []
-    return plan_placement(info, model, config, profile).tensors
+    return plan_placement(info, model, config, profile).threshold_tensors
 
 
 class _Emitter:
@@ -122,6 +122,7 @@ class _Emitter:
         self.fp16_init: dict[str, str] = {}
         self.fp16_tensor: dict[str, str] = {}
         self.act_scale: dict[str, float] = {}
+        self.act_params: dict[str, tuple[str, str, float]] = {}
 
     # ---------------------------------------------------------------- helpers
     def unique(self, name: str) -> str:
@@ -191,7 +192,26 @@ class _Emitter:
             self.after.setdefault(ni, []).append(back)
 
     # ---------------------------------------------------------------- int8
-    def activation_qdq(self, tensor: str, consumers: tuple[tuple[str, int], ...]) -> None:
+    def activation_qdq(self, tensor: str, consumers: tuple[tuple[str, int], ...], params_from: str | None = None) -> None:
+        if params_from is not None:
+            try:
+                s_name, z_name, scale = self.act_params[params_from]
+            except KeyError:
+                raise RuntimeError(f"{tensor!r} reuses the Q/DQ parameters of {params_from!r}, which has none") from None
+        else:
+            s_name, z_name, scale = self.new_act_params(tensor)
+        self.act_params[tensor] = (s_name, z_name, scale)
+        self.act_scale[tensor] = scale
+        q_out = self.unique(f"{tensor}_quantized")
+        dq_out = self.unique(f"{tensor}_dequantized")
+        q = helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=self.unique(f"{tensor}_QuantizeLinear"))
+        dq = helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=self.unique(f"{tensor}_DequantizeLinear"))
+        self.place_after_producer(tensor, q)
+        self.place_after_producer(tensor, dq)
+        for node_name, ii in consumers:
+            self.rewire_input(self.node_idx(node_name), ii, tensor, dq_out)
+
+    def new_act_params(self, tensor: str) -> tuple[str, str, float]:
         try:
             rng = self.thresholds[tensor]
         except KeyError:
@@ -208,17 +228,9 @@ class _Emitter:
         else:
             scale, zp = max(amax / 127.0, _MIN_SCALE), np.array(0, dtype=np.int8)
         scale = float(np.float32(scale))
-        self.act_scale[tensor] = scale
         s_name = self.add_init(f"{tensor}_scale", np.array(scale, dtype=np.float32))
         z_name = self.add_init(f"{tensor}_zero_point", zp)
-        q_out = self.unique(f"{tensor}_quantized")
-        dq_out = self.unique(f"{tensor}_dequantized")
-        q = helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=self.unique(f"{tensor}_QuantizeLinear"))
-        dq = helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=self.unique(f"{tensor}_DequantizeLinear"))
-        self.place_after_producer(tensor, q)
-        self.place_after_producer(tensor, dq)
-        for node_name, ii in consumers:
-            self.rewire_input(self.node_idx(node_name), ii, tensor, dq_out)
+        return s_name, z_name, scale
 
     def weight_scales(self, w: np.ndarray, axis: int) -> np.ndarray:
         levels = 63.0 if self.profile.reduce_range_weights else 127.0
@@ -287,7 +299,7 @@ class _Emitter:
         for layer in self.placement.fp16_layers:  # first: Cast-back nodes must precede Q/DQ on the same tensor
             self.emit_fp16(layer, fp16_names)
         for act in self.placement.activations:
-            self.activation_qdq(act.tensor, act.consumers)
+            self.activation_qdq(act.tensor, act.consumers, act.params_from)
         for layer in self.placement.int8_layers:
             self.emit_int8(layer)
         return self.assemble()

@@ -17,6 +17,7 @@ from sensisearch.model.analysis import (
     ModelInfo,
     QuantizableLayer,
     activation_epilogue,
+    int8_region,
     residual_adds,
 )
 from sensisearch.quantize.config import Precision, TrialConfig
@@ -31,7 +32,11 @@ class ActivationQdq:
     consumers: tuple[tuple[str, int], ...]
     """``(node name, input index)`` of every input rewired to the DQ output."""
     reasons: tuple[str, ...]
-    """Why: ``"layer_input"``, ``"residual_skip"`` and/or ``"layer_output"``."""
+    """Why: ``"layer_input"``, ``"residual_skip"``, ``"layer_output"`` and/or
+    ``"region"`` (read by an op of the INT8 region)."""
+    params_from: str | None = None
+    """Reuse the scale and zero point of this tensor's Q/DQ instead of a threshold of
+    its own (output of a value-preserving region op such as MaxPool or Resize)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,13 @@ class Placement:
 
     @property
     def tensors(self) -> list[str]:
+        """Every tensor that gets a Q/DQ pair."""
         return [a.tensor for a in self.activations]
+
+    @property
+    def threshold_tensors(self) -> list[str]:
+        """The tensors whose Q/DQ needs a calibrated threshold (``params_from`` is None)."""
+        return [a.tensor for a in self.activations if a.params_from is None]
 
 
 def _check_config(info: ModelInfo, config: TrialConfig) -> None:
@@ -76,7 +87,6 @@ def plan_placement(
                 f"layer {layer.name!r} is not node {layer.index} of the model; pass the model returned by analyze_model"
             )
     int8_names = {l.name for l in int8}
-    int8_inputs = {(l.index, 0) for l in int8}
 
     consumers: dict[str, dict[tuple[int, int], None]] = {}
     reasons: dict[str, dict[str, None]] = {}
@@ -85,6 +95,64 @@ def plan_placement(
         consumers.setdefault(tensor, {}).update(dict.fromkeys(cons))
         reasons.setdefault(tensor, {})[reason] = None
 
+    params_from: dict[str, str] = {}
+    if profile.quantize_regions:
+        _plan_region(info, index, int8, profile, want, params_from)
+    else:
+        _plan_layers(info, index, int8, int8_names, profile, want)
+
+    order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
+    base = len(order)
+    for ni, node in enumerate(index.nodes):
+        for out in node.output:
+            order.setdefault(out, base + ni + 1)
+    activations = tuple(
+        ActivationQdq(
+            tensor=t,
+            consumers=tuple((names[ni], ii) for ni, ii in sorted(consumers[t])),
+            reasons=tuple(reasons[t]),
+            params_from=params_from.get(t),
+        )
+        for t in sorted(consumers, key=lambda t: order.get(t, -1))
+    )
+    return Placement(int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations)
+
+
+def _plan_region(info, index, int8, profile, want, params_from) -> None:
+    """Q/DQ for INT8 layers and the INT8 region around them (``profile.quantize_regions``)."""
+    region = int8_region(
+        index, info.layers, [l.name for l in int8], profile.region_ops, profile.output_qdq_after_activations
+    )
+    int8_inputs = {(l.index, 0) for l in int8}
+    int8_outputs = {l.output for l in int8}
+    for tensor, cons in region.q_consumers.items():
+        if tensor in region.folded:
+            continue
+        for c in cons:
+            want(tensor, [c], "layer_input" if c in int8_inputs else "region")
+        if tensor in int8_outputs and set(index.consumer_nodes(tensor)) <= set(cons):
+            want(tensor, [], "layer_output")
+        if tensor in region.shared_params:
+            params_from[tensor] = region.shared_params[tensor]
+    if profile.output_qdq_before_other_activations:
+        # An activation the region cannot take (e.g. HardSwish) between an INT8 layer
+        # and quantized consumers: Q/DQ on the raw layer output so the layer still
+        # produces 8-bit data; the activation runs in float on the dequantized values.
+        for layer in int8:
+            ep = activation_epilogue(index, layer.output)
+            if ep is None or ep.kind in profile.output_qdq_after_activations or any(n in region.nodes for n in ep.nodes):
+                continue
+            if layer.output in region.q_consumers:
+                continue
+            out_cons = set(index.consumer_nodes(ep.output))
+            if ep.output in index.graph_outputs or not out_cons or not out_cons <= set(region.q_consumers.get(ep.output, ())):
+                continue
+            want(layer.output, list(index.consumer_nodes(layer.output)), "layer_output")
+
+
+def _plan_layers(info, index, int8, int8_names, profile, want) -> None:
+    """Q/DQ on INT8 layer inputs, residual skips and (optionally) layer outputs."""
+    int8_inputs = {(l.index, 0) for l in int8}
     for layer in int8:
         want(layer.activation_input, [(layer.index, 0)], "layer_input")
 
@@ -139,18 +207,3 @@ def plan_placement(
             else:
                 continue
             want(target, list(index.consumer_nodes(target)), "layer_output")
-
-    order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
-    base = len(order)
-    for ni, node in enumerate(index.nodes):
-        for out in node.output:
-            order.setdefault(out, base + ni + 1)
-    activations = tuple(
-        ActivationQdq(
-            tensor=t,
-            consumers=tuple((names[ni], ii) for ni, ii in sorted(consumers[t])),
-            reasons=tuple(reasons[t]),
-        )
-        for t in sorted(consumers, key=lambda t: order.get(t, -1))
-    )
-    return Placement(int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations)

@@ -48,7 +48,7 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
         with backend.load(build.artifact) as runner:
             if len(runner.inputs) != 1:
                 raise SensisearchError(f"--model {model_path}: {len(runner.inputs)} inputs; image evaluation needs one")
-            evaluator, task, _, _ = build_evaluator(dataclasses.replace(settings, calib_data=None), runner.inputs[0], model, out)
+            evaluator, task, _, _ = build_evaluator(settings, runner.inputs[0], model, out, need_calibration=False)
             result = evaluator.evaluate(runner)
     return {
         "model": str(model_path),

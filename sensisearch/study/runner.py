@@ -78,7 +78,7 @@ def prepare(settings: StudySettings) -> StudyContext:
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
     if unsupported:
         log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
-    evaluator, task, calib_source, warnings = build_evaluator(settings, resolved.input_spec, resolved.model, out)
+    evaluator, task, calib_source, warnings = build_evaluator(settings, resolved.input_spec, resolved.model, out, need_calibration=Precision.INT8 in precisions)
     calibration = None
     sample_counts: tuple[int, ...] = tuple(settings.sample_counts)
     if Precision.INT8 in precisions:

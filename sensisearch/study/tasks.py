@@ -82,7 +82,7 @@ def _array_source(data: ImageArray, preprocess: Preprocess, spec: TensorSpec) ->
 
 
 def build_evaluator(
-    settings: StudySettings, spec: TensorSpec, model: onnx.ModelProto, out: Path
+    settings: StudySettings, spec: TensorSpec, model: onnx.ModelProto, out: Path, need_calibration: bool = True
 ) -> tuple[Evaluator, str, CalibrationSource | None, list[str]]:
     """The evaluator for the task, and where calibration batches come from.
 
@@ -105,7 +105,7 @@ def build_evaluator(
     if settings.eval_data is None:
         raise SensisearchError("no evaluation data: pass --eval-data DIR (or --example digits)")
     if _is_detection(settings, model, spec):
-        return _detection(settings, spec, out)
+        return _detection(settings, spec, out, need_calibration)
     preprocess = Preprocess(tuple(settings.mean), tuple(settings.std))
     eval_data = load_images(settings.eval_data, spec, "--eval-data")
     if settings.eval_limit is not None:
@@ -116,6 +116,8 @@ def build_evaluator(
             fingerprint=f"{eval_data.fingerprint}|limit={settings.eval_limit}",
         )
     evaluator = ClassificationEvaluator(eval_data, preprocess, spec.name, settings.batch_size, settings.metric or "top1")
+    if not need_calibration:
+        return evaluator, "classification", None, warnings
     if settings.calib_data is not None:
         calib_data = load_images(settings.calib_data, spec, "--calib-data")
     else:
@@ -148,7 +150,9 @@ def _is_detection(settings: StudySettings, model: onnx.ModelProto, spec: TensorS
     return settings.annotations is not None or is_yolov5_detector(_output_shapes(model), input_hw=hw)
 
 
-def _detection(settings: StudySettings, spec: TensorSpec, out: Path) -> tuple[Evaluator, str, CalibrationSource | None, list[str]]:
+def _detection(
+    settings: StudySettings, spec: TensorSpec, out: Path, need_calibration: bool
+) -> tuple[Evaluator, str, CalibrationSource | None, list[str]]:
     from sensisearch.evaluation.detection import (
         CocoDetectionEvaluator,
         DetectionSettings,
@@ -168,6 +172,8 @@ def _detection(settings: StudySettings, spec: TensorSpec, out: Path) -> tuple[Ev
         class_names=read_onnx_class_names(settings.model), metric=settings.metric or "mAP50-95",
         limit=settings.eval_limit,
     )
+    if not need_calibration:
+        return evaluator, "detection", None, warnings
     if settings.calib_data is not None:
         paths = list_images(settings.calib_data)
     else:
