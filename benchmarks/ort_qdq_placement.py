@@ -10,7 +10,7 @@ calibration on ``calib.npz``) in several placements, then for each variant:
   graph (``SessionOptions.optimized_model_filepath``) and the op types present;
 * Top-1 on ``eval.npz``.
 
-Run:  python benchmarks/ort_qdq_placement.py [--runs 50] [--yolo] [--dump VARIANT]
+Run:  python benchmarks/ort_qdq_placement.py [--runs 50] [--yolo] [--no-digits] [--variants ...] [--dump VARIANT]
 
 Measured on the project machine (2 cores, AMD EPYC with AVX-512 VNNI, ORT 1.32,
 digits model 1x32x32 input, 9 Conv + 1 Gemm; latency in ms, median of 60 runs):
@@ -51,6 +51,33 @@ ort_u8_pc                 nan  60/0    28.228 (1.79x)  24.853 (1.45x)
 ort_s8_pc                 nan   1/59   87.172 (0.58x)  56.023 (0.64x)
 ort_u8_conv_only          nan  60/0    34.963 (1.45x)  34.113 (1.06x)
 profile_mixed_sign        nan   1/59   84.258 (0.60x)  55.982 (0.65x)
+
+sensisearch's own emitter (variants sensisearch_ort / sensisearch_trt: all layers INT8,
+min-max thresholds; ONNXRUNTIME_CPU profile with INT8 regions, i.e. Q/DQ also on the
+SiLU/Add/Concat/MaxPool/Resize/GAP between INT8 layers but never on the Detect decode nor
+the output of the 3 Detect convs). Sessions with session.intra_op.allow_spinning=0 as the
+backend sets it (--allow-spinning to turn it back on); load average ~3.6 on 2 cores, so
+absolute ms are inflated; ratios come from interleaved runs:
+
+digits                   top1 int/flt           b1 t1           b1 t2          b32 t1          b32 t2
+fp32                    99.60   0/10    0.659 (1.00x)   0.695 (1.00x)  25.510 (1.00x)  29.105 (1.00x)
+ort_u8_pc               99.60  10/0     0.220 (3.00x)   0.245 (2.84x)   6.693 (3.81x)   6.967 (4.18x)
+sensisearch_ort         99.50  10/0     0.217 (3.04x)   0.273 (2.55x)   6.599 (3.87x)   6.655 (4.37x)
+sensisearch_trt         99.50   0/10    0.847 (0.78x)   0.891 (0.78x)  26.088 (0.98x)  39.046 (0.75x)
+
+yolov5n (8 real coco-dev images for calibration, random input for timing)
+fp32                      nan   0/60   48.563 (1.00x)  59.258 (1.00x)
+ort_u8_pc                 nan  60/0    27.670 (1.76x)  33.799 (1.75x)   (quantizes the decode too)
+sensisearch_ort           nan  57/3    30.537 (1.59x)  33.513 (1.77x)
+sensisearch_trt           nan   0/60   69.064 (0.70x)  84.851 (0.70x)
+
+The 3 float Detect convs (output feeds the float decode) cost ~6 ms float Conv + ~2 ms
+u8 NHWC->NCHW Transposes at 1 thread (ORT profiler); storing their weights as float
+(DQ folded) changes nothing, ConvInteger (integer conv with float output) is much
+slower (17 ms). Before the INT8 regions the ONNXRUNTIME_CPU profile fused 44/60 convs
+and ran at ~1.0x FP32 on YOLOv5n. COCO mAP50-95 on all 170 coco-dev images (thresholds
+min-max over the last 8): FP32 35.63, sensisearch_ort 33.91, ORT quantize_static u8
+per-channel with the decode excluded 34.18.
 
 Conclusions (details in the sensisearch report):
 * Integer kernels only where a Conv/Add/GAP has DQ on every input AND Q on its output.
@@ -258,6 +285,16 @@ VARIANTS: dict[str, tuple[str, dict, str | None]] = {
         dict(op_types_to_quantize=ALL, activation_type=U8, weight_type=S8, per_channel=True),
         "MIXED_SIGN",  # resolved in make_variant: needs the float model
     ),
+    "sensisearch_ort": (
+        "sensisearch emitter, ONNXRUNTIME_CPU profile (INT8 regions), all layers INT8, min-max thresholds",
+        None,
+        "SENSISEARCH:onnxruntime-cpu",
+    ),
+    "sensisearch_trt": (
+        "sensisearch emitter, TENSORRT profile, all layers INT8, min-max thresholds",
+        None,
+        "SENSISEARCH:tensorrt",
+    ),
     "fp16_all": (
         "all weights/activations FP16 (Cast at input/output), no quantization",
         None,
@@ -356,8 +393,41 @@ def signed_tensor_overrides(model_path: Path) -> dict:
 POST = {"explicit_relu": explicit_relu, "float_weights_qdq": float_weights_qdq, "to_fp16": to_fp16}
 
 
+def sensisearch_variant(src: Path, dst: Path, profile_name: str, calib: np.ndarray, input_name: str) -> None:
+    """All-INT8 deployable ONNX from sensisearch's emitter, min-max thresholds over ``calib``."""
+    sys.path.insert(0, str(ROOT))
+    from sensisearch.model.analysis import analyze_model, statistics_tensors
+    from sensisearch.quantize import PROFILES, Precision, TensorRange, TrialConfig, emit_deployable_onnx
+
+    info, model = analyze_model(src)
+    tensors = statistics_tensors(model, info)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    amax = dict.fromkeys(tensors, 0.0)
+    amin = dict.fromkeys(tensors, np.inf)
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    step = dim0.dim_value if dim0.HasField("dim_value") else 32
+    for i in range(0, len(calib), step):
+        values = dict(zip(names, sess.run(None, {input_name: calib[i : i + step]})))
+        for t in tensors:
+            amax[t] = max(amax[t], float(np.abs(values[t]).max()))
+            amin[t] = min(amin[t], float(values[t].min()))
+    ranges = {t: TensorRange(amax[t], amin[t] >= 0) for t in tensors}
+    config = TrialConfig.uniform(info.layer_names, Precision.INT8)
+    onnx.save(emit_deployable_onnx(model, info, config, ranges, PROFILES[profile_name]), str(dst))
+
+
 def make_variant(src: Path, dst: Path, name: str, calib: np.ndarray, input_name: str) -> None:
     _, kwargs, post = VARIANTS[name]
+    if post and post.startswith("SENSISEARCH:"):
+        sensisearch_variant(src, dst, post.split(":", 1)[1], calib, input_name)
+        return
     if post == "MIXED_SIGN":
         kwargs = dict(kwargs, extra_options={"TensorQuantOverrides": signed_tensor_overrides(src)})
         post = None
@@ -377,6 +447,8 @@ def session(path: Path, threads: int, optimized_out: Path | None = None) -> ort.
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if not ALLOW_SPINNING:  # as sensisearch's OnnxRuntimeBackend sets it
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_out is not None:
         so.optimized_model_filepath = str(optimized_out)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -495,7 +567,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-digits", action="store_true", help="skip the digits model")
     ap.add_argument("--dump", nargs="*", default=[], help="print the ORT-optimized graph of these variants")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--allow-spinning", action="store_true", help="keep ORT's busy-waiting threads (default: off, as the backend)")
     args = ap.parse_args(argv)
+    global ALLOW_SPINNING
+    ALLOW_SPINNING = args.allow_spinning
 
     print(
         f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, cpu count {os.cpu_count()}, "
@@ -525,8 +600,14 @@ def main(argv=None) -> None:
             m = version_converter.convert_version(m, 13)
         y13 = workdir / "yolov5n.onnx"
         onnx.save(m, str(y13))
-        rng = np.random.default_rng(0)
-        ycal = rng.uniform(0, 1, size=(8, 3, 640, 640)).astype(np.float32)
+        coco = YOLO.parent / "coco-dev" / "images"
+        if coco.is_dir():  # real letterboxed images (the last 8 of coco-dev)
+            sys.path.insert(0, str(ROOT))
+            from sensisearch.evaluation.detection import calibration_batches, list_images
+
+            ycal = np.concatenate(list(calibration_batches(list_images(coco)[-8:], 640, 1)))
+        else:
+            ycal = np.random.default_rng(0).uniform(0, 1, size=(8, 3, 640, 640)).astype(np.float32)
         yrows, ybase, _ = run(
             y13, [v for v in args.variants if v in YOLO_VARIANTS], ycal, None, name, [1], args.threads,
             max(10, args.runs // 3), workdir,
@@ -535,7 +616,16 @@ def main(argv=None) -> None:
         print(format_table(yrows, ybase, [1], args.threads))
 
 
-YOLO_VARIANTS = ["trt_inputs_only", "ort_u8_pc", "ort_s8_pc", "ort_u8_conv_only", "profile_mixed_sign"]
+YOLO_VARIANTS = [
+    "trt_inputs_only",
+    "ort_u8_pc",
+    "ort_s8_pc",
+    "ort_u8_conv_only",
+    "profile_mixed_sign",
+    "sensisearch_ort",
+    "sensisearch_trt",
+]
+ALLOW_SPINNING = False
 
 if __name__ == "__main__":
     main()

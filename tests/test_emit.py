@@ -7,6 +7,7 @@ calibration package.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import os
 import tempfile
@@ -174,17 +175,10 @@ def mnist():
 
 
 def _letterbox(path: Path) -> np.ndarray:
-    from PIL import Image
+    from sensisearch.evaluation.letterbox import load_letterboxed
 
-    img = Image.open(path).convert("RGB")
-    w, h = img.size
-    r = 640 / max(w, h)
-    img = img.resize((round(w * r), round(h * r)), Image.BILINEAR)
-    canvas = np.full((640, 640, 3), 114, np.uint8)
-    nw, nh = img.size
-    top, left = (640 - nh) // 2, (640 - nw) // 2
-    canvas[top : top + nh, left : left + nw] = np.asarray(img)
-    return canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+    chw, _ = load_letterboxed(path, (640, 640))
+    return chw[None].astype(np.float32) / 255.0
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +274,18 @@ def test_checker_and_layer_marking(which, profile, request) -> None:
         _assert_no_qdq_on_outputs(emitted)
         wanted = tensors_to_quantize(info, model, config, profile)
         assert set(wanted) <= set(statistics_tensors(model, info))
+        placement = plan_placement(info, model, config, profile)
+        assert wanted == placement.threshold_tensors
         q_in = sorted(n.input[0] for n in emitted.graph.node if n.op_type == "QuantizeLinear")
-        assert q_in == sorted(wanted), name  # one shared pair per tensor, nothing else
+        assert q_in == sorted(placement.tensors), name  # one shared pair per tensor, nothing else
+        # tensors without a threshold of their own reuse the Q/DQ parameters of one that has
+        q_nodes = {n.input[0]: n for n in emitted.graph.node if n.op_type == "QuantizeLinear"}
+        for act in placement.activations:
+            if act.params_from is not None:
+                assert act.params_from in wanted and act.tensor not in wanted
+                assert q_nodes[act.tensor].input[1:] == q_nodes[act.params_from].input[1:]
+        # thresholds for exactly tensors_to_quantize suffice (KeyError otherwise)
+        emit_deployable_onnx(model, info, config, {t: ranges[t] for t in wanted}, profile)
         names = [n.name for n in emitted.graph.node]
         assert all(names) and len(set(names)) == len(names)
         opset = next(o.version for o in emitted.opset_import if o.domain in ("", "ai.onnx"))
@@ -458,24 +462,29 @@ def test_resnet_onnxruntime_placement(resnet) -> None:
     info, model, _, ranges = resnet
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
     acts = {a.tensor: a for a in plan_placement(info, model, config, ONNXRUNTIME_CPU).activations}
-    # Layer inputs, residual skips, and layer outputs whose consumers are all quantized:
-    # post-Relu outputs feeding INT8 convs, raw b*b outputs feeding the quantized residual Add.
-    # The last block's output reaches no INT8 layer directly (GAP is pass-through, but h2 is an
-    # Add+Relu output, not a layer output) and head's output is the graph output: no Q/DQ there.
-    assert list(acts) == ["x", "h0", "b1a_relu", "b1b_out", "h1", "b2a_relu", "b2b_out", "flat", "fc_relu"]
-    assert acts["h0"].reasons == ("layer_input", "residual_skip", "layer_output")
-    assert acts["h0"].consumers == (("b1a", 0), ("b1_add", 1))
-    assert acts["b1b_out"].reasons == ("layer_output",)
+    # The INT8 region: every input/output of the Relus, residual Adds, GAP and Flatten between
+    # the INT8 layers. Relu inputs (stem_out, b*a_out, b*_sum, fc_out) are folded: the Q goes
+    # after the Relu (ORT drops a Relu in front of a uint8 zp-0 Q). head's output is the graph output.
+    assert list(acts) == ["x", "h0", "b1a_relu", "b1b_out", "h1", "b2a_relu", "b2b_out", "h2", "gap", "flat", "fc_relu"]
+    assert acts["h0"].reasons == ("layer_input", "region")
+    assert acts["h0"].consumers == (("b1a", 0), ("b1_add", 1))  # graph order
+    assert acts["b1b_out"].reasons == ("region", "layer_output")
+    assert acts["h2"].consumers == (("gap", 0),) and acts["h2"].reasons == ("region",)
+    # Flatten only moves values: its output reuses GAP's scale/zero point (ORT drops that Q/DQ pair)
+    assert acts["flat"].params_from == "gap" and acts["gap"].params_from is None
+    assert "flat" not in tensors_to_quantize(info, model, config, ONNXRUNTIME_CPU)
     emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
     nodes = {n.name: n for n in emitted.graph.node}
     inits = {i.name: numpy_helper.to_array(i) for i in emitted.graph.initializer}
     assert list(nodes["b1_add"].input) == ["b1b_out_dequantized", "h0_dequantized"]
+    assert nodes["b1_relu"].input[0] == "b1_sum"  # no Q/DQ between the Add and its Relu
+    assert nodes["gap"].input[0] == "h2_dequantized"
+    assert list(nodes["flat_QuantizeLinear"].input[1:]) == ["gap_scale", "gap_zero_point"]
     assert inits["b1a_relu_zero_point"].dtype == np.uint8 and inits["b1a_relu_zero_point"] == 0  # post-Relu: uint8
     assert inits["x_zero_point"].dtype == np.uint8 and inits["x_zero_point"] == 128  # signed input: uint8 zp 128
     assert inits["b1a_bias_int32"].dtype == np.int32
     np.testing.assert_allclose(inits["b1a_bias_scale"], inits["h0_scale"] * inits["b1a.w_scale"], rtol=1e-6)
-    assert nodes["gap"].input[0] == "h2"  # float: h2 is not a layer output
-    # without residual Q/DQ the Adds are float, so only outputs that feed INT8 layers directly qualify
+    # without regions (quantize_regions=False) and without residual Q/DQ the Adds are float, so only outputs that feed INT8 layers directly qualify
     no_res = QuantizationProfile(name="ort-nores", quantize_layer_outputs=True, quantize_residual_add=False)
     acts = {a.tensor: a.reasons for a in plan_placement(info, model, config, no_res).activations}
     assert list(acts) == ["x", "h0", "b1a_relu", "h1", "b2a_relu", "flat", "fc_relu"]
@@ -581,8 +590,125 @@ def test_yolo_onnxruntime_integer_kernels(yolo) -> None:
     ort_count = count_integer_kernels(_optimized(emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)))
     trt_count = count_integer_kernels(_optimized(emit_deployable_onnx(model, info, config, ranges, TENSORRT)))
     print("YOLOv5n integer kernels: onnxruntime-cpu", ort_count, "tensorrt", trt_count)
-    assert ort_count >= 40  # 60 convs minus the 3 Detect heads and convs whose SiLU feeds a float Add
-    assert ort_count > trt_count
+    assert ort_count == 57  # every conv but the 3 Detect convs, whose output feeds the float decode
+    assert trt_count == 0
+
+
+def _is_decode(node: onnx.NodeProto) -> bool:
+    return node.name.startswith("/model.24/") and node.op_type != "Conv"
+
+
+def test_yolo_onnxruntime_region(yolo) -> None:
+    """All-INT8 YOLOv5n, ORT profile: Q/DQ on every SiLU, residual Add, Concat, MaxPool and
+    Resize between convs (ORT runs them as QLinear*/8-bit ops), none on the Detect decode."""
+    info, model, _, ranges = yolo
+    config = TrialConfig.uniform(info.layer_names, Precision.INT8)
+    placement = plan_placement(info, model, config, ONNXRUNTIME_CPU)
+    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    _check(emitted)
+    _assert_no_qdq_on_outputs(emitted)
+    prod = _producers(emitted)
+    act_dq = {n.output[0] for n in emitted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in prod}
+    readers = collections.Counter(n.op_type for n in emitted.graph.node for i in n.input if i in act_dq)
+    assert set(readers) == {"Conv", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "Shape"}
+    assert readers["Sigmoid"] == readers["Mul"] / 2 == 57 and readers["MaxPool"] == 3 and readers["Resize"] == 2
+    # the decode reads no DQ output and feeds no Q; the Detect convs' outputs stay float
+    for node in emitted.graph.node:
+        if _is_decode(node):
+            assert not any(i in act_dq for i in node.input), node.name
+    decode_outputs = {o for n in emitted.graph.node if _is_decode(n) for o in n.output}
+    heads = [l for l in info.layers if l.name.startswith("/model.24/")]
+    assert len(heads) == 3
+    q_inputs = {n.input[0] for n in emitted.graph.node if n.op_type == "QuantizeLinear"}
+    assert not q_inputs & (decode_outputs | {h.output for h in heads})
+    # MaxPool/Resize outputs reuse their input's Q/DQ parameters (ORT then drops the pair)
+    acts = {a.tensor: a for a in placement.activations}
+    shared = {t: a.params_from for t, a in acts.items() if a.params_from}
+    assert shared == {
+        "/model.9/m/MaxPool_output_0": "/model.9/cv1/act/Mul_output_0",
+        "/model.9/m_1/MaxPool_output_0": "/model.9/cv1/act/Mul_output_0",
+        "/model.9/m_2/MaxPool_output_0": "/model.9/cv1/act/Mul_output_0",
+        "/model.11/Resize_output_0": "/model.10/act/Mul_output_0",
+        "/model.15/Resize_output_0": "/model.14/act/Mul_output_0",
+    }
+    optimized = _optimized(emitted)
+    ops = collections.Counter(n.op_type for n in optimized.graph.node)
+    assert count_integer_kernels(optimized) == 57
+    assert ops["QLinearSigmoid"] == ops["QLinearMul"] == 57 and ops["QLinearAdd"] == 7
+    assert ops["Sigmoid"] == 3  # the decode's
+    assert ops["QuantizeLinear"] == 1  # the image; everything else runs on 8-bit data
+
+
+def _outputs_8bit(layer, placement, index) -> bool:
+    """Whether every reader of the layer's output (or of its Relu, which ORT then drops) is quantized."""
+    from sensisearch.model.analysis import activation_epilogue
+
+    acts = {a.tensor: a for a in placement.activations}
+    tensor = layer.output
+    ep = activation_epilogue(index, tensor)
+    if tensor not in acts and ep is not None and ep.kind in ("Relu", "Clip"):
+        tensor = ep.output
+    names = [n.name for n in index.nodes]
+    readers = {(names[ni], ii) for ni, ii in index.consumer_nodes(tensor)}
+    return tensor in acts and readers <= set(acts[tensor].consumers)
+
+
+def _yolo_mixed_configs(info: ModelInfo) -> list[TrialConfig]:
+    configs = []
+    for seed, p_fp32 in ((0, 0.1), (1, 0.3), (2, 0.5)):
+        r = np.random.default_rng(seed)
+        draw = r.random((len(info.layers), 2))
+        configs.append(
+            TrialConfig(
+                {
+                    n: Precision.FP32 if a < p_fp32 else (Precision.FP16 if b < 0.1 else Precision.INT8)
+                    for n, (a, b) in zip(info.layer_names, draw)
+                }
+            )
+        )
+    return configs
+
+
+@pytest.mark.parametrize("which", ["resnet", "yolo"])
+def test_onnxruntime_region_rule_mixed(which, request) -> None:
+    """The region rule in mixed configurations.
+
+    * FP32/FP16 layers and their activations read float tensors: no DQ output feeds them.
+    * Anything else reading a dequantized activation is an INT8 layer, a region op or a Shape.
+    * No Q/DQ on graph outputs or (YOLOv5) on the Detect decode.
+    * ORT fuses exactly the INT8 layers whose output got Q/DQ (placement matches ORT's rules).
+    """
+    from sensisearch.model.analysis import REGION_OP_TYPES, GraphIndex, activation_epilogue
+
+    info, model, _, ranges = request.getfixturevalue(which)
+    configs = list(_configs(info).values())[3:] if which == "resnet" else _yolo_mixed_configs(info)
+    index = GraphIndex(model)
+    for config in configs:
+        placement = plan_placement(info, model, config, ONNXRUNTIME_CPU)
+        emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+        _check(emitted)
+        _assert_no_qdq_on_outputs(emitted)
+        prod = _producers(emitted)
+        act_dq = {n.output[0] for n in emitted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in prod}
+        int8 = set(config.layers_with(Precision.INT8))
+        float_nodes = set()
+        for layer in info.layers:
+            if layer.name not in int8:
+                float_nodes.add(layer.name)
+                ep = activation_epilogue(index, layer.output)
+                float_nodes.update(index.nodes[i].name for i in (ep.nodes if ep else ()))
+        for node in emitted.graph.node:
+            dq_in = [i for i in node.input if i in act_dq]
+            if not dq_in:
+                continue
+            assert node.name not in float_nodes, node.name
+            assert which != "yolo" or not _is_decode(node), node.name
+            assert node.name in int8 or node.op_type in REGION_OP_TYPES | {"Shape"}, node.name
+        # an INT8 MatMul with a float output still fuses (MatMulIntegerToFloat); Conv/Gemm need 8-bit outputs
+        expected = sum(
+            layer.op_type == "MatMul" or _outputs_8bit(layer, placement, index) for layer in info.layers if layer.name in int8
+        )
+        assert count_integer_kernels(_optimized(emitted)) == expected, config
 
 
 def test_save_model_atomic(tmp_path, resnet) -> None:

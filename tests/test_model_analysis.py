@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sensisearch.errors import SensisearchError
-from sensisearch.model.analysis import analyze_model, load_onnx, statistics_tensors
+from sensisearch.model.analysis import GraphIndex, analyze_model, int8_region, load_onnx, statistics_tensors
 
 
 def _shared_data() -> Path:
@@ -154,3 +154,69 @@ def test_yolov5n_real() -> None:
     producer = {o: n for n in model.graph.node for o in n.output}
     decode = [t for t in stats if t in producer and producer[t].name.startswith("/model.24/") and producer[t].op_type != "Conv"]
     assert decode == []
+    # the INT8-region tensors between convs: Sigmoid outputs, residual Adds, Concats, SPPF MaxPools
+    for t in ("/model.0/act/Sigmoid_output_0", "/model.2/m/m.0/Add_output_0", "/model.9/Concat_output_0", "/model.9/m/MaxPool_output_0"):
+        assert t in stats, t
+
+
+def _region_model(path: Path) -> Path:
+    """c1 -> SiLU -> {c2, MaxPool}; Add(c2 out, c3 out) -> c4 -> Sigmoid -> graph output y;
+    a second branch c1-SiLU -> Concat(with c5 out) -> c6 -> Shape (shape only) + graph output z."""
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def conv(name, x, cin=4, cout=4):
+        inits.append(numpy_helper.from_array(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32), name + ".w"))
+        nodes.append(helper.make_node("Conv", [x, name + ".w"], [name + "_out"], name=name))
+        return name + "_out"
+
+    c1 = conv("c1", "x")
+    nodes += [
+        helper.make_node("Sigmoid", [c1], ["s1"], name="sig1"),
+        helper.make_node("Mul", [c1, "s1"], ["a1"], name="mul1"),
+        helper.make_node("MaxPool", ["a1"], ["p1"], name="pool", kernel_shape=[1, 1]),
+    ]
+    c2 = conv("c2", "a1")
+    c3 = conv("c3", "p1")
+    nodes.append(helper.make_node("Add", [c2, c3], ["sum"], name="add"))
+    c4 = conv("c4", "sum")
+    nodes.append(helper.make_node("Sigmoid", [c4], ["y"], name="head_sigmoid"))
+    c5 = conv("c5", "x")
+    nodes.append(helper.make_node("Concat", ["a1", c5], ["cat"], name="cat", axis=1))
+    c6 = conv("c6", "cat", cin=8)
+    nodes.append(helper.make_node("Shape", [c6], ["z"], name="shape"))
+    graph = helper.make_graph(
+        nodes, "region", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("z", TensorProto.INT64, None)],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_int8_region(tmp_path: Path) -> None:
+    info, model = analyze_model(_region_model(tmp_path / "r.onnx"))
+    index = GraphIndex(model)
+    names = [n.name for n in index.nodes]
+    everything = int8_region(index, info.layers, info.layer_names)
+    assert {names[i] for i in everything.nodes} == {"sig1", "mul1", "pool", "add", "cat"}  # not head_sigmoid: graph output
+    assert everything.shared_params == {"p1": "a1"}
+    assert set(everything.q_consumers) == {"x", "c1_out", "s1", "a1", "p1", "c2_out", "c3_out", "sum", "cat", "c5_out"}
+    # c5 is FP32: the Concat still joins (its other input comes from the region); c5's output is
+    # rounded by the Concat's input Q/DQ, c5 itself and the tensors it reads stay float
+    no_c5 = int8_region(index, info.layers, [n for n in info.layer_names if n != "c5"])
+    assert {names[i] for i in no_c5.nodes} == {"sig1", "mul1", "pool", "add", "cat"}
+    assert ("c5", 0) not in no_c5.q_consumers.get("x", ())
+    # c6 FP32: the Concat feeds a float layer, so it leaves the region
+    no_c6 = int8_region(index, info.layers, [n for n in info.layer_names if n != "c6"])
+    assert "cat" not in {names[i] for i in no_c6.nodes}
+    # c1 FP32: its SiLU is never quantized, nor anything fed only by it; a1 is still an INT8 input
+    no_c1 = int8_region(index, info.layers, [n for n in info.layer_names if n != "c1"])
+    assert {names[i] for i in no_c1.nodes} == {"add", "cat"}
+    assert "c1_out" not in no_c1.q_consumers and "s1" not in no_c1.q_consumers
+    assert [names[c] for c, _ in no_c1.q_consumers["a1"]] == ["c2", "cat"]
+    # monotone: every configuration's region is inside the all-INT8 one, and so are its tensors
+    stats = set(statistics_tensors(model, info))
+    for drop in info.layer_names:
+        region = int8_region(index, info.layers, [n for n in info.layer_names if n != drop])
+        assert region.nodes <= everything.nodes and set(region.q_consumers) <= stats

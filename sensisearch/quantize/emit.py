@@ -2,9 +2,10 @@
 
 Two steps per trial:
 
-1. :func:`tensors_to_quantize` lists the activation tensors that get Q/DQ for a
-   configuration and profile, so the caller derives thresholds only for those
-   (always a subset of :func:`sensisearch.model.analysis.statistics_tensors`).
+1. :func:`tensors_to_quantize` lists the activation tensors whose Q/DQ needs a
+   threshold for a configuration and profile, so the caller derives thresholds
+   only for those (always a subset of :func:`sensisearch.model.analysis.statistics_tensors`;
+   Q/DQ tensors that reuse another tensor's parameters are not listed).
 2. :func:`emit_deployable_onnx` returns a new model (the caller's model is never
    mutated) that TensorRT (strongly typed) and ONNX Runtime compile as-is.
 
@@ -18,8 +19,15 @@ What is emitted:
   output channel on the op's channel axis) followed by DequantizeLinear. All-zero
   weight channels get scale 1.0 (any positive scale represents them exactly).
   Profile extras: Q/DQ on the skip input of a residual Add, on layer outputs,
-  int32 bias with DequantizeLinear. One Q/DQ pair per tensor, shared by all of
-  its quantized consumers; other consumers keep reading the float tensor.
+  int32 bias with DequantizeLinear, or (``quantize_regions``, ONNX Runtime) on
+  every input and output of the elementwise/data-movement ops of the INT8 region
+  between INT8 layers (SiLU, residual Add, Concat, MaxPool, Resize, GAP, ...).
+  One Q/DQ pair per tensor (one QuantizeLinear, one DequantizeLinear) shared by
+  all of its quantized consumers; other consumers keep reading the float tensor.
+  Outputs of value-preserving region ops (MaxPool, Resize, Reshape, ...) reuse the
+  scale/zero-point initializers of their input (``ActivationQdq.params_from``):
+  exact for them, and what ORT needs to run them on 8-bit data; they need no
+  threshold of their own.
 * FP16 layer: ``Cast(to=FLOAT16)`` on its activation input (shared per tensor,
   skipped when the input is the fp16 output of another FP16 layer), weight and
   bias as new float16 initializers ``<name>_fp16`` (values clipped to +-65504;
@@ -34,8 +42,12 @@ opset is only raised to ``profile.min_opset`` (13, for per-channel ``axis``) whe
 the trial has INT8 layers. An all-FP32/FP16 trial keeps the model's opset.
 
 Never quantized: graph outputs and anything that is not an input of a quantizable
-layer, a residual-Add skip input, or (``quantize_layer_outputs``) an INT8 layer
-output whose consumers are all quantized. YOLOv5's Detect decode stays float.
+layer, a residual-Add skip input, (``quantize_layer_outputs``) an INT8 layer
+output whose consumers are all quantized, or (``quantize_regions``) a tensor read
+by an INT8-region op; a region op's outputs feed only INT8 layers and region ops,
+so post-processing that ends in a graph output never joins. YOLOv5's Detect
+decode (and the output of its three convs) stays float. FP32/FP16 layers and
+their activations always read float tensors.
 
 Inserted names derive from the tensor or layer: ``<tensor>_QuantizeLinear``,
 ``<tensor>_DequantizeLinear``, ``<tensor>_scale``, ``<tensor>_zero_point``,
@@ -93,7 +105,12 @@ INTEGER_KERNEL_OPS = frozenset(
 def tensors_to_quantize(
     info: ModelInfo, model: onnx.ModelProto, config: TrialConfig, profile: QuantizationProfile = TENSORRT
 ) -> list[str]:
-    """Activation tensors that get Q/DQ for ``config`` under ``profile``, in graph order."""
+    """Activation tensors whose Q/DQ needs a threshold for ``config`` under ``profile``, in graph order.
+
+    Exactly the thresholds :func:`emit_deployable_onnx` reads. Every Q/DQ tensor is
+    listed except outputs of value-preserving region ops (MaxPool, Resize, ...),
+    which reuse their input's parameters (:attr:`Placement.tensors` has them all).
+    """
     if not config.uses_int8:
         plan_placement(info, model, config, profile)  # validates layer names
         return []

@@ -44,18 +44,30 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     )
 
 
-def layer_effects(recs: list[TrialRecord], metric_ref: float | None) -> list[tuple[str, int, int, float, float]]:
-    """Per layer: mean metric of trials with the layer in INT8 vs in FP32 (non-baseline, complete)."""
-    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None and r.baseline is None]
-    by_layer: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def layer_effects(recs: list[TrialRecord]) -> list[tuple[str, int, int, float, float, float, float]]:
+    """Per layer: mean metric and latency of searched trials with the layer in INT8 vs in FP16/FP32.
+
+    Rows: (layer, n int8, n float, metric int8, metric float, ms int8, ms float),
+    most harmful to accuracy first. A marginal view, not a causal one.
+    """
+    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None and r.baseline is None and r.median_ms]
+    by_layer: dict[str, dict[str, list[TrialRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in done:
         for layer, p in r.config.get("precisions", {}).items():
-            by_layer[layer][p].append(r.value)  # type: ignore[arg-type]
+            by_layer[layer]["int8" if p == "int8" else "float"].append(r)
     rows = []
     for layer, groups in by_layer.items():
-        low, high = groups.get("int8", []), groups.get("fp32", []) + groups.get("fp16", [])
+        low, high = groups.get("int8", []), groups.get("float", [])
         if low and high:
-            rows.append((layer, len(low), len(high), sum(low) / len(low), sum(high) / len(high)))
+            rows.append((
+                layer, len(low), len(high),
+                _mean([r.value for r in low]), _mean([r.value for r in high]),  # type: ignore[misc]
+                _mean([r.median_ms for r in low]), _mean([r.median_ms for r in high]),  # type: ignore[misc]
+            ))
     rows.sort(key=lambda row: row[3] - row[4])
     return rows
 
@@ -124,17 +136,19 @@ def write_report(
             lines += ["", "Classes that lost most against FP32:", "", "| class | FP32 | winner | drop |", "|---|---:|---:|---:|"]
             lines += [f"| {c} | {fp32.per_class[c]:.2f} | {r.per_class[c]:.2f} | {d:.2f} |" for d, c in losses]
     lines += ["", "## What each precision choice did", ""]
-    effects = layer_effects(recs, ref)
+    effects = layer_effects(recs)
     if effects:
         lines += [
-            f"Mean {metric} of searched trials with the layer in INT8 against trials with it in FP16/FP32 "
-            "(marginal effect; most harmful first).",
+            f"Mean {metric} and latency of searched trials with the layer in INT8 against trials with it in "
+            "FP16/FP32 (a marginal view over the sampled trials; most harmful to accuracy first).",
             "",
-            "| layer | trials int8 | trials float | mean int8 | mean float | effect |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"| layer | trials int8 / float | {metric} int8 | {metric} float | {metric} effect | ms int8 | ms float |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for layer, n_low, n_high, low, high in effects[:20]:
-            lines.append(f"| `{layer}` | {n_low} | {n_high} | {low:.2f} | {high:.2f} | {low - high:+.2f} |")
+        for layer, n_low, n_high, low, high, ms_low, ms_high in effects[:25]:
+            lines.append(
+                f"| `{layer}` | {n_low} / {n_high} | {low:.2f} | {high:.2f} | {low - high:+.2f} | {ms_low:.3f} | {ms_high:.3f} |"
+            )
     else:
         lines.append("Not enough searched trials to compare precision choices.")
     alg: dict[str, list[float]] = defaultdict(list)

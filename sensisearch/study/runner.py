@@ -155,7 +155,13 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
         config = ctx.space.suggest(trial)
         trial_dir = ctx.trials_dir / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
-        record = {"number": trial.number, "baseline": trial.user_attrs.get(BASELINE_ATTR), "config": config.to_dict()}
+        record = {
+            "number": trial.number,
+            "baseline": trial.user_attrs.get(BASELINE_ATTR),
+            "model": {"path": str(ctx.model_path.resolve()), "sha256": ctx.info.sha256},
+            "backend": ctx.backend.describe(),
+            "config": config.to_dict(),
+        }
         try:
             outcome = ctx.pipeline.run(config, trial_dir)
         except Exception as exc:

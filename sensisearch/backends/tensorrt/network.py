@@ -16,6 +16,7 @@ show fusions or which kernel TensorRT picks; :mod:`.inspector` does that on a GP
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -146,7 +147,17 @@ def parse_onnx(onnx_path: str | Path, flavor: TensorRTFlavor) -> ParsedNetwork:
     trt = flavor.module
     logger = capturing_logger(trt)
     mark = logger.mark()
-    builder = trt.Builder(logger)
+    try:
+        builder = trt.Builder(logger)
+    except Exception as exc:  # full TensorRT without a usable GPU
+        builder, why = None, " ".join(str(exc).split())
+    else:
+        why = logger.last_error(mark)
+    if builder is None:
+        raise SensisearchError(
+            f"{flavor.module_name} {flavor.version} could not create a builder ({why or 'no error message'}); "
+            "TensorRT 10/11 builds need a GPU (sensisearch doctor), TensorRT-RTX builds on the CPU"
+        )
     network = create_network(flavor, builder)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -308,7 +319,8 @@ def precision_problems(precisions: NetworkPrecisions, requested: Mapping[str, An
 
     Checks (1) every requested layer has the requested precision, (2) HALF tensors
     exist only inside FP16 layers' Cast regions (Cast-to-half outputs, FP16 layer
-    outputs, half constants feeding them), (3) INT8 tensors exist only between a
+    outputs, half constants feeding them) or around INT8 layers whose Q/DQ scales
+    are float16 (INT8 inside an FP16 region), (3) INT8 tensors exist only between a
     QUANTIZE and a DEQUANTIZE or as int8 constants feeding a DEQUANTIZE. Returns
     human-readable problems (empty = the configuration is exactly what will be built).
     """
@@ -324,11 +336,11 @@ def precision_problems(precisions: NetworkPrecisions, requested: Mapping[str, An
         for t in layer.inputs:
             if t is not None:
                 consumers.setdefault(t, []).append(layer)
+    int8_layers = {n for n, p in want.items() if p == "int8"}
+    region = _half_region(precisions.network_layers, fp16_layers, int8_layers, consumers)
     for t in precisions.tensors_of("HALF"):
         users = consumers.get(t.name, [])
-        if t.producer in fp16_layers:
-            continue
-        if t.producer_type in ("CAST", "CONSTANT") and users and all(u.name in fp16_layers for u in users):
+        if t.producer in region or (users and all(u.name in region for u in users)):
             continue
         problems.append(f"HALF tensor {t.name!r} (from {t.producer_type} {t.producer!r}) outside an FP16 layer")
     for t in precisions.tensors_of("INT8"):
@@ -337,3 +349,28 @@ def precision_problems(precisions: NetworkPrecisions, requested: Mapping[str, An
             continue
         problems.append(f"INT8 tensor {t.name!r} (from {t.producer_type} {t.producer!r}) not between Q and DQ")
     return problems
+
+
+def _half_region(
+    layers: list[LayerInfo], fp16_layers: set[str], int8_layers: set[str], consumers: Mapping[str, list[LayerInfo]]
+) -> set[str]:
+    """Network layers where HALF tensors belong: the requested FP16 layers and INT8 layers
+    (INT8 inside an FP16 region, with float16 Q/DQ scales at opset >= 19), the helper
+    layers the ONNX parser names ``<node>_<k>`` (e.g. a Gemm's bias add), and the casts,
+    constants, shuffles and Q/DQ layers that only feed them (Cast-to-half, half weights,
+    half scales)."""
+    seeds = fp16_layers | int8_layers
+    helper = re.compile("^(" + "|".join(re.escape(n) for n in sorted(seeds, key=len, reverse=True)) + r")_\d+$") if seeds else None
+    region = {l.name for l in layers if l.name in seeds or (helper is not None and helper.match(l.name))}
+    feeders = [l for l in layers if l.type in ("CAST", "CONSTANT", "SHUFFLE", "IDENTITY", "QUANTIZE", "DEQUANTIZE")]
+    changed = True
+    while changed:
+        changed = False
+        for l in feeders:
+            if l.name in region:
+                continue
+            users = [u for o in l.outputs for u in consumers.get(o, [])]
+            if users and all(u.name in region for u in users):
+                region.add(l.name)
+                changed = True
+    return region

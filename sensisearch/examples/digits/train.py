@@ -58,8 +58,8 @@ DISTORTION = {
     "shear": 0.15,            # +- (x shear, slant of handwriting)
     "shift_px": 3.0,          # +- at 32x32
     "blur_sigma_px": (0.0, 1.2),
-    "ink": (0.55, 1.0),       # foreground level (contrast)
     "background": (0.0, 0.2), # background level
+    "contrast": (0.45, 1.0),  # ink level minus background level (clipped at 1)
     "noise_sigma": (0.0, 0.06),
 }
 WIDTHS = (24, 48, 96)
@@ -233,10 +233,10 @@ def distort(x, gen, distortion: dict | None = None):
     k1 = k1 / k1.sum(1, keepdim=True)
     k2 = (k1[:, :, None] * k1[:, None, :])[:, None]  # [N,1,7,7]
     x = F.conv2d(F.pad(x.reshape(1, n, h, w), (3, 3, 3, 3), mode="replicate"), k2, groups=n).reshape(n, 1, h, w)
-    # contrast: background level b, ink level c
+    # contrast: background level b, ink level b + c
     b = u(*d["background"])[:, None, None, None]
-    c = u(*d["ink"])[:, None, None, None]
-    x = b + (c - b) * x
+    c = u(*d["contrast"])[:, None, None, None]
+    x = b + c * x
     x = x + u(*d["noise_sigma"])[:, None, None, None] * torch.randn(x.shape, generator=gen)
     return torch.round(x.clamp(0, 1) * 255) / 255
 
