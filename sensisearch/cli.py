@@ -45,7 +45,10 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="evaluation batch for models with a dynamic batch (default 64)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N samples only (quick studies)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 4)")
-    p.add_argument("--backend", help="onnxruntime (default)")
+    p.add_argument("--backend", help="auto (default: TensorRT if an engine can run here, else onnxruntime), onnxruntime, tensorrt, tensorrt-rtx")
+    p.add_argument("--shapes", type=_csv(str), help="TensorRT optimization profile, e.g. images:1x3x640x640/8x3x640x640/16x3x640x640")
+    p.add_argument("--workspace-mb", type=int, help="TensorRT builder workspace limit in MiB")
+    p.add_argument("--opt-level", type=int, help="TensorRT builder optimization level 0-5 (default 3)")
     p.add_argument("--iou", type=float, help="detector NMS IoU threshold (default 0.6)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -81,10 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("build", help="rebuild one configuration (winner/config.json or a trial.json) into an artifact")
     bd.add_argument("--config", type=Path, required=True, help="winner/config.json or trials/NNNN/trial.json")
     bd.add_argument("--model", type=Path, help="the model (default: the path recorded in the config)")
-    bd.add_argument("--backend", default="onnxruntime", help="onnxruntime (default)")
+    bd.add_argument("--backend", default="auto", help="auto (default), onnxruntime, tensorrt, tensorrt-rtx (builds .plan on any CPU)")
     bd.add_argument("--threads", type=int, help="ONNX Runtime threads")
+    bd.add_argument("--shapes", type=_csv(str), help="TensorRT optimization profile name:MIN/OPT/MAX")
+    bd.add_argument("--workspace-mb", type=int, help="TensorRT builder workspace limit in MiB")
+    bd.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
     bd.add_argument("--out", type=Path, help="artifact path (default: beside the config)")
     bd.add_argument("-v", "--verbose", action="store_true")
+
+    dr = sub.add_parser("doctor", help="what can build and run here: TensorRT flavor, GPU, driver, ONNX Runtime, Optuna")
+    dr.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -92,7 +101,7 @@ SETTING_FLAGS = (
     "model", "example", "eval_data", "calib_data", "annotations", "mean", "std", "metric", "task", "evaluator",
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
-    "calib_limit", "max_class_drop", "cache_dir",
+    "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level",
 )
 
 
@@ -122,12 +131,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sensisearch.study.runner import TrialEvent, prepare, run_study, write_results
 
     settings = _settings(args)
-    console.print(f"[bold]sensisearch[/]: preparing study (model analysis, data, calibration statistics)…")
     ctx = prepare(settings)
     backend = ctx.backend.describe()
+    console.print(f"backend [bold]{ctx.backend.name}[/] — {ctx.backend_reason}", highlight=False)
     console.print(
-        f"backend [bold]{ctx.backend.name}[/] ({', '.join(f'{k}={v}' for k, v in backend.items() if k != 'name')}); "
-        f"{len(ctx.info.layers)} quantizable layers; task {ctx.task}, metric {ctx.evaluator.metric}; out {ctx.out}"
+        f"{len(ctx.info.layers)} quantizable layers; task {ctx.task}, metric {ctx.evaluator.metric}; out {ctx.out}; "
+        + ", ".join(f"{k}={v}" for k, v in backend.items() if k != "name"),
+        highlight=False,
     )
     for warning in ctx.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
@@ -207,15 +217,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sensisearch.backends.factory import make_backend
+    from sensisearch.backends.factory import choose_backend
     from sensisearch.study.build import build_from_config
     from sensisearch.study.settings import StudySettings
 
-    backend = make_backend(StudySettings(example="-", backend=args.backend, threads=args.threads))
-    console.print(f"backend [bold]{backend.name}[/]")
+    settings = StudySettings(
+        example="-", backend=args.backend, threads=args.threads, shapes=args.shapes,
+        workspace_mb=args.workspace_mb, opt_level=args.opt_level,
+    )
+    choice = choose_backend(settings)
+    backend = choice.backend
+    console.print(f"backend [bold]{backend.name}[/] — {choice.reason}", highlight=False)
     out, result = build_from_config(args.config, backend, args.out, args.model)
     kernels = ", ".join(f"{k} {v}" for k, v in result.layer_precisions.items())
     stdout.print(f"built {out} in {result.seconds:.2f} s ({kernels})")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from sensisearch.doctor import doctor_report, format_doctor
+
+    report = doctor_report()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_doctor(report))
     return 0
 
 
@@ -230,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "build":
             return cmd_build(args)
+        if args.command == "doctor":
+            return cmd_doctor(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2

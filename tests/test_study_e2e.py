@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import onnx
 import optuna
 import pytest

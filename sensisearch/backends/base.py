@@ -132,8 +132,18 @@ class Backend(abc.ABC):
     def capabilities(self) -> BackendCapabilities: ...
 
     @abc.abstractmethod
-    def build(self, onnx_path: Path, out_dir: Path) -> BuildResult:
-        """Compile ``onnx_path`` into an artifact inside ``out_dir``."""
+    def build(
+        self,
+        onnx_path: Path,
+        out_dir: Path,
+        trial_config: Mapping[str, Any] | None = None,
+        layer_names: Sequence[str] | None = None,
+    ) -> BuildResult:
+        """Compile ``onnx_path`` into an artifact inside ``out_dir``.
+
+        ``trial_config``/``layer_names`` let a backend record the configuration
+        with the artifact and check that the built precisions match it.
+        """
 
     @abc.abstractmethod
     def load(self, artifact: Path) -> Runner: ...

@@ -1,7 +1,9 @@
-"""Pick a backend by name."""
+"""Pick a backend by name; ``auto`` prefers a GPU engine that can really run here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sensisearch.backends.base import Backend
@@ -10,13 +12,63 @@ from sensisearch.errors import SensisearchError
 if TYPE_CHECKING:
     from sensisearch.study.settings import StudySettings
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
-def make_backend(settings: "StudySettings") -> Backend:
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: Backend
+    reason: str
+    can_run: bool
+    run_reason: str
+
+
+def _onnxruntime(settings: "StudySettings") -> Backend:
+    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(threads=settings.threads)
+
+
+def _tensorrt(settings: "StudySettings", flavor: str, out: Path | None) -> Backend:
+    from sensisearch.backends.tensorrt import make_tensorrt_backend
+
+    return make_tensorrt_backend(
+        flavor,
+        workspace_mb=settings.workspace_mb,
+        opt_level=settings.opt_level,
+        shapes=settings.shapes,
+        # One timing cache per study, reused by every trial and by later runs.
+        timing_cache=None if out is None else out / "timing.cache",
+        opt_batch=settings.latency_batch,
+        max_batch=max(settings.batch_size, settings.latency_batch),
+    )
+
+
+def choose_backend(settings: "StudySettings", out: Path | None = None) -> BackendChoice:
+    """The backend for ``settings.backend``, why it was chosen, and whether it can run here."""
     name = settings.backend
-    if name in ("onnxruntime", "ort", "auto"):
-        from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+    if name in ("onnxruntime", "ort"):
+        return BackendChoice(_onnxruntime(settings), "requested with --backend onnxruntime", True, "runs on this CPU")
+    if name in ("tensorrt", "tensorrt-rtx"):
+        from sensisearch.backends.tensorrt import can_run_tensorrt
 
-        return OnnxRuntimeBackend(threads=settings.threads)
-    raise SensisearchError(f"--backend {name}: unknown backend (available: {', '.join(BACKENDS)})")
+        backend = _tensorrt(settings, name, out)
+        ok, why = can_run_tensorrt(name)
+        return BackendChoice(backend, f"requested with --backend {name}", ok, why)
+    if name == "auto":
+        from sensisearch.backends.tensorrt import can_run_tensorrt
+
+        reasons = []
+        for flavor in ("tensorrt", "tensorrt-rtx"):
+            ok, why = can_run_tensorrt(flavor)
+            if ok:
+                return BackendChoice(_tensorrt(settings, flavor, out), f"auto: {why}", True, why)
+            reasons.append(f"{flavor}: {why}")
+        return BackendChoice(
+            _onnxruntime(settings), "auto: no TensorRT engine can run here (" + "; ".join(reasons) + ")", True, "runs on this CPU"
+        )
+    raise SensisearchError(f"--backend {name}: unknown backend (use one of {', '.join(BACKENDS)})")
+
+
+def make_backend(settings: "StudySettings", out: Path | None = None) -> Backend:
+    return choose_backend(settings, out).backend

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -171,7 +171,13 @@ class OnnxRuntimeBackend(Backend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
-    def build(self, onnx_path: Path, out_dir: Path) -> BuildResult:
+    def build(
+        self,
+        onnx_path: Path,
+        out_dir: Path,
+        trial_config: Mapping[str, Any] | None = None,
+        layer_names: Sequence[str] | None = None,
+    ) -> BuildResult:
         out_dir.mkdir(parents=True, exist_ok=True)
         artifact = out_dir / (Path(onnx_path).name.removesuffix(".onnx") + self.capabilities.artifact_suffix)
         tmp = artifact.with_name(artifact.name + ".tmp")

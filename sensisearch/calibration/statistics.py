@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.fileio import atomic_writer, sha256_file
 
 from .histogram import DEFAULT_NBINS, TensorStatistics, update_statistics
 
@@ -257,11 +256,7 @@ def collect_statistics(
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file (for :meth:`StatisticsCache.key`)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path, chunk)
 
 
 class StatisticsCache:
@@ -326,16 +321,8 @@ class StatisticsCache:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         final = self.path(key)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".stats-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)  # atomic on POSIX and Windows (same directory)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_writer(final) as f:
+            np.savez(f, **arrays)
         logger.info("saved calibration statistics to %s", final)
         return final
 

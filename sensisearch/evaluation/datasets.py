@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.fileio import sha256_file
 from sensisearch.model.tensor import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,7 @@ class ImageArray:
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
 def _as_nhwc(images: np.ndarray, source: Path) -> np.ndarray:

@@ -57,8 +57,6 @@ Inserted names derive from the tensor or layer: ``<tensor>_QuantizeLinear``,
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -66,6 +64,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sensisearch.fileio import write_bytes_atomic
 from sensisearch.model.analysis import GraphIndex, ModelInfo, QuantizableLayer, _subgraph_free_inputs
 from sensisearch.quantize.config import TrialConfig
 from sensisearch.quantize.opset import upgraded
@@ -404,23 +403,7 @@ def emit_deployable_onnx(
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write ``model`` atomically (temporary file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_bytes_atomic(path, model.SerializeToString())
 
 
 def count_integer_kernels(optimized_model: onnx.ModelProto) -> int:

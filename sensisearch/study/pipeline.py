@@ -6,9 +6,7 @@ re-evaluation, so a configuration always turns into the same artifact.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,11 +60,6 @@ def ranges_from_dict(data: dict[str, Any]) -> dict[str, TensorRange]:
     return {name: TensorRange(amax=float(v["amax"]), nonnegative=bool(v["nonnegative"])) for name, v in data.items()}
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 class Phases:
@@ -140,7 +133,7 @@ class TrialPipeline:
         phases = Phases()
         deployable, ranges = self.emit(config, out_dir, phases)
         with phases("build"):
-            build = self.backend.build(deployable, out_dir)
+            build = self.backend.build(deployable, out_dir, trial_config=config.to_dict(), layer_names=self.info.layer_names)
         with phases("load"):
             runner = self.backend.load(build.artifact)
         with runner:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sensisearch.fileio import write_text_atomic
 from sensisearch.study.results import SPEEDUP_NOISE, TrialRecord, WinnerChoice, baseline
 
 
@@ -129,7 +129,7 @@ def write_report(
             f"- median {_fmt(r.median_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
             f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
             f"- calibration: {_calibration(r)}",
-            f"- files: `winner/` (artifact, deployable ONNX, config.json)",
+            "- files: `winner/` (artifact, deployable ONNX, config.json)",
         ]
         if r.per_class and fp32 is not None and fp32.per_class:
             losses = sorted(((fp32.per_class[c] - v, c) for c, v in r.per_class.items() if c in fp32.per_class), reverse=True)[:10]
@@ -162,8 +162,4 @@ def write_report(
     failed = [r for r in recs if r.state == "FAIL"]
     if failed:
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.error}" for r in failed]
-    path = out / "report.md"
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

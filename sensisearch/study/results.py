@@ -7,7 +7,7 @@ any time (after a crash, by another worker, or with ``sensisearch report``).
 from __future__ import annotations
 
 import csv
-import hashlib
+import io
 import logging
 import os
 import shutil
@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from sensisearch.study.pipeline import write_json_atomic
+from sensisearch.fileio import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +155,6 @@ def choose_winner(recs: list[TrialRecord], max_drop: float) -> WinnerChoice:
     )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_winner(
     choice: WinnerChoice, recs: list[TrialRecord], out: Path, model_path: Path, model_sha256: str,
     backend: dict[str, Any], max_drop: float, thresholds: dict[str, Any] | None = None,
@@ -213,23 +205,23 @@ def export_winner(
 
 def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -> None:
     write_json_atomic(out / "pareto.json", [r.to_dict(reference) for r in front])
-    tmp = out / "pareto.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
+    # Built in memory, then written atomically like every other result file.
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([
+        "trial", "baseline", "metric", "value", "drop", "median_ms", "p90_ms", "runs",
+        "int8_layers", "fp16_layers", "fp32_layers", "int8_kernels", "algorithm", "samples", "percentile", "artifact",
+    ])
+    for r in front:
+        req = r.requested_counts()
+        cal = r.config.get("calibration", {})
         writer.writerow([
-            "trial", "baseline", "metric", "value", "drop", "median_ms", "p90_ms", "runs",
-            "int8_layers", "fp16_layers", "fp32_layers", "int8_kernels", "algorithm", "samples", "percentile", "artifact",
+            r.number, r.baseline or "", r.metric, f"{r.value:.4f}",
+            "" if reference is None else f"{reference - r.value:.4f}",  # type: ignore[operator]
+            f"{r.latency.get('median_ms', float('nan')):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
+            r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
+            cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
+            cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
+            r.artifact or "",
         ])
-        for r in front:
-            req = r.requested_counts()
-            cal = r.config.get("calibration", {})
-            writer.writerow([
-                r.number, r.baseline or "", r.metric, f"{r.value:.4f}",
-                "" if reference is None else f"{reference - r.value:.4f}",  # type: ignore[operator]
-                f"{r.latency.get('median_ms', float('nan')):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
-                r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
-                cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
-                cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
-                r.artifact or "",
-            ])
-    os.replace(tmp, out / "pareto.csv")
+    write_text_atomic(out / "pareto.csv", buffer.getvalue())

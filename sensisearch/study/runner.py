@@ -12,13 +12,14 @@ import onnx
 import optuna
 
 from sensisearch.backends.base import Backend, LatencySettings
-from sensisearch.backends.factory import make_backend
+from sensisearch.backends.factory import choose_backend
 from sensisearch.errors import SensisearchError
 from sensisearch.evaluation.base import Evaluator
 from sensisearch.model.analysis import ModelInfo
 from sensisearch.quantize.config import CalibrationChoice, Precision
 from sensisearch.study.calibrate import CalibrationRanges, prepare_calibration
-from sensisearch.study.pipeline import TrialPipeline, write_json_atomic
+from sensisearch.fileio import write_json_atomic
+from sensisearch.study.pipeline import TrialPipeline
 from sensisearch.study.settings import StudySettings
 from sensisearch.study.space import SearchSpace, capped_sample_counts
 from sensisearch.study.tasks import build_evaluator, resolve_inputs
@@ -45,6 +46,7 @@ class StudyContext:
     study_name: str
     task: str
     warnings: list[str] = field(default_factory=list)
+    backend_reason: str = ""
 
     @property
     def trials_dir(self) -> Path:
@@ -73,7 +75,13 @@ def prepare(settings: StudySettings) -> StudyContext:
     settings = resolved.settings
     out = settings.out or Path("runs") / resolved.model_path.stem
     out.mkdir(parents=True, exist_ok=True)
-    backend = make_backend(settings)
+    choice = choose_backend(settings, out)
+    if not choice.can_run:
+        raise SensisearchError(
+            f"--backend {settings.backend}: builds here but cannot run engines ({choice.run_reason}); "
+            "run the study on the GPU machine, or use --backend onnxruntime here and `sensisearch build` there"
+        )
+    backend = choice.backend
     precisions = tuple(settings.precisions or backend.capabilities.precisions)
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
     if unsupported:
@@ -107,7 +115,7 @@ def prepare(settings: StudySettings) -> StudyContext:
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
         backend=backend, evaluator=evaluator, space=space, pipeline=pipeline, calibration=calibration,
         storage_url=storage_url, study_name=settings.study_name or resolved.model_path.stem, task=task,
-        warnings=warnings + resolved.warnings,
+        warnings=warnings + resolved.warnings, backend_reason=choice.reason,
     )
 
 

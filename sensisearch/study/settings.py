@@ -17,7 +17,7 @@ from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision
 
 PATH_FIELDS = ("model", "calib_data", "eval_data", "annotations", "out", "cache_dir")
-LIST_FIELDS = ("precisions", "algorithms", "sample_counts", "percentiles", "mean", "std")
+LIST_FIELDS = ("precisions", "algorithms", "sample_counts", "percentiles", "mean", "std", "shapes")
 
 
 @dataclass
@@ -36,7 +36,7 @@ class StudySettings:
     metric: str | None = None
     task: str = "auto"
     evaluator: str | None = None
-    backend: str = "onnxruntime"
+    backend: str = "auto"
     threads: int | None = None
     precisions: list[Precision] | None = None
     algorithms: list[CalibrationAlgorithm] = field(default_factory=lambda: list(CalibrationAlgorithm))
@@ -53,6 +53,9 @@ class StudySettings:
     max_class_drop: float | None = None
     iou: float = 0.6
     cache_dir: Path | None = None
+    shapes: list[str] | None = None
+    workspace_mb: int | None = None
+    opt_level: int = 3
 
     def validate(self) -> None:
         if self.budget <= 0:

@@ -265,7 +265,7 @@ def probe_driver(lib: Any = None) -> tuple[bool, str | None, tuple[GpuInfo, ...]
     if lib is None:
         try:
             lib = _driver_library()
-        except OSError as exc:
+        except OSError:
             lib_name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
             return False, None, (), f"no NVIDIA driver ({lib_name} not found)"
     rc = lib.cuInit(0)

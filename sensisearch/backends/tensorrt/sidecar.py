@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from sensisearch.backends.tensorrt.flavor import RTX_DEFAULT_TARGETS, RTX_UNSUPPORTED, MachineInfo
 from sensisearch.errors import SensisearchError
+from sensisearch.fileio import write_bytes_atomic
 
 SIDECAR_FORMAT = "sensisearch-tensorrt-plan"
 SIDECAR_VERSION = 1
@@ -37,24 +36,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_sidecar(plan: str | Path, data: Mapping[str, Any]) -> Path:
