@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -133,14 +134,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     ctx = prepare(settings)
     backend = ctx.backend.describe()
-    console.print(f"backend [bold]{ctx.backend.name}[/] — {ctx.backend_reason}", highlight=False)
+    console.print(f"backend [bold]{ctx.backend.name}[/] — {escape(ctx.backend_reason)}", highlight=False)
     console.print(
-        f"{len(ctx.info.layers)} quantizable layers; task {ctx.task}, metric {ctx.evaluator.metric}; out {ctx.out}; "
-        + ", ".join(f"{k}={v}" for k, v in backend.items() if k != "name"),
+        escape(
+            f"{len(ctx.info.layers)} quantizable layers; task {ctx.task}, metric {ctx.evaluator.metric}; out {ctx.out}; "
+            + ", ".join(f"{k}={v}" for k, v in backend.items() if k != "name")
+        ),
         highlight=False,
     )
     for warning in ctx.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     started = time.monotonic()
     with Progress(
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -156,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if event.state == "COMPLETE":
                 line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} ms ({event.seconds:.1f} s)"
             else:
-                line = f"[red]trial {event.number} {event.state.lower()}[/]: {event.error}"
+                line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
             progress.console.print(line)
             best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} ms"
             progress.update(task, completed=min(event.finished, event.budget), description=best)
@@ -188,13 +191,13 @@ def _print_summary(ctx: Any, summary: Any, seconds: float) -> None:
             f"{cal.get('algorithm')} n={cal.get('samples')}" if req["int8"] else "-",
         )
     stdout.print(table)
-    stdout.print(summary.int8_verdict.replace("**", ""))
+    stdout.print(escape(summary.int8_verdict.replace("**", "")))
     choice = summary.winner
     if choice.record is None:
-        stdout.print(f"[red]No winner:[/] {choice.reason}")
+        stdout.print(f"[red]No winner:[/] {escape(choice.reason)}")
     else:
         tag = "[green]winner[/]" if choice.qualified else "[yellow]best-effort (no trial met --max-drop)[/]"
-        stdout.print(f"{tag}: trial {choice.record.number} — {choice.reason} → {summary.winner_dir}")
+        stdout.print(f"{tag}: trial {choice.record.number} — {escape(choice.reason)} → {escape(str(summary.winner_dir))}")
     stdout.print(f"report: {summary.report}   pareto: {ctx.out / 'pareto.json'}   ({seconds:.0f} s)")
 
 
@@ -227,7 +230,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     )
     choice = choose_backend(settings)
     backend = choice.backend
-    console.print(f"backend [bold]{backend.name}[/] — {choice.reason}", highlight=False)
+    console.print(f"backend [bold]{backend.name}[/] — {escape(choice.reason)}", highlight=False)
     out, result = build_from_config(args.config, backend, args.out, args.model)
     kernels = ", ".join(f"{k} {v}" for k, v in result.layer_precisions.items())
     stdout.print(f"built {out} in {result.seconds:.2f} s ({kernels})")
@@ -259,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             return cmd_doctor(args)
     except SensisearchError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished trials are in the study; re-run the same command to resume")

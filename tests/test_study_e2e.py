@@ -124,3 +124,38 @@ def test_mnist_short_study_produces_front(mnist_dir: Path, tmp_path: Path) -> No
     assert fp32["baseline"] == "fp32"
     # Cross-check against the full-set reference: the first 1000 dev images are a subset.
     assert fp32["evaluation"]["value"] > 98.0
+
+
+FAILING_EVALUATOR = '''
+import numpy as np
+
+CALLS = {"n": 0}
+
+
+def score(runner):
+    """Agreement of the model's argmax with itself on fixed inputs; fails on the 2nd call."""
+    CALLS["n"] += 1
+    if CALLS["n"] == 2:
+        raise ValueError("evaluator exploded on purpose")
+    x = np.random.default_rng(0).normal(size=(8, 1, 32, 32)).astype(np.float32)
+    logits = runner.run({runner.inputs[0].name: x})[0]
+    return {"confidence": float(np.max(logits, axis=1).mean())}
+'''
+
+
+def test_failed_trial_is_recorded_and_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's evaluator that raises: that trial is FAILED with its reason, the others complete."""
+    (tmp_path / "failing_eval.py").write_text(FAILING_EVALUATOR)
+    monkeypatch.chdir(tmp_path)
+    example = load_example("digits")
+    out = tmp_path / "out"
+    code = _run("--model", str(example.model), "--calib-data", str(example.calib_data), "--mean", "0.5", "--std", "0.5",
+                "--evaluator", "failing_eval:score", "--budget", "3", "--out", str(out), "--latency-seconds", "0.1",
+                "--sample-counts", "64")
+    assert code == 0
+    study = optuna.load_study(study_name="digits_resnet", storage=f"sqlite:///{out / 'study.db'}")
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+    failed = json.loads((out / "trials" / "0001" / "trial.json").read_text())
+    assert failed["status"] == "failed" and "evaluator exploded on purpose" in failed["error"]
+    assert "trial 1: ValueError: evaluator exploded on purpose" in (out / "report.md").read_text()

@@ -435,7 +435,11 @@ def can_run_tensorrt(flavor: TensorRTFlavor | str | None = None, device: int = 0
     (whichever imports, full TensorRT first).
     """
     if isinstance(flavor, str) or flavor is None:
+        requested = flavor
         flavor = detect_flavor(flavor)
+        if flavor is None and requested is not None:
+            module, extra = ("tensorrt_rtx", "tensorrt-rtx") if requested == "tensorrt-rtx" else ("tensorrt", "tensorrt")
+            return False, f"{module} does not import (pip install -e '.[{extra}]')"
     return can_run_on(probe_machine(flavor, device))
 
 
