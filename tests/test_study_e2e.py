@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -159,3 +161,39 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path: Path, monkeypatch:
     failed = json.loads((out / "trials" / "0001" / "trial.json").read_text())
     assert failed["status"] == "failed" and "evaluator exploded on purpose" in failed["error"]
     assert "trial 1: ValueError: evaluator exploded on purpose" in (out / "report.md").read_text()
+
+
+def test_kill_9_and_resume_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL the worker in the middle of a trial; the re-run fails that trial by its stale
+    heartbeat, re-queues its configuration, and finishes the budget with every trial kept."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "sensisearch", "run", "--example", "digits", "--budget", "5", "--out", str(out),
+            "--latency-seconds", "1.5", "--sample-counts", "64", "--heartbeat-seconds", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    # Wait until trial 2 is running (two trials finished), then kill -9.
+    while time.monotonic() < deadline and not (out / "trials" / "0002").exists():
+        time.sleep(0.05)
+    assert (out / "trials" / "0002").exists(), "study did not reach trial 2"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    storage = f"sqlite:///{out / 'study.db'}"
+    before = optuna.load_study(study_name="digits_resnet", storage=storage)
+    assert before.trials[2].state == optuna.trial.TrialState.RUNNING
+    kept = {t.number: t.values for t in before.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    time.sleep(2.5)  # past the grace period (2 x heartbeat)
+    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    after = optuna.load_study(study_name="digits_resnet", storage=storage)
+    assert after.trials[2].state == optuna.trial.TrialState.FAIL
+    complete = [t for t in after.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 5  # the killed trial does not use up budget
+    for number, values in kept.items():
+        assert after.trials[number].values == values
+    # The killed configuration was queued again and ran.
+    retried = [t for t in after.trials if t.system_attrs.get("failed_trial") == 2]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == before.trials[2].params

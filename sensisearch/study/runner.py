@@ -119,12 +119,29 @@ def prepare(settings: StudySettings) -> StudyContext:
     )
 
 
+def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorage | str:
+    """An RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, else the URL as given.
+
+    With heartbeats a worker that dies (kill -9, lost machine) leaves a RUNNING
+    trial whose heartbeat stops; after the grace period any worker marks it
+    FAILED and queues its configuration once more, so nothing is lost.
+    """
+    if url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"):
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=2 * heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+    return url
+
+
 def open_study(ctx: StudyContext) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=ctx.settings.seed)
     try:
         study = optuna.create_study(
-            storage=ctx.storage_url, study_name=ctx.study_name, load_if_exists=True,
-            directions=["maximize", "minimize"], sampler=sampler,
+            storage=make_storage(ctx.storage_url, ctx.settings.heartbeat_seconds), study_name=ctx.study_name,
+            load_if_exists=True, directions=["maximize", "minimize"], sampler=sampler,
         )
     except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
         raise SensisearchError(f"--storage {ctx.storage_url}: cannot open the study ({str(exc).splitlines()[0]})") from exc
@@ -155,7 +172,18 @@ def enqueue_baselines(ctx: StudyContext, study: optuna.Study) -> None:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+    """Trials that count against the budget.
+
+    A trial FAILED by the heartbeat (its worker died) has no recorded error and
+    is re-queued, so it does not use up budget; a trial that failed on its own
+    (bad build, exception) does.
+    """
+    count = 0
+    for t in study.get_trials(deepcopy=False, states=FINISHED_STATES):
+        if t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs:
+            continue
+        count += 1
+    return count
 
 
 def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, float]]:
@@ -225,16 +253,20 @@ def _class_guard(ctx: StudyContext, trial: optuna.Trial, per_class: dict[str, fl
 def run_study(ctx: StudyContext, on_trial: Callable[[TrialEvent], None] | None = None) -> optuna.Study:
     """Run trials until the study holds ``budget`` finished trials; resumes where it stopped."""
     study = open_study(ctx)
+    # Trials of a worker that died are failed (and re-queued) before counting.
+    optuna.storages.fail_stale_trials(study)
     enqueue_baselines(ctx, study)
     budget = ctx.settings.budget
     remaining = budget - finished_count(study)
     if remaining <= 0:
         log.info("study '%s' already has %d finished trials (budget %d)", ctx.study_name, finished_count(study), budget)
         return study
-    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [
-        # Counts trials of every worker sharing the storage, so N workers stop together.
-        optuna.study.MaxTrialsCallback(budget, states=FINISHED_STATES),
-    ]
+    def stop_at_budget(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+        # Counts the trials of every worker sharing the storage, so N workers stop together.
+        if finished_count(study) >= budget:
+            study.stop()
+
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [stop_at_budget]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
     study.optimize(make_objective(ctx), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)

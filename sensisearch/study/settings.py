@@ -56,6 +56,7 @@ class StudySettings:
     shapes: list[str] | None = None
     workspace_mb: int | None = None
     opt_level: int = 3
+    heartbeat_seconds: int = 30
 
     def validate(self) -> None:
         if self.budget <= 0:
