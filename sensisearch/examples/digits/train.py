@@ -46,21 +46,21 @@ RESOLUTION = 32
 MEAN = 0.5
 STD = 0.5
 NUM_EVAL_SOURCES = 500
-EVAL_COPIES = 6
+EVAL_COPIES = 4
 NUM_CALIB = 512
 SEED = 0
 EVAL_SEED = 1001
 CALIB_SEED = 2002
-# Distortion ranges (uniform): see ``distort``.
+# Distortion ranges (uniform, contrast log-uniform): see ``distort``.
 DISTORTION = {
-    "rotation_deg": 18.0,     # +-
-    "scale": (0.85, 1.15),    # per axis
-    "shear": 0.15,            # +- (x shear, slant of handwriting)
-    "shift_px": 3.0,          # +- at 32x32
-    "blur_sigma_px": (0.0, 1.2),
-    "background": (0.0, 0.2), # background level
-    "contrast": (0.45, 1.0),  # ink level minus background level (clipped at 1)
-    "noise_sigma": (0.0, 0.06),
+    "rotation_deg": 20.0,       # +-
+    "scale": (0.8, 1.2),        # per axis
+    "shear": 0.2,               # +- (x shear: slant of the handwriting)
+    "shift_px": 3.5,            # +- at 32x32
+    "blur_sigma_px": (0.0, 1.5),
+    "background": (0.0, 0.3),   # background grey level
+    "contrast": (0.03, 1.0),    # ink minus background ("exposure"), log-uniform; ink clipped at 1
+    "noise_sigma": (0.0, 0.04), # additive Gaussian sensor noise
 }
 WIDTHS = (24, 48, 96)
 EPOCHS = 30
@@ -235,7 +235,8 @@ def distort(x, gen, distortion: dict | None = None):
     x = F.conv2d(F.pad(x.reshape(1, n, h, w), (3, 3, 3, 3), mode="replicate"), k2, groups=n).reshape(n, 1, h, w)
     # contrast: background level b, ink level b + c
     b = u(*d["background"])[:, None, None, None]
-    c = u(*d["contrast"])[:, None, None, None]
+    lo, hi = d["contrast"]  # exposure is multiplicative: log-uniform
+    c = torch.exp(u(math.log(lo), math.log(hi)))[:, None, None, None]
     x = b + c * x
     x = x + u(*d["noise_sigma"])[:, None, None, None] * torch.randn(x.shape, generator=gen)
     return torch.round(x.clamp(0, 1) * 255) / 255
