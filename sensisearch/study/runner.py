@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -127,12 +128,16 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
     FAILED and queues its configuration once more, so nothing is lost.
     """
     if url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"):
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+        # Heartbeats have been "experimental" in Optuna since 2.8 and are what
+        # its docs recommend for this; the warning says nothing to our users.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
     return url
 
 
@@ -254,7 +259,9 @@ def run_study(ctx: StudyContext, on_trial: Callable[[TrialEvent], None] | None =
     """Run trials until the study holds ``budget`` finished trials; resumes where it stopped."""
     study = open_study(ctx)
     # Trials of a worker that died are failed (and re-queued) before counting.
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     enqueue_baselines(ctx, study)
     budget = ctx.settings.budget
     remaining = budget - finished_count(study)
