@@ -175,9 +175,9 @@ def _print_summary(ctx: Any, summary: Any, seconds: float) -> None:
     from sensisearch.study.results import baseline
 
     fp32 = baseline(summary.records, "fp32")
-    table = Table(title=f"Pareto front ({ctx.evaluator.metric} vs median latency)")
-    for col in ("trial", ctx.evaluator.metric, "drop", "median ms", "speed-up", "int8/fp16/fp32", "int kernels", "calibration"):
-        table.add_column(col, justify="right")
+    table = Table(title=f"Pareto front ({ctx.evaluator.metric} vs median latency, ms per batch of {ctx.settings.latency_batch})")
+    for col in ("trial", ctx.evaluator.metric, "drop", "ms", "speed", "i8/f16/f32", "kern", "calibration"):
+        table.add_column(col, justify="right", no_wrap=col != "calibration")
     for r in summary.front:
         req = r.requested_counts()
         cal = r.config.get("calibration", {})
@@ -189,7 +189,8 @@ def _print_summary(ctx: Any, summary: Any, seconds: float) -> None:
             "" if fp32 is None else f"{fp32.median_ms / r.median_ms:.2f}x",
             f"{req['int8']}/{req['fp16']}/{req['fp32']}",
             str(r.layer_precisions.get("int8", 0)),
-            f"{cal.get('algorithm')} n={cal.get('samples')}" if req["int8"] else "-",
+            (f"{cal.get('algorithm')} n={cal.get('samples')}" + (f" p={cal.get('percentile')}" if cal.get("algorithm") == "percentile" else ""))
+            if req["int8"] else "-",
         )
     stdout.print(table)
     stdout.print(escape(summary.int8_verdict.replace("**", "")))

@@ -20,6 +20,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import require_shared
+
 from sensisearch.model.analysis import ModelInfo, analyze_model, statistics_tensors
 from sensisearch.quantize import (
     ONNXRUNTIME_CPU,
@@ -43,16 +45,8 @@ PROFILE_IDS = [p.name for p in PROFILES]
 # --------------------------------------------------------------------------- helpers
 
 
-def _shared_data() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return Path(os.environ.get("SENSISEARCH_SHARED_DATA", default))
-
-
 def _shared(rel: str) -> Path:
-    path = _shared_data() / rel
-    if not path.exists():
-        pytest.skip(f"shared asset {path} is missing (set SENSISEARCH_SHARED_DATA to the shared/data directory)")
-    return path
+    return require_shared(*rel.split("/"))
 
 
 def _session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, optimized_path: str | None = None):

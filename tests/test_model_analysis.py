@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,20 +10,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import require_shared
+
 from sensisearch.errors import SensisearchError
 from sensisearch.model.analysis import GraphIndex, analyze_model, int8_region, load_onnx, statistics_tensors
 
 
-def _shared_data() -> Path:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return Path(os.environ.get("SENSISEARCH_SHARED_DATA", default))
-
-
 def _shared(rel: str) -> Path:
-    path = _shared_data() / rel
-    if not path.exists():
-        pytest.skip(f"shared asset {path} is missing (set SENSISEARCH_SHARED_DATA to the shared/data directory)")
-    return path
+    return require_shared(*rel.split("/"))
 
 
 def _small_model(path: Path, named: bool = True) -> Path:
