@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calib-limit", type=int, help="use the first N calibration samples only")
     run.add_argument("--max-class-drop", type=float, help="detectors: a trial is infeasible if any class AP drops more (points)")
     run.add_argument("--cache-dir", type=Path, help="calibration/tensor cache (default <out>/cache)")
+    run.add_argument("--compare-ort-quantizer", action="store_true", default=None,
+                     help="also score ONNX Runtime quantize_static (minmax, percentile 99.99) beside the front")
     run.add_argument("--heartbeat-seconds", type=int, help="worker heartbeat; a dead worker's trial is retried after 2x this (default 30)")
 
     ev = sub.add_parser("evaluate", help="score one model (FP32 ONNX or a trial's deployable ONNX)")
@@ -103,7 +105,7 @@ SETTING_FLAGS = (
     "model", "example", "eval_data", "calib_data", "annotations", "mean", "std", "metric", "task", "evaluator",
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
-    "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds",
+    "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
 )
 
 

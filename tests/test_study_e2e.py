@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -111,17 +112,36 @@ def test_rerun_with_larger_budget_resumes(digits_study: Path) -> None:
     assert len(optuna.load_study(study_name="digits_resnet", storage=storage).trials) == 8
 
 
+def load_example_spec(mnist_dir: Path):  # noqa: ANN201 - the MNIST model's input spec
+    from sensisearch.model.analysis import analyze_model
+
+    return analyze_model(mnist_dir / "mnist_cnn.onnx")[0].inputs[0]
+
+
 def test_mnist_short_study_produces_front(mnist_dir: Path, tmp_path: Path) -> None:
     """A real model someone else trained, with real MNIST digits (first 1000 for speed)."""
     out = tmp_path / "mnist"
     code = _run(
         "--model", str(mnist_dir / "mnist_cnn.onnx"), "--eval-data", str(mnist_dir), "--calib-data", str(mnist_dir),
         "--mean", "0.5", "--std", "0.5", "--budget", "4", "--out", str(out), "--eval-limit", "1000",
-        "--calib-limit", "256", "--sample-counts", "128,256", "--latency-seconds", "0.2",
+        "--calib-limit", "256", "--sample-counts", "128,256", "--latency-seconds", "0.2", "--compare-ort-quantizer",
     )
     assert code == 0
     front = json.loads((out / "pareto.json").read_text())
     assert len(front) >= 1
+    # ONNX Runtime's own quantizer, scored beside the front on the same data.
+    references = json.loads((out / "references.json").read_text())
+    assert [r["name"] for r in references] == ["ort-quantize_static minmax", "ort-quantize_static percentile 99.99"]
+    backend = OnnxRuntimeBackend()
+    data = load_images(mnist_dir, load_example_spec(mnist_dir), "--eval-data")
+    evaluator = ClassificationEvaluator(
+        dataclasses.replace(data, images=data.images[:1000], labels=data.labels[:1000]), Preprocess((0.5,), (0.5,)), "input"
+    )
+    for ref in references:
+        build = backend.build(Path(ref["deployable_onnx"]), tmp_path / "check")
+        with backend.load(build.artifact) as runner:
+            assert evaluator.evaluate(runner).value == pytest.approx(ref["value"], abs=1e-9)
+    assert "ort-quantize_static minmax" in (out / "report.md").read_text()
     fp32 = json.loads((out / "trials" / "0000" / "trial.json").read_text())
     assert fp32["baseline"] == "fp32"
     # Cross-check against the full-set reference: the first 1000 dev images are a subset.

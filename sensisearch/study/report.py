@@ -116,6 +116,26 @@ def write_report(
             f"| {r.number}{tag} | {_fmt(r.value)} | {_fmt(drop)} | {_fmt(r.median_ms, 3)} | {_fmt(r.latency.get('p90_ms'), 3)} | "
             f"{_fmt(speed)}x | {_layers(r)} | {r.layer_precisions.get('int8', 0)} | {_calibration(r)} |"
         )
+    references = context.get("references") or []
+    if references:
+        lines += [
+            "",
+            "Reference quantizers on the same calibration samples (not trials; they show what the search beat):",
+            "",
+            f"| reference | {metric} | drop | median ms | speed-up | integer kernels |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for ref_row in references:
+            if "error" in ref_row:
+                lines.append(f"| {ref_row['name']} | failed: {ref_row['error']} | | | | |")
+                continue
+            ms = ref_row["latency"]["median_ms"]
+            speed = fp32.median_ms / ms if fp32 and fp32.median_ms else None
+            drop = None if ref is None else ref - ref_row["value"]
+            lines.append(
+                f"| {ref_row['name']} (n={ref_row['samples']}) | {_fmt(ref_row['value'])} | {_fmt(drop)} | {_fmt(ms, 3)} | "
+                f"{_fmt(speed)}x | {ref_row['layers_run'].get('int8', 0)} |"
+            )
     lines += ["", "## Winner", ""]
     if choice.record is None:
         lines.append(f"No winner: {choice.reason}.")

@@ -319,6 +319,18 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
 
     recs = records(study)
     front = pareto_front(recs)
+    references: list[dict] = []
+    references_file = ctx.out / "references.json"
+    if ctx.settings.compare_ort_quantizer and Precision.INT8 in ctx.space.precisions:
+        import json
+
+        from sensisearch.study.references import run_references
+
+        # Once per output folder: a resumed study reuses the scored references.
+        if references_file.is_file():
+            references = json.loads(references_file.read_text())
+        else:
+            references = run_references(ctx, ctx.space.default_calibration.samples)
     fp32 = baseline(recs, "fp32")
     write_pareto(front, None if fp32 is None else fp32.value, ctx.out)
     choice = choose_winner(recs, ctx.settings.max_drop)
@@ -357,6 +369,7 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
             "max_drop": ctx.settings.max_drop,
             "fp16_note": caps.fp16_note,
             "warnings": ctx.warnings,
+            "references": references,
         },
     )
     verdict, text = int8_speed_verdict(recs)

@@ -57,6 +57,7 @@ class StudySettings:
     workspace_mb: int | None = None
     opt_level: int = 3
     heartbeat_seconds: int = 30
+    compare_ort_quantizer: bool = False
 
     def validate(self) -> None:
         if self.budget <= 0:
