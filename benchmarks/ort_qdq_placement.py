@@ -15,7 +15,7 @@ Run:  python benchmarks/ort_qdq_placement.py [--runs 50] [--yolo] [--no-digits] 
 Measured on the project machine (2 cores, AMD EPYC with AVX-512 VNNI, ORT 1.32,
 digits model 1x32x32 input, 9 Conv + 1 Gemm; latency in ms, median of 60 runs):
 
-digits (eval Top-1 on 1000 images; int/flt = Conv+Gemm running as integer kernels /
+digits (measured on the first version of the example: undistorted digits, eval Top-1 on 1000 images; int/flt = Conv+Gemm running as integer kernels /
 still float in the ORT-optimized graph; cells = median ms (speedup vs fp32); the
 machine was shared with other jobs, load average 3-5 during the run, so the
 2-thread columns are noisy. The batch-1 1-thread column reproduced within ~5 % over

@@ -61,3 +61,20 @@ def test_settings_flags_override_file_and_validate(tmp_path) -> None:
         merge_settings({"model": "m.onnx"}, {"budget": 0}, None)
     with pytest.raises(SensisearchError, match="unknown key 'bugdet'"):
         merge_settings({"bugdet": 3}, {}, None)
+
+
+def test_bundled_study_files_parse(tmp_path) -> None:
+    from pathlib import Path
+
+    from sensisearch.study.settings import read_study_file
+
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    files = sorted(studies.glob("*.toml"))
+    assert {f.name for f in files} >= {"digits.toml", "yolov5-coco.toml"}
+    for path in files:
+        settings = merge_settings(read_study_file(path), {}, path.parent)
+        assert settings.budget > 0 and settings.out is not None
+    bad = tmp_path / "bad.toml"
+    bad.write_text("budget = [")
+    with pytest.raises(SensisearchError, match="not valid TOML"):
+        read_study_file(bad)

@@ -9,6 +9,8 @@ backend. They are not trials: they never win, they show what the search beat.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +40,19 @@ REFERENCES = (
     ReferenceSpec("ort-quantize_static minmax", "MinMax"),
     ReferenceSpec("ort-quantize_static percentile 99.99", "Percentile", 99.99),
 )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """quantize_static prints progress and logs advice on the root logger; keep the CLI clean."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def run_references(ctx: Any, samples: int) -> list[dict[str, Any]]:  # ctx: StudyContext (avoids an import cycle)
@@ -76,11 +91,12 @@ def run_references(ctx: Any, samples: int) -> list[dict[str, Any]]:  # ctx: Stud
             extra["CalibPercentile"] = spec.percentile
         start = time.perf_counter()
         try:
-            quantize_static(
-                str(source_model), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=WEIGHTED_OPS, per_channel=True, activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, spec.method), extra_options=extra,
-            )
+            with _quiet():
+                quantize_static(
+                    str(source_model), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=WEIGHTED_OPS, per_channel=True, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, spec.method), extra_options=extra,
+                )
             quantize_seconds = time.perf_counter() - start
             build = ctx.backend.build(path, folder)
             with ctx.backend.load(build.artifact) as runner:
