@@ -233,7 +233,13 @@ def _assert_precisions(emitted: onnx.ModelProto, info: ModelInfo, config: TrialC
             assert node.output[0] != layer.output
         else:  # FP32: the node is exactly the original one
             expected = [layer.activation_input, layer.weight] + ([layer.bias] if layer.bias else [])
-            assert list(node.input)[: len(expected)] == expected and node.output[0] == layer.output, layer.name
+            got = list(node.input)[: len(expected)]
+            if profile.float_consumers_read_quantized and x_prod is not None and x_prod.op_type == "DequantizeLinear":
+                # reads an INT8 layer's output through its DQ ("int8 in, int8 out")
+                assert prod[x_prod.input[0]].op_type == "QuantizeLinear"
+                assert prod[x_prod.input[0]].input[0] == layer.activation_input, layer.name
+                got[0] = layer.activation_input
+            assert got == expected and node.output[0] == layer.output, layer.name
             assert inits[layer.weight].data_type == TensorProto.FLOAT
     # no Q/DQ or Cast except those belonging to chosen layers
     n_q = sum(1 for n in emitted.graph.node if n.op_type == "QuantizeLinear")
@@ -242,7 +248,15 @@ def _assert_precisions(emitted: onnx.ModelProto, info: ModelInfo, config: TrialC
     n_dq = sum(1 for n in emitted.graph.node if n.op_type == "DequantizeLinear")
     int8 = [l for l in info.layers if config.precisions.get(l.name) is Precision.INT8]
     n_bias = sum(1 for l in int8 if profile.quantize_bias and l.bias and l.op_type in ("Conv", "Gemm"))
-    assert n_dq == n_q + len(int8) + n_bias  # activation pairs + one weight DQ per layer (+ int32 bias)
+    # activation DQs: one per Q, except a Q read only by FP32 Conv/Gemm, whose DQ is the per-channel
+    # one; a Q read by both gets both (ORT quantizes the float weight behind a per-tensor DQ)
+    q_outs = {n.output[0] for n in emitted.graph.node if n.op_type == "QuantizeLinear"}
+    act_dqs = [n for n in emitted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in q_outs]
+    per_channel = [n for n in act_dqs if numpy_helper.to_array(inits[n.input[1]]).size > 1]
+    assert not per_channel or profile.float_consumers_read_quantized
+    dq_per_q = collections.Counter(n.input[0] for n in act_dqs)
+    assert set(dq_per_q) == q_outs and max(dq_per_q.values(), default=1) <= 2
+    assert n_dq == len(act_dqs) + len(int8) + n_bias  # activation DQs + one weight DQ per layer (+ int32 bias)
 
 
 def _assert_no_qdq_on_outputs(emitted: onnx.ModelProto) -> None:
@@ -665,12 +679,17 @@ def _yolo_mixed_configs(info: ModelInfo) -> list[TrialConfig]:
 
 @pytest.mark.parametrize("which", ["resnet", "yolo"])
 def test_onnxruntime_region_rule_mixed(which, request) -> None:
-    """The region rule in mixed configurations.
+    """The region rule in mixed configurations ("int8 in, int8 out" INT8 layers).
 
-    * FP32/FP16 layers and their activations read float tensors: no DQ output feeds them.
-    * Anything else reading a dequantized activation is an INT8 layer, a region op or a Shape.
+    * The activations of FP32/FP16 layers never read a DQ output; FP32/FP16 layers only
+      read one when it is an INT8 layer's output (FP32 Conv/Gemm: the per-channel DQ,
+      so ORT keeps their float weights; FP16: a Cast of the DQ).
+    * Anything else reading a dequantized activation is an INT8 layer, a region op, a
+      Shape, or a float op reading an INT8 layer's output.
     * No Q/DQ on graph outputs or (YOLOv5) on the Detect decode.
-    * ORT fuses exactly the INT8 layers whose output got Q/DQ (placement matches ORT's rules).
+    * ORT fuses exactly the INT8 layers whose output got Q/DQ (placement matches ORT's
+      rules), which is every INT8 layer but the Detect convs (output: float decode),
+      and no FP32/FP16 layer.
     """
     from sensisearch.model.analysis import REGION_OP_TYPES, GraphIndex, activation_epilogue
 
@@ -685,24 +704,44 @@ def test_onnxruntime_region_rule_mixed(which, request) -> None:
         prod = _producers(emitted)
         act_dq = {n.output[0] for n in emitted.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in prod}
         int8 = set(config.layers_with(Precision.INT8))
-        float_nodes = set()
+        float_acts = set()
+        int8_outs: dict[str, str] = {}  # INT8 output (after its activation) -> layer
         for layer in info.layers:
+            ep = activation_epilogue(index, layer.output)
             if layer.name not in int8:
-                float_nodes.add(layer.name)
-                ep = activation_epilogue(index, layer.output)
-                float_nodes.update(index.nodes[i].name for i in (ep.nodes if ep else ()))
+                float_acts.update(index.nodes[i].name for i in (ep.nodes if ep else ()))
+            else:
+                int8_outs[layer.output] = layer.name
+                if ep is not None:
+                    int8_outs[ep.output] = layer.name
+        float_layers = {l.name: l for l in info.layers if l.name not in int8}
+        inits = {i.name: i for i in emitted.graph.initializer}
+        n_float_readers = 0
         for node in emitted.graph.node:
             dq_in = [i for i in node.input if i in act_dq]
             if not dq_in:
                 continue
-            assert node.name not in float_nodes, node.name
+            assert node.name not in float_acts, node.name
             assert which != "yolo" or not _is_decode(node), node.name
-            assert node.name in int8 or node.op_type in REGION_OP_TYPES | {"Shape"}, node.name
-        # an INT8 MatMul with a float output still fuses (MatMulIntegerToFloat); Conv/Gemm need 8-bit outputs
-        expected = sum(
+            q_src = {prod[prod[i].input[0]].input[0] for i in dq_in}
+            if node.name in float_layers:
+                assert dq_in == [node.input[0]] and q_src <= set(int8_outs), node.name
+                per_channel = numpy_helper.to_array(inits[prod[node.input[0]].input[1]]).size > 1
+                assert per_channel == (node.op_type in ("Conv", "Gemm") and node.input[1] in inits and inits[node.input[1]].data_type == TensorProto.FLOAT)
+                n_float_readers += 1
+            elif not (node.name in int8 or node.op_type in REGION_OP_TYPES | {"Shape"}):
+                assert q_src <= set(int8_outs), node.name  # a float op reading INT8 outputs
+        # independent count: every INT8 layer but the Detect convs (their output only feeds the decode)
+        expected = sum(1 for name in int8 if not name.startswith("/model.24/"))
+        assert expected == sum(
             layer.op_type == "MatMul" or _outputs_8bit(layer, placement, index) for layer in info.layers if layer.name in int8
         )
+        kernels = collections.Counter(n.op_type for n in _optimized(emitted).graph.node)
         assert count_integer_kernels(_optimized(emitted)) == expected, config
+        fused_float = sum(kernels[t] for t in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"))
+        assert fused_float >= len(info.layers) - len(int8)  # no FP32/FP16 layer became integer
+        if which == "yolo":
+            assert n_float_readers > 0  # mixed configs do have FP32/FP16 layers reading INT8 outputs
 
 
 def test_save_model_atomic(tmp_path, resnet) -> None:
@@ -724,3 +763,52 @@ def test_custom_profile_per_tensor_reduce_range(resnet) -> None:
         if init.name.endswith(".w_scale"):
             assert numpy_helper.to_array(init).shape == ()
     assert _rel_l2(_run(emitted, feeds)[0], _run(model, feeds)[0]) < 0.1
+
+
+def test_yolo_onnxruntime_mixed_int8_out(yolo) -> None:
+    """ORT profile, YOLOv5n with 40% / 70% INT8 layers (the rest FP32): every INT8 conv but
+    the 3 Detect convs runs as an integer kernel (before "int8 in, int8 out": 3/25 and
+    15/39), FP32 convs read the INT8 outputs through a DQ and stay float, TensorRT's
+    placement is unaffected, and the outputs stay close to FP32 (bounds of
+    test_yolo_int8_close_to_fp32)."""
+    info, model, feeds_list, ranges = yolo
+    heads = {l.name for l in info.layers if l.name.startswith("/model.24/")}
+    assert len(heads) == 3
+    for seed, frac in ((0, 0.4), (1, 0.7)):
+        draw = np.random.default_rng(seed).random(len(info.layers))
+        config = TrialConfig({n: Precision.INT8 if x < frac else Precision.FP32 for n, x in zip(info.layer_names, draw)})
+        int8 = set(config.layers_with(Precision.INT8))
+        emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+        optimized = _optimized(emitted)
+        assert count_integer_kernels(optimized) == len(int8 - heads), (seed, frac)
+        assert sum(n.op_type == "Conv" for n in optimized.graph.node) == len(info.layers) - len(int8 - heads)
+        # FP32 convs reading an INT8 conv's output read a DequantizeLinear output
+        from sensisearch.model.analysis import GraphIndex, activation_epilogue
+
+        index = GraphIndex(model)
+        int8_outs = set()
+        for name in int8:
+            ep = activation_epilogue(index, info.layer(name).output)
+            int8_outs.add(ep.output if ep else info.layer(name).output)
+        prod = _producers(emitted)
+        nodes = {n.name: n for n in emitted.graph.node}
+        fed = 0
+        for layer in info.layers:
+            if layer.name not in int8 and layer.activation_input in int8_outs:
+                dq = prod[nodes[layer.name].input[0]]
+                assert dq.op_type == "DequantizeLinear", layer.name
+                fed += 1
+        assert fed > 0
+        # TensorRT: FP32 layers still read float tensors
+        trt = emit_deployable_onnx(model, info, config, ranges, TENSORRT)
+        trt_prod = _producers(trt)
+        for node in trt.graph.node:
+            if node.name in set(info.layer_names) - int8:
+                assert trt_prod.get(node.input[0]) is None or trt_prod[node.input[0]].op_type != "DequantizeLinear"
+        for feeds in feeds_list:
+            ref = _run(model, feeds)[0][0]
+            out = _run(emitted, feeds)[0][0]
+            sel = ref[:, 4] * ref[:, 5:].max(1) > 0.25
+            assert (out[sel, 5:].argmax(1) == ref[sel, 5:].argmax(1)).mean() >= 0.9
+            assert np.abs(out[sel, 4] - ref[sel, 4]).max() < 0.35
+            assert np.abs(out[sel, :4] - ref[sel, :4]).mean() < 12.0

@@ -452,6 +452,35 @@ class Int8Region:
     shared_params: dict[str, str]
     """Output of a value-preserving region op -> the tensor whose quantization
     parameters it reuses (followed back through chains of such ops)."""
+    layer_outputs: frozenset[str] = frozenset()
+    """With ``quantize_int8_outputs``: the INT8 layer outputs (after their epilogue)
+    quantized for every reader that is not post-processing, float readers included
+    (their :attr:`q_consumers` list those readers too). Empty otherwise."""
+
+
+def feeds_layers(index: GraphIndex, layers: Iterable[QuantizableLayer]) -> set[str]:
+    """Tensors from which the activation input of some layer (any precision) is reachable.
+
+    Followed backwards through the non-constant inputs of every node, but not
+    through ``Shape``/``Size`` (shape-only reads). A tensor outside this set only
+    leads to graph outputs: it is post-processing (YOLOv5's Detect decode and the
+    outputs of the Detect convs).
+    """
+    seen: set[str] = set()
+    stack = [layer.activation_input for layer in layers]
+    while stack:
+        t = stack.pop()
+        if not t or t in seen:
+            continue
+        seen.add(t)
+        p = index.producer.get(t)
+        if p is None:
+            continue
+        node = index.nodes[p]
+        if node.op_type in SHAPE_READER_OP_TYPES and node.domain in ("", "ai.onnx"):
+            continue
+        stack.extend(i for i in node.input if i and not index.is_constant(i))
+    return seen
 
 
 def int8_region(
@@ -460,6 +489,7 @@ def int8_region(
     int8_names: Iterable[str],
     region_ops: Iterable[str] = REGION_OP_TYPES,
     fold_activations: Iterable[str] = ("Relu", "Clip"),
+    quantize_int8_outputs: bool = False,
 ) -> Int8Region:
     """The largest set of region ops (``region_ops``) such that each one
 
@@ -468,8 +498,18 @@ def int8_region(
     * and every output feeds only INT8 layers (activation input) and region ops
       (data inputs): no graph output, no float consumer.
 
+    With ``quantize_int8_outputs`` ("int8 in, int8 out" layers), every INT8 layer's
+    output is quantized whenever it leads to some layer (:func:`feeds_layers`), for
+    *all* its readers except post-processing ones, float readers (FP32/FP16 layers,
+    ops outside the region) included: the layer's activation epilogue (SiLU, Relu,
+    ... if all its nodes are region ops) always joins the region and its output is
+    the quantized tensor; without such an epilogue the raw layer output is. An output
+    that is a graph output or only leads to graph outputs stays float. These are
+    :attr:`Int8Region.layer_outputs`; the other region ops follow the rules above.
+
     A greatest fixpoint, so it is monotone: more INT8 layers never shrink the
-    region, and the all-INT8 region contains every other configuration's region.
+    region, and the all-INT8 region contains every other configuration's region
+    (for the same ``quantize_int8_outputs``).
     Layers outside ``int8_names`` and their activations are never part of it.
     """
     region_ops = frozenset(region_ops)
@@ -500,11 +540,39 @@ def int8_region(
     def produced_quantized(t: str, region: set[int]) -> bool:
         return t in int8_outputs or index.producer.get(t, -1) in region
 
+    forced_nodes: set[int] = set()
+    forced_outputs: dict[str, list[tuple[int, int]]] = {}
+    if quantize_int8_outputs:
+        layer_list_all = list(layers)
+        to_layers = feeds_layers(index, layer_list_all)
+        layer_inputs = {(l.index, 0) for l in layer_list_all}
+        for layer in layer_list:
+            ep = activation_epilogue(index, layer.output)
+            if ep is not None and all(n in candidates for n in ep.nodes):
+                target, nodes = ep.output, ep.nodes
+            else:
+                target, nodes = layer.output, ()
+            if target in index.graph_outputs or target not in to_layers:
+                continue
+            readers = [
+                (ci, ii)
+                for ci, ii in index.consumer_nodes(target)
+                if ii >= 0
+                and (
+                    (ci, ii) in layer_inputs
+                    or (ci in shape_readers and ii == 0)
+                    or any(o in to_layers for o in index.nodes[ci].output)
+                )
+            ]
+            if readers:
+                forced_nodes.update(nodes)
+                forced_outputs[target] = readers
+
     region = set(candidates)
     changed = True
     while changed:
         changed = False
-        for ni in sorted(region):
+        for ni in sorted(region - forced_nodes):
             node = index.nodes[ni]
             ok = any(produced_quantized(node.input[i], region) for i in data_idx[ni])
             for out in node.output:
@@ -524,6 +592,8 @@ def int8_region(
     for ni in sorted(region):
         for ii in data_idx[ni]:
             q_consumers.setdefault(index.nodes[ni].input[ii], []).append((ni, ii))
+    for t, cons in forced_outputs.items():
+        q_consumers.setdefault(t, []).extend(cons)
     for t, cons in q_consumers.items():
         cons.extend(c for c in index.consumer_nodes(t) if c[0] in shape_readers and c[1] == 0)
     folded: set[str] = set()
@@ -546,6 +616,7 @@ def int8_region(
         q_consumers={t: tuple(sorted(set(c))) for t, c in q_consumers.items()},
         folded=frozenset(folded),
         shared_params=shared,
+        layer_outputs=frozenset(forced_outputs),
     )
 
 
@@ -578,9 +649,13 @@ def statistics_tensors(model: onnx.ModelProto, info: ModelInfo) -> list[str]:
             add(ep.output)
     for res in residual_adds(index, info.layers):
         add(res.skip_input)
-    region = int8_region(index, info.layers, [l.name for l in info.layers], REGION_OP_TYPES, fold_activations=())
-    for tensor in region.q_consumers:
-        add(tensor)
+    for int8_outputs in (False, True):  # every profile's region rule
+        region = int8_region(
+            index, info.layers, [l.name for l in info.layers], REGION_OP_TYPES, fold_activations=(),
+            quantize_int8_outputs=int8_outputs,
+        )
+        for tensor in region.q_consumers:
+            add(tensor)
     order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
     base = len(order)
     for ni, node in enumerate(index.nodes):

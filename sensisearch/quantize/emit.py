@@ -47,7 +47,11 @@ output whose consumers are all quantized, or (``quantize_regions``) a tensor rea
 by an INT8-region op; a region op's outputs feed only INT8 layers and region ops,
 so post-processing that ends in a graph output never joins. YOLOv5's Detect
 decode (and the output of its three convs) stays float. FP32/FP16 layers and
-their activations always read float tensors.
+their activations read float tensors, except with
+``profile.float_consumers_read_quantized`` (ONNX Runtime): every INT8 layer's
+output (after its activation) that leads to another layer is then quantized for
+all its readers but post-processing, so FP32 layers and float ops read the
+DequantizeLinear output and FP16 layers a ``Cast`` of it ("int8 in, int8 out").
 
 Inserted names derive from the tensor or layer: ``<tensor>_QuantizeLinear``,
 ``<tensor>_DequantizeLinear``, ``<tensor>_scale``, ``<tensor>_zero_point``,
@@ -81,6 +85,8 @@ __all__ = [
     "INTEGER_KERNEL_OPS",
 ]
 
+_WEIGHT_QUANTIZED_BY_ORT = frozenset({"Conv", "ConvTranspose", "Gemm"})
+"""Ops whose float weight ONNX Runtime quantizes when their input comes from a per-tensor DQ."""
 _MIN_SCALE = 1e-10
 """Floor for activation scales (amax 0 = a tensor that is always zero)."""
 _FP16_MAX = 65504.0
@@ -117,7 +123,14 @@ def tensors_to_quantize(
 
 
 class _Emitter:
-    def __init__(self, base: onnx.ModelProto, placement: Placement, thresholds: Mapping[str, TensorRange], profile: QuantizationProfile) -> None:
+    def __init__(
+        self,
+        base: onnx.ModelProto,
+        placement: Placement,
+        thresholds: Mapping[str, TensorRange],
+        profile: QuantizationProfile,
+        layers: tuple[QuantizableLayer, ...] = (),
+    ) -> None:
         self.base = base
         self.placement = placement
         self.thresholds = thresholds
@@ -139,6 +152,17 @@ class _Emitter:
         self.fp16_tensor: dict[str, str] = {}
         self.act_scale: dict[str, float] = {}
         self.act_params: dict[str, tuple[str, str, float]] = {}
+        fp16_names = {l.name for l in placement.fp16_layers}
+        # FP16 layers that read an INT8 layer's dequantized output (profile
+        # float_consumers_read_quantized): their input Cast reads the DQ output.
+        self.fp16_reads_dq: set[str] = {
+            act.tensor for act in placement.activations for name, ii in act.consumers if ii == 0 and name in fp16_names
+        }
+        self.fp16_names = fp16_names
+        self.deferred_casts: list[tuple[str, str, str]] = []
+        self.dq_output: dict[str, str] = {}
+        quantized = fp16_names | {l.name for l in placement.int8_layers}
+        self.float_layers = {l.name: l for l in layers if l.name not in quantized and l.op_type in _WEIGHT_QUANTIZED_BY_ORT}
 
     # ---------------------------------------------------------------- helpers
     def unique(self, name: str) -> str:
@@ -187,8 +211,12 @@ class _Emitter:
         x = layer.activation_input
         if x not in self.fp16_tensor:
             x16 = self.unique(f"{x}_fp16")
-            cast = helper.make_node("Cast", [x], [x16], name=self.unique(f"{x}_CastToFloat16"), to=onnx.TensorProto.FLOAT16)
-            self.place_after_producer(x, cast)
+            cast_name = self.unique(f"{x}_CastToFloat16")
+            if x in self.fp16_reads_dq:  # Cast(DQ(Q(x))), created once the DQ exists
+                self.deferred_casts.append((x, x16, cast_name))
+            else:
+                cast = helper.make_node("Cast", [x], [x16], name=cast_name, to=onnx.TensorProto.FLOAT16)
+                self.place_after_producer(x, cast)
             self.fp16_tensor[x] = x16
         self.rewire_input(ni, 0, x, self.fp16_tensor[x])
         self.rewire_input(ni, 1, layer.weight, self.fp16_initializer(layer.weight))
@@ -223,9 +251,56 @@ class _Emitter:
         q = helper.make_node("QuantizeLinear", [tensor, s_name, z_name], [q_out], name=self.unique(f"{tensor}_QuantizeLinear"))
         dq = helper.make_node("DequantizeLinear", [q_out, s_name, z_name], [dq_out], name=self.unique(f"{tensor}_DequantizeLinear"))
         self.place_after_producer(tensor, q)
-        self.place_after_producer(tensor, dq)
+        if any(not (ii == 0 and name in self.float_layers) for name, ii in consumers):
+            self.place_after_producer(tensor, dq)  # else only FP32 layers read it, through float_layer_dq
+        self.dq_output[tensor] = dq_out
+        float_dq: str | None = None
         for node_name, ii in consumers:
+            if ii == 0 and node_name in self.fp16_names:
+                continue  # reads Cast(dq_out) (emit_fp16 / build)
+            if ii == 0 and node_name in self.float_layers:
+                if float_dq is None:
+                    float_dq = self.float_layer_dq(tensor, q_out, self.float_layers[node_name])
+                self.rewire_input(self.node_idx(node_name), ii, tensor, float_dq)
+                continue
             self.rewire_input(self.node_idx(node_name), ii, tensor, dq_out)
+
+    def float_layer_dq(self, tensor: str, q_out: str, layer: QuantizableLayer) -> str:
+        """A second DequantizeLinear of ``q_out`` for FP32 Conv/ConvTranspose/Gemm readers.
+
+        Same values as the shared DQ, but with the scale and zero point repeated per
+        input channel (``axis`` = the layer's input-channel axis): ONNX Runtime's
+        WeightBiasQuantization quantizes the float weight (per-tensor int8) of any
+        Conv/ConvTranspose/Gemm whose input comes from a DQ with a *scalar* scale,
+        which would silently turn an FP32 layer into an INT8 one.
+        """
+        s_name, z_name, _ = self.act_params[tensor]
+        scale = numpy_helper.to_array(self._init(s_name))
+        zp = numpy_helper.to_array(self._init(z_name))
+        w = numpy_helper.to_array(self.inits[layer.weight])
+        node = self.base.graph.node[self.node_idx(layer.name)]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if layer.op_type == "Conv":
+            channels, axis = w.shape[1] * int(attrs.get("group", 1)), 1
+        elif layer.op_type == "ConvTranspose":
+            channels, axis = w.shape[0], 1
+        else:  # Gemm: A is [M, K] (or [K, M] with transA)
+            channels = w.shape[1] if attrs.get("transB", 0) else w.shape[0]
+            axis = 0 if attrs.get("transA", 0) else 1
+        s_c = self.add_init(f"{tensor}_scale_per_channel", np.full(channels, scale, dtype=np.float32))
+        z_c = self.add_init(f"{tensor}_zero_point_per_channel", np.full(channels, zp, dtype=zp.dtype))
+        out = self.unique(f"{tensor}_dequantized_float")
+        dq = helper.make_node(
+            "DequantizeLinear", [q_out, s_c, z_c], [out], name=self.unique(f"{tensor}_DequantizeLinear_float"), axis=axis
+        )
+        self.place_after_producer(tensor, dq)
+        return out
+
+    def _init(self, name: str) -> onnx.TensorProto:
+        for init in self.new_inits:
+            if init.name == name:
+                return init
+        raise RuntimeError(f"initializer {name!r} not found")
 
     def new_act_params(self, tensor: str) -> tuple[str, str, float]:
         try:
@@ -316,6 +391,9 @@ class _Emitter:
             self.emit_fp16(layer, fp16_names)
         for act in self.placement.activations:
             self.activation_qdq(act.tensor, act.consumers, act.params_from)
+        for x, x16, cast_name in self.deferred_casts:  # after the DQ of x
+            cast = helper.make_node("Cast", [self.dq_output[x]], [x16], name=cast_name, to=onnx.TensorProto.FLOAT16)
+            self.place_after_producer(x, cast)
         for layer in self.placement.int8_layers:
             self.emit_int8(layer)
         return self.assemble()
@@ -398,7 +476,7 @@ def emit_deployable_onnx(
     base = model
     if placement.int8_layers:
         base = upgraded(model, profile.min_opset, key=info.sha256, source=str(info.path))
-    return _Emitter(base, placement, thresholds, profile).build()
+    return _Emitter(base, placement, thresholds, profile, tuple(info.layers)).build()
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:

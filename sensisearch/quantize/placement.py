@@ -16,7 +16,9 @@ from sensisearch.model.analysis import (
     GraphIndex,
     ModelInfo,
     QuantizableLayer,
+    SHAPE_READER_OP_TYPES,
     activation_epilogue,
+    feeds_layers,
     int8_region,
     residual_adds,
 )
@@ -32,8 +34,10 @@ class ActivationQdq:
     consumers: tuple[tuple[str, int], ...]
     """``(node name, input index)`` of every input rewired to the DQ output."""
     reasons: tuple[str, ...]
-    """Why: ``"layer_input"``, ``"residual_skip"``, ``"layer_output"`` and/or
-    ``"region"`` (read by an op of the INT8 region)."""
+    """Why: ``"layer_input"``, ``"residual_skip"``, ``"layer_output"``, ``"region"``
+    (read by an op of the INT8 region) and/or ``"float_reader"`` (an INT8 layer's
+    output read by an FP32/FP16 layer or another float op, which reads the
+    dequantized value; ``QuantizationProfile.float_consumers_read_quantized``)."""
     params_from: str | None = None
     """Reuse the scale and zero point of this tensor's Q/DQ instead of a threshold of
     its own (output of a value-preserving region op such as MaxPool or Resize)."""
@@ -121,15 +125,29 @@ def plan_placement(
 def _plan_region(info, index, int8, profile, want, params_from) -> None:
     """Q/DQ for INT8 layers and the INT8 region around them (``profile.quantize_regions``)."""
     region = int8_region(
-        index, info.layers, [l.name for l in int8], profile.region_ops, profile.output_qdq_after_activations
+        index,
+        info.layers,
+        [l.name for l in int8],
+        profile.region_ops,
+        profile.output_qdq_after_activations,
+        quantize_int8_outputs=profile.float_consumers_read_quantized,
     )
     int8_inputs = {(l.index, 0) for l in int8}
     int8_outputs = {l.output for l in int8}
+
+    def reason(c: tuple[int, int]) -> str:
+        if c in int8_inputs:
+            return "layer_input"
+        node = index.nodes[c[0]]
+        if c[0] in region.nodes or node.op_type in SHAPE_READER_OP_TYPES:
+            return "region"
+        return "float_reader"
+
     for tensor, cons in region.q_consumers.items():
         if tensor in region.folded:
             continue
         for c in cons:
-            want(tensor, [c], "layer_input" if c in int8_inputs else "region")
+            want(tensor, [c], reason(c))
         if tensor in int8_outputs and set(index.consumer_nodes(tensor)) <= set(cons):
             want(tensor, [], "layer_output")
         if tensor in region.shared_params:
@@ -166,7 +184,9 @@ def _plan_layers(info, index, int8, int8_names, profile, want) -> None:
             quantized_adds.add(res.node)
             want(res.skip_input, [(res.node, res.skip_input_index)], "residual_skip")
 
-    if profile.quantize_layer_outputs:
+    if profile.float_consumers_read_quantized:
+        _plan_layer_outputs_everywhere(info, index, int8, profile, want)
+    elif profile.quantize_layer_outputs:
         passthrough = set(profile.output_passthrough_ops)
         memo: dict[str, bool] = {}
 
@@ -207,3 +227,30 @@ def _plan_layers(info, index, int8, int8_names, profile, want) -> None:
             else:
                 continue
             want(target, list(index.consumer_nodes(target)), "layer_output")
+
+
+def _plan_layer_outputs_everywhere(info, index, int8, profile, want) -> None:
+    """``float_consumers_read_quantized`` without regions: every INT8 layer output that
+    leads to some layer gets Q/DQ for all its readers except post-processing ones."""
+    to_layers = feeds_layers(index, info.layers)
+    layer_inputs = {(l.index, 0) for l in info.layers}
+    for layer in int8:
+        ep = activation_epilogue(index, layer.output)
+        if ep is not None and ep.kind in profile.output_qdq_after_activations:
+            target = ep.output
+        else:
+            target = layer.output
+        if target in index.graph_outputs or target not in to_layers:
+            continue
+        readers = [
+            (ci, ii)
+            for ci, ii in index.consumer_nodes(target)
+            if ii >= 0
+            and (
+                (ci, ii) in layer_inputs
+                or index.nodes[ci].op_type in SHAPE_READER_OP_TYPES
+                or any(o in to_layers for o in index.nodes[ci].output)
+            )
+        ]
+        if readers:
+            want(target, readers, "layer_output")

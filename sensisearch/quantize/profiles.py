@@ -15,8 +15,11 @@ its activation) when every consumer, followed through ``output_passthrough_ops``
 ends in INT8 layers or quantized residual Adds, (d) with ``quantize_regions``,
 the inputs and outputs of the ops of an INT8 region: ops with an input from an
 INT8 layer (or region op) whose outputs feed only INT8 layers and region ops.
-Post-processing that ends in a graph output (YOLOv5's Detect decode) never
-qualifies, and FP32 layers always read float tensors.
+(e) with ``float_consumers_read_quantized`` (ONNX Runtime), the output of every INT8
+layer (after its activation) that leads to some layer, for all its readers: FP32/FP16
+layers and other float ops then read the dequantized INT8 output.
+Post-processing that ends in a graph output (YOLOv5's Detect decode and the
+output of its convs) never qualifies; without (e), FP32 layers always read float tensors.
 """
 
 from __future__ import annotations
@@ -96,6 +99,18 @@ class QuantizationProfile:
     that are not region ops."""
     region_ops: tuple[str, ...] = tuple(sorted(REGION_OP_TYPES))
     """Op types that may join an INT8 region (a subset of ``REGION_OP_TYPES``)."""
+    float_consumers_read_quantized: bool = False
+    """"int8 in, int8 out" INT8 layers: an INT8 layer's output (after its activation
+    epilogue: with ``quantize_regions`` an epilogue of region ops, else one of
+    ``output_qdq_after_activations``) always gets Q/DQ when it leads to some layer,
+    and every reader that is not post-processing reads the dequantized value, FP32
+    and FP16 layers (Cast after the DQ) and other float ops included. ONNX Runtime
+    then fuses every such INT8 layer even in mixed configurations (its QDQ fusion
+    needs the layer output to go into a QuantizeLinear); it is also what a fused
+    QLinearConv computes anyway. Outputs that are graph outputs or only lead to graph
+    outputs (YOLOv5's Detect convs and decode) stay float. Off: FP32/FP16 layers
+    always read float tensors and an INT8 output is only quantized when all its
+    readers are quantized."""
     min_opset: int = 13
     """Per-channel Q/DQ (``axis``) needs opset >= 13; models are upgraded to this
     when a trial has INT8 layers."""
@@ -117,6 +132,9 @@ ONNXRUNTIME_CPU = QuantizationProfile(
     # Resize, GAP): ORT then runs the whole region in NHWC integer kernels. YOLOv5n:
     # 57/60 integer convs (the 3 Detect convs keep a float output) instead of 44/60.
     quantize_regions=True,
+    # Mixed configs: an INT8 conv whose output (or SiLU) also feeds an FP32 conv only
+    # fuses if that output is quantized anyway; FP32 layers then read its DQ output.
+    float_consumers_read_quantized=True,
 )
 
 PROFILES = {p.name: p for p in (TENSORRT, ONNXRUNTIME_CPU)}
