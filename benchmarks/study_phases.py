@@ -24,6 +24,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
+from sensisearch.study.references import quiet_quantizer
 from sensisearch.study.runner import prepare, run_study
 from sensisearch.study.settings import StudySettings
 
@@ -75,12 +76,13 @@ def cached_vs_quantize_static(ctx, samples: int, repeats: int) -> None:  # noqa:
         baseline = []
         for i in range(max(1, repeats // 3)):
             t0 = time.perf_counter()
-            quantize_static(
-                str(ctx.model_path), str(Path(tmp) / f"ort{i}.onnx"), _Reader(spec.name, calib),
-                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-                op_types_to_quantize=["Conv", "Gemm", "MatMul"],
-            )
+            with quiet_quantizer():
+                quantize_static(
+                    str(ctx.model_path), str(Path(tmp) / f"ort{i}.onnx"), _Reader(spec.name, calib),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, calibrate_method=CalibrationMethod.MinMax,
+                    op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+                )
             baseline.append(time.perf_counter() - t0)
     ours, theirs = statistics.median(cached), statistics.median(baseline)
     print(f"\nOne trial's deployable ONNX, {samples} calibration samples ({ctx.model_path.name}):")

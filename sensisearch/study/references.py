@@ -43,7 +43,7 @@ REFERENCES = (
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet_quantizer() -> Iterator[None]:
     """quantize_static prints progress and logs advice on the root logger; keep the CLI clean."""
     root = logging.getLogger()
     level = root.level
@@ -91,7 +91,7 @@ def run_references(ctx: Any, samples: int) -> list[dict[str, Any]]:  # ctx: Stud
             extra["CalibPercentile"] = spec.percentile
         start = time.perf_counter()
         try:
-            with _quiet():
+            with quiet_quantizer():
                 quantize_static(
                     str(source_model), str(path), Reader(), quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=WEIGHTED_OPS, per_channel=True, activation_type=QuantType.QInt8,
