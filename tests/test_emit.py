@@ -242,7 +242,6 @@ def _assert_precisions(emitted: onnx.ModelProto, info: ModelInfo, config: TrialC
             assert got == expected and node.output[0] == layer.output, layer.name
             assert inits[layer.weight].data_type == TensorProto.FLOAT
     # no Q/DQ or Cast except those belonging to chosen layers
-    n_q = sum(1 for n in emitted.graph.node if n.op_type == "QuantizeLinear")
     n_cast16 = sum(1 for n in emitted.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT16)
     assert n_cast16 <= len(config.layers_with(Precision.FP16))
     n_dq = sum(1 for n in emitted.graph.node if n.op_type == "DequantizeLinear")

@@ -14,7 +14,6 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
