@@ -54,6 +54,16 @@ def phase_shares(out: Path) -> None:
     print(f"\nPhase shares over {trials} complete trials ({whole / max(trials, 1):.2f} s per trial):")
     for phase in PHASES:
         print(f"  {phase:<11} {100 * totals[phase] / whole:6.2f} %   {totals[phase] / max(trials, 1) * 1e3:8.1f} ms/trial")
+    baselines = {}
+    for path in sorted((out / "trials").glob("*/trial.json")):
+        record = json.loads(path.read_text())
+        if record.get("baseline") and record.get("status") == "complete":
+            baselines[record["baseline"]] = record["latency"]["median_ms"]
+    if "fp32" in baselines and "int8" in baselines:
+        print(
+            f"  all-INT8 vs all-FP32 median latency: {baselines['int8']:.3f} ms vs {baselines['fp32']:.3f} ms "
+            f"= {baselines['fp32'] / baselines['int8']:.2f}x (the example must stay measurably faster in INT8)"
+        )
     own = sum(totals[p] for p in OWN)
     print(f"  sensisearch's own phases (statistics lookup + emission): {100 * own / whole:.2f} % of trial time (goal <= 10 %)")
 
