@@ -220,3 +220,19 @@ def test_kill_9_and_resume_loses_nothing(tmp_path: Path) -> None:
     retried = [t for t in after.trials if t.system_attrs.get("failed_trial") == 2]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
     assert retried[0].params == before.trials[2].params
+
+
+def test_winner_rebuilds_as_tensorrt_plan_from_config_alone(digits_study: Path, tmp_path: Path) -> None:
+    """The user flow of remaking the winner for the GPU: `sensisearch build --config winner/config.json
+    --backend tensorrt-rtx` builds a .plan on this CPU (TensorRT-RTX builds ahead of time)."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install -e '.[tensorrt-rtx]')")
+    plan = tmp_path / "winner.plan"
+    config = json.loads((digits_study / "winner" / "config.json").read_text())
+    assert main(["build", "--config", str(digits_study / "winner" / "config.json"), "--backend", "tensorrt-rtx",
+                 "--out", str(plan)]) == 0
+    assert plan.is_file() and plan.stat().st_size > 0
+    sidecar = json.loads(plan.with_name(plan.name + ".json").read_text())
+    assert sidecar["onnx"]["sha256"] and sidecar["trial_config"] == config["config"]
+    # The network TensorRT parsed has exactly the configuration's precision on every layer.
+    assert sidecar["network_precisions"] == config["config"]["precisions"]
+    assert not sidecar["precision_problems"]

@@ -65,7 +65,7 @@ def build_from_config(config_path: Path, backend: Backend, out: Path | None = No
     with tempfile.TemporaryDirectory(prefix="sensisearch-build-", dir=out.parent) as tmp:
         onnx_path = Path(tmp) / f"{model_path.stem}.onnx"
         save_model(deployable, onnx_path)
-        result = backend.build(onnx_path, Path(tmp))
+        result = backend.build(onnx_path, Path(tmp), trial_config=data["config"], layer_names=info.layer_names)
         # Move the artifact and anything written beside it (e.g. a .plan's sidecar JSON).
         for produced in Path(tmp).iterdir():
             if produced.name.startswith(result.artifact.name) and produced != result.artifact:
