@@ -78,3 +78,14 @@ def test_bundled_study_files_parse(tmp_path) -> None:
     bad.write_text("budget = [")
     with pytest.raises(SensisearchError, match="not valid TOML"):
         read_study_file(bad)
+
+
+def test_report_says_plainly_when_int8_is_not_faster() -> None:
+    from sensisearch.study.report import int8_speed_verdict
+
+    slow = records(_study([(99.0, 10.0), (98.0, 10.2)], {0: "fp32", 1: "int8"}))
+    verdict, text = int8_speed_verdict(slow)
+    assert verdict is False and "INT8 brings no speed" in text and "not a speed/accuracy trade-off" in text
+    fast = records(_study([(99.0, 10.0), (98.0, 4.0)], {0: "fp32", 1: "int8"}))
+    verdict, text = int8_speed_verdict(fast)
+    assert verdict is True and "2.50x faster" in text
