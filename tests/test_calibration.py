@@ -554,3 +554,37 @@ def test_statistics_cache_round_trip_and_corruption(tmp_path, caplog):
 
     cache.save(key, stats)  # overwrites the corrupt file atomically
     assert cache.load(key) is not None
+
+
+def test_calibration_ranges_fill_clipped_min_and_round_trip():
+    """The study's TensorRange carries the calibrated minimum of the chosen sample count,
+    clipped to [-amax, 0] (the algorithm's clipping applies to the negative side too);
+    ranges_to_dict/ranges_from_dict keep it and still read dicts written without it."""
+    from sensisearch.quantize.ranges import TensorRange
+    from sensisearch.study.calibrate import CalibrationRanges
+    from sensisearch.study.pipeline import ranges_from_dict, ranges_to_dict
+
+    rng = np.random.default_rng(11)
+    silu_like = rng.standard_normal(20000).astype(F32) * 3
+    silu_like = silu_like / (1 + np.exp(-silu_like))  # min ~ -0.28
+    outlier = np.append(rng.standard_normal(20000), [-50.0]).astype(F32)  # one far negative outlier
+    relu = np.abs(rng.standard_normal(20000)).astype(F32)
+    a = {"silu": update_statistics(None, silu_like[:100]), "out": update_statistics(None, outlier[:100]),
+         "relu": update_statistics(None, relu[:100])}
+    b = {"silu": update_statistics(None, silu_like), "out": update_statistics(None, outlier), "relu": update_statistics(None, relu)}
+    ranges = CalibrationRanges({1: a, 2: b})
+    mm = ranges.ranges(["silu", "out", "relu"], CalibrationChoice(CalibrationAlgorithm.MINMAX, samples=2))
+    assert mm["silu"].min == pytest.approx(float(silu_like.min())) and -0.3 < mm["silu"].min < -0.2
+    assert not mm["silu"].nonnegative and mm["silu"].lower == mm["silu"].min
+    assert mm["out"].min == pytest.approx(-50.0) and mm["out"].amax == pytest.approx(50.0)
+    assert mm["relu"].nonnegative and mm["relu"].min == 0.0
+    first = ranges.ranges(["silu"], CalibrationChoice(CalibrationAlgorithm.MINMAX, samples=1))
+    assert first["silu"].min == pytest.approx(float(silu_like[:100].min()))  # the chosen sample count's minimum
+    pct = ranges.ranges(["out"], CalibrationChoice(CalibrationAlgorithm.PERCENTILE, samples=2, percentile=99.0))
+    assert pct["out"].amax < 5.0 and pct["out"].min == -pct["out"].amax  # clipped like the positive side
+    for r in (*mm.values(), *pct.values()):
+        assert -r.amax <= r.min <= 0.0
+    assert ranges_from_dict(ranges_to_dict(mm)) == mm
+    old = {"t": {"amax": 2.0, "nonnegative": False}}  # a config.json written before TensorRange.min
+    assert ranges_from_dict(old) == {"t": TensorRange(2.0, False)} and ranges_from_dict(old)["t"].min is None
+    assert ranges_to_dict(ranges_from_dict(old)) == old

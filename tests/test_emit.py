@@ -80,7 +80,8 @@ def _minmax_ranges(model: onnx.ModelProto, info: ModelInfo, feeds_list: list[dic
         for t in tensors:
             amax[t] = max(amax[t], float(np.abs(values[t]).max()))
             amin[t] = min(amin[t], float(values[t].min()))
-    return {t: TensorRange(amax[t], amin[t] >= 0) for t in tensors}
+    # min clipped to [-amax, 0] as the study does (sensisearch.study.calibrate)
+    return {t: TensorRange(amax[t], amin[t] >= 0, min=min(0.0, max(amin[t], -amax[t]))) for t in tensors}
 
 
 def _optimized(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -488,7 +489,15 @@ def test_resnet_onnxruntime_placement(resnet) -> None:
     assert nodes["gap"].input[0] == "h2_dequantized"
     assert list(nodes["flat_QuantizeLinear"].input[1:]) == ["gap_scale", "gap_zero_point"]
     assert inits["b1a_relu_zero_point"].dtype == np.uint8 and inits["b1a_relu_zero_point"] == 0  # post-Relu: uint8
-    assert inits["x_zero_point"].dtype == np.uint8 and inits["x_zero_point"] == 128  # signed input: uint8 zp 128
+    # signed input with a calibrated min: asymmetric uint8 over [min, amax], 0 exact
+    lo, hi = ranges["x"].lower, ranges["x"].amax
+    assert inits["x_zero_point"].dtype == np.uint8
+    np.testing.assert_allclose(inits["x_scale"], (hi - lo) / 255, rtol=1e-6)
+    assert inits["x_zero_point"] == round(-lo / float(inits["x_scale"]))
+    # without a calibrated min (ranges recorded before TensorRange.min): uint8 zp 128, symmetric
+    legacy = {t: TensorRange(r.amax, r.nonnegative) for t, r in ranges.items()}
+    legacy_inits = {i.name: numpy_helper.to_array(i) for i in emit_deployable_onnx(model, info, config, legacy, ONNXRUNTIME_CPU).graph.initializer}
+    assert legacy_inits["x_zero_point"].dtype == np.uint8 and legacy_inits["x_zero_point"] == 128
     assert inits["b1a_bias_int32"].dtype == np.int32
     np.testing.assert_allclose(inits["b1a_bias_scale"], inits["h0_scale"] * inits["b1a.w_scale"], rtol=1e-6)
     # without regions (quantize_regions=False) and without residual Q/DQ the Adds are float, so only outputs that feed INT8 layers directly qualify
@@ -811,3 +820,105 @@ def test_yolo_onnxruntime_mixed_int8_out(yolo) -> None:
             assert (out[sel, 5:].argmax(1) == ref[sel, 5:].argmax(1)).mean() >= 0.9
             assert np.abs(out[sel, 4] - ref[sel, 4]).max() < 0.35
             assert np.abs(out[sel, :4] - ref[sel, :4]).mean() < 12.0
+
+
+# --------------------------------------------------------------------------- asymmetric uint8 (TensorRange.min)
+
+
+@pytest.mark.parametrize(
+    "lo, hi",
+    [(-0.2785, 37.3), (-1.0, 1.0), (-5.0, 0.3), (-0.0, 6.0), (-1e-7, 3.0), (-3.0, 0.0), (-0.2785, 0.2785), (-1e-12, 1e-12)],
+)
+def test_asymmetric_uint8_params_represent_lo_zero_hi(lo, hi) -> None:
+    from sensisearch.quantize.emit import asymmetric_uint8_params
+
+    scale, zp = asymmetric_uint8_params(lo, hi)
+    assert scale > 0 and scale == float(np.float32(scale)) and 0 <= zp <= 255
+    # ONNX QuantizeLinear / DequantizeLinear semantics (round half to even, saturate)
+    def qdq(x: float) -> float:
+        q = np.clip(np.rint(np.float32(x) / np.float32(scale)) + zp, 0, 255)
+        return float((q - zp) * np.float32(scale))
+
+    assert qdq(0.0) == 0.0  # zero is exact
+    half = 0.5 * scale * (1 + 1e-5)
+    if hi - lo > 2e-10:  # above the scale floor
+        assert abs(qdq(lo) - lo) <= half and abs(qdq(hi) - hi) <= half
+        np.testing.assert_allclose(scale, (hi - lo) / 255, rtol=1e-6)
+    # the representable range covers [lo, hi] up to half a step on each side
+    assert -zp * scale <= lo + half and (255 - zp) * scale >= hi - half
+
+
+def test_tensor_range_lower() -> None:
+    assert TensorRange(2.0).lower == -2.0  # no min: symmetric
+    assert TensorRange(2.0, min=-0.3).lower == -0.3
+    assert TensorRange(2.0, min=-7.0).lower == -2.0  # the algorithm's clipping applies to the negative side too
+    assert TensorRange(2.0, True, min=0.5).lower == 0.0  # 0 always inside the range
+    with pytest.raises(ValueError):
+        TensorRange(1.0, min=float("-inf"))
+
+
+@pytest.mark.parametrize("which", ["resnet", "yolo"])
+def test_tensorrt_ignores_min(which, request) -> None:
+    """TensorRT stays symmetric int8 (zero point 0): its deployable ONNX is bit-identical
+    whether or not the ranges carry a calibrated minimum."""
+    info, model, _, ranges = request.getfixturevalue(which)
+    assert any(r.min is not None and r.min < 0 for r in ranges.values())
+    without = {t: TensorRange(r.amax, r.nonnegative) for t, r in ranges.items()}
+    for config in (TrialConfig.uniform(info.layer_names, Precision.INT8), _configs(info)["mixed"]):
+        a = emit_deployable_onnx(model, info, config, ranges, TENSORRT).SerializeToString()
+        b = emit_deployable_onnx(model, info, config, without, TENSORRT).SerializeToString()
+        assert a == b
+
+
+def test_yolo_onnxruntime_asymmetric_uint8(yolo) -> None:
+    """All-INT8 YOLOv5n, ORT profile with calibrated minima: signed tensors (SiLU outputs,
+    raw conv outputs) get asymmetric uint8, shared-parameter outputs (MaxPool/Resize) reuse
+    their input's; ORT still fuses 57 integer convs and runs the region on 8-bit data."""
+    info, model, feeds_list, ranges = yolo
+    config = TrialConfig.uniform(info.layer_names, Precision.INT8)
+    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    inits = {i.name: numpy_helper.to_array(i) for i in emitted.graph.initializer}
+    zps = {}
+    for act in plan_placement(info, model, config, ONNXRUNTIME_CPU).threshold_tensors:
+        r = ranges[act]
+        zp, scale = int(inits[f"{act}_zero_point"]), float(inits[f"{act}_scale"])
+        assert inits[f"{act}_zero_point"].dtype == np.uint8
+        if r.nonnegative:
+            assert zp == 0
+        else:
+            assert zp == round(-r.lower / scale) and abs((255 - zp) * scale - r.amax) <= 0.5 * scale * 1.0001
+        zps[act] = zp
+    silu = [t for t in zps if t.endswith("/act/Mul_output_0")]
+    assert len(silu) == 57 and all(0 < zps[t] < 128 for t in silu)  # SiLU min ~ -0.28: most codes positive
+    q_params = {n.input[0]: tuple(n.input[1:]) for n in emitted.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_params["/model.11/Resize_output_0"] == q_params["/model.10/act/Mul_output_0"]
+    optimized = _optimized(emitted)
+    ops = collections.Counter(n.op_type for n in optimized.graph.node)
+    assert count_integer_kernels(optimized) == 57
+    assert ops["QLinearSigmoid"] == ops["QLinearMul"] == 57 and ops["QLinearAdd"] == 7
+    assert ops["QuantizeLinear"] == 1
+    # SiLU outputs: step (amax - lower)/255 instead of amax/127 (zero point 128), about half
+    for t in silu:
+        assert float(inits[f"{t}_scale"]) <= (ranges[t].amax / 127) * (1 - ranges[t].lower / ranges[t].amax) * 127 / 255 * 1.0001
+    assert np.median([float(inits[f"{t}_scale"]) / (ranges[t].amax / 127) for t in silu]) < 0.55
+
+
+def test_digits_onnxruntime_asymmetric_integer_kernels() -> None:
+    """The digits example, all-INT8 with the ORT profile: 10/10 integer kernels with
+    calibrated minima, accuracy on the calibration images matches FP32 within 2%."""
+    root = Path(__file__).resolve().parents[1] / "sensisearch" / "examples" / "digits"
+    info, model = analyze_model(root / "digits_resnet.onnx")
+    data = np.load(root / "calib.npz")
+    x = ((data["images"][:256, None] / 255.0 - 0.5) / 0.5).astype(np.float32)
+    feeds = {model.graph.input[0].name: x}
+    ranges = _minmax_ranges(model, info, [feeds])
+    config = TrialConfig.uniform(info.layer_names, Precision.INT8)
+    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    _check(emitted)
+    zps = [numpy_helper.to_array(i) for i in emitted.graph.initializer if i.name.endswith("_zero_point") and i.data_type == TensorProto.UINT8]
+    assert any(int(z.flat[0]) not in (0, 128) for z in zps)  # the signed input is asymmetric
+    assert count_integer_kernels(_optimized(emitted)) == len(info.layers) == 10
+    labels = data["labels"][:256]
+    acc_fp32 = (_run(model, feeds)[0].argmax(1) == labels).mean()
+    acc_int8 = (_run(emitted, feeds)[0].argmax(1) == labels).mean()
+    assert acc_int8 >= acc_fp32 - 0.02

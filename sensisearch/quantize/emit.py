@@ -13,8 +13,10 @@ What is emitted:
 
 * INT8 layer: a QuantizeLinear/DequantizeLinear pair on its activation input
   (per-tensor; int8 with zero point 0 and scale amax/127; profile options: uint8
-  with zero point 0 and scale amax/255 for non-negative tensors, uint8 with zero
-  point 128 and scale amax/127 for the others),
+  with zero point 0 and scale amax/255 for non-negative tensors; for the others
+  uint8 with zero point 128 and scale amax/127, or, with
+  ``asymmetric_signed_activations`` and a calibrated ``TensorRange.min``, asymmetric
+  uint8 over [max(min, -amax), amax]: scale (hi - lo)/255, zero point round(-lo/scale)),
   and its weight stored as an int8 initializer (clipped to [-127, 127], per
   output channel on the op's channel axis) followed by DequantizeLinear. All-zero
   weight channels get scale 1.0 (any positive scale represents them exactly).
@@ -120,6 +122,19 @@ def tensors_to_quantize(
         plan_placement(info, model, config, profile)  # validates layer names
         return []
     return plan_placement(info, model, config, profile).threshold_tensors
+
+
+def asymmetric_uint8_params(lo: float, hi: float) -> tuple[float, int]:
+    """float32 scale and uint8 zero point covering ``[lo, hi]`` (``lo <= 0 <= hi``).
+
+    scale = (hi - lo)/255, zero point = round(-lo/scale) clamped to [0, 255]: 0 is
+    represented exactly (by the zero point) and lo, hi within half a step
+    (the codes 0 and 255 dequantize to -zp*scale and (255 - zp)*scale).
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = float(np.float32(max((hi - lo) / 255.0, _MIN_SCALE)))
+    zp = int(np.clip(np.rint(-lo / scale), 0, 255))
+    return scale, zp
 
 
 class _Emitter:
@@ -314,6 +329,9 @@ class _Emitter:
             raise ValueError(f"threshold for tensor {tensor!r} must be finite and >= 0, got {amax!r}")
         if self.profile.unsigned_nonnegative_activations and rng.nonnegative:
             scale, zp = max(amax / 255.0, _MIN_SCALE), np.array(0, dtype=np.uint8)
+        elif self.profile.uint8_signed_activations and self.profile.asymmetric_signed_activations and rng.min is not None:
+            scale, zp_value = asymmetric_uint8_params(rng.lower, amax)
+            zp = np.array(zp_value, dtype=np.uint8)
         elif self.profile.uint8_signed_activations:
             scale, zp = max(amax / 127.0, _MIN_SCALE), np.array(128, dtype=np.uint8)
         else:

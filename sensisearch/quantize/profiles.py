@@ -60,6 +60,12 @@ class QuantizationProfile:
     amax/127, still symmetric around 0) instead of int8. ORT's CPU provider on x86
     only fuses QDQ Conv/MatMul into QLinearConv/QLinearMatMul with uint8 activations
     (int8 activations are only fused on ARM); TensorRT rejects non-zero zero points."""
+    asymmetric_signed_activations: bool = False
+    """With ``uint8_signed_activations``: quantize a signed tensor whose range has a
+    calibrated minimum (:attr:`TensorRange.min`) over ``[lower, amax]`` instead of
+    ``[-amax, amax]`` (uint8, scale (amax - lower)/255, zero point round(-lower/scale),
+    0 exact). YOLOv5's SiLU outputs (min ~ -0.28, max up to tens) then use all 256
+    codes instead of ~half. Ranges without ``min`` keep zero point 128."""
     per_channel_weights: bool = True
     """Per-output-channel weight scales on the layer's output-channel axis (see
     :attr:`~sensisearch.model.analysis.QuantizableLayer.weight_axis`); else per-tensor."""
@@ -122,6 +128,7 @@ ONNXRUNTIME_CPU = QuantizationProfile(
     name="onnxruntime-cpu",
     unsigned_nonnegative_activations=True,
     uint8_signed_activations=True,
+    asymmetric_signed_activations=True,
     quantize_layer_outputs=True,
     output_qdq_before_other_activations=True,
     # Residual Q/DQ makes the Add count as quantized, so the convs feeding it get

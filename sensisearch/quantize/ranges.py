@@ -14,11 +14,32 @@ class TensorRange:
     uint8); ``nonnegative`` is True when the calibrated minimum is >= 0 (e.g. a
     post-ReLU tensor), which lets profiles with ``unsigned_nonnegative_activations``
     use uint8.
+
+    ``min`` is the optional calibrated minimum (<= 0 for a tensor that can be
+    negative). Profiles with ``asymmetric_signed_activations`` (ONNX Runtime)
+    quantize a signed tensor over ``[lower, amax]`` (see :attr:`lower`) instead of
+    ``[-amax, amax]``; symmetric profiles (TensorRT) ignore it. ``None`` (ranges
+    recorded before the field existed) means "unknown": the symmetric range.
     """
 
     amax: float
     nonnegative: bool = False
+    min: float | None = None
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.amax) or self.amax < 0:
             raise ValueError(f"TensorRange.amax must be finite and >= 0, got {self.amax!r}")
+        if self.min is not None and not math.isfinite(self.min):
+            raise ValueError(f"TensorRange.min must be finite or None, got {self.min!r}")
+
+    @property
+    def lower(self) -> float:
+        """Lower end of the asymmetric range: ``min`` clipped to ``[-amax, 0]``.
+
+        The calibration algorithms derive ``amax`` from |x|, so their clipping
+        applies to the negative side too; 0 always stays inside the range. Without
+        ``min`` this is ``-amax`` (symmetric).
+        """
+        if self.min is None:
+            return -self.amax
+        return min(0.0, max(float(self.min), -self.amax))

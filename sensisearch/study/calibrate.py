@@ -38,10 +38,15 @@ class CalibrationRanges:
         samples = self.table.resolve_samples(choice.samples)
         # An all-zero activation has amax 0; Q/DQ scales must be > 0 (TensorRT
         # rejects zero scales), and any positive scale quantizes zeros exactly.
-        return {
-            name: TensorRange(amax=max(amax, MIN_AMAX), nonnegative=self.table.statistics(name, samples).min >= 0.0)
-            for name, amax in amaxes.items()
-        }
+        out: dict[str, TensorRange] = {}
+        for name, amax in amaxes.items():
+            amax = max(amax, MIN_AMAX)
+            lowest = self.table.statistics(name, samples).min
+            # The algorithms derive amax from |x|: their clipping applies to the
+            # negative side too, so the asymmetric range is [max(min, -amax), amax].
+            lower = min(0.0, max(lowest, -amax)) if lowest == lowest else -amax  # NaN-safe; +inf (no value) -> 0
+            out[name] = TensorRange(amax=amax, nonnegative=lowest >= 0.0, min=lower)
+        return out
 
 
 def prepare_calibration(

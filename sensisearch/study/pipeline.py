@@ -53,11 +53,25 @@ class TrialOutcome:
 
 
 def ranges_to_dict(ranges: dict[str, TensorRange]) -> dict[str, dict[str, Any]]:
-    return {name: {"amax": r.amax, "nonnegative": r.nonnegative} for name, r in ranges.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in ranges.items():
+        entry: dict[str, Any] = {"amax": r.amax, "nonnegative": r.nonnegative}
+        if r.min is not None:
+            entry["min"] = r.min
+        out[name] = entry
+    return out
 
 
 def ranges_from_dict(data: dict[str, Any]) -> dict[str, TensorRange]:
-    return {name: TensorRange(amax=float(v["amax"]), nonnegative=bool(v["nonnegative"])) for name, v in data.items()}
+    """Inverse of :func:`ranges_to_dict`; dicts written before ``min`` existed give ``min=None``."""
+    return {
+        name: TensorRange(
+            amax=float(v["amax"]),
+            nonnegative=bool(v["nonnegative"]),
+            min=None if v.get("min") is None else float(v["min"]),
+        )
+        for name, v in data.items()
+    }
 
 
 
