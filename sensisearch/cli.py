@@ -200,7 +200,7 @@ def _print_summary(ctx: Any, summary: Any, seconds: float) -> None:
     if choice.record is None:
         stdout.print(f"[red]No winner:[/] {escape(choice.reason)}")
     else:
-        tag = "[green]winner[/]" if choice.qualified else "[yellow]best-effort (no trial met --max-drop)[/]"
+        tag = "[green]winner[/]" if choice.qualified else "[yellow]best-effort (no trial met the target)[/]"
         stdout.print(f"{tag}: trial {choice.record.number} — {escape(choice.reason)} → {escape(str(summary.winner_dir))}")
     stdout.print(f"report: {summary.report}   pareto: {ctx.out / 'pareto.json'}   ({seconds:.0f} s)")
 

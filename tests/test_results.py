@@ -89,3 +89,11 @@ def test_report_says_plainly_when_int8_is_not_faster() -> None:
     fast = records(_study([(99.0, 10.0), (98.0, 4.0)], {0: "fp32", 1: "int8"}))
     verdict, text = int8_speed_verdict(fast)
     assert verdict is True and "2.50x faster" in text
+
+
+def test_no_winner_slower_than_fp32() -> None:
+    """Accurate but slower than FP32 is dominated by FP32: best-effort, not a qualified winner."""
+    study = _study([(99.0, 10.0), (98.0, 6.0), (98.9, 11.0), (98.95, 12.0)], {0: "fp32", 1: "int8"})
+    choice = choose_winner(records(study), max_drop=0.5)
+    assert not choice.qualified
+    assert choice.record.number == 3 and "faster than FP32" in choice.reason

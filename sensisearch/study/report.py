@@ -141,7 +141,7 @@ def write_report(
         lines.append(f"No winner: {choice.reason}.")
     else:
         r = choice.record
-        status = "qualified" if choice.qualified else "**best-effort — does not meet the accuracy target**"
+        status = "qualified" if choice.qualified else "**best-effort: no trial met the target**"
         lines += [
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",

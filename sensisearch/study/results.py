@@ -129,7 +129,12 @@ class WinnerChoice:
 
 
 def choose_winner(recs: list[TrialRecord], max_drop: float) -> WinnerChoice:
-    """Fastest feasible trial within ``max_drop`` of FP32; else the most accurate non-baseline one."""
+    """The fastest feasible trial within ``max_drop`` points of FP32 that is also faster than FP32.
+
+    A configuration slower than the FP32 baseline is no winner, however accurate:
+    FP32 itself dominates it. When nothing qualifies, the most accurate
+    non-baseline trial is exported as best-effort, and the reason says why.
+    """
     fp32 = baseline(recs, "fp32")
     candidates = [
         r for r in recs
@@ -137,22 +142,24 @@ def choose_winner(recs: list[TrialRecord], max_drop: float) -> WinnerChoice:
     ]
     if not candidates:
         return WinnerChoice(None, False, "no trial other than the FP32 baseline completed")
-    if fp32 is None or fp32.value is None:
+    if fp32 is None or fp32.value is None or fp32.median_ms is None:
         best = max(candidates, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
         return WinnerChoice(best, False, "the FP32 baseline did not complete, so no accuracy drop can be judged; best-effort: the most accurate trial")
-    qualifying = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
+    within = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
+    qualifying = [r for r in within if r.median_ms < fp32.median_ms]  # type: ignore[operator]
     if qualifying:
         best = min(qualifying, key=lambda r: (r.median_ms, -r.value))  # type: ignore[arg-type, return-value]
-        note = ""
-        if fp32.median_ms is not None and best.median_ms >= fp32.median_ms:  # type: ignore[operator]
-            note = " (no qualifying trial is faster than FP32 on this backend)"
-        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32{note}")
+        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32")
     pool = [r for r in candidates if r.baseline is None] or candidates
     best = max(pool, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
-    return WinnerChoice(
-        best, False,
-        f"no trial stays within {max_drop:g} points of FP32; best-effort export of the most accurate non-baseline trial",
-    )
+    if within:
+        reason = (
+            f"no trial within {max_drop:g} points of FP32 is faster than FP32 on this backend; "
+            "best-effort export of the most accurate non-baseline trial (FP32 itself is the better choice here)"
+        )
+    else:
+        reason = f"no trial stays within {max_drop:g} points of FP32; best-effort export of the most accurate non-baseline trial"
+    return WinnerChoice(best, False, reason)
 
 
 def export_winner(
