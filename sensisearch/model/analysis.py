@@ -483,6 +483,26 @@ def feeds_layers(index: GraphIndex, layers: Iterable[QuantizableLayer]) -> set[s
     return seen
 
 
+def quantized_output_readers(
+    index: GraphIndex, tensor: str, layer_inputs: set[tuple[int, int]], to_layers: set[str]
+) -> list[tuple[int, int]]:
+    """Readers of an INT8 layer's output that read its quantized value.
+
+    Layers, shape readers and ops that lead on to a layer; readers that only
+    lead to graph outputs (post-processing such as YOLO's decode) keep the float.
+    """
+    return [
+        (ci, ii)
+        for ci, ii in index.consumer_nodes(tensor)
+        if ii >= 0
+        and (
+            (ci, ii) in layer_inputs
+            or index.nodes[ci].op_type in SHAPE_READER_OP_TYPES
+            or any(o in to_layers for o in index.nodes[ci].output)
+        )
+    ]
+
+
 def int8_region(
     index: GraphIndex,
     layers: Iterable[QuantizableLayer],
@@ -554,16 +574,7 @@ def int8_region(
                 target, nodes = layer.output, ()
             if target in index.graph_outputs or target not in to_layers:
                 continue
-            readers = [
-                (ci, ii)
-                for ci, ii in index.consumer_nodes(target)
-                if ii >= 0
-                and (
-                    (ci, ii) in layer_inputs
-                    or (ci in shape_readers and ii == 0)
-                    or any(o in to_layers for o in index.nodes[ci].output)
-                )
-            ]
+            readers = quantized_output_readers(index, target, layer_inputs, to_layers)
             if readers:
                 forced_nodes.update(nodes)
                 forced_outputs[target] = readers

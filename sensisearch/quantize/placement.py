@@ -20,6 +20,7 @@ from sensisearch.model.analysis import (
     activation_epilogue,
     feeds_layers,
     int8_region,
+    quantized_output_readers,
     residual_adds,
 )
 from sensisearch.quantize.config import Precision, TrialConfig
@@ -242,15 +243,6 @@ def _plan_layer_outputs_everywhere(info, index, int8, profile, want) -> None:
             target = layer.output
         if target in index.graph_outputs or target not in to_layers:
             continue
-        readers = [
-            (ci, ii)
-            for ci, ii in index.consumer_nodes(target)
-            if ii >= 0
-            and (
-                (ci, ii) in layer_inputs
-                or index.nodes[ci].op_type in SHAPE_READER_OP_TYPES
-                or any(o in to_layers for o in index.nodes[ci].output)
-            )
-        ]
+        readers = quantized_output_readers(index, target, layer_inputs, to_layers)
         if readers:
             want(target, readers, "layer_output")
