@@ -156,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Show progress of a resumed study from where it stands.
         from sensisearch.study.runner import finished_count, open_study
 
-        progress.update(task, completed=min(finished_count(open_study(ctx)), settings.budget))
+        study = open_study(ctx)
+        progress.update(task, completed=min(finished_count(study), settings.budget))
 
         def on_trial(event: TrialEvent) -> None:
             if event.state == "COMPLETE":
@@ -167,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} ms"
             progress.update(task, completed=min(event.finished, event.budget), description=best)
 
-        study = run_study(ctx, on_trial)
+        study = run_study(ctx, on_trial, study)
     summary = write_results(ctx, study)
     _print_summary(ctx, summary, time.monotonic() - started)
     return 0

@@ -255,9 +255,14 @@ def _class_guard(ctx: StudyContext, trial: optuna.Trial, per_class: dict[str, fl
     trial.set_constraint("class_drop", worst_drop - ctx.settings.max_class_drop)
 
 
-def run_study(ctx: StudyContext, on_trial: Callable[[TrialEvent], None] | None = None) -> optuna.Study:
-    """Run trials until the study holds ``budget`` finished trials; resumes where it stopped."""
-    study = open_study(ctx)
+def run_study(
+    ctx: StudyContext, on_trial: Callable[[TrialEvent], None] | None = None, study: optuna.Study | None = None
+) -> optuna.Study:
+    """Run trials until the study holds ``budget`` finished trials; resumes where it stopped.
+
+    ``study``: an already opened study (see :func:`open_study`), to avoid opening the storage twice.
+    """
+    study = study or open_study(ctx)
     # Trials of a worker that died are failed (and re-queued) before counting.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

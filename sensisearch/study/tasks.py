@@ -159,7 +159,7 @@ def _detection(
         list_images,
         read_onnx_class_names,
     )
-    from sensisearch.evaluation.tensor_store import TensorStore
+    from sensisearch.evaluation.tensor_store import TensorStore, store_key
 
     warnings: list[str] = []
     if settings.annotations is None:
@@ -189,16 +189,6 @@ def _detection(
         for start in range(0, len(order), batch_size):
             yield store.batch(order[start : start + batch_size])
 
-    fingerprint = _paths_fingerprint(paths, f"letterbox{shape}")
-    source = CalibrationSource(fingerprint, len(paths), spec.name, batches, spec.static_batch)
+    # The store's key already covers the image files and the letterbox settings.
+    source = CalibrationSource(store_key(paths, shape), len(paths), spec.name, batches, spec.static_batch)
     return evaluator, "detection", source, warnings
-
-
-def _paths_fingerprint(paths: Sequence[Path], extra: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(extra.encode())
-    for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
