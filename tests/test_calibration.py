@@ -726,3 +726,67 @@ def test_onnxruntime_default_entropy_is_not_tensorrt_entropy():
     assert (float(lo), float(hi)) == (float(x.min()), float(x.max()))
     s = update_statistics(None, x)
     assert entropy_amax(s.counts, s.bin_width, observed_max=s.amax) < 0.3 * s.amax
+
+
+# --------------------------------------------------------------------------- threshold spread
+
+
+def test_threshold_spread_equals_single_algorithm_functions():
+    from sensisearch.calibration import TensorThresholds, calibration_label, threshold_spread
+
+    rng = np.random.default_rng(13)
+    outlier = _stats_of(np.append(rng.standard_normal(100_000), 80.0).astype(F32))
+    uniform = _stats_of(rng.uniform(-3.0, 3.0, 100_000).astype(F32))
+    zeros = _stats_of(np.zeros(100, F32))
+    spread = threshold_spread({"outlier": outlier, "uniform": uniform, "zeros": zeros}, percentiles=(99.9, 99.99))
+    assert [t.tensor for t in spread] == ["outlier", "uniform", "zeros"]
+    assert all(isinstance(t, TensorThresholds) for t in spread)
+    assert list(spread[0].amax) == ["minmax", "entropy", "percentile 99.9", "percentile 99.99", "mse"]
+    for t, s in zip(spread, (outlier, uniform, zeros)):
+        expected = {
+            "minmax": minmax_amax(s),
+            "entropy": entropy_amax(s.counts, s.bin_width, observed_max=s.amax),
+            "percentile 99.9": percentile_amax(s.counts, s.bin_width, 99.9, observed_max=s.amax),
+            "percentile 99.99": percentile_amax(s.counts, s.bin_width, 99.99, observed_max=s.amax),
+            "mse": mse_amax(s.counts, s.bin_width, observed_max=s.amax),
+        }
+        assert dict(t.amax) == expected, t.tensor
+        if s.amax > 0:
+            assert dict(t.clipping) == {k: v / s.amax for k, v in expected.items()}
+    # The outlier tensor needs clipping (its percentile amax is near N(0,1)'s
+    # 99.99% quantile 3.9, i.e. ~5% of min-max 80); the uniform one does not.
+    label, ratio = spread[0].strongest_clipping
+    assert ratio < 0.1 and spread[0].clipping["percentile 99.99"] < 0.06
+    assert spread[1].clipping["percentile 99.99"] > 0.99 and spread[1].minmax == pytest.approx(3.0, abs=1e-3)
+    assert spread[2].minmax == 0.0 and set(spread[2].clipping.values()) == {1.0}
+    assert calibration_label("percentile", 99.999) == "percentile 99.999"
+
+
+def test_threshold_spread_selection_and_bad_input():
+    from sensisearch.calibration import threshold_spread
+
+    s = _stats_of(np.random.default_rng(14).standard_normal(10_000).astype(F32))
+    only = threshold_spread({"t": s}, algorithms=["percentile"], percentiles=[99.0, 99.0, 99.5])
+    assert list(only[0].amax) == ["minmax", "percentile 99", "percentile 99.5"]  # min-max always, duplicates once
+    assert list(threshold_spread({"t": s}, algorithms=["mse"], percentiles=[])[0].amax) == ["minmax", "mse"]
+    with pytest.raises(SensisearchError, match="unknown calibration algorithm"):
+        threshold_spread({"t": s}, algorithms=["kl"])
+    with pytest.raises(SensisearchError, match=r"percentile must be in \(0, 100\]"):
+        threshold_spread({"t": s}, percentiles=[100.5])
+    with pytest.raises(SensisearchError, match="at least one percentile"):
+        threshold_spread({"t": s}, algorithms=["percentile"], percentiles=[])
+
+
+def test_threshold_spread_on_real_yolov5n_statistics(yolo_statistics):
+    # Every real tensor: the spread's thresholds are the trial's thresholds
+    # (ThresholdTable, i.e. what a study would emit), and none exceeds min-max.
+    from sensisearch.calibration import threshold_spread
+
+    spread = threshold_spread(yolo_statistics, percentiles=(99.99,))
+    table = ThresholdTable({2: yolo_statistics})
+    assert len(spread) == len(yolo_statistics) > 50
+    for t in spread:
+        assert t.amax["entropy"] == table.amax(t.tensor, 2, "entropy")
+        assert t.amax["percentile 99.99"] == table.amax(t.tensor, 2, "percentile", 99.99)
+        assert all(0.0 < r <= 1.0 for r in t.clipping.values()), t.tensor
+    assert sum(t.strongest_clipping[1] < 0.5 for t in spread) > 10  # YOLOv5n's SiLU tails get clipped
