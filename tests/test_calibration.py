@@ -588,3 +588,205 @@ def test_calibration_ranges_fill_clipped_min_and_round_trip():
     old = {"t": {"amax": 2.0, "nonnegative": False}}  # a config.json written before TensorRange.min
     assert ranges_from_dict(old) == {"t": TensorRange(2.0, False)} and ranges_from_dict(old)["t"].min is None
     assert ranges_to_dict(ranges_from_dict(old)) == old
+
+
+# --------------------------------------------------------------------------- entropy vs NVIDIA's published code
+
+
+def pytorch_quantization_amax_entropy(calib_hist, calib_bin_edges, num_bits=8, unsigned=False, stride=1, start_bin=128):
+    """NVIDIA pytorch-quantization ``calib/histogram.py::_compute_amax_entropy``, line by line.
+
+    Source: github.com/NVIDIA/TensorRT, tools/pytorch-quantization/pytorch_quantization/
+    calib/histogram.py (the open restatement of TensorRT's entropy calibration).
+    Only the final ``torch.tensor(...)`` wrapping is dropped (no torch here), and
+    ``bins`` is copied (their ``calib_hist[:]`` is a numpy VIEW, so their
+    ``bins[0] = bins[1]`` edits the caller's histogram). Their no-op
+    ``_normalize_distr`` is kept: ``scipy.stats.entropy`` normalises P and Q.
+    """
+    from collections import Counter
+
+    def _normalize_distr(distr):
+        summ = np.sum(distr)
+        if summ != 0:
+            distr = distr / summ  # noqa: F841 - as upstream: rebinds the local only
+
+    bins = np.array(calib_hist[:])
+    bins[0] = bins[1]
+    total_data = np.sum(bins)
+    divergences = []
+    arguments = []
+    nbins = 1 << (num_bits - 1 + int(unsigned))
+    starting = start_bin
+    stop = len(bins)
+    new_density_counts = np.zeros(nbins, dtype=np.float64)
+    for i in range(starting, stop + 1, stride):
+        new_density_counts.fill(0)
+        space = np.linspace(0, i, num=nbins + 1)
+        digitized_space = np.digitize(range(i), space) - 1
+        digitized_space[bins[:i] == 0] = -1
+        for idx, digitized in enumerate(digitized_space):
+            if digitized != -1:
+                new_density_counts[digitized] += bins[idx]
+        counter = Counter(digitized_space)
+        for key, val in counter.items():
+            if key != -1:
+                new_density_counts[key] = new_density_counts[key] / val
+        new_density = np.zeros(i, dtype=np.float64)
+        for idx, digitized in enumerate(digitized_space):
+            if digitized != -1:
+                new_density[idx] = new_density_counts[digitized]
+        total_counts_new = np.sum(new_density) + np.sum(bins[i:])
+        _normalize_distr(new_density)
+        reference_density = np.array(bins[: len(digitized_space)])
+        reference_density[-1] += np.sum(bins[i:])
+        total_counts_old = np.sum(reference_density)
+        if round(total_counts_new) != total_data or round(total_counts_old) != total_data:
+            raise RuntimeError("Count mismatch!")
+        _normalize_distr(reference_density)
+        ent = scipy_entropy(reference_density, new_density)
+        divergences.append(ent)
+        arguments.append(i)
+    divergences = np.array(divergences)
+    last_argmin = len(divergences) - 1 - np.argmin(divergences[::-1])
+    return calib_bin_edges[last_argmin * stride + starting]
+
+
+def _edges(stats: TensorStatistics) -> np.ndarray:
+    return np.arange(stats.nbins + 1, dtype=np.float64) * stats.bin_width
+
+
+def _rebinned(stats: TensorStatistics, factor: int) -> TensorStatistics:
+    """The same data binned at ``factor`` times the width (exact: sums of adjacent bins)."""
+    counts = stats.counts.reshape(-1, factor).sum(axis=1)
+    return TensorStatistics(stats.min, stats.max, counts, stats.bin_width * factor, stats.nonfinite)
+
+
+@pytest.fixture(scope="module")
+def yolo_statistics(yolo_model: Path, coco_dev: Path) -> dict[str, TensorStatistics]:
+    """Real YOLOv5n activation histograms (2 COCO images, the study's collector)."""
+    from sensisearch.evaluation.detection import calibration_batches
+    from sensisearch.model.analysis import analyze_model, statistics_tensors
+
+    info, model = analyze_model(yolo_model)
+    tensors = statistics_tensors(model, info)
+    feeds = ({"images": b} for b in calibration_batches(coco_dev / "images", 640, 1, limit=2))
+    return collect_statistics(yolo_model, tensors, feeds, [2])[2]
+
+
+def test_entropy_picks_pytorch_quantization_candidate_on_real_yolov5n_histograms(yolo_statistics):
+    # TensorRT's published threshold is (i + 0.5) * w (GTC 2017 slide; TPU-MLIR
+    # restatement), pytorch-quantization returns the edge i * w of the SAME
+    # candidate i. Real SiLU/concat histograms of YOLOv5n, rebinned to 512 bins
+    # (exact) to keep their O(bins^2) python loop short, plus one at full 2048.
+    names = sorted(yolo_statistics)
+    picked = [names[k] for k in np.linspace(0, len(names) - 1, 5).astype(int)]
+    clipped = 0
+    for name in picked:
+        s = _rebinned(yolo_statistics[name], 4)
+        theirs = pytorch_quantization_amax_entropy(s.counts, _edges(s))
+        ours = entropy_amax(s.counts, s.bin_width)  # uncapped: compare the candidate itself
+        assert ours == pytest.approx(theirs + 0.5 * s.bin_width, rel=1e-12), name
+        clipped += theirs < 0.9 * s.amax
+    assert clipped >= 3  # the check is not vacuous: real tensors do get clipped
+    full = yolo_statistics["/model.0/act/Mul_output_0"]
+    theirs = pytorch_quantization_amax_entropy(full.counts, _edges(full))
+    assert entropy_amax(full.counts, full.bin_width) == pytest.approx(theirs + 0.5 * full.bin_width, rel=1e-12)
+
+
+def test_entropy_known_optimum_and_pytorch_quantization_agree():
+    # Bins 0..255 hold values constant within each PAIR (and differing between
+    # pairs), nothing beyond. Candidate i = 256 merges exactly those pairs into the
+    # 128 levels, so Q == P and KL = 0; every other candidate either folds mass
+    # into its last bin or averages over unequal bins (KL > 0). Known optimum i = 256.
+    rng = np.random.default_rng(11)
+    pairs = rng.integers(100, 1000, size=128)
+    counts = np.zeros(1024, np.int64)
+    counts[:256] = np.repeat(pairs, 2)
+    counts[0] = counts[1]  # already "zero-spike suppressed", so the edit changes nothing
+    w = 0.01
+    cand, kl = entropy_divergences(counts)
+    assert kl[cand == 256][0] < 1e-12 and np.all(kl[cand != 256] > 1e-9)
+    assert entropy_amax(counts, w) == pytest.approx(256.5 * w)
+    edges = np.arange(1025) * w
+    assert pytorch_quantization_amax_entropy(counts, edges) == pytest.approx(256 * w)
+
+
+def test_onnxruntime_default_entropy_is_not_tensorrt_entropy():
+    # Why ORT's entropy numbers are no reference for ours: with its defaults
+    # (create_calibrator: num_bins=128, num_quantized_bins=128) its signed
+    # histogram has a single candidate window, the full range, on data that
+    # arrives in one batch; TensorRT's KL search clips the same outliers.
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    rng = np.random.default_rng(12)
+    x = np.append(rng.standard_normal(200_000), [25.0, -9.0]).astype(F32)
+    collector = HistogramCollector("entropy", True, 128, 128, None, None)
+    collector.collect({"t": x})
+    lo, hi = collector.compute_collection_result()["t"][:2]
+    assert (float(lo), float(hi)) == (float(x.min()), float(x.max()))
+    s = update_statistics(None, x)
+    assert entropy_amax(s.counts, s.bin_width, observed_max=s.amax) < 0.3 * s.amax
+
+
+# --------------------------------------------------------------------------- threshold spread
+
+
+def test_threshold_spread_equals_single_algorithm_functions():
+    from sensisearch.calibration import TensorThresholds, calibration_label, threshold_spread
+
+    rng = np.random.default_rng(13)
+    outlier = _stats_of(np.append(rng.standard_normal(100_000), 80.0).astype(F32))
+    uniform = _stats_of(rng.uniform(-3.0, 3.0, 100_000).astype(F32))
+    zeros = _stats_of(np.zeros(100, F32))
+    spread = threshold_spread({"outlier": outlier, "uniform": uniform, "zeros": zeros}, percentiles=(99.9, 99.99))
+    assert [t.tensor for t in spread] == ["outlier", "uniform", "zeros"]
+    assert all(isinstance(t, TensorThresholds) for t in spread)
+    assert list(spread[0].amax) == ["minmax", "entropy", "percentile 99.9", "percentile 99.99", "mse"]
+    for t, s in zip(spread, (outlier, uniform, zeros)):
+        expected = {
+            "minmax": minmax_amax(s),
+            "entropy": entropy_amax(s.counts, s.bin_width, observed_max=s.amax),
+            "percentile 99.9": percentile_amax(s.counts, s.bin_width, 99.9, observed_max=s.amax),
+            "percentile 99.99": percentile_amax(s.counts, s.bin_width, 99.99, observed_max=s.amax),
+            "mse": mse_amax(s.counts, s.bin_width, observed_max=s.amax),
+        }
+        assert dict(t.amax) == expected, t.tensor
+        if s.amax > 0:
+            assert dict(t.clipping) == {k: v / s.amax for k, v in expected.items()}
+    # The outlier tensor needs clipping (its percentile amax is near N(0,1)'s
+    # 99.99% quantile 3.9, i.e. ~5% of min-max 80); the uniform one does not.
+    label, ratio = spread[0].strongest_clipping
+    assert ratio < 0.1 and spread[0].clipping["percentile 99.99"] < 0.06
+    assert spread[1].clipping["percentile 99.99"] > 0.99 and spread[1].minmax == pytest.approx(3.0, abs=1e-3)
+    assert spread[2].minmax == 0.0 and set(spread[2].clipping.values()) == {1.0}
+    assert calibration_label("percentile", 99.999) == "percentile 99.999"
+
+
+def test_threshold_spread_selection_and_bad_input():
+    from sensisearch.calibration import threshold_spread
+
+    s = _stats_of(np.random.default_rng(14).standard_normal(10_000).astype(F32))
+    only = threshold_spread({"t": s}, algorithms=["percentile"], percentiles=[99.0, 99.0, 99.5])
+    assert list(only[0].amax) == ["minmax", "percentile 99", "percentile 99.5"]  # min-max always, duplicates once
+    assert list(threshold_spread({"t": s}, algorithms=["mse"], percentiles=[])[0].amax) == ["minmax", "mse"]
+    with pytest.raises(SensisearchError, match="unknown calibration algorithm"):
+        threshold_spread({"t": s}, algorithms=["kl"])
+    with pytest.raises(SensisearchError, match=r"percentile must be in \(0, 100\]"):
+        threshold_spread({"t": s}, percentiles=[100.5])
+    with pytest.raises(SensisearchError, match="at least one percentile"):
+        threshold_spread({"t": s}, algorithms=["percentile"], percentiles=[])
+
+
+def test_threshold_spread_on_real_yolov5n_statistics(yolo_statistics):
+    # Every real tensor: the spread's thresholds are the trial's thresholds
+    # (ThresholdTable, i.e. what a study would emit), and none exceeds min-max.
+    from sensisearch.calibration import threshold_spread
+
+    spread = threshold_spread(yolo_statistics, percentiles=(99.99,))
+    table = ThresholdTable({2: yolo_statistics})
+    assert len(spread) == len(yolo_statistics) > 50
+    for t in spread:
+        assert t.amax["entropy"] == table.amax(t.tensor, 2, "entropy")
+        assert t.amax["percentile 99.99"] == table.amax(t.tensor, 2, "percentile", 99.99)
+        assert all(0.0 < r <= 1.0 for r in t.clipping.values()), t.tensor
+    assert sum(t.strongest_clipping[1] < 0.5 for t in spread) > 10  # YOLOv5n's SiLU tails get clipped

@@ -1,6 +1,7 @@
 """Activation calibration: one FP32 statistics pass, thresholds per trial in milliseconds."""
 
 from .histogram import DEFAULT_NBINS, TensorStatistics, update_statistics
+from .spread import DEFAULT_SPREAD_PERCENTILES, TensorThresholds, calibration_label, threshold_spread
 from .statistics import (
     StatisticsByCount,
     StatisticsCache,
@@ -21,10 +22,13 @@ from .thresholds import (
 
 __all__ = [
     "DEFAULT_NBINS",
+    "DEFAULT_SPREAD_PERCENTILES",
     "StatisticsByCount",
     "StatisticsCache",
     "TensorStatistics",
+    "TensorThresholds",
     "ThresholdTable",
+    "calibration_label",
     "collect_statistics",
     "compute_amax",
     "deterministic_order",
@@ -35,5 +39,6 @@ __all__ = [
     "mse_amax",
     "mse_errors",
     "percentile_amax",
+    "threshold_spread",
     "update_statistics",
 ]
