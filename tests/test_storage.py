@@ -249,7 +249,9 @@ def test_postgres_open_uses_psycopg3_and_logs_masked(
     with caplog.at_level(logging.INFO, logger="sensisearch"):
         storage = open_storage(postgres_url, 5)
     assert storage.engine.dialect.driver == "psycopg"
-    assert storage.engine.pool.size() >= 1 and storage.engine.pool._pre_ping  # pooled, checked before use
+    # Pooled for long runs: dead connections replaced, a hung server fails within the timeout.
+    assert storage.engine_kwargs["pool_pre_ping"] is True
+    assert storage.engine_kwargs["connect_args"]["connect_timeout"] > 0
     assert mask_url(postgres_url) in caplog.text
     assert postgres_server.password not in caplog.text and "s3cret" not in caplog.text
     # The tables exist right after opening: the connection was made and checked.
@@ -284,6 +286,7 @@ def test_postgres_fresh_database_two_workers_race_to_create_tables(postgres_serv
         assert count == 4
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # fail_stale_trials
 def test_postgres_killed_worker_trial_is_failed_and_requeued(postgres_server: PostgresServer) -> None:
     database = "heartbeat"
     url = postgres_server.create_database(database)
