@@ -1,0 +1,216 @@
+"""The typed input of the review: plain data the study (or anyone) fills in.
+
+Nothing here knows about Optuna or trial attributes; the study converts its
+records into these dataclasses, and the renderers (``_html.py``, ``_png.py``)
+read only them. The small pure functions below are what both renderers share.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from sensisearch.quantize.config import Precision
+
+# One home for how a precision looks, in the HTML and in the PNGs alike.
+PRECISION_COLOURS: Mapping[str, str] = {
+    Precision.INT8.value: "#2a9d8f",
+    Precision.FP16.value: "#e9c46a",
+    Precision.FP32.value: "#e76f51",
+}
+PRECISION_ORDER: tuple[str, ...] = tuple(p.value for p in Precision)  # int8, fp16, fp32
+MISSING_CODE = -1
+
+LATENCY_SPEED_AXIS = "speed-up vs FP32 (latency, batch 1)"
+THROUGHPUT_SPEED_AXIS = "speed-up vs FP32 (throughput)"
+
+
+class PointKind(str, Enum):
+    """What a point on the Pareto plot is."""
+
+    SEARCHED = "searched"
+    BASELINE = "baseline"
+    """All-FP32 / all-INT8 / all-FP16; ``ReviewPoint.label`` says which."""
+    REFERENCE = "reference"
+    """A reference quantizer (e.g. ONNX Runtime's quantize_static); the label names it."""
+
+
+@dataclass(frozen=True)
+class ReviewPoint:
+    """One finished trial as the reviewer sees it.
+
+    ``drop`` is points below FP32 (positive = worse); the plots show the metric
+    change, ``-drop``. CIs are 95 % intervals ``(low, high)`` of the same
+    quantity, or None when the study did not compute one.
+    """
+
+    trial: int
+    metric: float
+    drop: float
+    speedup: float
+    kind: PointKind = PointKind.SEARCHED
+    label: str = ""
+    """Baseline kind (``fp32``, ``int8``, ``fp16``), reference-quantizer name, or empty."""
+    drop_ci95: tuple[float, float] | None = None
+    speedup_ci95: tuple[float, float] | None = None
+    on_front: bool = False
+    is_winner: bool = False
+    feasible: bool = True
+    precisions: Mapping[str, str] = field(default_factory=dict)
+    """Layer -> ``int8``/``fp16``/``fp32``, in graph order."""
+    calibration: str = ""
+    """Human-readable calibration, e.g. ``entropy n=256``."""
+    latencies_ms: Sequence[float] = ()
+    """Per-round latencies in milliseconds, for the distributions."""
+
+    @property
+    def metric_change(self) -> float:
+        return -self.drop
+
+    @property
+    def name(self) -> str:
+        """``#12``, ``#0 fp32 baseline``, ``#40 ort-quantize_static minmax``."""
+        if self.kind is PointKind.BASELINE:
+            return f"#{self.trial} all-{self.label.upper()} baseline" if self.label else f"#{self.trial} baseline"
+        return f"#{self.trial} {self.label}".rstrip()
+
+
+@dataclass(frozen=True)
+class SensitivityRow:
+    """Accuracy drop (points below FP32) with only this layer in INT8, and with
+    every layer but this one in INT8. None where not measured."""
+
+    layer: str
+    drop_only_this_int8: float | None
+    drop_all_but_this_int8: float | None
+
+
+@dataclass(frozen=True)
+class ClassAPRow:
+    """Per-class AP of the winner against FP32 (points), with the class's instance count."""
+
+    name: str
+    instances: int
+    fp32_ap: float
+    winner_ap: float
+
+    @property
+    def change(self) -> float:
+        return self.winner_ap - self.fp32_ap
+
+
+@dataclass(frozen=True)
+class FloatLayerEvidence:
+    """Why the winner keeps ``layer`` in FP16/FP32, in words backed by a measurement."""
+
+    layer: str
+    precision: str
+    evidence: str
+
+
+@dataclass(frozen=True)
+class ReviewData:
+    """Everything ``report.html`` and the PNGs show."""
+
+    metric_name: str
+    points: Sequence[ReviewPoint]
+    layers: Sequence[str]
+    """Quantizable layers in graph order."""
+    speed_axis: str = LATENCY_SPEED_AXIS
+    title: str = "sensisearch study review"
+    sensitivity: Sequence[SensitivityRow] = ()
+    winner_classes: Sequence[ClassAPRow] = ()
+    float_layer_evidence: Sequence[FloatLayerEvidence] = ()
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    """Model path/sha256, calibration and evaluation data identity, versions,
+    machine; values may be nested mappings."""
+    noise: str = ""
+    """One line on measurement noise, e.g. the speed-up a repeated FP32 run shows."""
+
+    def __post_init__(self) -> None:
+        trials = [p.trial for p in self.points]
+        duplicated = sorted(t for t, n in Counter(trials).items() if n > 1)
+        if duplicated:
+            raise ValueError(f"trial numbers appear more than once: {duplicated}")
+        if sum(p.is_winner for p in self.points) > 1:
+            raise ValueError("more than one point is marked is_winner")
+        known = set(self.layers)
+        for p in self.points:
+            unknown = [layer for layer in p.precisions if layer not in known]
+            if unknown:
+                raise ValueError(f"trial {p.trial}: layers not in ReviewData.layers: {unknown[:3]}")
+            bad = sorted({v for v in p.precisions.values() if v not in PRECISION_ORDER})
+            if bad:
+                raise ValueError(f"trial {p.trial}: precisions {bad} are not one of {PRECISION_ORDER}")
+
+    @property
+    def winner(self) -> ReviewPoint | None:
+        return next((p for p in self.points if p.is_winner), None)
+
+    def front(self) -> list[ReviewPoint]:
+        """Pareto-front points (the winner included), fastest first."""
+        return sorted((p for p in self.points if p.on_front or p.is_winner), key=lambda p: -p.speedup)
+
+
+def precision_codes(layers: Sequence[str], points: Sequence[ReviewPoint]) -> np.ndarray:
+    """``[points, layers]`` int array: index into :data:`PRECISION_ORDER`, -1 where unset."""
+    index = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    column = {layer: j for j, layer in enumerate(layers)}
+    codes = np.full((len(points), len(layers)), MISSING_CODE, dtype=np.int8)
+    for i, point in enumerate(points):
+        for layer, precision in point.precisions.items():
+            codes[i, column[layer]] = index[precision]
+    return codes
+
+
+def ci_offsets(values: Sequence[float], cis: Sequence[tuple[float, float] | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Error-bar lengths below and above each value (0 where no CI), never negative."""
+    vals = np.asarray(values, dtype=float)
+    low = np.array([c[0] if c else v for v, c in zip(vals, cis)], dtype=float)
+    high = np.array([c[1] if c else v for v, c in zip(vals, cis)], dtype=float)
+    return np.maximum(vals - low, 0.0), np.maximum(high - vals, 0.0)
+
+
+def negate_ci(ci: tuple[float, float] | None) -> tuple[float, float] | None:
+    """CI of ``-x`` from the CI of ``x`` (a drop's CI -> the metric change's CI)."""
+    return None if ci is None else (-ci[1], -ci[0])
+
+
+def configuration_summary(point: ReviewPoint, limit: int = 12) -> str:
+    """The configuration in a few lines: the majority precision and the exceptions.
+
+    A YOLO has ~60 layers; listing all on hover is unreadable, while "INT8
+    except 3" with the three named is the whole configuration, exactly.
+    """
+    if not point.precisions:
+        return point.calibration or "(configuration not recorded)"
+    counts = Counter(point.precisions.values())
+    majority, _ = counts.most_common(1)[0]
+    exceptions = [(layer, p) for layer, p in point.precisions.items() if p != majority]
+    head = " / ".join(f"{counts.get(p, 0)} {p.upper()}" for p in PRECISION_ORDER)
+    lines = [f"layers: {head}", f"all {majority.upper()}" + (f" except {len(exceptions)}:" if exceptions else "")]
+    lines += [f"  {layer}: {p.upper()}" for layer, p in exceptions[:limit]]
+    if len(exceptions) > limit:
+        lines.append(f"  ... and {len(exceptions) - limit} more")
+    if point.calibration:
+        lines.append(f"calibration: {point.calibration}")
+    return "\n".join(lines)
+
+
+def flatten_provenance(provenance: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Nested mapping -> ``("calibration.sha256", "ab12...")`` rows, in insertion order."""
+    rows: list[tuple[str, str]] = []
+    for key, value in provenance.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += flatten_provenance(value, f"{name}.")
+        elif isinstance(value, (list, tuple)):
+            rows.append((name, ", ".join(str(v) for v in value)))
+        else:
+            rows.append((name, "" if value is None else str(value)))
+    return rows
