@@ -1,0 +1,18 @@
+"""The study: settings, search space, per-trial pipeline, Optuna runner, results and report."""
+
+from sensisearch.study._context import StudyContext
+from sensisearch.study._record import LatencyRecord, TrialRecord, WorstClass
+from sensisearch.study.report import ReportContext
+from sensisearch.study.settings import StudySettings
+from sensisearch.study.tasks import CalibrationSource, EvaluationSetup
+
+__all__ = [
+    "CalibrationSource",
+    "EvaluationSetup",
+    "LatencyRecord",
+    "ReportContext",
+    "StudyContext",
+    "StudySettings",
+    "TrialRecord",
+    "WorstClass",
+]
