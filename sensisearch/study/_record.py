@@ -77,12 +77,15 @@ class TrialRecord:
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:
-        """The user attributes to set on the trial (fields left unset are not written)."""
+        """The user attributes to set on the trial; fields at their default are not written (they read back as it)."""
         attrs: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             key = f.metadata.get(_KEY)
+            if key is None:
+                continue
             value = getattr(self, f.name)
-            if key is not None and value is not None:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
                 attrs[key] = copy.deepcopy(value)
         return attrs
 
