@@ -29,6 +29,8 @@ import onnxruntime as ort
 
 from sensisearch.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRunner
 from sensisearch.evaluation.detection import CocoDetectionEvaluator
+from sensisearch.study.settings import StudySettings
+from sensisearch.study.tasks import build_evaluation, resolve_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -60,7 +62,10 @@ def main() -> None:
     coco = args.data / "coco-dev"
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp)
-        evaluator = CocoDetectionEvaluator.from_onnx(model, coco / "images", coco / "instances.json", cache_dir=cache)
+        # The evaluator exactly as `sensisearch run` builds it from these flags.
+        resolved = resolve_inputs(StudySettings(model=model, eval_data=coco / "images", annotations=coco / "instances.json", cache_dir=cache))
+        evaluator = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache, need_calibration=False).evaluator
+        assert isinstance(evaluator, CocoDetectionEvaluator)
         t0 = time.perf_counter()
         store = evaluator.store
         print(f"tensor cache: {len(store)} images {store.input_shape} at {store.location} ready in {time.perf_counter() - t0:.2f}s")

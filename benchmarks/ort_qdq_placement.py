@@ -603,9 +603,11 @@ def main(argv=None) -> None:
         coco = YOLO.parent / "coco-dev" / "images"
         if coco.is_dir():  # real letterboxed images (the last 8 of coco-dev)
             sys.path.insert(0, str(ROOT))
-            from sensisearch.evaluation.detection import calibration_batches, list_images
+            from sensisearch.evaluation.detection import list_images
+            from sensisearch.evaluation.tensor_store import TensorStore
 
-            ycal = np.concatenate(list(calibration_batches(list_images(coco)[-8:], 640, 1)))
+            store = TensorStore.build(list_images(coco)[-8:], (640, 640))
+            ycal = store.batch(slice(0, len(store)))
         else:
             ycal = np.random.default_rng(0).uniform(0, 1, size=(8, 3, 640, 640)).astype(np.float32)
         yrows, ybase, _ = run(

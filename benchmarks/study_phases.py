@@ -26,6 +26,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
 from sensisearch.study.references import quiet_quantizer
 from sensisearch.study.runner import prepare, run_study
+from sensisearch.study import StudyContext
 from sensisearch.study.settings import StudySettings
 
 PHASES = ("thresholds", "emit", "build", "load", "latency", "evaluate")
@@ -101,11 +102,11 @@ def cached_vs_quantize_static(ctx, samples: int, repeats: int) -> None:  # noqa:
     print(f"  ratio: cached path is {theirs / ours:.1f}x faster (goal >= 10x)")
 
 
-def ctx_calibration_batches(ctx, samples: int) -> list[np.ndarray]:  # noqa: ANN001
+def ctx_calibration_batches(ctx: StudyContext, samples: int) -> list[np.ndarray]:
     from sensisearch.calibration import deterministic_order
-    from sensisearch.study.tasks import build_evaluator
 
-    _, _, source, _ = build_evaluator(ctx.settings, ctx.info.inputs[0], ctx.model, ctx.out)
+    source = ctx.evaluation.calibration
+    assert source is not None, "the benchmark study searches INT8, so it has a calibration source"
     order = deterministic_order(source.size, ctx.settings.seed)[:samples]
     return list(source.batches(order, source.static_batch or 32))
 

@@ -85,11 +85,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bench("digits", example.model, [{"input": x[i : i + 32]} for i in range(0, 128, 32)], args.flavor, Path(tmp))
         if args.yolo:
-            from sensisearch.evaluation.detection import calibration_batches
+            from sensisearch.evaluation.tensor_store import TensorStore
 
             shared = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
             images = sorted((shared / "coco-dev" / "images").glob("*.jpg"))[:8]
-            feeds = [{"images": b} for b in calibration_batches(images, 640, 1)]
+            # The letterboxed tensor store a detector study calibrates from.
+            store = TensorStore.build(images, (640, 640))
+            feeds = [{"images": store.batch([i])} for i in range(len(store))]
             bench("yolov5n", shared / "yolov5n.onnx", feeds, args.flavor, Path(tmp))
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -18,11 +19,16 @@ from rich.table import Table
 
 from sensisearch.errors import SensisearchError
 
+if TYPE_CHECKING:
+    from sensisearch.study._context import StudyContext
+    from sensisearch.study.runner import StudySummary
+    from sensisearch.study.settings import StudySettings
+
 console = Console(stderr=True)
 stdout = Console()
 
 
-def _csv(kind: type) -> Any:
+def _csv(kind: type) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         try:
             return [kind(v) for v in text.split(",") if v.strip()]
@@ -109,7 +115,7 @@ SETTING_FLAGS = (
 )
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace) -> StudySettings:
     from sensisearch.study.settings import merge_settings, read_study_file
 
     flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}
@@ -132,7 +138,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sensisearch.study.runner import TrialEvent, prepare, run_study, write_results
+    # Imported here, not at the top: `sensisearch --help` and `doctor` stay fast without Optuna and ONNX.
+    from sensisearch.study.runner import TrialEvent, finished_count, open_study, prepare, run_study, write_results
 
     settings = _settings(args)
     ctx = prepare(settings)
@@ -154,8 +161,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     ) as progress:
         task = progress.add_task("", total=settings.budget)
         # Show progress of a resumed study from where it stands.
-        from sensisearch.study.runner import finished_count, open_study
-
         study = open_study(ctx)
         progress.update(task, completed=min(finished_count(study), settings.budget))
 
@@ -174,27 +179,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(ctx: Any, summary: Any, seconds: float) -> None:
+def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
+    from sensisearch.study.report import FRONT_COLUMNS, front_row
     from sensisearch.study.results import baseline
 
     fp32 = baseline(summary.records, "fp32")
-    table = Table(title=f"Pareto front ({ctx.evaluator.metric} vs median latency, ms per batch of {ctx.settings.latency_batch})")
-    for col in ("trial", ctx.evaluator.metric, "drop", "ms", "speed", "i8/f16/f32", "kern", "calibration"):
-        table.add_column(col, justify="right", no_wrap=col != "calibration")
+    metric = ctx.evaluator.metric
+    table = Table(title=f"Pareto front ({metric} vs median latency, ms per batch of {ctx.settings.latency_batch})")
+    for col in FRONT_COLUMNS:
+        table.add_column(col.format(metric=metric), justify="right", no_wrap=col != "calibration")
     for r in summary.front:
-        req = r.requested_counts()
-        cal = r.config.get("calibration", {})
-        table.add_row(
-            f"{r.number}" + (f" ({r.baseline})" if r.baseline else ""),
-            f"{r.value:.2f}",
-            "" if fp32 is None else f"{fp32.value - r.value:+.2f}",
-            f"{r.median_ms:.3f}",
-            "" if fp32 is None else f"{fp32.median_ms / r.median_ms:.2f}x",
-            f"{req['int8']}/{req['fp16']}/{req['fp32']}",
-            str(r.layer_precisions.get("int8", 0)),
-            (f"{cal.get('algorithm')} n={cal.get('samples')}" + (f" p={cal.get('percentile')}" if cal.get("algorithm") == "percentile" else ""))
-            if req["int8"] else "-",
-        )
+        table.add_row(*dataclasses.astuple(front_row(r, fp32)))
     stdout.print(table)
     stdout.print(escape(summary.int8_verdict.replace("**", "")))
     choice = summary.winner
@@ -225,12 +220,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from sensisearch.backends.factory import choose_backend
+    from sensisearch.backends.factory import BackendSettings, choose_backend
     from sensisearch.study.build import build_from_config
-    from sensisearch.study.settings import StudySettings
 
-    settings = StudySettings(
-        example="-", backend=args.backend, threads=args.threads, shapes=args.shapes,
+    settings = BackendSettings(
+        name=args.backend, threads=args.threads, shapes=None if args.shapes is None else tuple(args.shapes),
         workspace_mb=args.workspace_mb, opt_level=args.opt_level,
     )
     choice = choose_backend(settings)

@@ -17,7 +17,6 @@ from sensisearch.evaluation.detection import (
     CocoDetectionEvaluator,
     DetectionPredictions,
     DetectionSettings,
-    calibration_batches,
     category_mapping,
     coco80_to_coco91,
     is_yolov5_detector,
@@ -28,6 +27,9 @@ from sensisearch.evaluation.letterbox import preprocess_bgr, scale_boxes_to_inpu
 from sensisearch.evaluation.nms import batched_nms, nms
 from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.model.tensor import TensorSpec
+from sensisearch.study.evaluate import evaluate_model
+from sensisearch.study.settings import StudySettings
+from sensisearch.study.tasks import EvaluationSetup, build_evaluation, resolve_inputs
 
 # shared/data/README.md: YOLOv5n FP32 on coco-dev, pycocotools, val.py v7.0 settings (NMS IoU 0.6).
 REFERENCE = {  # subset: (mAP@[.5:.95], mAP@.5) in points
@@ -39,6 +41,17 @@ TOLERANCE = 0.5  # points; the README numbers are rounded to 0.01 points
 
 
 # --------------------------------------------------------------------------- fixtures
+def _study_evaluation(
+    model: Path, coco_dev: Path, cache: Path, *, need_calibration: bool = False, **flags: object
+) -> EvaluationSetup:
+    """The evaluator and calibration source exactly as `sensisearch run` builds them from its flags."""
+    settings = StudySettings(
+        model=model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", cache_dir=cache, **flags  # type: ignore[arg-type]
+    )
+    resolved = resolve_inputs(settings)
+    return build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache, need_calibration)
+
+
 @pytest.fixture(scope="module")
 def coco_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("coco-cache")
@@ -46,9 +59,9 @@ def coco_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_evaluator(yolo_model: Path, coco_dev: Path, coco_cache: Path) -> CocoDetectionEvaluator:
-    return CocoDetectionEvaluator.from_onnx(
-        yolo_model, coco_dev / "images", coco_dev / "instances.json", cache_dir=coco_cache
-    )
+    setup = _study_evaluation(yolo_model, coco_dev, coco_cache)
+    assert setup.task == "detection" and isinstance(setup.evaluator, CocoDetectionEvaluator)
+    return setup.evaluator
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +114,8 @@ def test_yolov5n_fp32_map_subsets(
 
 
 def test_evaluate_subset_and_map50_metric(yolo_model: Path, coco_dev: Path, coco_cache: Path) -> None:
-    ev = CocoDetectionEvaluator.from_onnx(
-        yolo_model, coco_dev / "images", coco_dev / "instances.json", cache_dir=coco_cache, limit=4, metric="mAP50"
-    )
+    ev = _study_evaluation(yolo_model, coco_dev, coco_cache, eval_limit=4, metric="mAP50").evaluator
+    assert isinstance(ev, CocoDetectionEvaluator)
     assert len(ev.image_ids) == 4
     with OnnxRuntimeBackend().load(yolo_model) as runner:
         result = ev.evaluate(runner)
@@ -152,8 +164,11 @@ class BatchLoopRunner(Runner):
 
 
 def test_static_and_dynamic_batches_give_the_same_detections(yolo_model: Path, coco_dev: Path, coco_cache: Path) -> None:
-    ev = CocoDetectionEvaluator.from_onnx(
-        yolo_model, coco_dev / "images", coco_dev / "instances.json", cache_dir=coco_cache, limit=5, batch_size=2
+    # The study's construction (input spec, class names from the export), with a batch of 2 for dynamic models.
+    spec = resolve_inputs(StudySettings(model=yolo_model)).input_spec
+    ev = CocoDetectionEvaluator(
+        coco_dev / "images", coco_dev / "instances.json", input_spec=spec, class_names=read_onnx_class_names(yolo_model),
+        cache_dir=coco_cache, limit=5, batch_size=2,
     )
     with OnnxRuntimeBackend().load(yolo_model) as runner:
         single = ev.predict(runner)
@@ -298,17 +313,27 @@ def test_tensor_store_built_once_and_keyed_by_files(coco_dev: Path, tmp_path: Pa
     np.testing.assert_array_equal(batch, first.images[[1, 2]].astype(np.float32) / np.float32(255))
 
 
-def test_calibration_batches_use_the_same_preprocessing(coco_dev: Path) -> None:
+def test_study_calibration_source_serves_letterboxed_images_in_the_asked_order(
+    yolo_model: Path, coco_dev: Path, tmp_path: Path
+) -> None:
+    """A detector study's calibration batches (--calib-data DIR) are the evaluation's letterbox, in the given order."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
     paths = sorted((coco_dev / "images").glob("*.jpg"))[:5]
-    batches = list(calibration_batches(paths, 640, batch_size=2))
-    assert [b.shape[0] for b in batches] == [2, 2, 1]
-    assert list(calibration_batches(paths, 640, batch_size=2, drop_last=True))[-1].shape[0] == 2
-    img = cv2.imread(str(paths[2]))
-    chw, _ = preprocess_bgr(img, (640, 640))
-    np.testing.assert_array_equal(batches[1][0], chw.astype(np.float32) / np.float32(255))
-    # A folder works too (its images sorted by name).
-    first = next(calibration_batches(coco_dev / "images", (640, 640), batch_size=1, limit=1))
-    np.testing.assert_array_equal(first, batches[0][:1])
+    for p in paths:
+        (calib / p.name).write_bytes(p.read_bytes())
+    setup = _study_evaluation(yolo_model, coco_dev, tmp_path / "cache", need_calibration=True, calib_data=calib, eval_limit=1)
+    source = setup.calibration
+    assert source is not None and source.size == 5 and source.input_name == "images"
+    assert not setup.warnings  # separate calibration data: no eval-on-calib warning
+    batches = list(source.batches([4, 2, 0, 1, 3], 2))
+    assert [b.shape for b in batches] == [(2, 3, 640, 640), (2, 3, 640, 640), (1, 3, 640, 640)]
+    for got, index in zip(np.concatenate(batches), [4, 2, 0, 1, 3]):
+        chw, _ = preprocess_bgr(cv2.imread(str(paths[index])), (640, 640))
+        np.testing.assert_array_equal(got, chw.astype(np.float32) / np.float32(255))
+    # Without --calib-data the study calibrates on its evaluation images, and says so.
+    fallback = _study_evaluation(yolo_model, coco_dev, tmp_path / "cache", need_calibration=True, calib_limit=3)
+    assert fallback.calibration is not None and fallback.calibration.size == 3 and fallback.warnings
 
 
 # --------------------------------------------------------------------------- model recognition and classes
@@ -380,8 +405,12 @@ def test_image_folder_errors(coco_dev: Path, tmp_path: Path) -> None:
     with pytest.raises(SensisearchError) as exc:
         CocoDetectionEvaluator(partial, ann)
     _assert_one_line(exc, "169 of 170 images", "missing from", ".jpg")
+
+def test_empty_calibration_folder_errors(yolo_model: Path, coco_dev: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(SensisearchError) as exc:
-        calibration_batches(empty).__next__()
+        _study_evaluation(yolo_model, coco_dev, tmp_path / "cache", need_calibration=True, calib_data=empty, eval_limit=1)
     _assert_one_line(exc, "contains no images")
 
 
@@ -403,18 +432,18 @@ def test_category_mismatch_errors(coco_dev: Path) -> None:
     _assert_one_line(exc, "mAP50-95")
 
 
-def test_not_a_detector_errors(mnist_dir: Path, coco_dev: Path) -> None:
+def test_not_a_detector_errors(mnist_dir: Path, coco_dev: Path, tmp_path: Path) -> None:
+    # `sensisearch evaluate --model mnist_cnn.onnx --annotations ...`: a classifier given COCO annotations.
+    settings = StudySettings(
+        model=mnist_dir / "mnist_cnn.onnx", eval_data=coco_dev / "images", annotations=coco_dev / "instances.json",
+        cache_dir=tmp_path,
+    )
     with pytest.raises(SensisearchError) as exc:
-        CocoDetectionEvaluator.from_onnx(mnist_dir / "mnist_cnn.onnx", coco_dev / "images", coco_dev / "instances.json")
-    _assert_one_line(exc, "mnist_cnn.onnx", "not a YOLOv5-style detector")
+        evaluate_model(settings)
+    _assert_one_line(exc, "YOLOv5 detector takes [N, 3, H, W] images")
     # The same check at evaluation time, for a runner built elsewhere.
     ev = CocoDetectionEvaluator(coco_dev / "images", coco_dev / "instances.json", limit=1)
     with OnnxRuntimeBackend().load(mnist_dir / "mnist_cnn.onnx") as runner, pytest.raises(SensisearchError) as exc:
         ev.evaluate(runner)
     message = str(exc.value)
     assert "\n" not in message and ("YOLOv5" in message or "detector" in message)
-
-
-def test_settings_defaults() -> None:
-    s = DetectionSettings()
-    assert (s.conf_threshold, s.iou_threshold, s.max_det, s.max_nms, s.multi_label) == (0.001, 0.6, 300, 30000, True)

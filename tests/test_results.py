@@ -97,3 +97,31 @@ def test_no_winner_slower_than_fp32() -> None:
     choice = choose_winner(records(study), max_drop=0.5)
     assert not choice.qualified
     assert choice.record.number == 3 and "faster than FP32" in choice.reason
+
+
+def test_trial_record_round_trips_through_real_storage(tmp_path) -> None:  # noqa: ANN001
+    """What the runner stores with to_attrs() reads back equal from a real SQLite storage, and
+    attributes written by an older version (or a failed trial) read back as defaults."""
+    from sensisearch.study import TrialRecord
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+    written = TrialRecord(
+        0, baseline="int8", metric="top1", metrics={"top1": 91.5, "top5": 99.0},
+        latency={"median_ms": 1.25, "p90_ms": 1.5, "mean_ms": 1.3, "min_ms": 1.1, "runs": 40, "batch_size": 1},
+        config={"precisions": {"conv1": "int8"}, "calibration": {"algorithm": "minmax", "samples": 64, "percentile": 99.99}},
+        artifact="a.onnx", deployable="d.onnx", trial_json="t.json", layer_precisions={"int8": 1, "fp32": 0},
+        timings={"build": 0.5}, per_class={"cat": 50.0}, worst_class={"name": "cat", "drop": 2.0},
+    )
+    study.add_trial(optuna.trial.create_trial(values=[91.5, 1.25], user_attrs=written.to_attrs()))
+    # An old-style trial: only a few keys, as versions before the record wrote for a failure.
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"error": "boom"}))
+    reloaded = optuna.load_study(study_name=study.study_name, storage=storage)
+    new, old = records(reloaded)
+    assert new == TrialRecord(**{**written.__dict__, "state": "COMPLETE", "value": 91.5})
+    assert new.median_ms == 1.25 and new.requested_counts() == {"int8": 1, "fp16": 0, "fp32": 0}
+    assert old.state == "FAIL" and old.error == "boom" and old.value is None
+    assert (old.baseline, old.metric, old.latency, old.config, old.per_class, old.worst_class) == (None, None, {}, {}, None, None)
+    assert old.median_ms is None and TrialRecord.recorded_error(reloaded.trials[1]) == "boom"
+    # Unset fields are not written, so a failed record stores only what it knows.
+    assert TrialRecord(3, error="x", baseline="fp32").to_attrs() == {"baseline": "fp32", "error": "x"}

@@ -135,9 +135,17 @@ def digits_built(flavor: TensorRTFlavor, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def yolo_built(flavor: TensorRTFlavor, yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from sensisearch.evaluation.detection import calibration_batches
+    from sensisearch.study.settings import StudySettings
+    from sensisearch.study.tasks import build_evaluation, resolve_inputs
 
-    batches = [{"images": b} for b in calibration_batches(coco_dev / "images", 640, 1, limit=2)]
+    # Calibration batches as a detector study makes them (first 2 images, letterboxed).
+    cache = tmp_path_factory.mktemp("trt-yolo-cache")
+    resolved = resolve_inputs(StudySettings(
+        model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", calib_limit=2, cache_dir=cache,
+    ))
+    source = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache).calibration
+    assert source is not None
+    batches = [{"images": b} for b in source.batches(range(source.size), 1)]
     return _build_all(flavor, yolo_model, batches, tmp_path_factory.mktemp("trt-yolo"))
 
 

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sensisearch.backends.base import Backend
 from sensisearch.errors import SensisearchError
 
-if TYPE_CHECKING:
-    from sensisearch.study.settings import StudySettings
-
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """What a backend is built from (the study's ``--backend`` and builder flags)."""
+
+    name: str = "auto"
+    threads: int | None = None
+    """ONNX Runtime intra-op threads (None: its default)."""
+    shapes: tuple[str, ...] | None = None
+    """TensorRT optimization profiles, ``name:MIN/OPT/MAX``."""
+    workspace_mb: int | None = None
+    opt_level: int = 3
+    latency_batch: int = 1
+    """The batch the engine is timed at (TensorRT's profile OPT)."""
+    eval_batch: int = 1
+    """The largest batch evaluation feeds (with ``latency_batch``, TensorRT's profile MAX)."""
 
 
 @dataclass(frozen=True)
@@ -23,13 +36,13 @@ class BackendChoice:
     run_reason: str
 
 
-def _onnxruntime(settings: "StudySettings") -> Backend:
+def _onnxruntime(settings: BackendSettings) -> Backend:
     from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(threads=settings.threads)
 
 
-def _tensorrt(settings: "StudySettings", flavor: str, out: Path | None) -> Backend:
+def _tensorrt(settings: BackendSettings, flavor: str, out: Path | None) -> Backend:
     from sensisearch.backends.tensorrt import make_tensorrt_backend
 
     return make_tensorrt_backend(
@@ -40,13 +53,13 @@ def _tensorrt(settings: "StudySettings", flavor: str, out: Path | None) -> Backe
         # One timing cache per study, reused by every trial and by later runs.
         timing_cache=None if out is None else out / "timing.cache",
         opt_batch=settings.latency_batch,
-        max_batch=max(settings.batch_size, settings.latency_batch),
+        max_batch=max(settings.eval_batch, settings.latency_batch),
     )
 
 
-def choose_backend(settings: "StudySettings", out: Path | None = None) -> BackendChoice:
-    """The backend for ``settings.backend``, why it was chosen, and whether it can run here."""
-    name = settings.backend
+def choose_backend(settings: BackendSettings, out: Path | None = None) -> BackendChoice:
+    """The backend ``settings.name``, why it was chosen, and whether it can run here."""
+    name = settings.name
     if name in ("onnxruntime", "ort"):
         return BackendChoice(_onnxruntime(settings), "requested with --backend onnxruntime", True, "runs on this CPU")
     if name in ("tensorrt", "tensorrt-rtx"):
@@ -70,5 +83,5 @@ def choose_backend(settings: "StudySettings", out: Path | None = None) -> Backen
     raise SensisearchError(f"--backend {name}: unknown backend (use one of {', '.join(BACKENDS)})")
 
 
-def make_backend(settings: "StudySettings", out: Path | None = None) -> Backend:
+def make_backend(settings: BackendSettings, out: Path | None = None) -> Backend:
     return choose_backend(settings, out).backend

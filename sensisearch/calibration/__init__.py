@@ -7,7 +7,6 @@ from .statistics import (
     StatisticsCache,
     collect_statistics,
     deterministic_order,
-    file_sha256,
 )
 from .thresholds import (
     ThresholdTable,
@@ -34,7 +33,6 @@ __all__ = [
     "deterministic_order",
     "entropy_amax",
     "entropy_divergences",
-    "file_sha256",
     "minmax_amax",
     "mse_amax",
     "mse_errors",

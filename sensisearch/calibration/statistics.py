@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
-from sensisearch.fileio import atomic_writer, sha256_file
+from sensisearch.fileio import atomic_writer
 
 from .histogram import DEFAULT_NBINS, TensorStatistics, update_statistics
 
@@ -252,11 +252,6 @@ def collect_statistics(
         len(tensors), collector.seen, time.perf_counter() - started,
     )
     return collector.result
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (for :meth:`StatisticsCache.key`)."""
-    return sha256_file(path, chunk)
 
 
 class StatisticsCache:

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -194,30 +194,6 @@ def read_onnx_class_names(onnx_path: Path) -> list[str] | None:
                 log.warning("ignoring unparsable 'names' metadata in %s", onnx_path)
             return names
     return None
-
-
-def _onnx_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    import onnx
-    from onnx import helper
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - onnx raises several types for bad files
-        raise SensisearchError(f"cannot read ONNX model {onnx_path}: {_one_line(exc) or type(exc).__name__}; pass a valid .onnx file") from exc
-    initializers = {i.name for i in model.graph.initializer}
-
-    def spec(value_info: Any) -> TensorSpec:
-        t = value_info.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type))
-        except Exception:  # noqa: BLE001
-            dtype = np.dtype(np.float32)
-        return TensorSpec(value_info.name, dims, dtype)
-
-    inputs = [spec(v) for v in model.graph.input if v.name not in initializers]
-    outputs = [spec(v) for v in model.graph.output]
-    return inputs, outputs
 
 
 # --------------------------------------------------------------------------- COCO data
@@ -451,30 +427,6 @@ class CocoDetectionEvaluator(Evaluator):
         if self.class_names is not None:
             self._category_ids = category_mapping(self._categories, len(self.class_names), self.class_names, str(self.annotations))
 
-    # ------------------------------------------------------------------ construction helpers
-    @classmethod
-    def from_onnx(cls, onnx_path: Path, images_dir: Path, annotations: Path, **kwargs: Any) -> "CocoDetectionEvaluator":
-        """An evaluator set up for this ONNX model: its input, its class names, and a detector check."""
-        onnx_path = Path(onnx_path)
-        if not onnx_path.is_file():
-            raise SensisearchError(f"model file {onnx_path} does not exist; pass a YOLOv5 ONNX export")
-        inputs, outputs = _onnx_io(onnx_path)
-        image_inputs = [s for s in inputs if len(s.shape) == 4]
-        if len(image_inputs) != 1:
-            raise SensisearchError(f"model {onnx_path} has {len(image_inputs)} image inputs; a YOLOv5 detector has one [N, 3, H, W] input")
-        spec = image_inputs[0]
-        hw = (spec.shape[2], spec.shape[3])
-        names = kwargs.pop("class_names", None)
-        if names is None:
-            names = read_onnx_class_names(onnx_path)
-        if not is_yolov5_detector(outputs, hw):
-            shapes = ", ".join(str(list(s.shape)) for s in outputs)
-            raise SensisearchError(
-                f"model {onnx_path} is not a YOLOv5-style detector (outputs {shapes}); "
-                "expected a decoded [N, anchors, 5 + classes] output as exported by YOLOv5 export.py without NMS"
-            )
-        return cls(images_dir, annotations, input_spec=spec, class_names=names, **kwargs)
-
     def _resolve_images(self, images: list[Mapping[str, Any]]) -> list[Path]:
         list_images(self.images_dir)  # clear error for a missing or empty folder
         paths: list[Path] = []
@@ -674,42 +626,3 @@ class CocoDetectionEvaluator(Evaluator):
             if ap >= 0:  # classes without ground truth in these images have no AP
                 per_class[self._class_name(int(cat_id), category_ids)] = ap * 100.0
         return metrics, per_class
-
-
-# --------------------------------------------------------------------------- calibration
-def calibration_batches(
-    images: Path | Sequence[Path],
-    input_shape: int | tuple[int, int] = 640,
-    batch_size: int = 1,
-    *,
-    cache_dir: Path | None = None,
-    limit: int | None = None,
-    pad_value: int = PAD_VALUE,
-    drop_last: bool = False,
-) -> Iterator[np.ndarray]:
-    """float32 ``[B, 3, H, W]`` batches of unlabeled images, letterboxed exactly like the evaluation.
-
-    ``images`` is a folder (its image files, sorted by name) or a list of files;
-    ``limit`` keeps the first N. The last batch is smaller unless ``drop_last``.
-    """
-    if isinstance(images, (str, Path)):
-        paths = list_images(Path(images))
-    else:
-        paths = [Path(p) for p in images]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise SensisearchError(f"{len(missing)} calibration images do not exist (first: {', '.join(str(p) for p in missing[:3])}); check the list")
-    if limit is not None:
-        paths = paths[:limit]
-    if not paths:
-        raise SensisearchError("no calibration images given; pass a folder of images or a list of files")
-    if batch_size < 1:
-        raise SensisearchError(f"calibration batch size must be at least 1, got {batch_size}")
-    shape = (input_shape, input_shape) if isinstance(input_shape, int) else (int(input_shape[0]), int(input_shape[1]))
-    store = TensorStore.build(paths, shape, cache_dir, pad_value)
-    n = len(store)
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        if drop_last and stop - start < batch_size:
-            return
-        yield store.batch(slice(start, stop))

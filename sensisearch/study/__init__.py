@@ -1,9 +1,24 @@
-"""The study: settings, search space, per-trial pipeline, Optuna runner, results."""
+"""The study: settings, search space, per-trial pipeline, Optuna runner, results and report."""
 
-# Study storage (issue 12): safe opening and credential masking.
+from sensisearch.study._context import StudyContext
+from sensisearch.study._identity import StudyIdentity, effective_config_key
+from sensisearch.study._record import LatencyRecord, TrialRecord, WorstClass
 from sensisearch.study._storage import mask_url, open_storage
+from sensisearch.study.report import ReportContext
+from sensisearch.study.settings import StudySettings
+from sensisearch.study.tasks import CalibrationSource, EvaluationSetup
 
 __all__ = [
+    "CalibrationSource",
+    "EvaluationSetup",
+    "LatencyRecord",
+    "ReportContext",
+    "StudyContext",
+    "StudyIdentity",
+    "StudySettings",
+    "TrialRecord",
+    "WorstClass",
+    "effective_config_key",
     "mask_url",
     "open_storage",
 ]

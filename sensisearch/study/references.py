@@ -14,7 +14,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from sensisearch.calibration import deterministic_order
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.emit import save_model
 from sensisearch.quantize.opset import upgraded
+
+if TYPE_CHECKING:
+    from sensisearch.study._context import StudyContext
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +57,15 @@ def quiet_quantizer() -> Iterator[None]:
         root.setLevel(level)
 
 
-def run_references(ctx: Any, samples: int) -> list[dict[str, Any]]:  # ctx: StudyContext (avoids an import cycle)
-    """Quantize, build, time and evaluate each reference; results also go to ``references.json``."""
+def run_references(ctx: StudyContext, samples: int) -> list[dict[str, Any]]:
+    """Quantize, build, time and evaluate each reference; results also go to ``references.json``.
+
+    They calibrate on the study's own calibration source (none: no references).
+    """
+    # Heavy (pulls in onnxruntime's quantization tooling), and only needed with --compare-ort-quantizer.
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from sensisearch.study.tasks import build_evaluator
-
-    _, _, source, _ = build_evaluator(ctx.settings, ctx.info.inputs[0], ctx.model, ctx.out)
+    source = ctx.evaluation.calibration
     if source is None:
         return []
     order = deterministic_order(source.size, ctx.settings.seed)[:samples]

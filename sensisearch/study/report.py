@@ -2,12 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sensisearch.fileio import write_text_atomic
-from sensisearch.study.results import SPEEDUP_NOISE, TrialRecord, WinnerChoice, baseline
+from sensisearch.study._record import TrialRecord
+from sensisearch.study.results import SPEEDUP_NOISE, WinnerChoice, baseline
+
+
+@dataclass(frozen=True)
+class ReportContext:
+    """What the report says about the study besides its trials."""
+
+    metric: str
+    model_path: Path
+    model_sha256: str
+    num_layers: int
+    backend: dict[str, Any]
+    """``Backend.describe()``."""
+    latency_batch: int
+    budget: int
+    precisions: tuple[str, ...]
+    algorithms: tuple[str, ...]
+    sample_counts: tuple[int, ...]
+    max_drop: float
+    fp16_note: str | None = None
+    warnings: tuple[str, ...] = ()
+    references: tuple[dict[str, Any], ...] = ()
+    """Rows of ``references.json`` (``--compare-ort-quantizer``)."""
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    """One Pareto-front trial, formatted: the report's table and the CLI's show the same text."""
+
+    trial: str
+    value: str
+    drop: str
+    median_ms: str
+    p90_ms: str
+    speedup: str
+    layers: str
+    kernels: str
+    calibration: str
+
+
+FRONT_COLUMNS = ("trial", "{metric}", "drop", "median ms", "p90 ms", "speed-up", "layers int8/fp16/fp32", "integer kernels", "calibration")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -27,6 +70,17 @@ def _calibration(r: TrialRecord) -> str:
     if cal.get("algorithm") == "percentile":
         text += f" p={cal.get('percentile')}"
     return text
+
+
+def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
+    ref = None if fp32 is None else fp32.value
+    drop = None if ref is None or r.value is None else ref - r.value
+    speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
+    return FrontRow(
+        trial=f"{r.number}" + (f" ({r.baseline})" if r.baseline else ""),
+        value=_fmt(r.value), drop=_fmt(drop), median_ms=_fmt(r.median_ms, 3), p90_ms=_fmt(r.latency.get("p90_ms"), 3),
+        speedup=f"{_fmt(speed)}x", layers=_layers(r), kernels=str(r.layer_precisions.get("int8", 0)), calibration=_calibration(r),
+    )
 
 
 def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
@@ -73,23 +127,24 @@ def layer_effects(recs: list[TrialRecord]) -> list[tuple[str, int, int, float, f
 
 
 def write_report(
-    out: Path, recs: list[TrialRecord], front: list[TrialRecord], choice: WinnerChoice, context: dict[str, Any]
+    out: Path, recs: list[TrialRecord], front: list[TrialRecord], choice: WinnerChoice, context: ReportContext
 ) -> Path:
-    metric = context["metric"]
+    metric = context.metric
     fp32 = baseline(recs, "fp32")
     ref = None if fp32 is None else fp32.value
-    lines = [f"# sensisearch report: {context['model_name']}", ""]
+    backend = ", ".join(f"{k}={v}" for k, v in context.backend.items())
+    lines = [f"# sensisearch report: {context.model_path.name}", ""]
     lines += [
-        f"- Model: `{context['model_path']}` (sha256 `{context['model_sha256'][:16]}…`, {context['num_layers']} quantizable layers)",
-        f"- Backend: {context['backend']}",
-        f"- Metric: {metric} (points, higher is better); latency: median ms per batch of {context['latency_batch']}",
-        f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, budget {context['budget']}",
-        f"- Search: precisions {', '.join(context['precisions'])}; calibration {', '.join(context['algorithms'])}; samples {context['sample_counts']}",
+        f"- Model: `{context.model_path}` (sha256 `{context.model_sha256[:16]}…`, {context.num_layers} quantizable layers)",
+        f"- Backend: {backend}",
+        f"- Metric: {metric} (points, higher is better); latency: median ms per batch of {context.latency_batch}",
+        f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, budget {context.budget}",
+        f"- Search: precisions {', '.join(context.precisions)}; calibration {', '.join(context.algorithms)}; samples {list(context.sample_counts)}",
     ]
-    for warning in context.get("warnings", []):
+    for warning in context.warnings:
         lines.append(f"- Warning: {warning}")
-    if "fp16_note" in context and "fp16" in context["precisions"]:
-        lines.append(f"- FP16 on this backend: {context['fp16_note']}")
+    if context.fp16_note is not None and "fp16" in context.precisions:
+        lines.append(f"- FP16 on this backend: {context.fp16_note}")
     lines += ["", "## Baselines", "", f"| baseline | trial | {metric} | median ms | p90 ms | speed-up vs FP32 | integer kernels |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("fp32", "int8", "fp16"):
         r = baseline(recs, name)
@@ -107,16 +162,10 @@ def write_report(
     lines += ["", text, "", "## Pareto front", ""]
     if verdict is False:
         lines += ["(Accuracy-only: INT8 is not faster here, see above.)", ""]
-    lines += [f"| trial | {metric} | drop | median ms | p90 ms | speed-up | layers int8/fp16/fp32 | integer kernels | calibration |", "|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    lines += ["| " + " | ".join(c.format(metric=metric) for c in FRONT_COLUMNS) + " |", "|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in front:
-        drop = None if ref is None else ref - r.value  # type: ignore[operator]
-        speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
-        tag = f" ({r.baseline})" if r.baseline else ""
-        lines.append(
-            f"| {r.number}{tag} | {_fmt(r.value)} | {_fmt(drop)} | {_fmt(r.median_ms, 3)} | {_fmt(r.latency.get('p90_ms'), 3)} | "
-            f"{_fmt(speed)}x | {_layers(r)} | {r.layer_precisions.get('int8', 0)} | {_calibration(r)} |"
-        )
-    references = context.get("references") or []
+        lines.append("| " + " | ".join(dataclasses.astuple(front_row(r, fp32))) + " |")
+    references = context.references
     if references:
         lines += [
             "",
@@ -145,7 +194,7 @@ def write_report(
         lines += [
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",
-            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, drop {_fmt(None if ref is None else ref - r.value)}; allowed {context['max_drop']:g})",  # type: ignore[operator]
+            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, drop {_fmt(None if ref is None else ref - r.value)}; allowed {context.max_drop:g})",  # type: ignore[operator]
             f"- median {_fmt(r.median_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
             f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
             f"- calibration: {_calibration(r)}",

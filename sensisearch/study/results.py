@@ -1,7 +1,8 @@
 """Study results: Pareto front, winner export, report files.
 
 Everything here reads the Optuna storage only, so results can be rewritten at
-any time (after a crash, by another worker, or with ``sensisearch report``).
+any time (after a crash, or by another worker): re-running ``sensisearch run``
+with the same budget rewrites them without running a trial.
 """
 
 from __future__ import annotations
@@ -11,92 +12,23 @@ import io
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
 from sensisearch.fileio import write_json_atomic, write_text_atomic
+from sensisearch.study._record import TrialRecord
 
 log = logging.getLogger(__name__)
 
-BASELINE_ATTR = "baseline"
 # All-INT8 must beat FP32 by more than latency noise to count as a speed-up.
 SPEEDUP_NOISE = 0.05
 
 
-@dataclass
-class TrialRecord:
-    number: int
-    state: str
-    baseline: str | None
-    metric: str | None
-    value: float | None
-    latency: dict[str, Any]
-    config: dict[str, Any]
-    artifact: str | None
-    deployable: str | None
-    layer_precisions: dict[str, int]
-    error: str | None
-    feasible: bool
-    per_class: dict[str, float] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def median_ms(self) -> float | None:
-        return self.latency.get("median_ms")
-
-    def requested_counts(self) -> dict[str, int]:
-        counts = {"int8": 0, "fp16": 0, "fp32": 0}
-        for p in self.config.get("precisions", {}).values():
-            counts[p] = counts.get(p, 0) + 1
-        return counts
-
-    def to_dict(self, reference: float | None) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "baseline": self.baseline,
-            "metric": self.metric,
-            "value": self.value,
-            "drop": None if reference is None or self.value is None else reference - self.value,
-            "latency": self.latency,
-            "config": self.config,
-            "artifact": self.artifact,
-            "deployable_onnx": self.deployable,
-            "layers_requested": self.requested_counts(),
-            "layers_run": self.layer_precisions,
-        }
-
-
-def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    # Optuna 5: trial.set_constraint(key, value); feasible iff every value <= 0.
-    return all(v <= 0 for v in trial.constraints.values())
-
-
 def records(study: optuna.Study) -> list[TrialRecord]:
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        attrs = t.user_attrs
-        out.append(
-            TrialRecord(
-                number=t.number,
-                state=t.state.name,
-                baseline=attrs.get(BASELINE_ATTR),
-                metric=attrs.get("metric"),
-                value=t.values[0] if t.values else None,
-                latency=dict(attrs.get("latency", {})),
-                config=dict(attrs.get("config", {})),
-                artifact=attrs.get("artifact"),
-                deployable=attrs.get("deployable"),
-                layer_precisions=dict(attrs.get("layer_precisions", {})),
-                error=attrs.get("error"),
-                feasible=_feasible(t),
-                per_class=attrs.get("per_class"),
-                timings=dict(attrs.get("timings", {})),
-            )
-        )
-    return out
+    return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False)]
 
 
 def pareto_front(recs: list[TrialRecord]) -> list[TrialRecord]:

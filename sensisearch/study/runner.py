@@ -2,56 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-import onnx
 import optuna
 
-from sensisearch.backends.base import Backend, LatencySettings
+from sensisearch.backends.base import LatencySettings
 from sensisearch.backends.factory import choose_backend
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.base import Evaluator
-from sensisearch.model.analysis import ModelInfo
-from sensisearch.quantize.config import CalibrationChoice, Precision
-from sensisearch.study.calibrate import CalibrationRanges, prepare_calibration
 from sensisearch.fileio import write_json_atomic
-from sensisearch.study.pipeline import TrialPipeline
+from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
+from sensisearch.study._context import StudyContext
+from sensisearch.study._record import TrialRecord, WorstClass
+from sensisearch.study.calibrate import prepare_calibration
+from sensisearch.study.pipeline import TrialPipeline, ranges_to_dict
+from sensisearch.study.references import run_references
+from sensisearch.study.report import ReportContext, int8_speed_verdict, write_report
+from sensisearch.study.results import WinnerChoice, baseline, choose_winner, export_winner, pareto_front, records, write_pareto
 from sensisearch.study.settings import StudySettings
 from sensisearch.study.space import SearchSpace, capped_sample_counts
-from sensisearch.study.tasks import build_evaluator, resolve_inputs
+from sensisearch.study.tasks import build_evaluation, resolve_inputs
 
 log = logging.getLogger(__name__)
 
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
-BASELINE_ATTR = "baseline"
-
-
-@dataclass
-class StudyContext:
-    settings: StudySettings
-    out: Path
-    model_path: Path
-    model: onnx.ModelProto
-    info: ModelInfo
-    backend: Backend
-    evaluator: Evaluator
-    space: SearchSpace
-    pipeline: TrialPipeline
-    calibration: CalibrationRanges | None
-    storage_url: str
-    study_name: str
-    task: str
-    warnings: list[str] = field(default_factory=list)
-    backend_reason: str = ""
-
-    @property
-    def trials_dir(self) -> Path:
-        return self.out / "trials"
 
 
 @dataclass(frozen=True)
@@ -76,7 +56,8 @@ def prepare(settings: StudySettings) -> StudyContext:
     settings = resolved.settings
     out = settings.out or Path("runs") / resolved.model_path.stem
     out.mkdir(parents=True, exist_ok=True)
-    choice = choose_backend(settings, out)
+    backend_settings = settings.backend_settings()
+    choice = choose_backend(backend_settings, out)
     if not choice.can_run:
         raise SensisearchError(
             f"--backend {settings.backend}: builds here but cannot run engines ({choice.run_reason}); "
@@ -87,7 +68,8 @@ def prepare(settings: StudySettings) -> StudyContext:
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
     if unsupported:
         log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
-    evaluator, task, calib_source, warnings = build_evaluator(settings, resolved.input_spec, resolved.model, out, need_calibration=Precision.INT8 in precisions)
+    evaluation = build_evaluation(settings, resolved.input_spec, resolved.model, out, need_calibration=Precision.INT8 in precisions)
+    calib_source = evaluation.calibration
     calibration = None
     sample_counts: tuple[int, ...] = tuple(settings.sample_counts)
     if Precision.INT8 in precisions:
@@ -108,15 +90,15 @@ def prepare(settings: StudySettings) -> StudyContext:
         default_calibration=CalibrationChoice(settings.default_algorithm, default_samples, 99.99),
     )
     pipeline = TrialPipeline(
-        resolved.model, resolved.info, backend, evaluator, calibration,
+        resolved.model, resolved.info, backend, evaluation.evaluator, calibration,
         LatencySettings(min_seconds=settings.latency_seconds), settings.latency_batch,
     )
     storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     return StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
-        backend=backend, evaluator=evaluator, space=space, pipeline=pipeline, calibration=calibration,
-        storage_url=storage_url, study_name=settings.study_name or resolved.model_path.stem, task=task,
-        warnings=warnings + resolved.warnings, backend_reason=choice.reason,
+        backend_settings=backend_settings, backend=backend, evaluation=evaluation, space=space, pipeline=pipeline,
+        calibration=calibration, storage_url=storage_url, study_name=settings.study_name or resolved.model_path.stem,
+        model_warnings=tuple(resolved.warnings), backend_reason=choice.reason,
     )
 
 
@@ -173,7 +155,7 @@ def enqueue_baselines(ctx: StudyContext, study: optuna.Study) -> None:
     for precision in order:
         if precision in ctx.space.precisions:
             config = ctx.space.uniform(precision)
-            study.enqueue_trial(ctx.space.params_for(config), user_attrs={BASELINE_ATTR: precision.value}, skip_if_exists=True)
+            study.enqueue_trial(ctx.space.params_for(config), user_attrs=TrialRecord.baseline_attrs(precision.value), skip_if_exists=True)
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -185,7 +167,7 @@ def finished_count(study: optuna.Study) -> int:
     """
     count = 0
     for t in study.get_trials(deepcopy=False, states=FINISHED_STATES):
-        if t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs:
+        if t.state == optuna.trial.TrialState.FAIL and TrialRecord.recorded_error(t) is None:
             continue
         count += 1
     return count
@@ -196,9 +178,12 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
         config = ctx.space.suggest(trial)
         trial_dir = ctx.trials_dir / f"{trial.number:04d}"
         trial_dir.mkdir(parents=True, exist_ok=True)
-        record = {
+        # The baseline mark was stored by enqueue_baselines.
+        baseline_name = TrialRecord.from_attrs(trial.number, trial.user_attrs).baseline
+        trial_json = trial_dir / "trial.json"
+        header = {
             "number": trial.number,
-            "baseline": trial.user_attrs.get(BASELINE_ATTR),
+            "baseline": baseline_name,
             "model": {"path": str(ctx.model_path.resolve()), "sha256": ctx.info.sha256},
             "backend": ctx.backend.describe(),
             "config": config.to_dict(),
@@ -207,52 +192,63 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
             outcome = ctx.pipeline.run(config, trial_dir)
         except Exception as exc:
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
-            trial.set_user_attr("error", error)
-            write_json_atomic(trial_dir / "trial.json", {**record, "status": "failed", "error": error, "traceback": traceback.format_exc()})
+            failed = TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error)
+            _store(trial, failed)
+            write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
             raise
-        result = outcome.to_dict()
-        trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("metric", outcome.evaluation.metric)
-        trial.set_user_attr("metrics", outcome.evaluation.metrics)
-        trial.set_user_attr("latency", outcome.latency.to_dict())
-        trial.set_user_attr("artifact", str(outcome.build.artifact))
-        trial.set_user_attr("deployable", str(outcome.deployable))
-        trial.set_user_attr("layer_precisions", dict(outcome.build.layer_precisions))
-        trial.set_user_attr("timings", outcome.timings)
-        trial.set_user_attr("trial_json", str(trial_dir / "trial.json"))
-        if outcome.evaluation.per_class is not None:
-            trial.set_user_attr("per_class", outcome.evaluation.per_class)
-            if ctx.settings.max_class_drop is not None:
-                _class_guard(ctx, trial, outcome.evaluation.per_class)
-        write_json_atomic(trial_dir / "trial.json", {**record, "status": "complete", **result})
-        return outcome.evaluation.value, outcome.latency.median_ms
+        evaluation = outcome.evaluation
+        worst_class = None
+        if evaluation.per_class is not None and ctx.settings.max_class_drop is not None:
+            reference = evaluation.per_class if baseline_name == "fp32" else _fp32_per_class(trial.study)
+            if reference is None:
+                log.warning("trial %d: no FP32 per-class scores yet, class guard not applied", trial.number)
+            else:
+                worst_class = worst_class_drop(reference, evaluation.per_class)
+                trial.set_constraint("class_drop", worst_class["drop"] - ctx.settings.max_class_drop)
+        record = TrialRecord(
+            trial.number,
+            baseline=baseline_name,
+            metric=evaluation.metric,
+            metrics=dict(evaluation.metrics),
+            latency=outcome.latency.to_dict(),  # type: ignore[typeddict-item]
+            config=config.to_dict(),
+            artifact=str(outcome.build.artifact),
+            deployable=str(outcome.deployable),
+            trial_json=str(trial_json),
+            layer_precisions=dict(outcome.build.layer_precisions),
+            timings=dict(outcome.timings),
+            per_class=evaluation.per_class,
+            worst_class=worst_class,
+        )
+        _store(trial, record)
+        write_json_atomic(trial_json, {**header, "status": "complete", **outcome.to_dict()})
+        return evaluation.value, outcome.latency.median_ms
 
     return objective
 
 
-def _class_guard(ctx: StudyContext, trial: optuna.Trial, per_class: dict[str, float]) -> None:
-    """Per-class regression guard: infeasible when a class falls more than --max-class-drop below FP32."""
-    import math
+def _store(trial: optuna.Trial, record: TrialRecord) -> None:
+    for key, value in record.to_attrs().items():
+        trial.set_user_attr(key, value)
 
-    reference = per_class if trial.user_attrs.get(BASELINE_ATTR) == "fp32" else None
-    if reference is None:
-        for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get(BASELINE_ATTR) == "fp32":
-                reference = t.user_attrs.get("per_class")
-                break
-    if reference is None:
-        log.warning("trial %d: no FP32 per-class scores yet, class guard not applied", trial.number)
-        return
+
+def _fp32_per_class(study: optuna.Study) -> dict[str, float] | None:
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        record = TrialRecord.from_trial(t)
+        if record.baseline == "fp32":
+            return record.per_class
+    return None
+
+
+def worst_class_drop(reference: dict[str, float], per_class: dict[str, float]) -> WorstClass:
+    """The class that fell most below ``reference`` (points); classes with a non-finite score are skipped."""
     drops = {
         name: reference[name] - value
         for name, value in per_class.items()
         if name in reference and math.isfinite(value) and math.isfinite(reference[name])
     }
-    worst = max(drops, key=drops.get) if drops else None  # type: ignore[arg-type]
-    worst_drop = drops[worst] if worst else 0.0
-    assert ctx.settings.max_class_drop is not None
-    trial.set_user_attr("worst_class", {"name": worst, "drop": worst_drop})
-    trial.set_constraint("class_drop", worst_drop - ctx.settings.max_class_drop)
+    worst = max(drops, key=drops.__getitem__) if drops else None
+    return {"name": worst, "drop": drops[worst] if worst is not None else 0.0}
 
 
 def run_study(
@@ -301,16 +297,16 @@ def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) ->
         latency_ms=trial.values[1] if trial.values else None,
         best_value=best_value,
         best_latency_ms=best_latency,
-        error=trial.user_attrs.get("error"),
+        error=TrialRecord.recorded_error(trial),
         seconds=seconds,
     )
 
 
 @dataclass
 class StudySummary:
-    records: list
-    front: list
-    winner: object
+    records: list[TrialRecord]
+    front: list[TrialRecord]
+    winner: WinnerChoice
     winner_dir: Path | None
     report: Path
     int8_faster: bool | None
@@ -319,18 +315,11 @@ class StudySummary:
 
 def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     """pareto.json/.csv, winner/ and report.md from what the storage holds now."""
-    from sensisearch.study.report import int8_speed_verdict, write_report
-    from sensisearch.study.results import baseline, choose_winner, export_winner, pareto_front, records, write_pareto
-
     recs = records(study)
     front = pareto_front(recs)
-    references: list[dict] = []
+    references: list[dict[str, Any]] = []
     references_file = ctx.out / "references.json"
     if ctx.settings.compare_ort_quantizer and Precision.INT8 in ctx.space.precisions:
-        import json
-
-        from sensisearch.study.references import run_references
-
         # Once per output folder: a resumed study reuses the scored references.
         if references_file.is_file():
             references = json.loads(references_file.read_text())
@@ -341,14 +330,12 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     choice = choose_winner(recs, ctx.settings.max_drop)
     thresholds = None
     if choice.record is not None and choice.record.config:
-        from sensisearch.quantize.config import TrialConfig
-        from sensisearch.study.pipeline import ranges_to_dict
-
         winner_config = TrialConfig.from_dict(choice.record.config)
         thresholds = ranges_to_dict(ctx.pipeline.ranges_for(winner_config, every_tensor=True))
+    preprocess = ctx.evaluation.preprocess
     extra = {
         "task": ctx.task,
-        "preprocess": {"mean": ctx.settings.mean, "std": ctx.settings.std},
+        "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
         "profile": ctx.backend.profile.name,
         "latency_batch": ctx.settings.latency_batch,
     }
@@ -356,26 +343,25 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
         choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop,
         thresholds, extra,
     )
-    caps = ctx.backend.capabilities
-    report = write_report(
-        ctx.out, recs, front, choice,
-        {
-            "metric": ctx.evaluator.metric,
-            "model_name": ctx.model_path.name,
-            "model_path": str(ctx.model_path),
-            "model_sha256": ctx.info.sha256,
-            "num_layers": len(ctx.info.layers),
-            "backend": ", ".join(f"{k}={v}" for k, v in ctx.backend.describe().items()),
-            "latency_batch": ctx.settings.latency_batch,
-            "budget": ctx.settings.budget,
-            "precisions": [p.value for p in ctx.space.precisions],
-            "algorithms": [a.value for a in ctx.space.algorithms],
-            "sample_counts": list(ctx.space.sample_counts),
-            "max_drop": ctx.settings.max_drop,
-            "fp16_note": caps.fp16_note,
-            "warnings": ctx.warnings,
-            "references": references,
-        },
-    )
+    report = write_report(ctx.out, recs, front, choice, report_context(ctx, references))
     verdict, text = int8_speed_verdict(recs)
     return StudySummary(recs, front, choice, winner_dir, report, verdict, text)
+
+
+def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> ReportContext:
+    return ReportContext(
+        metric=ctx.evaluator.metric,
+        model_path=ctx.model_path,
+        model_sha256=ctx.info.sha256,
+        num_layers=len(ctx.info.layers),
+        backend=ctx.backend.describe(),
+        latency_batch=ctx.settings.latency_batch,
+        budget=ctx.settings.budget,
+        precisions=tuple(p.value for p in ctx.space.precisions),
+        algorithms=tuple(a.value for a in ctx.space.algorithms),
+        sample_counts=tuple(ctx.space.sample_counts),
+        max_drop=ctx.settings.max_drop,
+        fp16_note=ctx.backend.capabilities.fp16_note,
+        warnings=tuple(ctx.warnings),
+        references=tuple(references),
+    )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from sensisearch.backends.factory import BackendSettings
 from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision
 
@@ -43,8 +44,10 @@ class StudySettings:
     sample_counts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])
     percentiles: list[float] = field(default_factory=lambda: [99.9, 99.99, 99.999])
     default_algorithm: CalibrationAlgorithm = CalibrationAlgorithm.MINMAX
-    mean: list[float] = field(default_factory=lambda: [0.0])
-    std: list[float] = field(default_factory=lambda: [1.0])
+    mean: list[float] | None = None
+    """Per-channel mean after pixel/255; None: the example's, else 0."""
+    std: list[float] | None = None
+    """Per-channel std after pixel/255; None: the example's, else 1."""
     batch_size: int = 64
     latency_batch: int = 1
     latency_seconds: float = 0.5
@@ -75,6 +78,13 @@ class StudySettings:
                 raise SensisearchError(f"--percentiles {p}: must be in (0, 100]")
         if self.threads is not None and self.threads <= 0:
             raise SensisearchError(f"--threads {self.threads}: must be positive")
+
+    def backend_settings(self) -> BackendSettings:
+        return BackendSettings(
+            name=self.backend, threads=self.threads, shapes=None if self.shapes is None else tuple(self.shapes),
+            workspace_mb=self.workspace_mb, opt_level=self.opt_level,
+            latency_batch=self.latency_batch, eval_batch=self.batch_size,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -48,6 +48,20 @@ class ResolvedInputs:
 
 
 @dataclass(frozen=True)
+class EvaluationSetup:
+    """How a study scores a model and where its calibration batches come from, resolved once."""
+
+    evaluator: Evaluator
+    task: str
+    """"classification", "detection" or "custom"."""
+    calibration: CalibrationSource | None
+    """None when no precision needs calibration."""
+    preprocess: Preprocess
+    """The ``--mean``/``--std`` normalisation (detectors letterbox and scale by 1/255 instead)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class CalibrationSource:
     """Calibration inputs: ``size`` samples, served as preprocessed batches in a given order."""
 
@@ -58,16 +72,30 @@ class CalibrationSource:
     static_batch: int | None = None
 
 
+def with_example(settings: StudySettings) -> StudySettings:
+    """``settings`` with an ``--example``'s files and preprocessing filled in where the user gave none.
+
+    The one rule for ``run`` and ``evaluate``: each of model, calibration data,
+    evaluation data, mean and std that is not given comes from the example.
+    """
+    if settings.example is None:
+        return settings
+    example = load_example(settings.example)
+    defaults = {
+        "model": example.model, "calib_data": example.calib_data, "eval_data": example.eval_data,
+        "mean": example.mean, "std": example.std,
+    }
+    return dataclasses.replace(settings, **{k: v for k, v in defaults.items() if getattr(settings, k) is None})
+
+
+def preprocessing(settings: StudySettings) -> Preprocess:
+    """``(pixel/255 - mean) / std`` from the (example-filled) settings; identity where none is given."""
+    return Preprocess(tuple(settings.mean or (0.0,)), tuple(settings.std or (1.0,)))
+
+
 def resolve_inputs(settings: StudySettings) -> ResolvedInputs:
     """Fill in an example's files, then load and analyse the model."""
-    if settings.example is not None:
-        example = load_example(settings.example)
-        defaults = {"model": example.model, "calib_data": example.calib_data, "eval_data": example.eval_data}
-        updates = {k: v for k, v in defaults.items() if getattr(settings, k) is None}
-        # An example's preprocessing applies unless the user set their own.
-        if settings.mean == [0.0] and settings.std == [1.0]:
-            updates.update(mean=example.mean, std=example.std)
-        settings = dataclasses.replace(settings, **updates)
+    settings = with_example(settings)
     assert settings.model is not None
     info, model = analyze_model(settings.model)
     return ResolvedInputs(settings, Path(settings.model), model, info)
@@ -81,17 +109,18 @@ def _array_source(data: ImageArray, preprocess: Preprocess, spec: TensorSpec) ->
     return CalibrationSource(key, len(data), spec.name, batches, spec.static_batch)
 
 
-def build_evaluator(
+def build_evaluation(
     settings: StudySettings, spec: TensorSpec, model: onnx.ModelProto, out: Path, need_calibration: bool = True
-) -> tuple[Evaluator, str, CalibrationSource | None, list[str]]:
+) -> EvaluationSetup:
     """The evaluator for the task, and where calibration batches come from.
 
-    ``model`` is only read for metadata (e.g. a detector's class names).
+    ``settings`` are example-filled (:func:`with_example`). ``model`` is only
+    read for metadata (e.g. a detector's class names).
     """
     warnings: list[str] = []
+    preprocess = preprocessing(settings)
     if settings.evaluator is not None:
         fn = load_function(settings.evaluator, Path.cwd())
-        preprocess = Preprocess(tuple(settings.mean), tuple(settings.std))
         calib = None
         feeds_source: ImageArray | None = None
         if settings.calib_data is not None:
@@ -100,13 +129,12 @@ def build_evaluator(
         if feeds_source is None:
             raise SensisearchError("--evaluator needs --calib-data too: its images time the model and calibrate INT8")
         feeds = {spec.name: preprocess.apply(feeds_source.images[: settings.latency_batch])}
-        return FunctionEvaluator(fn, feeds, settings.metric or "score"), "custom", calib, warnings
+        return EvaluationSetup(FunctionEvaluator(fn, feeds, settings.metric or "score"), "custom", calib, preprocess, warnings)
 
     if settings.eval_data is None:
         raise SensisearchError("no evaluation data: pass --eval-data DIR (or --example digits)")
     if _is_detection(settings, model, spec):
-        return _detection(settings, spec, out, need_calibration)
-    preprocess = Preprocess(tuple(settings.mean), tuple(settings.std))
+        return _detection(settings, spec, out, need_calibration, preprocess)
     eval_data = load_images(settings.eval_data, spec, "--eval-data")
     if settings.eval_limit is not None:
         eval_data = dataclasses.replace(
@@ -117,7 +145,7 @@ def build_evaluator(
         )
     evaluator = ClassificationEvaluator(eval_data, preprocess, spec.name, settings.batch_size, settings.metric or "top1")
     if not need_calibration:
-        return evaluator, "classification", None, warnings
+        return EvaluationSetup(evaluator, "classification", None, preprocess, warnings)
     if settings.calib_data is not None:
         calib_data = load_images(settings.calib_data, spec, "--calib-data")
     else:
@@ -128,7 +156,7 @@ def build_evaluator(
             calib_data, images=calib_data.images[: settings.calib_limit],
             fingerprint=f"{calib_data.fingerprint}|limit={settings.calib_limit}",
         )
-    return evaluator, "classification", _array_source(calib_data, preprocess, spec), warnings
+    return EvaluationSetup(evaluator, "classification", _array_source(calib_data, preprocess, spec), preprocess, warnings)
 
 
 def _output_shapes(model: onnx.ModelProto) -> list[tuple[int | None, ...]]:
@@ -140,6 +168,7 @@ def _output_shapes(model: onnx.ModelProto) -> list[tuple[int | None, ...]]:
 
 
 def _is_detection(settings: StudySettings, model: onnx.ModelProto, spec: TensorSpec) -> bool:
+    # Detection pulls in OpenCV and pycocotools: imported only when a detector is in play.
     from sensisearch.evaluation.detection import is_yolov5_detector
 
     if settings.task == "detection":
@@ -151,8 +180,8 @@ def _is_detection(settings: StudySettings, model: onnx.ModelProto, spec: TensorS
 
 
 def _detection(
-    settings: StudySettings, spec: TensorSpec, out: Path, need_calibration: bool
-) -> tuple[Evaluator, str, CalibrationSource | None, list[str]]:
+    settings: StudySettings, spec: TensorSpec, out: Path, need_calibration: bool, preprocess: Preprocess
+) -> EvaluationSetup:
     from sensisearch.evaluation.detection import (
         CocoDetectionEvaluator,
         DetectionSettings,
@@ -173,7 +202,7 @@ def _detection(
         limit=settings.eval_limit,
     )
     if not need_calibration:
-        return evaluator, "detection", None, warnings
+        return EvaluationSetup(evaluator, "detection", None, preprocess, warnings)
     if settings.calib_data is not None:
         paths = list_images(settings.calib_data)
     else:
@@ -191,4 +220,4 @@ def _detection(
 
     # The store's key already covers the image files and the letterbox settings.
     source = CalibrationSource(store_key(paths, shape), len(paths), spec.name, batches, spec.static_batch)
-    return evaluator, "detection", source, warnings
+    return EvaluationSetup(evaluator, "detection", source, preprocess, warnings)

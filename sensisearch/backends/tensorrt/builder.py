@@ -33,11 +33,11 @@ from sensisearch.backends.tensorrt.network import (
 from sensisearch.backends.tensorrt.sidecar import (
     SIDECAR_FORMAT,
     SIDECAR_VERSION,
-    file_sha256,
     write_bytes_atomic,
     write_sidecar,
 )
 from sensisearch.errors import SensisearchError
+from sensisearch.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def build_engine(
         "profiles": _profile_list(profile, settings.profiles, dynamic),
         "inputs": [{"name": n, "shape": list(s)} for n, s in parsed.inputs()],
         "outputs": [{"name": n, "shape": list(s)} for n, s in parsed.outputs()],
-        "onnx": {"file": onnx_path.name, "sha256": file_sha256(onnx_path)},
+        "onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
         "trial_config": dict(trial_config) if trial_config is not None else None,
         "network_precisions": dict(precisions.layers),
         "precision_problems": problems,

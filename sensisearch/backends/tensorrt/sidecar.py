@@ -10,14 +10,13 @@ clear message, not inside TensorRT, so every plan gets a sidecar
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from sensisearch.backends.tensorrt.flavor import RTX_DEFAULT_TARGETS, RTX_UNSUPPORTED, MachineInfo
 from sensisearch.errors import SensisearchError
-from sensisearch.fileio import write_bytes_atomic
+from sensisearch.fileio import sha256_file, write_bytes_atomic
 
 SIDECAR_FORMAT = "sensisearch-tensorrt-plan"
 SIDECAR_VERSION = 1
@@ -28,14 +27,6 @@ def sidecar_path(plan: str | Path) -> Path:
     """``model.plan`` -> ``model.plan.json``."""
     plan = Path(plan)
     return plan.with_name(plan.name + ".json")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_sidecar(plan: str | Path, data: Mapping[str, Any]) -> Path:
@@ -103,7 +94,7 @@ def check_sidecar(sidecar: Mapping[str, Any] | str | Path, machine: MachineInfo,
     name = Path(plan).name if plan else sidecar["plan"].get("file", "plan")
     if plan is not None:
         recorded = sidecar["plan"].get("sha256")
-        if recorded and Path(plan).is_file() and file_sha256(plan) != recorded:
+        if recorded and Path(plan).is_file() and sha256_file(plan) != recorded:
             raise SensisearchError(f"{name}: the plan was replaced after its sidecar was written (sha256 differs); {rebuild}")
     flavor = machine.flavor
     if flavor is None:

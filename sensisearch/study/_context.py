@@ -1,0 +1,57 @@
+"""Everything a study resolved once from its settings, shared by the runner, results and references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
+
+    from sensisearch.backends.base import Backend
+    from sensisearch.backends.factory import BackendSettings
+    from sensisearch.evaluation.base import Evaluator
+    from sensisearch.model.analysis import ModelInfo
+    from sensisearch.study.calibrate import CalibrationRanges
+    from sensisearch.study.pipeline import TrialPipeline
+    from sensisearch.study.settings import StudySettings
+    from sensisearch.study.space import SearchSpace
+    from sensisearch.study.tasks import EvaluationSetup
+
+
+@dataclass
+class StudyContext:
+    settings: StudySettings
+    """The flags / study file, with an example's files and preprocessing filled in."""
+    out: Path
+    model_path: Path
+    model: onnx.ModelProto
+    info: ModelInfo
+    backend_settings: BackendSettings
+    backend: Backend
+    evaluation: EvaluationSetup
+    space: SearchSpace
+    pipeline: TrialPipeline
+    calibration: CalibrationRanges | None
+    storage_url: str
+    study_name: str
+    model_warnings: tuple[str, ...] = ()
+    backend_reason: str = ""
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.out / "trials"
+
+    @property
+    def evaluator(self) -> Evaluator:
+        return self.evaluation.evaluator
+
+    @property
+    def task(self) -> str:
+        return self.evaluation.task
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about the inputs (shown by the CLI and in the report)."""
+        return [*self.evaluation.warnings, *self.model_warnings]

@@ -1,0 +1,149 @@
+"""What one trial stores in the Optuna storage, as one typed record.
+
+The runner writes a :class:`TrialRecord` with :meth:`TrialRecord.to_attrs` and
+everything that reads results back (front, winner, report, progress) gets it
+from :meth:`TrialRecord.from_trial`. The user-attribute keys live only here.
+
+Adding a field is one change: declare it below with ``_attr(KEY, default)``.
+Attributes missing from a trial (written by an older version, or a failed
+trial) read back as the field's default.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, TypedDict
+
+if TYPE_CHECKING:
+    import optuna
+
+# User-attribute keys: private to this module.
+_BASELINE_ATTR = "baseline"
+_ERROR_ATTR = "error"
+_KEY = "attr"  # dataclass field metadata: the user-attribute key of a stored field
+
+
+class LatencyRecord(TypedDict, total=False):
+    """``LatencyStats.to_dict()`` as stored: milliseconds per batch."""
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    batch_size: int
+
+
+class WorstClass(TypedDict):
+    """The class that fell most below FP32 (``--max-class-drop``), in points."""
+
+    name: str | None
+    drop: float
+
+
+def _attr(key: str, default: Any = None) -> Any:
+    """A field stored under user attribute ``key``; mutable defaults are copied per record."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={_KEY: key})
+    return field(default=default, metadata={_KEY: key})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """Everything one trial stores; ``number``, ``state``, ``value`` and ``feasible`` come from Optuna itself."""
+
+    number: int
+    state: str = "RUNNING"
+    value: float | None = None
+    feasible: bool = True
+    baseline: str | None = _attr(_BASELINE_ATTR)
+    """None for a searched trial, else "fp32", "int8" or "fp16"."""
+    metric: str | None = _attr("metric")
+    metrics: dict[str, float] = _attr("metrics", {})
+    latency: LatencyRecord = _attr("latency", {})
+    config: dict[str, Any] = _attr("config", {})
+    """``TrialConfig.to_dict()``."""
+    artifact: str | None = _attr("artifact")
+    deployable: str | None = _attr("deployable")
+    trial_json: str | None = _attr("trial_json")
+    layer_precisions: dict[str, int] = _attr("layer_precisions", {})
+    """Layers per precision that really ran as such in the built artifact."""
+    timings: dict[str, float] = _attr("timings", {})
+    per_class: dict[str, float] | None = _attr("per_class")
+    worst_class: WorstClass | None = _attr("worst_class")
+    error: str | None = _attr(_ERROR_ATTR)
+
+    # ------------------------------------------------------------------ storage
+    def to_attrs(self) -> dict[str, Any]:
+        """The user attributes to set on the trial; fields at their default are not written (they read back as it)."""
+        attrs: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            key = f.metadata.get(_KEY)
+            if key is None:
+                continue
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                attrs[key] = copy.deepcopy(value)
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, number: int, attrs: Mapping[str, Any], **trial_fields: Any) -> TrialRecord:
+        """A record from stored user attributes (missing ones give the defaults); ``trial_fields``: state, value, feasible."""
+        stored = {
+            f.name: copy.deepcopy(attrs[f.metadata[_KEY]])
+            for f in dataclasses.fields(cls)
+            if _KEY in f.metadata and attrs.get(f.metadata[_KEY]) is not None
+        }
+        return cls(number=number, **trial_fields, **stored)
+
+    @classmethod
+    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialRecord:
+        return cls.from_attrs(
+            trial.number,
+            trial.user_attrs,
+            state=trial.state.name,
+            value=trial.values[0] if trial.values else None,
+            # Optuna: trial.set_constraint(key, value); feasible iff every value <= 0.
+            feasible=all(v <= 0 for v in trial.constraints.values()),
+        )
+
+    @staticmethod
+    def baseline_attrs(name: str) -> dict[str, Any]:
+        """User attributes that mark an enqueued trial as the all-``name`` baseline."""
+        return {_BASELINE_ATTR: name}
+
+    @staticmethod
+    def recorded_error(trial: optuna.trial.FrozenTrial) -> str | None:
+        """The error a trial recorded itself; None for one failed by a heartbeat (its worker died)."""
+        return trial.user_attrs.get(_ERROR_ATTR)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def median_ms(self) -> float | None:
+        return self.latency.get("median_ms")
+
+    def requested_counts(self) -> dict[str, int]:
+        """Layers per precision the configuration asked for (``layer_precisions`` is what ran)."""
+        counts = {"int8": 0, "fp16": 0, "fp32": 0}
+        for p in self.config.get("precisions", {}).values():
+            counts[p] = counts.get(p, 0) + 1
+        return counts
+
+    def to_dict(self, reference: float | None) -> dict[str, Any]:
+        """One ``pareto.json`` entry; ``reference`` is the FP32 value the drop is measured from."""
+        return {
+            "number": self.number,
+            "baseline": self.baseline,
+            "metric": self.metric,
+            "value": self.value,
+            "drop": None if reference is None or self.value is None else reference - self.value,
+            "latency": self.latency,
+            "config": self.config,
+            "artifact": self.artifact,
+            "deployable_onnx": self.deployable,
+            "layers_requested": self.requested_counts(),
+            "layers_run": self.layer_precisions,
+        }
