@@ -4,93 +4,57 @@ Quantizes the bundled digits ResNet (``sensisearch/examples/digits``) with
 ``onnxruntime.quantization.quantize_static`` (QuantFormat.QDQ, MinMax
 calibration on ``calib.npz``) in several placements, then for each variant:
 
-* median latency (ORT_ENABLE_ALL, warm-up, >= 50 runs) at batch 1 and 32 with
-  intra_op_num_threads 1 and 2, and the speedup over FP32;
+* median latency (ORT_ENABLE_ALL, warm-up, rounds of runs interleaved over all
+  variants) at each batch size and thread count, and the speedup over FP32 as a
+  paired ratio: per round, FP32's median / the variant's median, reported as the
+  median over rounds with its min-max spread;
 * how many of the model's Conv/Gemm became integer kernels in the *ORT-optimized*
-  graph (``SessionOptions.optimized_model_filepath``) and the op types present;
+  graph (``SessionOptions.optimized_model_filepath``), counted by the ORT backend's
+  own ``count_kernels``, and the op types present;
 * Top-1 on ``eval.npz``.
 
-Run:  python benchmarks/ort_qdq_placement.py [--runs 50] [--yolo] [--no-digits] [--variants ...] [--dump VARIANT]
+``sensisearch_ort`` / ``sensisearch_trt`` go through sensisearch's own path: the
+study's calibration statistics (min-max over ``calib.npz``, calibrated minimum
+included, so the ONNX Runtime profile uses asymmetric uint8 on signed tensors),
+one ``plan_placement``, ``emit_deployable_onnx``.
 
-Measured on the project machine (2 cores, AMD EPYC with AVX-512 VNNI, ORT 1.32,
-digits model 1x32x32 input, 9 Conv + 1 Gemm; latency in ms, median of 60 runs):
+Run:  python benchmarks/ort_qdq_placement.py [--runs 60] [--yolo] [--no-digits] [--variants ...] [--dump VARIANT]
 
-digits (measured on the first version of the example: undistorted digits, eval Top-1 on 1000 images; int/flt = Conv+Gemm running as integer kernels /
-still float in the ORT-optimized graph; cells = median ms (speedup vs fp32); the
-machine was shared with other jobs, load average 3-5 during the run, so the
-2-thread columns are noisy. The batch-1 1-thread column reproduced within ~5 % over
-three runs; INT8 b32 t1 was ~10.6 ms every time, but fp32 b32 t1 ranged 20.7-41 ms
-with the load, i.e. the quiet-machine b32 t1 speedup of ort_u8_pc is ~1.95x):
+Measured on the project machine (2 cores, AMD EPYC with AVX-512 VNNI, ORT 1.32), on
+the current (distorted) digits example, 2,000 eval images; the machine was shared
+(load average ~9.5 on 2 cores), so absolute ms are inflated and only the paired
+ratios are meaningful:
 
-variant                  top1 int/flt           b1 t1           b1 t2          b32 t1          b32 t2
-fp32                    99.60   0/10    0.642 (1.00x)   0.684 (1.00x)  31.054 (1.00x)  15.615 (1.00x)
-trt_inputs_only         99.50   1/9     0.835 (0.77x)   0.912 (0.75x)  38.002 (0.82x)  15.635 (1.00x)
-trt_inputs_add          99.50   4/6     0.509 (1.26x)   0.528 (1.29x)  24.035 (1.29x)   9.935 (1.57x)
-ort_u8_pc               99.60  10/0     0.218 (2.95x)   0.224 (3.06x)  10.602 (2.93x)   7.313 (2.14x)
-ort_u8_pt               99.50  10/0     0.218 (2.94x)   0.223 (3.07x)  10.597 (2.93x)   7.307 (2.14x)
-ort_u8_pc_rr            99.60  10/0     0.217 (2.96x)   0.223 (3.07x)  10.577 (2.94x)   7.307 (2.14x)
-ort_s8_pc               99.60   4/6     0.513 (1.25x)   0.517 (1.32x)  24.040 (1.29x)   9.688 (1.61x)
-ort_s8sym_pc            99.50   5/5     0.559 (1.15x)   0.586 (1.17x)  25.456 (1.22x)  11.249 (1.39x)
-ort_u8_conv_only        99.50  10/0     0.243 (2.64x)   0.248 (2.76x)  11.313 (2.75x)   7.975 (1.96x)
-ort_u8_pc_floatbias     99.60  10/0     0.218 (2.94x)   0.223 (3.06x)  10.554 (2.94x)   7.302 (2.14x)
-ort_u8_pc_wQDQ          99.60  10/0     0.218 (2.95x)   0.223 (3.07x)  10.563 (2.94x)   7.295 (2.14x)
-ort_u8_pc_keeprelu      99.60  10/0     0.235 (2.74x)   0.239 (2.86x)  11.147 (2.79x)   7.640 (2.04x)
-ort_u8_stem_fp32        99.60   9/1     0.208 (3.08x)   0.222 (3.09x)  10.417 (2.98x)   8.004 (1.95x)
-ort_u8_layer3_only      99.60   3/7     0.555 (1.16x)   0.567 (1.21x)  26.208 (1.18x)  17.250 (0.91x)
-ort_u8_pc_explicitrelu  99.60  10/0     0.217 (2.95x)   0.223 (3.07x)  10.608 (2.93x)  10.168 (1.54x)
-profile_mixed_sign      99.60  10/0     0.218 (2.94x)   0.222 (3.08x)  10.563 (2.94x)   7.309 (2.14x)
-fp16_all                99.60   0/10    0.654 (0.98x)   0.658 (1.04x)  31.493 (0.99x)  10.556 (1.48x)
+    python benchmarks/ort_qdq_placement.py --variants trt_inputs_only ort_u8_pc ort_u8_conv_only sensisearch_ort sensisearch_trt --threads 1
 
-yolov5n (opset 12 -> 13 for per-channel; random 1x3x640x640; 60 Conv; calibrated on
-8 random images; latency only; load average ~2):
+variant                  top1 int/flt                      b1 t1                     b32 t1
+fp32                    93.70   0/10    0.359 1.00x [1.00-1.00]  41.354 1.00x [1.00-1.00]
+trt_inputs_only         93.50   1/9     0.674 0.54x [0.52-0.57]  78.050 0.53x [0.49-0.56]
+ort_u8_pc               93.20  10/0     0.157 2.30x [2.00-2.43]  17.377 2.53x [2.28-3.08]
+ort_u8_conv_only        93.50  10/0     0.180 2.02x [1.81-2.07]  20.947 1.92x [1.62-2.54]
+sensisearch_ort         93.35  10/0     0.162 2.21x [2.06-2.46]  17.428 2.29x [2.19-3.56]
+sensisearch_trt         93.45   0/10    0.763 0.47x [0.45-0.54]  80.783 0.52x [0.47-0.58]
 
-variant                  top1 int/flt           b1 t1           b1 t2
-fp32                      nan   0/60   50.656 (1.00x)  36.130 (1.00x)
-trt_inputs_only           nan   0/60   71.817 (0.71x)  42.741 (0.85x)
-ort_u8_pc                 nan  60/0    28.228 (1.79x)  24.853 (1.45x)
-ort_s8_pc                 nan   1/59   87.172 (0.58x)  56.023 (0.64x)
-ort_u8_conv_only          nan  60/0    34.963 (1.45x)  34.113 (1.06x)
-profile_mixed_sign        nan   1/59   84.258 (0.60x)  55.982 (0.65x)
+The other variants (per-tensor weights, reduce_range, float bias, float weights +
+Q->DQ, explicit ReLU, mixed-sign activations, FP16) and ``--yolo`` were last measured
+on the first, undistorted digits model with unpaired timings; their tables were
+dropped here. Re-run them with this script before quoting a speed figure. What those
+runs showed about *which kernels ORT fuses* (not how fast) still holds and shaped
+the ONNX Runtime profile:
 
-sensisearch's own emitter (variants sensisearch_ort / sensisearch_trt: all layers INT8,
-min-max thresholds; ONNXRUNTIME_CPU profile with INT8 regions, i.e. Q/DQ also on the
-SiLU/Add/Concat/MaxPool/Resize/GAP between INT8 layers but never on the Detect decode nor
-the output of the 3 Detect convs). Sessions with session.intra_op.allow_spinning=0 as the
-backend sets it (--allow-spinning to turn it back on); load average ~3.6 on 2 cores, so
-absolute ms are inflated; ratios come from interleaved runs:
-
-digits                   top1 int/flt           b1 t1           b1 t2          b32 t1          b32 t2
-fp32                    99.60   0/10    0.659 (1.00x)   0.695 (1.00x)  25.510 (1.00x)  29.105 (1.00x)
-ort_u8_pc               99.60  10/0     0.220 (3.00x)   0.245 (2.84x)   6.693 (3.81x)   6.967 (4.18x)
-sensisearch_ort         99.50  10/0     0.217 (3.04x)   0.273 (2.55x)   6.599 (3.87x)   6.655 (4.37x)
-sensisearch_trt         99.50   0/10    0.847 (0.78x)   0.891 (0.78x)  26.088 (0.98x)  39.046 (0.75x)
-
-yolov5n (8 real coco-dev images for calibration, random input for timing)
-fp32                      nan   0/60   48.563 (1.00x)  59.258 (1.00x)
-ort_u8_pc                 nan  60/0    27.670 (1.76x)  33.799 (1.75x)   (quantizes the decode too)
-sensisearch_ort           nan  57/3    30.537 (1.59x)  33.513 (1.77x)
-sensisearch_trt           nan   0/60   69.064 (0.70x)  84.851 (0.70x)
-
-The 3 float Detect convs (output feeds the float decode) cost ~6 ms float Conv + ~2 ms
-u8 NHWC->NCHW Transposes at 1 thread (ORT profiler); storing their weights as float
-(DQ folded) changes nothing, ConvInteger (integer conv with float output) is much
-slower (17 ms). Before the INT8 regions the ONNXRUNTIME_CPU profile fused 44/60 convs
-and ran at ~1.0x FP32 on YOLOv5n. COCO mAP50-95 on all 170 coco-dev images (thresholds
-min-max over the last 8): FP32 35.63, sensisearch_ort 33.91, ORT quantize_static u8
-per-channel with the decode excluded 34.18.
-
-Conclusions (details in the sensisearch report):
 * Integer kernels only where a Conv/Add/GAP has DQ on every input AND Q on its output.
   DQ->Conv without an output Q (TensorRT style) runs a float FusedConv and re-dequantizes
-  the weights every run: slower than FP32 (0.77x digits, 0.71x yolov5n).
+  the weights every run: slower than FP32 (above: trt_inputs_only 0.54x, sensisearch_trt 0.47x).
 * Activations must be uint8 on this build. int8 activations only fuse where ORT's
-  s8->u8 rewrite applies (a Q with a single DQ consumer); with fan-out they don't:
-  ort_s8_pc 4/10 fused, profile_mixed_sign on yolov5n 1/60 fused and 0.60x.
+  s8->u8 rewrite applies (a Q with a single DQ consumer); with fan-out they don't
+  (ort_s8_pc fused 4/10 convs on digits, profile_mixed_sign 1/60 on YOLOv5n).
 * per-channel vs per-tensor, reduce_range, int32 vs float bias, int8-initializer+DQ vs
-  float+Q->DQ weights, explicit vs removed ReLU (u8 zp 0): same kernels, same speed.
+  float+Q->DQ weights, explicit vs removed ReLU (u8 zp 0): the same kernels.
 * Quantizing the elementwise ops between convs (Add, GAP, Sigmoid/Mul, Concat) too is
-  faster than Conv-only Q/DQ (2.95x vs 2.64x digits, 1.79x vs 1.45x yolov5n).
-* FP16 on this CPU = FP32: ORT's optimized graph is the fp32 NCHWc one plus a Cast; no speedup.
+  faster than Conv-only Q/DQ (above: ort_u8_pc 2.30x vs ort_u8_conv_only 2.02x at b1).
+  On YOLOv5n sensisearch_ort fuses 57/60 convs: the 3 Detect convs keep a float
+  output because it feeds the float decode (tests/test_emit.py checks the count).
+* FP16 on this CPU = FP32: ORT's optimized graph is the fp32 NCHWc one plus a Cast.
 """
 
 from __future__ import annotations
@@ -114,18 +78,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "sensisearch" / "examples" / "digits"
 YOLO = Path(os.environ.get("SENSISEARCH_YOLO", ROOT.parent / "shared" / "data" / "yolov5n.onnx"))
 
-INTEGER_OPS = {
-    "QLinearConv",
-    "ConvInteger",
-    "QGemm",
-    "QLinearMatMul",
-    "MatMulInteger",
-    "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul",
-    "NhwcQLinearConv",
-}
-WEIGHTED_FLOAT_OPS = {"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
-
+sys.path.insert(0, str(ROOT))
+from sensisearch.backends.onnxruntime import count_kernels  # noqa: E402  (after the path setup)
 
 # --------------------------------------------------------------------------- data
 def load_digits_data():
@@ -394,33 +348,30 @@ POST = {"explicit_relu": explicit_relu, "float_weights_qdq": float_weights_qdq, 
 
 
 def sensisearch_variant(src: Path, dst: Path, profile_name: str, calib: np.ndarray, input_name: str) -> None:
-    """All-INT8 deployable ONNX from sensisearch's emitter, min-max thresholds over ``calib``."""
+    """All-INT8 deployable ONNX from sensisearch's own path: the study's calibration
+    statistics over ``calib`` (min-max, with the calibrated minimum that the ONNX Runtime
+    profile's asymmetric uint8 uses), one placement, the emitter."""
     sys.path.insert(0, str(ROOT))
-    from sensisearch.model.analysis import analyze_model, statistics_tensors
-    from sensisearch.quantize import PROFILES, Precision, TensorRange, TrialConfig, emit_deployable_onnx
+    from sensisearch.calibration import collect_statistics
+    from sensisearch.model import analyze_model
+    from sensisearch.quantize import (
+        PROFILES, CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig, emit_deployable_onnx, plan_placement,
+        statistics_tensors,
+    )
+    from sensisearch.study.calibrate import CalibrationRanges
 
     info, model = analyze_model(src)
-    tensors = statistics_tensors(model, info)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    amax = dict.fromkeys(tensors, 0.0)
-    amin = dict.fromkeys(tensors, np.inf)
+    profile = PROFILES[profile_name]
+    config = TrialConfig.uniform(
+        info.layer_names, Precision.INT8, CalibrationChoice(CalibrationAlgorithm.MINMAX, samples=len(calib))
+    )
     dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
     step = dim0.dim_value if dim0.HasField("dim_value") else 32
-    for i in range(0, len(calib), step):
-        values = dict(zip(names, sess.run(None, {input_name: calib[i : i + step]})))
-        for t in tensors:
-            amax[t] = max(amax[t], float(np.abs(values[t]).max()))
-            amin[t] = min(amin[t], float(values[t].min()))
-    ranges = {t: TensorRange(amax[t], amin[t] >= 0) for t in tensors}
-    config = TrialConfig.uniform(info.layer_names, Precision.INT8)
-    onnx.save(emit_deployable_onnx(model, info, config, ranges, PROFILES[profile_name]), str(dst))
+    feeds = ({input_name: calib[i : i + step]} for i in range(0, len(calib), step))
+    statistics = collect_statistics(src, statistics_tensors(model, info), feeds, [len(calib)])
+    placement = plan_placement(info, model, config, profile)
+    ranges = CalibrationRanges(statistics).ranges(placement.threshold_tensors, config.calibration)
+    onnx.save(emit_deployable_onnx(model, info, placement, ranges, profile), str(dst))
 
 
 def make_variant(src: Path, dst: Path, name: str, calib: np.ndarray, input_name: str) -> None:
@@ -470,10 +421,10 @@ def op_census(optimized: Path) -> collections.Counter:
     )
 
 
-def count_weighted(census: collections.Counter) -> tuple[int, int]:
-    integer = sum(v for k, v in census.items() if k.split(":")[-1] in INTEGER_OPS)
-    flt = sum(v for k, v in census.items() if k.split(":")[-1] in WEIGHTED_FLOAT_OPS)
-    return integer, flt
+def count_weighted(optimized: Path) -> tuple[int, int]:
+    """(integer, float) weighted kernels, counted by the ORT backend's own census."""
+    counts = count_kernels(onnx.load(str(optimized)))
+    return counts["int8"], counts["fp32"] + counts["fp16"]
 
 
 def top1(path: Path, x: np.ndarray, y: np.ndarray, input_name: str) -> float:
@@ -510,24 +461,28 @@ def run(model: Path, variants: list[str], calib, evalset, input_name: str, batch
         opt = workdir / f"{p.stem}.opt.onnx"
         session(p, 1, opt)  # writes the optimized model
         census = op_census(opt)
-        n_int, n_float = count_weighted(census)
+        n_int, n_float = count_weighted(opt)
         acc = top1(p, evalset[0], evalset[1], input_name) if evalset is not None else float("nan")
         info[v] = (acc, n_int, n_float, census)
-    # Timing is interleaved (round-robin over variants, `rounds` chunks each) so that
-    # load from other processes on the machine hits every variant alike.
+    # Timing is interleaved (round-robin over variants, `rounds` chunks each) so that load
+    # from other processes hits every variant alike. A speedup is paired: per round,
+    # median fp32 ms / median variant ms of that round; reported as the median of the
+    # per-round ratios with their spread (min-max over rounds).
     lat = {v: {} for v in paths}
     for t in threads:
         sessions = {v: session(p, t) for v, p in paths.items()}
         for b in batches:
-            samples = {v: [] for v in paths}
-            for v, s in sessions.items():
+            for s in sessions.values():
                 for _ in range(warmup):
                     s.run(None, feeds[b])
+            per_round = {v: [] for v in paths}
             for _ in range(rounds):
                 for v, s in sessions.items():
-                    samples[v] += times_ms(s, feeds[b], max(1, runs // rounds))
+                    per_round[v].append(float(np.median(times_ms(s, feeds[b], max(1, runs // rounds)))))
+            fp32_rounds = np.array(per_round["fp32"])
             for v in paths:
-                lat[v][(b, t)] = float(np.median(samples[v]))
+                ratios = fp32_rounds / np.array(per_round[v])
+                lat[v][(b, t)] = (float(np.median(per_round[v])), float(np.median(ratios)), float(ratios.min()), float(ratios.max()))
         print(f"... threads={t}: done", file=sys.stderr, flush=True)
     base = lat["fp32"]
     rows = [(v, *info[v][:3], lat[v], info[v][3]) for v in paths]
@@ -538,17 +493,19 @@ def format_table(rows, base, batches, threads) -> str:
     hdr = f"{'variant':22s} {'top1':>6s} {'int/flt':>7s}"
     for b in batches:
         for t in threads:
-            hdr += f" {'b' + str(b) + ' t' + str(t):>15s}"
+            hdr += f" {'b' + str(b) + ' t' + str(t):>26s}"
     lines = [hdr]
     for v, acc, n_int, n_float, lat, _ in rows:
         line = f"{v:22s} {acc * 100:6.2f} {n_int:>3d}/{n_float:<3d}"
         for b in batches:
             for t in threads:
-                line += f" {lat[(b, t)]:7.3f} ({base[(b, t)] / lat[(b, t)]:4.2f}x)"
+                ms, ratio, lo, hi = lat[(b, t)]
+                line += f" {ms:7.3f} {ratio:4.2f}x [{lo:4.2f}-{hi:4.2f}]"
         lines.append(line)
     lines.append("")
     lines.append("int/flt = weighted ops (Conv/Gemm/MatMul) running as integer kernels / still float,")
-    lines.append("counted in the ORT_ENABLE_ALL-optimized graph. Cells: median ms (speedup vs fp32).")
+    lines.append("counted in the ORT_ENABLE_ALL-optimized graph as sensisearch's ORT backend counts them.")
+    lines.append("Cells: median ms, speedup over fp32 = median of per-round paired ratios [min-max over rounds].")
     lines.append("")
     lines.append("op types in the optimized graphs:")
     for v, *_, census in rows:

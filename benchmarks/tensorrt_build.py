@@ -28,8 +28,8 @@ from sensisearch.calibration import collect_statistics
 from sensisearch.calibration.thresholds import ThresholdTable
 from sensisearch.evaluation.datasets import Preprocess, load_npz
 from sensisearch.examples import load_example
-from sensisearch.model.analysis import analyze_model, statistics_tensors
-from sensisearch.quantize import TENSORRT, Precision, TensorRange, TrialConfig, emit_deployable_onnx, save_model
+from sensisearch.model import analyze_model
+from sensisearch.quantize import TENSORRT, Precision, TensorRange, TrialConfig, emit_deployable_onnx, plan_placement, save_model, statistics_tensors
 from sensisearch.quantize.config import CalibrationChoice
 
 
@@ -60,7 +60,7 @@ def bench(name: str, model_path: Path, feeds: list[dict[str, np.ndarray]], flavo
     print(f"  {'config':<7} {'no cache':>9} {'cache 1st':>10} {'cache 2nd':>10} {'2nd/none':>9}  layers run")
     for label, config in configs(info.layer_names).items():
         onnx_path = workdir / f"{name}-{label}.onnx"
-        save_model(emit_deployable_onnx(model, info, config, ranges, TENSORRT), onnx_path)
+        save_model(emit_deployable_onnx(model, info, plan_placement(info, model, config, TENSORRT), ranges, TENSORRT), onnx_path)
         times = {}
         for run, cache in (("none", None), ("first", workdir / f"{name}-{label}.cache"), ("second", workdir / f"{name}-{label}.cache")):
             backend = make_tensorrt_backend(flavor, timing_cache=cache)

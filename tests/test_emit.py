@@ -1,4 +1,4 @@
-"""Tests for the deployable-ONNX emitter (sensisearch.quantize.emit).
+"""Tests for Q/DQ placement and the deployable-ONNX emitter (sensisearch.quantize).
 
 Thresholds come straight from the FP32 activations (ORT with intermediate
 outputs, min-max over the very inputs that are compared), not from the
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import collections
 import gzip
+import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +22,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import require_shared
 
-from sensisearch.model.analysis import ModelInfo, analyze_model, statistics_tensors
+from sensisearch.backends.onnxruntime import count_kernels
+from sensisearch.model import ModelInfo, analyze_model
+from sensisearch.op_types import REGION_OP_TYPES
 from sensisearch.quantize import (
     ONNXRUNTIME_CPU,
     TENSORRT,
+    GraphIndex,
     Precision,
     QuantizationProfile,
     TensorRange,
     TrialConfig,
-    count_integer_kernels,
+    activation_epilogue,
     emit_deployable_onnx,
     plan_placement,
     save_model,
-    tensors_to_quantize,
+    statistics_tensors,
     upgrade_opset,
 )
 
@@ -56,6 +59,20 @@ def _session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_DISABL
     if optimized_path:
         so.optimized_model_filepath = optimized_path
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _emit(model, info, config, ranges, profile) -> onnx.ModelProto:
+    """Plan the placement once and emit it, as the trial pipeline does."""
+    return emit_deployable_onnx(model, info, plan_placement(info, model, config, profile), ranges, profile)
+
+
+def _thresholds_needed(info, model, config, profile) -> list[str]:
+    return plan_placement(info, model, config, profile).threshold_tensors
+
+
+def _integer_kernels(optimized: onnx.ModelProto) -> int:
+    """Integer kernels in an ORT-optimized graph, counted as the ORT backend counts them."""
+    return count_kernels(optimized)["int8"]
 
 
 def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -276,11 +293,11 @@ def test_checker_and_layer_marking(which, profile, request) -> None:
     info, model, _, ranges = request.getfixturevalue(which)
     original = model.SerializeToString()
     for name, config in _configs(info).items():
-        emitted = emit_deployable_onnx(model, info, config, ranges, profile)
+        emitted = _emit(model, info, config, ranges, profile)
         _check(emitted)
         _assert_precisions(emitted, info, config, profile)
         _assert_no_qdq_on_outputs(emitted)
-        wanted = tensors_to_quantize(info, model, config, profile)
+        wanted = _thresholds_needed(info, model, config, profile)
         assert set(wanted) <= set(statistics_tensors(model, info))
         placement = plan_placement(info, model, config, profile)
         assert wanted == placement.threshold_tensors
@@ -293,13 +310,13 @@ def test_checker_and_layer_marking(which, profile, request) -> None:
                 assert act.params_from in wanted and act.tensor not in wanted
                 assert q_nodes[act.tensor].input[1:] == q_nodes[act.params_from].input[1:]
         # thresholds for exactly tensors_to_quantize suffice (KeyError otherwise)
-        emit_deployable_onnx(model, info, config, {t: ranges[t] for t in wanted}, profile)
+        _emit(model, info, config, {t: ranges[t] for t in wanted}, profile)
         names = [n.name for n in emitted.graph.node]
         assert all(names) and len(set(names)) == len(names)
         opset = next(o.version for o in emitted.opset_import if o.domain in ("", "ai.onnx"))
         assert opset == (max(info.opset, 13) if config.uses_int8 else info.opset), name
         # deterministic: emitting again gives the same bytes
-        again = emit_deployable_onnx(model, info, config, ranges, profile)
+        again = _emit(model, info, config, ranges, profile)
         assert again.SerializeToString() == emitted.SerializeToString()
     assert model.SerializeToString() == original  # caller's model untouched
 
@@ -309,12 +326,12 @@ def test_all_fp32_is_bit_identical(which, request) -> None:
     info, model, feeds, ranges = request.getfixturevalue(which)
     feeds = feeds[0] if isinstance(feeds, list) else feeds
     for profile in PROFILES:
-        emitted = emit_deployable_onnx(model, info, TrialConfig.uniform(info.layer_names, Precision.FP32), ranges, profile)
+        emitted = _emit(model, info, TrialConfig.uniform(info.layer_names, Precision.FP32), ranges, profile)
         assert emitted.SerializeToString() == model.SerializeToString()
         for a, b in zip(_run(emitted, feeds), _run(model, feeds)):
             assert np.array_equal(a, b)
     # layers missing from the config are FP32 too
-    emitted = emit_deployable_onnx(model, info, TrialConfig({}), {}, TENSORRT)
+    emitted = _emit(model, info, TrialConfig({}), {}, TENSORRT)
     assert emitted.SerializeToString() == model.SerializeToString()
 
 
@@ -322,8 +339,8 @@ def test_resnet_tensorrt_placement(resnet) -> None:
     info, model, _, ranges = resnet
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
     # layer inputs + skip inputs of both residual Adds (h0 is shared by b1a and b1_add, h1 by b2a and b2_add)
-    assert tensors_to_quantize(info, model, config, TENSORRT) == ["x", "h0", "b1a_relu", "h1", "b2a_relu", "flat", "fc_relu"]
-    emitted = emit_deployable_onnx(model, info, config, ranges, TENSORRT)
+    assert _thresholds_needed(info, model, config, TENSORRT) == ["x", "h0", "b1a_relu", "h1", "b2a_relu", "flat", "fc_relu"]
+    emitted = _emit(model, info, config, ranges, TENSORRT)
     nodes = {n.name: n for n in emitted.graph.node}
     assert nodes["b1_add"].input[1] == "h0_dequantized" and nodes["b1a"].input[0] == "h0_dequantized"
     assert nodes["b1_add"].input[0] == "b1b_out"  # the conv side stays as is (TRT fuses the Add)
@@ -338,9 +355,9 @@ def test_resnet_tensorrt_placement(resnet) -> None:
     assert nodes["fc"].input[2] == "fc.b"
     # only a residual Add fed by an INT8 conv gets a skip Q/DQ
     only_b1a = TrialConfig({"b1a": Precision.INT8})
-    assert tensors_to_quantize(info, model, only_b1a, TENSORRT) == ["h0"]
+    assert _thresholds_needed(info, model, only_b1a, TENSORRT) == ["h0"]
     only_b1b = TrialConfig({"b1b": Precision.INT8})
-    assert tensors_to_quantize(info, model, only_b1b, TENSORRT) == ["h0", "b1a_relu"]
+    assert _thresholds_needed(info, model, only_b1b, TENSORRT) == ["h0", "b1a_relu"]
 
 
 def test_resnet_int8_accuracy(resnet) -> None:
@@ -356,10 +373,10 @@ def test_resnet_int8_accuracy(resnet) -> None:
     ref = _run(model, feeds)[0]
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
     for profile in PROFILES:
-        out = _run(emit_deployable_onnx(model, info, config, ranges, profile), feeds)[0]
+        out = _run(_emit(model, info, config, ranges, profile), feeds)[0]
         assert _rel_l2(out, ref) < 0.05, profile.name
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.9
-    fp16 = _run(emit_deployable_onnx(model, info, TrialConfig.uniform(info.layer_names, Precision.FP16), ranges, TENSORRT), feeds)[0]
+    fp16 = _run(_emit(model, info, TrialConfig.uniform(info.layer_names, Precision.FP16), ranges, TENSORRT), feeds)[0]
     assert _rel_l2(fp16, ref) < 5e-3  # fp16 has an 11-bit mantissa
 
 
@@ -368,7 +385,7 @@ def test_wrong_axis_would_be_caught(resnet) -> None:
     info, model, feeds, ranges = resnet
     ref = _run(model, feeds)[0]
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
-    emitted = emit_deployable_onnx(model, info, config, ranges, TENSORRT)
+    emitted = _emit(model, info, config, ranges, TENSORRT)
     for init in emitted.graph.initializer:
         if init.name == "b1a.w_scale":  # per-channel scales applied to the wrong channels
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[::-1].copy(), init.name))
@@ -381,7 +398,7 @@ def test_mnist_int8_accuracy(mnist) -> None:
     info, model, feeds, ranges = mnist
     ref = _run(model, feeds)[0]
     for profile in PROFILES:
-        emitted = emit_deployable_onnx(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, profile)
+        emitted = _emit(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, profile)
         out = _run(emitted, feeds)[0]
         assert _rel_l2(out, ref) < 0.03, profile.name
         assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98, profile.name
@@ -396,7 +413,7 @@ def test_mixed_accuracy_and_fp16_chain(resnet) -> None:
     info, model, feeds, ranges = resnet
     ref = _run(model, feeds)[0]
     config = TrialConfig({"fc": Precision.FP16, "head": Precision.FP16, "stem": Precision.INT8, "b1a": Precision.FP16})
-    emitted = emit_deployable_onnx(model, info, config, ranges, TENSORRT)
+    emitted = _emit(model, info, config, ranges, TENSORRT)
     _check(emitted)
     nodes = {n.name: n for n in emitted.graph.node}
     # a float Relu sits between fc and head: fc's output is cast back, head's input cast again
@@ -405,7 +422,7 @@ def test_mixed_accuracy_and_fp16_chain(resnet) -> None:
     assert _rel_l2(_run(emitted, feeds)[0], ref) < 0.05
     # a direct FP16 -> FP16 edge: no Cast back and forth
     chain = TrialConfig({"b1a": Precision.FP16})
-    emitted = emit_deployable_onnx(model, info, chain, ranges, TENSORRT)
+    emitted = _emit(model, info, chain, ranges, TENSORRT)
     assert sum(n.op_type == "Cast" for n in emitted.graph.node) == 2
 
 
@@ -421,7 +438,7 @@ def test_shared_weight_initializer_not_mutated(tmp_path) -> None:
     feeds = {"x": np.random.default_rng(3).standard_normal((4, 3, 16, 16)).astype(np.float32)}
     ranges = _minmax_ranges(model, info, [feeds])
     for p in (Precision.FP16, Precision.INT8):
-        emitted = emit_deployable_onnx(model, info, TrialConfig({"b1a": p}), ranges, TENSORRT)
+        emitted = _emit(model, info, TrialConfig({"b1a": p}), ranges, TENSORRT)
         _check(emitted)
         nodes = {n.name: n for n in emitted.graph.node}
         assert nodes["b2a"].input[1] == "b1a.w"
@@ -437,9 +454,9 @@ def test_missing_threshold_and_unknown_layer(resnet) -> None:
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
     partial = {k: v for k, v in ranges.items() if k != "h0"}
     with pytest.raises(KeyError, match="h0"):
-        emit_deployable_onnx(model, info, config, partial, TENSORRT)
+        _emit(model, info, config, partial, TENSORRT)
     with pytest.raises(SensisearchError, match="nope"):
-        emit_deployable_onnx(model, info, TrialConfig({"nope": Precision.INT8}), ranges, TENSORRT)
+        _emit(model, info, TrialConfig({"nope": Precision.INT8}), ranges, TENSORRT)
     with pytest.raises(ValueError):
         TensorRange(float("nan"))
 
@@ -456,7 +473,7 @@ def test_zero_threshold_and_zero_weight_channel(resnet) -> None:
             w[3] = 0
             init.CopyFrom(numpy_helper.from_array(w, init.name))
     for profile in PROFILES:
-        emitted = emit_deployable_onnx(m, info, TrialConfig.uniform(info.layer_names, Precision.INT8), zeroed, profile)
+        emitted = _emit(m, info, TrialConfig.uniform(info.layer_names, Precision.INT8), zeroed, profile)
         _check(emitted)
         scales = [numpy_helper.to_array(i) for i in emitted.graph.initializer if i.name.endswith("scale")]
         assert all(np.all(s > 0) and np.all(np.isfinite(s)) for s in scales)
@@ -480,8 +497,8 @@ def test_resnet_onnxruntime_placement(resnet) -> None:
     assert acts["h2"].consumers == (("gap", 0),) and acts["h2"].reasons == ("region",)
     # Flatten only moves values: its output reuses GAP's scale/zero point (ORT drops that Q/DQ pair)
     assert acts["flat"].params_from == "gap" and acts["gap"].params_from is None
-    assert "flat" not in tensors_to_quantize(info, model, config, ONNXRUNTIME_CPU)
-    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    assert "flat" not in _thresholds_needed(info, model, config, ONNXRUNTIME_CPU)
+    emitted = _emit(model, info, config, ranges, ONNXRUNTIME_CPU)
     nodes = {n.name: n for n in emitted.graph.node}
     inits = {i.name: numpy_helper.to_array(i) for i in emitted.graph.initializer}
     assert list(nodes["b1_add"].input) == ["b1b_out_dequantized", "h0_dequantized"]
@@ -496,7 +513,7 @@ def test_resnet_onnxruntime_placement(resnet) -> None:
     assert inits["x_zero_point"] == round(-lo / float(inits["x_scale"]))
     # without a calibrated min (ranges recorded before TensorRange.min): uint8 zp 128, symmetric
     legacy = {t: TensorRange(r.amax, r.nonnegative) for t, r in ranges.items()}
-    legacy_inits = {i.name: numpy_helper.to_array(i) for i in emit_deployable_onnx(model, info, config, legacy, ONNXRUNTIME_CPU).graph.initializer}
+    legacy_inits = {i.name: numpy_helper.to_array(i) for i in _emit(model, info, config, legacy, ONNXRUNTIME_CPU).graph.initializer}
     assert legacy_inits["x_zero_point"].dtype == np.uint8 and legacy_inits["x_zero_point"] == 128
     assert inits["b1a_bias_int32"].dtype == np.int32
     np.testing.assert_allclose(inits["b1a_bias_scale"], inits["h0_scale"] * inits["b1a.w_scale"], rtol=1e-6)
@@ -510,16 +527,22 @@ def test_resnet_onnxruntime_placement(resnet) -> None:
     assert not any("layer_output" in r for r in trt.values())
 
 
-def test_count_integer_kernels_unit() -> None:
+def test_count_kernels_unit() -> None:
+    """The ORT backend's kernel census: integer kernels, float ops with float16 weights, float ops."""
     nodes = [
         helper.make_node("QLinearConv", ["a"], ["b"], name="c1"),
         helper.make_node("QuantizeLinear", ["b"], ["c"], name="q"),
         helper.make_node("QGemm", ["c"], ["d"], name="g", domain="com.microsoft"),
         helper.make_node("MatMulInteger", ["d"], ["e"], name="m"),
-        helper.make_node("Conv", ["e"], ["f"], name="c2"),
+        helper.make_node("Conv", ["e", "w32"], ["f"], name="c2"),
+        helper.make_node("FusedConv", ["f", "w16"], ["g"], name="c3", domain="com.microsoft"),
     ]
-    graph = helper.make_graph(nodes, "g", [], [])
-    assert count_integer_kernels(helper.make_model(graph)) == 3
+    inits = [
+        numpy_helper.from_array(np.zeros((1, 1, 1, 1), np.float32), "w32"),
+        numpy_helper.from_array(np.zeros((1, 1, 1, 1), np.float16), "w16"),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [], initializer=inits)
+    assert count_kernels(helper.make_model(graph)) == {"int8": 3, "fp16": 1, "fp32": 1}
 
 
 def test_onnxruntime_integer_kernels(resnet, mnist) -> None:
@@ -530,8 +553,8 @@ def test_onnxruntime_integer_kernels(resnet, mnist) -> None:
         info, model, feeds, ranges = data
         config = TrialConfig.uniform(info.layer_names, Precision.INT8)
         for profile in PROFILES:
-            counts[which, profile.name] = count_integer_kernels(_optimized(emit_deployable_onnx(model, info, config, ranges, profile)))
-        assert count_integer_kernels(_optimized(model)) == 0
+            counts[which, profile.name] = _integer_kernels(_optimized(_emit(model, info, config, ranges, profile)))
+        assert _integer_kernels(_optimized(model)) == 0
     assert counts["mnist", "onnxruntime-cpu"] == 4  # both convs (QLinearConv) and both Gemms (QGemm)
     assert counts["resnet", "onnxruntime-cpu"] == 7  # all 5 convs, the Gemm and the MatMul
     assert counts["resnet", "onnxruntime-cpu"] > counts["resnet", "tensorrt"]
@@ -544,7 +567,7 @@ def test_onnxruntime_integer_kernels(resnet, mnist) -> None:
 def test_yolo_int8_tensorrt(yolo) -> None:
     info, model, feeds_list, ranges = yolo
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
-    emitted = emit_deployable_onnx(model, info, config, ranges, TENSORRT)
+    emitted = _emit(model, info, config, ranges, TENSORRT)
     assert next(o.version for o in emitted.opset_import if o.domain == "") >= 13
     _check(emitted)
     _assert_no_qdq_on_outputs(emitted)
@@ -574,7 +597,7 @@ def test_yolo_int8_close_to_fp32(yolo, profile) -> None:
     gives box errors in the hundreds of px.
     """
     info, model, feeds_list, ranges = yolo
-    emitted = emit_deployable_onnx(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, profile)
+    emitted = _emit(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, profile)
     for feeds in feeds_list:
         ref = _run(model, feeds)[0][0]
         out = _run(emitted, feeds)[0][0]
@@ -586,25 +609,34 @@ def test_yolo_int8_close_to_fp32(yolo, profile) -> None:
         assert np.abs(out[sel, :4] - ref[sel, :4]).mean() < 12.0
 
 
-def test_yolo_emission_time(yolo) -> None:
+def test_yolo_emits_exactly_its_placement(yolo) -> None:
+    """The emitter writes the placement it is handed and nothing else (it does not re-plan):
+    one QuantizeLinear per planned activation tensor (weights and biases are integer
+    initializers + DequantizeLinear, no Q), and every planned consumer reads a
+    DequantizeLinear output. A placement planned for another profile is refused."""
     info, model, _, ranges = yolo
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
+    placements = {p.name: plan_placement(info, model, config, p) for p in PROFILES}
     for profile in PROFILES:
-        emit_deployable_onnx(model, info, config, ranges, profile)  # warm (opset upgrade is cached)
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            emit_deployable_onnx(model, info, config, ranges, profile)
-            times.append(time.perf_counter() - t0)
-        print(f"YOLOv5n all-INT8 emission ({profile.name}): {min(times) * 1e3:.1f} ms")
-        assert min(times) < 0.25  # target a few tens of ms; generous bound for loaded CI machines
+        placement = placements[profile.name]
+        emitted = emit_deployable_onnx(model, info, placement, ranges, profile)
+        quantized = [n.input[0] for n in emitted.graph.node if n.op_type == "QuantizeLinear"]
+        assert sorted(quantized) == sorted(placement.tensors)
+        producer = {o: n for n in emitted.graph.node for o in n.output}
+        nodes = {n.name: n for n in emitted.graph.node}
+        for act in placement.activations:
+            for name, ii in act.consumers:
+                reader = producer[nodes[name].input[ii]]
+                assert reader.op_type == "DequantizeLinear" and producer[reader.input[0]].input[0] == act.tensor
+    with pytest.raises(ValueError, match="planned for profile 'tensorrt'"):
+        emit_deployable_onnx(model, info, placements[TENSORRT.name], ranges, ONNXRUNTIME_CPU)
 
 
 def test_yolo_onnxruntime_integer_kernels(yolo) -> None:
     info, model, _, ranges = yolo
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
-    ort_count = count_integer_kernels(_optimized(emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)))
-    trt_count = count_integer_kernels(_optimized(emit_deployable_onnx(model, info, config, ranges, TENSORRT)))
+    ort_count = _integer_kernels(_optimized(_emit(model, info, config, ranges, ONNXRUNTIME_CPU)))
+    trt_count = _integer_kernels(_optimized(_emit(model, info, config, ranges, TENSORRT)))
     print("YOLOv5n integer kernels: onnxruntime-cpu", ort_count, "tensorrt", trt_count)
     assert ort_count == 57  # every conv but the 3 Detect convs, whose output feeds the float decode
     assert trt_count == 0
@@ -620,7 +652,7 @@ def test_yolo_onnxruntime_region(yolo) -> None:
     info, model, _, ranges = yolo
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
     placement = plan_placement(info, model, config, ONNXRUNTIME_CPU)
-    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    emitted = _emit(model, info, config, ranges, ONNXRUNTIME_CPU)
     _check(emitted)
     _assert_no_qdq_on_outputs(emitted)
     prod = _producers(emitted)
@@ -649,7 +681,7 @@ def test_yolo_onnxruntime_region(yolo) -> None:
     }
     optimized = _optimized(emitted)
     ops = collections.Counter(n.op_type for n in optimized.graph.node)
-    assert count_integer_kernels(optimized) == 57
+    assert _integer_kernels(optimized) == 57
     assert ops["QLinearSigmoid"] == ops["QLinearMul"] == 57 and ops["QLinearAdd"] == 7
     assert ops["Sigmoid"] == 3  # the decode's
     assert ops["QuantizeLinear"] == 1  # the image; everything else runs on 8-bit data
@@ -657,8 +689,6 @@ def test_yolo_onnxruntime_region(yolo) -> None:
 
 def _outputs_8bit(layer, placement, index) -> bool:
     """Whether every reader of the layer's output (or of its Relu, which ORT then drops) is quantized."""
-    from sensisearch.model.analysis import activation_epilogue
-
     acts = {a.tensor: a for a in placement.activations}
     tensor = layer.output
     ep = activation_epilogue(index, tensor)
@@ -699,14 +729,12 @@ def test_onnxruntime_region_rule_mixed(which, request) -> None:
       rules), which is every INT8 layer but the Detect convs (output: float decode),
       and no FP32/FP16 layer.
     """
-    from sensisearch.model.analysis import REGION_OP_TYPES, GraphIndex, activation_epilogue
-
     info, model, _, ranges = request.getfixturevalue(which)
     configs = list(_configs(info).values())[3:] if which == "resnet" else _yolo_mixed_configs(info)
     index = GraphIndex(model)
     for config in configs:
         placement = plan_placement(info, model, config, ONNXRUNTIME_CPU)
-        emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+        emitted = _emit(model, info, config, ranges, ONNXRUNTIME_CPU)
         _check(emitted)
         _assert_no_qdq_on_outputs(emitted)
         prod = _producers(emitted)
@@ -745,7 +773,7 @@ def test_onnxruntime_region_rule_mixed(which, request) -> None:
             layer.op_type == "MatMul" or _outputs_8bit(layer, placement, index) for layer in info.layers if layer.name in int8
         )
         kernels = collections.Counter(n.op_type for n in _optimized(emitted).graph.node)
-        assert count_integer_kernels(_optimized(emitted)) == expected, config
+        assert _integer_kernels(_optimized(emitted)) == expected, config
         fused_float = sum(kernels[t] for t in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"))
         assert fused_float >= len(info.layers) - len(int8)  # no FP32/FP16 layer became integer
         if which == "yolo":
@@ -754,7 +782,7 @@ def test_onnxruntime_region_rule_mixed(which, request) -> None:
 
 def test_save_model_atomic(tmp_path, resnet) -> None:
     info, model, feeds, ranges = resnet
-    emitted = emit_deployable_onnx(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, TENSORRT)
+    emitted = _emit(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, TENSORRT)
     path = save_model(emitted, tmp_path / "sub" / "deployable.onnx")
     assert path.exists() and [p.name for p in path.parent.iterdir()] == ["deployable.onnx"]
     assert onnx.load(path).SerializeToString() == emitted.SerializeToString()
@@ -763,7 +791,7 @@ def test_save_model_atomic(tmp_path, resnet) -> None:
 def test_custom_profile_per_tensor_reduce_range(resnet) -> None:
     info, model, feeds, ranges = resnet
     profile = QuantizationProfile(name="custom", per_channel_weights=False, reduce_range_weights=True)
-    emitted = emit_deployable_onnx(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, profile)
+    emitted = _emit(model, info, TrialConfig.uniform(info.layer_names, Precision.INT8), ranges, profile)
     _check(emitted)
     for init in emitted.graph.initializer:
         if init.name.endswith(".w_int8"):
@@ -786,13 +814,11 @@ def test_yolo_onnxruntime_mixed_int8_out(yolo) -> None:
         draw = np.random.default_rng(seed).random(len(info.layers))
         config = TrialConfig({n: Precision.INT8 if x < frac else Precision.FP32 for n, x in zip(info.layer_names, draw)})
         int8 = set(config.layers_with(Precision.INT8))
-        emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+        emitted = _emit(model, info, config, ranges, ONNXRUNTIME_CPU)
         optimized = _optimized(emitted)
-        assert count_integer_kernels(optimized) == len(int8 - heads), (seed, frac)
+        assert _integer_kernels(optimized) == len(int8 - heads), (seed, frac)
         assert sum(n.op_type == "Conv" for n in optimized.graph.node) == len(info.layers) - len(int8 - heads)
         # FP32 convs reading an INT8 conv's output read a DequantizeLinear output
-        from sensisearch.model.analysis import GraphIndex, activation_epilogue
-
         index = GraphIndex(model)
         int8_outs = set()
         for name in int8:
@@ -808,7 +834,7 @@ def test_yolo_onnxruntime_mixed_int8_out(yolo) -> None:
                 fed += 1
         assert fed > 0
         # TensorRT: FP32 layers still read float tensors
-        trt = emit_deployable_onnx(model, info, config, ranges, TENSORRT)
+        trt = _emit(model, info, config, ranges, TENSORRT)
         trt_prod = _producers(trt)
         for node in trt.graph.node:
             if node.name in set(info.layer_names) - int8:
@@ -865,8 +891,8 @@ def test_tensorrt_ignores_min(which, request) -> None:
     assert any(r.min is not None and r.min < 0 for r in ranges.values())
     without = {t: TensorRange(r.amax, r.nonnegative) for t, r in ranges.items()}
     for config in (TrialConfig.uniform(info.layer_names, Precision.INT8), _configs(info)["mixed"]):
-        a = emit_deployable_onnx(model, info, config, ranges, TENSORRT).SerializeToString()
-        b = emit_deployable_onnx(model, info, config, without, TENSORRT).SerializeToString()
+        a = _emit(model, info, config, ranges, TENSORRT).SerializeToString()
+        b = _emit(model, info, config, without, TENSORRT).SerializeToString()
         assert a == b
 
 
@@ -876,7 +902,7 @@ def test_yolo_onnxruntime_asymmetric_uint8(yolo) -> None:
     their input's; ORT still fuses 57 integer convs and runs the region on 8-bit data."""
     info, model, feeds_list, ranges = yolo
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
-    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    emitted = _emit(model, info, config, ranges, ONNXRUNTIME_CPU)
     inits = {i.name: numpy_helper.to_array(i) for i in emitted.graph.initializer}
     zps = {}
     for act in plan_placement(info, model, config, ONNXRUNTIME_CPU).threshold_tensors:
@@ -894,7 +920,7 @@ def test_yolo_onnxruntime_asymmetric_uint8(yolo) -> None:
     assert q_params["/model.11/Resize_output_0"] == q_params["/model.10/act/Mul_output_0"]
     optimized = _optimized(emitted)
     ops = collections.Counter(n.op_type for n in optimized.graph.node)
-    assert count_integer_kernels(optimized) == 57
+    assert _integer_kernels(optimized) == 57
     assert ops["QLinearSigmoid"] == ops["QLinearMul"] == 57 and ops["QLinearAdd"] == 7
     assert ops["QuantizeLinear"] == 1
     # SiLU outputs: step (amax - lower)/255 instead of amax/127 (zero point 128), about half
@@ -913,12 +939,62 @@ def test_digits_onnxruntime_asymmetric_integer_kernels() -> None:
     feeds = {model.graph.input[0].name: x}
     ranges = _minmax_ranges(model, info, [feeds])
     config = TrialConfig.uniform(info.layer_names, Precision.INT8)
-    emitted = emit_deployable_onnx(model, info, config, ranges, ONNXRUNTIME_CPU)
+    emitted = _emit(model, info, config, ranges, ONNXRUNTIME_CPU)
     _check(emitted)
     zps = [numpy_helper.to_array(i) for i in emitted.graph.initializer if i.name.endswith("_zero_point") and i.data_type == TensorProto.UINT8]
     assert any(int(z.flat[0]) not in (0, 128) for z in zps)  # the signed input is asymmetric
-    assert count_integer_kernels(_optimized(emitted)) == len(info.layers) == 10
+    assert _integer_kernels(_optimized(emitted)) == len(info.layers) == 10
     labels = data["labels"][:256]
     acc_fp32 = (_run(model, feeds)[0].argmax(1) == labels).mean()
     acc_int8 = (_run(emitted, feeds)[0].argmax(1) == labels).mean()
     assert acc_int8 >= acc_fp32 - 0.02
+
+
+# --------------------------------------------------------------------------- one plan per trial
+
+
+def test_trial_and_build_plan_placement_once(tmp_path: Path, monkeypatch) -> None:
+    """A real trial of the digits example plans its Q/DQ placement exactly once (the range
+    lookup and the emitter share it), and ``sensisearch build --config`` goes through the
+    same pipeline: one plan, and the artifact the trial built."""
+    import sensisearch.study.pipeline as pipeline_module
+    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+    from sensisearch.study.build import build_from_config
+    from sensisearch.study.pipeline import ranges_to_dict
+    from sensisearch.study.runner import prepare
+    from sensisearch.study.settings import StudySettings
+
+    settings = StudySettings(
+        example="digits", backend="onnxruntime", out=tmp_path / "run", sample_counts=[128], latency_seconds=0.05,
+        eval_limit=200, threads=1,
+    )
+    ctx = prepare(settings)
+    calls: list[str] = []
+    real_plan = pipeline_module.plan_placement
+
+    def counting_plan(info, model, config, profile, index=None):
+        calls.append(profile.name)
+        return real_plan(info, model, config, profile, index)
+
+    monkeypatch.setattr(pipeline_module, "plan_placement", counting_plan)
+    names = ctx.info.layer_names
+    config = TrialConfig({n: Precision.INT8 if i % 3 else Precision.FP32 for i, n in enumerate(names)})
+    int8 = len(config.layers_with(Precision.INT8))
+    outcome = ctx.pipeline.run(config, tmp_path / "trial")
+    assert calls == ["onnxruntime-cpu"]
+    assert outcome.build.layer_precisions["int8"] == int8  # the planned INT8 layers really fused
+    assert set(outcome.ranges) == set(real_plan(ctx.info, ctx.model, config, ONNXRUNTIME_CPU).threshold_tensors)
+
+    record = {
+        "model": {"path": str(ctx.info.path), "sha256": ctx.info.sha256},
+        "config": config.to_dict(),
+        "thresholds": ranges_to_dict(ctx.pipeline.ranges_for(config, every_tensor=True)),
+    }
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(record))
+    calls.clear()
+    out, result = build_from_config(config_path, OnnxRuntimeBackend(threads=1), tmp_path / "rebuilt.ort.onnx")
+    assert calls == ["onnxruntime-cpu"]
+    assert dict(result.layer_precisions) == dict(outcome.build.layer_precisions)
+    rebuilt, trial = onnx.load(str(out)), onnx.load(str(outcome.build.artifact))
+    assert [(n.op_type, list(n.input)) for n in rebuilt.graph.node] == [(n.op_type, list(n.input)) for n in trial.graph.node]

@@ -1,4 +1,5 @@
-"""Tests for sensisearch.model.analysis on a synthetic model and the real shared models."""
+"""Tests for model analysis (sensisearch.model) and the tensors Q/DQ may ever cover
+(sensisearch.quantize: statistics_tensors, int8_region) on a synthetic model and the real shared models."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import require_shared
 
 from sensisearch.errors import SensisearchError
-from sensisearch.model.analysis import GraphIndex, analyze_model, int8_region, load_onnx, statistics_tensors
+from sensisearch.model import analyze_model, load_onnx
+from sensisearch.quantize import GraphIndex, int8_region, statistics_tensors
 
 
 def _shared(rel: str) -> Path:

@@ -55,8 +55,17 @@ from sensisearch.backends.tensorrt.runtime import batch_chunks, enough_samples
 from sensisearch.doctor import doctor_report, format_doctor
 from sensisearch.errors import SensisearchError
 from sensisearch.examples.digits import CALIB_PATH, EVAL_PATH, MODEL_PATH
-from sensisearch.model.analysis import ModelInfo, analyze_model, statistics_tensors
-from sensisearch.quantize import TENSORRT, Precision, TensorRange, TrialConfig, emit_deployable_onnx, save_model
+from sensisearch.model import ModelInfo, analyze_model
+from sensisearch.quantize import (
+    TENSORRT,
+    Precision,
+    TensorRange,
+    TrialConfig,
+    emit_deployable_onnx,
+    plan_placement,
+    save_model,
+    statistics_tensors,
+)
 
 DATA = Path(__file__).resolve().parent / "data"
 CONFIG_NAMES = ("fp32", "fp16", "int8", "mixed")
@@ -121,7 +130,10 @@ def _build_all(flavor: TensorRTFlavor, model_path: Path, batches: list[dict[str,
     built = {}
     for name, config in _configs(info.layer_names).items():
         trial_dir = out / name
-        deployable = save_model(emit_deployable_onnx(model, info, config, ranges, TENSORRT), trial_dir / "deployable.onnx")
+        deployable = save_model(
+            emit_deployable_onnx(model, info, plan_placement(info, model, config, TENSORRT), ranges, TENSORRT),
+            trial_dir / "deployable.onnx",
+        )
         result = backend.build(deployable, trial_dir, trial_config=config.to_dict(), layer_names=info.layer_names)
         built[name] = types.SimpleNamespace(config=config, deployable=deployable, result=result)
     return {"info": info, "backend": backend, "built": built}

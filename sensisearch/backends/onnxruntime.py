@@ -27,17 +27,12 @@ from sensisearch.backends.base import (
 )
 from sensisearch.errors import SensisearchError
 from sensisearch.model.tensor import TensorSpec
+from sensisearch.op_types import FLOAT_WEIGHTED_OPS, INTEGER_KERNEL_OPS
 from sensisearch.quantize.config import Precision
 from sensisearch.quantize.profiles import ONNXRUNTIME_CPU, QuantizationProfile
 
 log = logging.getLogger(__name__)
 
-# Ops that mean "this weighted layer runs an integer kernel" in ORT's optimized graph.
-INTEGER_KERNEL_OPS = frozenset(
-    {"QLinearConv", "ConvInteger", "MatMulInteger", "QLinearMatMul", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
-)
-# Float weighted ops as they may appear after ORT's fusions.
-FLOAT_WEIGHTED_OPS = frozenset({"Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul", "FusedGemm", "NhwcConv"})
 
 _ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),

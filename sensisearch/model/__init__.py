@@ -1,4 +1,7 @@
-"""Model loading and analysis: which layers sensisearch can put in INT8/FP16."""
+"""Model loading and analysis: which layers sensisearch can put in INT8/FP16.
+
+Where their Q/DQ goes (graph index, INT8 regions, placement) is :mod:`sensisearch.quantize`.
+"""
 
 from sensisearch.model.analysis import (
     ModelInfo,
@@ -7,7 +10,6 @@ from sensisearch.model.analysis import (
     assign_node_names,
     find_layers,
     load_onnx,
-    statistics_tensors,
 )
 from sensisearch.model.tensor import TensorSpec
 
@@ -19,5 +21,4 @@ __all__ = [
     "assign_node_names",
     "find_layers",
     "load_onnx",
-    "statistics_tensors",
 ]

@@ -1,35 +1,38 @@
-"""Trial configurations, backend profiles and the deployable-ONNX emitter."""
+"""Where Q/DQ goes and how it is written: trial configurations, backend profiles,
+the graph index and INT8 regions, the placement, and the deployable-ONNX emitter."""
 
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.quantize.emit import (
-    INTEGER_KERNEL_OPS,
-    count_integer_kernels,
-    emit_deployable_onnx,
-    save_model,
-    tensors_to_quantize,
-)
+from sensisearch.quantize.emit import emit_deployable_onnx, save_model
+from sensisearch.quantize.graph import Epilogue, GraphIndex, ResidualAdd, activation_epilogue, feeds_layers, residual_adds
 from sensisearch.quantize.opset import upgrade_opset
-from sensisearch.quantize.placement import ActivationQdq, Placement, plan_placement
+from sensisearch.quantize.placement import ActivationQdq, Placement, plan_placement, statistics_tensors
 from sensisearch.quantize.profiles import ONNXRUNTIME_CPU, PROFILES, TENSORRT, QuantizationProfile
 from sensisearch.quantize.ranges import TensorRange
+from sensisearch.quantize.region import Int8Region, int8_region
 
 __all__ = [
     "ActivationQdq",
     "CalibrationAlgorithm",
     "CalibrationChoice",
-    "INTEGER_KERNEL_OPS",
+    "Epilogue",
+    "GraphIndex",
+    "Int8Region",
     "ONNXRUNTIME_CPU",
     "PROFILES",
     "Placement",
     "Precision",
     "QuantizationProfile",
+    "ResidualAdd",
     "TENSORRT",
     "TensorRange",
     "TrialConfig",
-    "count_integer_kernels",
+    "activation_epilogue",
     "emit_deployable_onnx",
+    "feeds_layers",
+    "int8_region",
     "plan_placement",
+    "residual_adds",
     "save_model",
-    "tensors_to_quantize",
+    "statistics_tensors",
     "upgrade_opset",
 ]

@@ -1,13 +1,15 @@
 """Write the deployable ONNX of one trial: Q/DQ for INT8 layers, Cast for FP16 layers.
 
-Two steps per trial:
+Two steps per trial, with one placement:
 
-1. :func:`tensors_to_quantize` lists the activation tensors whose Q/DQ needs a
-   threshold for a configuration and profile, so the caller derives thresholds
-   only for those (always a subset of :func:`sensisearch.model.analysis.statistics_tensors`;
-   Q/DQ tensors that reuse another tensor's parameters are not listed).
-2. :func:`emit_deployable_onnx` returns a new model (the caller's model is never
-   mutated) that TensorRT (strongly typed) and ONNX Runtime compile as-is.
+1. :func:`~sensisearch.quantize.placement.plan_placement` decides every Q/DQ pair;
+   its :attr:`~sensisearch.quantize.placement.Placement.threshold_tensors` are the
+   activation tensors whose Q/DQ needs a threshold, so the caller derives thresholds
+   only for those (always a subset of
+   :func:`~sensisearch.quantize.placement.statistics_tensors`; Q/DQ tensors that
+   reuse another tensor's parameters are not listed).
+2. :func:`emit_deployable_onnx` writes that placement into a new model (the caller's
+   model is never mutated) that TensorRT (strongly typed) and ONNX Runtime compile as-is.
 
 What is emitted:
 
@@ -71,57 +73,23 @@ import onnx
 from onnx import helper, numpy_helper
 
 from sensisearch.fileio import write_bytes_atomic
-from sensisearch.model.analysis import GraphIndex, ModelInfo, QuantizableLayer, _subgraph_free_inputs
-from sensisearch.quantize.config import TrialConfig
+from sensisearch.model.analysis import ModelInfo, QuantizableLayer
+from sensisearch.op_types import ORT_WEIGHT_QUANTIZED_OP_TYPES
+from sensisearch.quantize.graph import GraphIndex, subgraph_reads
 from sensisearch.quantize.opset import upgraded
-from sensisearch.quantize.placement import Placement, plan_placement
-from sensisearch.quantize.profiles import TENSORRT, QuantizationProfile
+from sensisearch.quantize.placement import Placement
+from sensisearch.quantize.profiles import QuantizationProfile
 from sensisearch.quantize.ranges import TensorRange
 
 __all__ = [
-    "TensorRange",
-    "tensors_to_quantize",
     "emit_deployable_onnx",
     "save_model",
-    "count_integer_kernels",
-    "INTEGER_KERNEL_OPS",
 ]
 
-_WEIGHT_QUANTIZED_BY_ORT = frozenset({"Conv", "ConvTranspose", "Gemm"})
-"""Ops whose float weight ONNX Runtime quantizes when their input comes from a per-tensor DQ."""
 _MIN_SCALE = 1e-10
 """Floor for activation scales (amax 0 = a tensor that is always zero)."""
 _FP16_MAX = 65504.0
 _INT32_MAX = 2**31 - 1
-
-INTEGER_KERNEL_OPS = frozenset(
-    {
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "ConvInteger",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "NhwcQLinearConv",
-        "QLinearConvTranspose",
-        "DynamicQuantizeMatMul",
-    }
-)
-
-
-def tensors_to_quantize(
-    info: ModelInfo, model: onnx.ModelProto, config: TrialConfig, profile: QuantizationProfile = TENSORRT
-) -> list[str]:
-    """Activation tensors whose Q/DQ needs a threshold for ``config`` under ``profile``, in graph order.
-
-    Exactly the thresholds :func:`emit_deployable_onnx` reads. Every Q/DQ tensor is
-    listed except outputs of value-preserving region ops (MaxPool, Resize, ...),
-    which reuse their input's parameters (:attr:`Placement.tensors` has them all).
-    """
-    if not config.uses_int8:
-        plan_placement(info, model, config, profile)  # validates layer names
-        return []
-    return plan_placement(info, model, config, profile).threshold_tensors
 
 
 def asymmetric_uint8_params(lo: float, hi: float) -> tuple[float, int]:
@@ -177,7 +145,7 @@ class _Emitter:
         self.deferred_casts: list[tuple[str, str, str]] = []
         self.dq_output: dict[str, str] = {}
         quantized = fp16_names | {l.name for l in placement.int8_layers}
-        self.float_layers = {l.name: l for l in layers if l.name not in quantized and l.op_type in _WEIGHT_QUANTIZED_BY_ORT}
+        self.float_layers = {l.name: l for l in layers if l.name not in quantized and l.op_type in ORT_WEIGHT_QUANTIZED_OP_TYPES}
 
     # ---------------------------------------------------------------- helpers
     def unique(self, name: str) -> str:
@@ -322,7 +290,7 @@ class _Emitter:
             rng = self.thresholds[tensor]
         except KeyError:
             raise KeyError(
-                f"no threshold for tensor {tensor!r}; compute thresholds for every tensor in tensors_to_quantize()"
+                f"no threshold for tensor {tensor!r}; compute thresholds for every tensor in Placement.threshold_tensors"
             ) from None
         amax = float(rng.amax)
         if not np.isfinite(amax) or amax < 0:
@@ -440,13 +408,8 @@ class _Emitter:
         produced: set[str] = {i.name for i in bg.input}
         for node in g.node:
             used.update(node.input)
+            used.update(subgraph_reads(node))
             produced.update(node.output)
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    used.update(_subgraph_free_inputs(attr.g))
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        used.update(_subgraph_free_inputs(sub))
         dropped = {i.name for i in bg.initializer if i.name not in used}
         g.initializer.extend(i for i in bg.initializer if i.name not in dropped)
         g.initializer.extend(self.new_inits)
@@ -475,18 +438,23 @@ def _copy_fields(src, dst, skip: set[str]) -> None:
 def emit_deployable_onnx(
     model: onnx.ModelProto,
     info: ModelInfo,
-    config: TrialConfig,
+    placement: Placement,
     thresholds: Mapping[str, TensorRange],
-    profile: QuantizationProfile = TENSORRT,
+    profile: QuantizationProfile,
 ) -> onnx.ModelProto:
     """The deployable ONNX of one trial (a new model; ``model`` is not modified).
 
-    ``model`` must be the model returned by ``analyze_model`` (its node names are
-    the layer names). ``thresholds`` needs an entry for every tensor of
-    :func:`tensors_to_quantize` (extra entries are ignored). An all-FP32 config
-    returns an unmodified copy.
+    ``placement`` is :func:`~sensisearch.quantize.placement.plan_placement`'s answer for
+    this ``model``, ``info`` and ``profile`` (planned once per trial by the caller, who
+    also used it to look up ``thresholds``). ``model`` must be the model returned by
+    ``analyze_model`` (its node names are the layer names). ``thresholds`` needs an
+    entry for every tensor of :attr:`Placement.threshold_tensors` (extra entries are
+    ignored). A placement without INT8 or FP16 layers returns an unmodified copy.
     """
-    placement = plan_placement(info, model, config, profile)
+    if placement.profile != profile:
+        raise ValueError(
+            f"the placement was planned for profile {placement.profile.name!r}, not {profile.name!r}; plan it again"
+        )
     if not placement.int8_layers and not placement.fp16_layers:
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -500,16 +468,3 @@ def emit_deployable_onnx(
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     """Write ``model`` atomically (temporary file in the same directory, then ``os.replace``)."""
     return write_bytes_atomic(path, model.SerializeToString())
-
-
-def count_integer_kernels(optimized_model: onnx.ModelProto) -> int:
-    """Number of integer-arithmetic kernels (QLinearConv, QGemm, MatMulInteger, ...)
-    in a model ONNX Runtime optimized (``SessionOptions.optimized_model_filepath``).
-
-    Q/DQ left around float ops do not count: they mean the fusion did not happen.
-    """
-    count = 0
-    for node in optimized_model.graph.node:
-        if node.op_type in INTEGER_KERNEL_OPS:
-            count += 1
-    return count

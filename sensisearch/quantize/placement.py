@@ -1,5 +1,10 @@
 """Where Q/DQ goes for one trial configuration and profile (no graph is modified here).
 
+:func:`plan_placement` decides it once per trial; the range lookup reads
+:attr:`Placement.threshold_tensors` and the emitter writes exactly that placement.
+:func:`statistics_tensors` is the union over every configuration and profile: the
+tensors calibration must cover.
+
 Consumers are referenced by ``(node name, input index)`` so a placement computed
 on the analysed model still applies after the opset upgrade (which keeps node
 names and adds only ``Constant`` nodes).
@@ -12,19 +17,18 @@ from dataclasses import dataclass
 import onnx
 
 from sensisearch.errors import SensisearchError
-from sensisearch.model.analysis import (
+from sensisearch.model.analysis import ModelInfo, QuantizableLayer
+from sensisearch.op_types import REGION_OP_TYPES, SHAPE_READER_OP_TYPES, is_standard
+from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.graph import (
     GraphIndex,
-    ModelInfo,
-    QuantizableLayer,
-    SHAPE_READER_OP_TYPES,
     activation_epilogue,
     feeds_layers,
-    int8_region,
     quantized_output_readers,
     residual_adds,
 )
-from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.quantize.profiles import QuantizationProfile
+from sensisearch.quantize.region import int8_region
 
 
 @dataclass(frozen=True)
@@ -46,10 +50,14 @@ class ActivationQdq:
 
 @dataclass(frozen=True)
 class Placement:
+    """Every Q/DQ pair and FP16 layer of one trial configuration under one profile."""
+
     int8_layers: tuple[QuantizableLayer, ...]
     fp16_layers: tuple[QuantizableLayer, ...]
     activations: tuple[ActivationQdq, ...]
     """In graph order of the tensors."""
+    profile: QuantizationProfile
+    """The profile it was planned for; the emitter refuses another one."""
 
     @property
     def tensors(self) -> list[str]:
@@ -106,11 +114,7 @@ def plan_placement(
     else:
         _plan_layers(info, index, int8, int8_names, profile, want)
 
-    order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
-    base = len(order)
-    for ni, node in enumerate(index.nodes):
-        for out in node.output:
-            order.setdefault(out, base + ni + 1)
+    order = _graph_order(model, index)
     activations = tuple(
         ActivationQdq(
             tensor=t,
@@ -120,7 +124,7 @@ def plan_placement(
         )
         for t in sorted(consumers, key=lambda t: order.get(t, -1))
     )
-    return Placement(int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations)
+    return Placement(int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations, profile=profile)
 
 
 def _plan_region(info, index, int8, profile, want, params_from) -> None:
@@ -203,7 +207,7 @@ def _plan_layers(info, index, int8, int8_names, profile, want) -> None:
                 node = index.nodes[ni]
                 if (ni, ii) in int8_inputs or (ni in quantized_adds and ii >= 0):
                     continue
-                if ii >= 0 and node.op_type in passthrough and node.domain in ("", "ai.onnx"):
+                if ii >= 0 and node.op_type in passthrough and is_standard(node):
                     outs = [o for o in node.output if o]
                     ok = bool(outs) and all(feeds_only_int8(o) for o in outs)
                     continue
@@ -246,3 +250,54 @@ def _plan_layer_outputs_everywhere(info, index, int8, profile, want) -> None:
         readers = quantized_output_readers(index, target, layer_inputs, to_layers)
         if readers:
             want(target, readers, "layer_output")
+
+
+def statistics_tensors(model: onnx.ModelProto, info: ModelInfo, index: GraphIndex | None = None) -> list[str]:
+    """Every activation tensor any profile's emitter may ask a threshold for.
+
+    The union, over all layers, of: the activation input, the raw output, the
+    output of a directly following activation (Relu, Clip, SiLU, ...), and the
+    skip input of an ``Add`` fed by the layer; plus every activation input of the
+    ops of the all-INT8 :func:`int8_region` (which contains the region of every
+    configuration and every profile's subset of :data:`REGION_OP_TYPES`): e.g.
+    YOLOv5's Sigmoid outputs, residual Add and Concat outputs. Graph outputs are
+    excluded (sensisearch never quantizes them), and so is everything the region
+    never reaches, such as YOLOv5's Detect decode. Sorted by first appearance in graph order.
+    Calibration collects statistics for these once; per trial only
+    :attr:`Placement.threshold_tensors` (a subset) is needed.
+    """
+    index = index or GraphIndex(model)
+    wanted: list[str] = []
+
+    def add(name: str) -> None:
+        if name and name not in index.graph_outputs and not index.is_constant(name):
+            wanted.append(name)
+
+    for layer in info.layers:
+        add(layer.activation_input)
+        add(layer.output)
+        ep = activation_epilogue(index, layer.output)
+        if ep is not None:
+            add(ep.output)
+    for res in residual_adds(index, info.layers):
+        add(res.skip_input)
+    for int8_outputs in (False, True):  # every profile's region rule
+        region = int8_region(
+            index, info.layers, [l.name for l in info.layers], REGION_OP_TYPES, fold_activations=(),
+            quantize_int8_outputs=int8_outputs,
+        )
+        for tensor in region.q_consumers:
+            add(tensor)
+    order = _graph_order(model, index)
+    unknown = len(order) + len(index.nodes) + 1  # after everything (never happens: all are inputs or node outputs)
+    return sorted(dict.fromkeys(wanted), key=lambda n: order.get(n, unknown))
+
+
+def _graph_order(model: onnx.ModelProto, index: GraphIndex) -> dict[str, int]:
+    """Position of every graph input and node output: inputs first, then graph order."""
+    order = {name: i for i, name in enumerate(i.name for i in model.graph.input)}
+    base = len(order)
+    for ni, node in enumerate(index.nodes):
+        for out in node.output:
+            order.setdefault(out, base + ni + 1)
+    return order

@@ -26,26 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sensisearch.model.analysis import REGION_OP_TYPES
-
-# Data-movement / pooling ops through which a quantized tensor may flow when
-# deciding whether all consumers of a layer output are quantized.
-PASSTHROUGH_OPS = (
-    "MaxPool",
-    "AveragePool",
-    "GlobalAveragePool",
-    "GlobalMaxPool",
-    "Reshape",
-    "Flatten",
-    "Transpose",
-    "Squeeze",
-    "Unsqueeze",
-    "Concat",
-    "Resize",
-    "Slice",
-    "Split",
-    "Identity",
-)
+from sensisearch.op_types import PASSTHROUGH_OP_TYPES, REGION_OP_TYPES
 
 
 @dataclass(frozen=True)
@@ -68,7 +49,7 @@ class QuantizationProfile:
     codes instead of ~half. Ranges without ``min`` keep zero point 128."""
     per_channel_weights: bool = True
     """Per-output-channel weight scales on the layer's output-channel axis (see
-    :attr:`~sensisearch.model.analysis.QuantizableLayer.weight_axis`); else per-tensor."""
+    :attr:`~sensisearch.model.QuantizableLayer.weight_axis`); else per-tensor."""
     quantize_layer_outputs: bool = False
     """Also put Q/DQ on an INT8 layer's output when every consumer of that output is
     an INT8 layer or a quantized Add (followed through ``output_passthrough_ops``)."""
@@ -79,7 +60,7 @@ class QuantizationProfile:
     """For any other activation directly after the layer (SiLU, LeakyRelu, ...), put
     the output Q/DQ on the raw layer output, in front of the activation, provided
     the activation's output only feeds quantized consumers."""
-    output_passthrough_ops: tuple[str, ...] = PASSTHROUGH_OPS
+    output_passthrough_ops: tuple[str, ...] = PASSTHROUGH_OP_TYPES
     """Ops that do not stop a layer output from counting as 'only feeds INT8'."""
     quantize_residual_add: bool = True
     """Put Q/DQ on the other (skip) input of an Add fed by an INT8 layer so the Add
@@ -95,7 +76,7 @@ class QuantizationProfile:
     """Use 7-bit weights [-63, 63] (CPUs without VNNI saturate u8*s8 products)."""
     quantize_regions: bool = False
     """Extend Q/DQ to the INT8 *region*: the elementwise and data-movement ops
-    (``region_ops``) between INT8 layers, see :func:`sensisearch.model.analysis.int8_region`.
+    (``region_ops``) between INT8 layers, see :func:`sensisearch.quantize.region.int8_region`.
     Every input and output of a region op gets Q/DQ, so a backend can run the whole
     region in integer kernels (ORT: QLinearAdd/Mul/Sigmoid/Concat/GlobalAveragePool,
     8-bit MaxPool/Resize). Replaces the residual-Add / layer-output rules above

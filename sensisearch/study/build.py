@@ -2,7 +2,9 @@
 
 A winner's (or any trial's) config.json records the model path and sha256,
 the precision per layer and the calibrated ranges, so nothing else is needed:
-this is how users remake the winner on the production GPU.
+this is how users remake the winner on the production GPU. It goes through the
+study's own :class:`~sensisearch.study.pipeline.ArtifactPipeline` (plan, emit from
+the recorded ranges, build), so the artifact is the one a trial would make.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from sensisearch.backends.base import Backend, BuildResult
 from sensisearch.errors import SensisearchError
 from sensisearch.model.analysis import analyze_model
 from sensisearch.quantize.config import TrialConfig
-from sensisearch.quantize.emit import emit_deployable_onnx, save_model, tensors_to_quantize
-from sensisearch.study.pipeline import ranges_from_dict
+from sensisearch.study.pipeline import ArtifactPipeline, ranges_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +52,20 @@ def build_from_config(config_path: Path, backend: Backend, out: Path | None = No
         )
     config = TrialConfig.from_dict(data["config"])
     ranges = ranges_from_dict(data.get("thresholds") or {})
-    needed = tensors_to_quantize(info, proto, config, backend.profile)
-    missing = [t for t in needed if t not in ranges]
+    pipeline = ArtifactPipeline(proto, info, backend)
+    placement = pipeline.plan(config)
+    missing = pipeline.missing_ranges(placement, ranges)
     if missing:
         raise SensisearchError(
             f"--config {config_path}: no calibrated range for {len(missing)} tensors the {backend.profile.name} profile "
             f"quantizes (first: {missing[0]}); use a winner/config.json written by this version"
         )
-    deployable = emit_deployable_onnx(proto, info, config, {t: ranges[t] for t in needed}, backend.profile)
     suffix = backend.capabilities.artifact_suffix
     out = Path(out) if out is not None else config_path.parent / f"{model_path.stem}{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sensisearch-build-", dir=out.parent) as tmp:
-        onnx_path = Path(tmp) / f"{model_path.stem}.onnx"
-        save_model(deployable, onnx_path)
-        result = backend.build(onnx_path, Path(tmp), trial_config=data["config"], layer_names=info.layer_names)
+        onnx_path, _ = pipeline.emit(config, Path(tmp), ranges=ranges, placement=placement)
+        result = pipeline.build(onnx_path, Path(tmp), config)
         # Move the artifact and anything written beside it (e.g. a .plan's sidecar JSON).
         for produced in Path(tmp).iterdir():
             if produced.name.startswith(result.artifact.name) and produced != result.artifact:

@@ -16,9 +16,10 @@ import onnx
 
 from sensisearch.calibration import StatisticsCache, ThresholdTable, collect_statistics, deterministic_order
 from sensisearch.calibration.histogram import TensorStatistics
-from sensisearch.model.analysis import ModelInfo, statistics_tensors
+from sensisearch.model.analysis import ModelInfo
 from sensisearch.quantize.config import CalibrationChoice
-from sensisearch.quantize.emit import TensorRange
+from sensisearch.quantize.placement import statistics_tensors
+from sensisearch.quantize.ranges import TensorRange
 from sensisearch.study.tasks import CalibrationSource
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,10 @@
-"""One trial, start to finish: thresholds -> deployable ONNX -> build -> latency -> accuracy.
+"""One trial, start to finish: placement -> thresholds -> deployable ONNX -> build -> latency -> accuracy.
 
-The pipeline is shared by the study, ``sensisearch build`` and the winner's
-re-evaluation, so a configuration always turns into the same artifact.
+The Q/DQ placement is planned once per trial and handed to both the range lookup
+and the emitter. :class:`ArtifactPipeline` (plan, ranges, emit, build) is shared by
+the study's :class:`TrialPipeline` and ``sensisearch build --config``
+(:func:`sensisearch.study.build.build_from_config`, with the recorded ranges), so a
+configuration always turns into the same artifact.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import onnx
 
 from sensisearch.backends.base import Backend, BuildResult, LatencySettings, LatencyStats
-from sensisearch.study.calibrate import CalibrationRanges
 from sensisearch.evaluation.base import EvaluationResult, Evaluator
-from sensisearch.model.analysis import ModelInfo, statistics_tensors
+from sensisearch.model.analysis import ModelInfo
 from sensisearch.quantize.config import Precision, TrialConfig
-from sensisearch.quantize.emit import TensorRange, emit_deployable_onnx, save_model, tensors_to_quantize
+from sensisearch.quantize.emit import emit_deployable_onnx, save_model
+from sensisearch.quantize.graph import GraphIndex
+from sensisearch.quantize.placement import Placement, plan_placement, statistics_tensors
+from sensisearch.quantize.ranges import TensorRange
+from sensisearch.study.calibrate import CalibrationRanges
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +80,6 @@ def ranges_from_dict(data: dict[str, Any]) -> dict[str, TensorRange]:
     }
 
 
-
-
 class Phases:
     """Wall-clock seconds per named phase."""
 
@@ -91,7 +95,83 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-class TrialPipeline:
+class ArtifactPipeline:
+    """A configuration's deployable ONNX and backend artifact, from calibrated ranges.
+
+    ``thresholds`` (the study's cached statistics) is only needed when the ranges
+    are not given, i.e. not for ``sensisearch build --config``.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, info: ModelInfo, backend: Backend, thresholds: CalibrationRanges | None = None
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.backend = backend
+        self.thresholds = thresholds
+        self.index = GraphIndex(model)  # the same graph every trial: index it once
+
+    def plan(self, config: TrialConfig) -> Placement:
+        """Where Q/DQ goes for ``config`` on this backend (once per trial)."""
+        return plan_placement(self.info, self.model, config, self.backend.profile, self.index)
+
+    def ranges_for(
+        self, config: TrialConfig, every_tensor: bool = False, placement: Placement | None = None
+    ) -> dict[str, TensorRange]:
+        """Ranges ``placement`` (planned for ``config`` if not given) needs; empty without INT8.
+
+        ``every_tensor`` gives the ranges of every tensor any profile may
+        quantize: what a config.json records so another backend can rebuild it.
+        """
+        if not config.uses_int8:
+            return {}
+        if self.thresholds is None:
+            raise RuntimeError("INT8 layers need calibration statistics, but none were collected")
+        if every_tensor:
+            tensors = statistics_tensors(self.model, self.info, self.index)
+        else:
+            tensors = (placement or self.plan(config)).threshold_tensors
+        return self.thresholds.ranges(tensors, config.calibration)
+
+    @staticmethod
+    def missing_ranges(placement: Placement, ranges: Mapping[str, TensorRange]) -> list[str]:
+        """Tensors of ``placement`` whose Q/DQ needs a range that ``ranges`` lacks."""
+        return [t for t in placement.threshold_tensors if t not in ranges]
+
+    def emit(
+        self,
+        config: TrialConfig,
+        out_dir: Path,
+        phases: Phases | None = None,
+        ranges: Mapping[str, TensorRange] | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Path, dict[str, TensorRange]]:
+        """Write ``out_dir/deployable.onnx``; ``ranges`` (e.g. from a config.json) skip calibration.
+
+        ``placement`` is planned here when not given. Returns the path and the ranges used.
+        """
+        phases = phases or Phases()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with phases("thresholds"):
+            placement = placement or self.plan(config)
+            ranges = dict(ranges) if ranges is not None else self.ranges_for(config, placement=placement)
+            missing = self.missing_ranges(placement, ranges)
+            if missing:
+                raise RuntimeError(f"no calibrated range for {len(missing)} tensors (first: {missing[0]})")
+        with phases("emit"):
+            deployable = emit_deployable_onnx(self.model, self.info, placement, ranges, self.backend.profile)
+            path = out_dir / DEPLOYABLE_NAME
+            save_model(deployable, path)
+        return path, ranges
+
+    def build(self, deployable: Path, out_dir: Path, config: TrialConfig) -> BuildResult:
+        """Compile ``deployable`` with the backend (artifact written into ``out_dir``)."""
+        return self.backend.build(deployable, out_dir, trial_config=config.to_dict(), layer_names=self.info.layer_names)
+
+
+class TrialPipeline(ArtifactPipeline):
+    """One study trial: :class:`ArtifactPipeline` plus latency and accuracy."""
+
     def __init__(
         self,
         model: onnx.ModelProto,
@@ -102,52 +182,16 @@ class TrialPipeline:
         latency_settings: LatencySettings,
         latency_batch: int = 1,
     ) -> None:
-        self.model = model
-        self.info = info
-        self.backend = backend
+        super().__init__(model, info, backend, thresholds)
         self.evaluator = evaluator
-        self.thresholds = thresholds
         self.latency_settings = latency_settings
         self.latency_batch = latency_batch
-        self.recorded_tensors = statistics_tensors(model, info)
-
-    def ranges_for(self, config: TrialConfig, every_tensor: bool = False) -> dict[str, TensorRange]:
-        """Ranges this backend's Q/DQ placement needs for ``config`` (empty without INT8).
-
-        ``every_tensor`` gives the ranges of every tensor any profile may
-        quantize: what a config.json records so another backend can rebuild it.
-        """
-        if not config.uses_int8:
-            return {}
-        if self.thresholds is None:
-            raise RuntimeError("INT8 layers need calibration statistics, but none were collected")
-        tensors = self.recorded_tensors if every_tensor else tensors_to_quantize(self.info, self.model, config, self.backend.profile)
-        return self.thresholds.ranges(tensors, config.calibration)
-
-    def emit(
-        self, config: TrialConfig, out_dir: Path, phases: Phases | None = None, ranges: dict[str, TensorRange] | None = None
-    ) -> tuple[Path, dict[str, TensorRange]]:
-        """Write the deployable ONNX; ``ranges`` (e.g. from a config.json) skip calibration."""
-        phases = phases or Phases()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with phases("thresholds"):
-            if ranges is None:
-                ranges = self.ranges_for(config)
-            needed = tensors_to_quantize(self.info, self.model, config, self.backend.profile)
-            missing = [t for t in needed if t not in ranges]
-            if missing:
-                raise RuntimeError(f"no calibrated range for {len(missing)} tensors (first: {missing[0]})")
-        with phases("emit"):
-            deployable = emit_deployable_onnx(self.model, self.info, config, ranges, self.backend.profile)
-            path = out_dir / DEPLOYABLE_NAME
-            save_model(deployable, path)
-        return path, ranges
 
     def run(self, config: TrialConfig, out_dir: Path) -> TrialOutcome:
         phases = Phases()
         deployable, ranges = self.emit(config, out_dir, phases)
         with phases("build"):
-            build = self.backend.build(deployable, out_dir, trial_config=config.to_dict(), layer_names=self.info.layer_names)
+            build = self.build(deployable, out_dir, config)
         with phases("load"):
             runner = self.backend.load(build.artifact)
         with runner:

@@ -7,7 +7,7 @@ study (many workers, one storage) decodes every trial the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import optuna
 
@@ -56,17 +56,6 @@ class SearchSpace:
             if config.calibration.algorithm is CalibrationAlgorithm.PERCENTILE:
                 params[PERCENTILE] = config.calibration.percentile
         return params
-
-    def config_from_params(self, params: Mapping[str, Any]) -> TrialConfig:
-        precisions = {name: Precision(params[LAYER_PREFIX + name]) for name in self.layers}
-        calibration = self.default_calibration
-        if ALGORITHM in params:
-            calibration = CalibrationChoice(
-                CalibrationAlgorithm(params[ALGORITHM]),
-                int(params.get(SAMPLES, self.default_calibration.samples)),
-                float(params.get(PERCENTILE, self.default_calibration.percentile)),
-            )
-        return TrialConfig(precisions, calibration)
 
     def uniform(self, precision: Precision) -> TrialConfig:
         return TrialConfig.uniform(list(self.layers), precision, self.default_calibration)

@@ -25,8 +25,8 @@ import onnx
 
 from sensisearch.backends.tensorrt.flavor import TensorRTFlavor
 from sensisearch.errors import SensisearchError
+from sensisearch.op_types import LAYER_OP_TYPES
 
-LAYER_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _COMPUTE_TYPES = ("CONVOLUTION", "DECONVOLUTION", "MATRIX_MULTIPLY")
 # Layers a constant weight may pass through on its way into a compute layer.
 _WEIGHT_PATH_TYPES = ("DEQUANTIZE", "SHUFFLE", "CAST", "IDENTITY")
