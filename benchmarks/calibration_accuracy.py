@@ -42,9 +42,12 @@ from sensisearch.calibration import (
     entropy_amax,
     update_statistics,
 )
-from sensisearch.evaluation.detection import CocoDetectionEvaluator, calibration_batches
-from sensisearch.model.analysis import analyze_model, statistics_tensors
-from sensisearch.quantize import TENSORRT, Precision, TensorRange, TrialConfig, emit_deployable_onnx, save_model
+from sensisearch.evaluation.detection import CocoDetectionEvaluator
+from sensisearch.evaluation.tensor_store import TensorStore
+from sensisearch.model.analysis import analyze_model
+from sensisearch.quantize import (
+    TENSORRT, Precision, TensorRange, TrialConfig, emit_deployable_onnx, plan_placement, save_model, statistics_tensors,
+)
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice
 from sensisearch.study.calibrate import CalibrationRanges
 
@@ -114,7 +117,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
-        batches = list(calibration_batches(calib_paths, 640, 1, cache_dir=tmp_dir / "cache"))
+        store = TensorStore.build(calib_paths, (640, 640), tmp_dir / "cache")
+        batches = [store.batch([i]) for i in range(len(calib_paths))]
         t0 = time.perf_counter()
         by_count = collect_statistics(model_path, tensors, ({"images": b} for b in batches), [len(batches)])
         samples = max(by_count)
@@ -152,8 +156,8 @@ def main() -> None:
             ort_amax = {t: max(abs(float(v[0])), abs(float(v[1]))) for t, v in thresholds.items()}
             variants["ORT EntropyCalibrater (defaults)"] = _symmetric_ranges(ort_amax, statistics)
 
-        evaluator = CocoDetectionEvaluator.from_onnx(
-            model_path, coco / "images", coco / "instances.json", cache_dir=tmp_dir / "cache", image_ids=val_ids
+        evaluator = CocoDetectionEvaluator(
+            coco / "images", coco / "instances.json", cache_dir=tmp_dir / "cache", input_spec=info.inputs[0], image_ids=val_ids
         )
         backend = OnnxRuntimeBackend(threads=args.threads)
         with backend.load(model_path) as runner:
@@ -162,7 +166,8 @@ def main() -> None:
         minmax = variants["minmax"]
         for label, ranges in variants.items():
             config = TrialConfig.uniform(info.layer_names, Precision.INT8, CalibrationChoice(samples=samples))
-            path = save_model(emit_deployable_onnx(model, info, config, ranges, TENSORRT), tmp_dir / "deployable.onnx")
+            placement = plan_placement(info, model, config, TENSORRT)
+            path = save_model(emit_deployable_onnx(model, info, placement, ranges, TENSORRT), tmp_dir / "deployable.onnx")
             with backend.load(path) as runner:
                 metrics = evaluator.evaluate(runner).metrics
             ratio = np.median([ranges[t].amax / max(minmax[t].amax, 1e-12) for t in tensors])

@@ -662,14 +662,20 @@ def _rebinned(stats: TensorStatistics, factor: int) -> TensorStatistics:
 
 
 @pytest.fixture(scope="module")
-def yolo_statistics(yolo_model: Path, coco_dev: Path) -> dict[str, TensorStatistics]:
-    """Real YOLOv5n activation histograms (2 COCO images, the study's collector)."""
-    from sensisearch.evaluation.detection import calibration_batches
-    from sensisearch.model.analysis import analyze_model, statistics_tensors
+def yolo_statistics(yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TensorStatistics]:
+    """Real YOLOv5n activation histograms (2 COCO images, the study's collector and calibration source)."""
+    from sensisearch.quantize import statistics_tensors
+    from sensisearch.study.settings import StudySettings
+    from sensisearch.study.tasks import build_evaluation, resolve_inputs
 
-    info, model = analyze_model(yolo_model)
-    tensors = statistics_tensors(model, info)
-    feeds = ({"images": b} for b in calibration_batches(coco_dev / "images", 640, 1, limit=2))
+    cache = tmp_path_factory.mktemp("yolo-calib-cache")
+    resolved = resolve_inputs(StudySettings(
+        model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", calib_limit=2, cache_dir=cache,
+    ))
+    source = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache).calibration
+    assert source is not None and source.size == 2
+    tensors = statistics_tensors(resolved.model, resolved.info)
+    feeds = ({"images": b} for b in source.batches(range(source.size), 1))
     return collect_statistics(yolo_model, tensors, feeds, [2])[2]
 
 
