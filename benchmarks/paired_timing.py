@@ -104,7 +104,9 @@ def coco_accumulate(repeats: int) -> None:
     from pycocotools.cocoeval import COCOeval
 
     from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
-    from sensisearch.evaluation.detection import CocoDetectionEvaluator, coco_results
+    from pycocotools.coco import COCO
+
+    from sensisearch.evaluation.detection import CocoDetectionEvaluator, coco80_to_coco91, coco_results
     from sensisearch.measure import DetectionMatches, resample_weights
 
     data = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -112,9 +114,10 @@ def coco_accumulate(repeats: int) -> None:
     evaluator = CocoDetectionEvaluator.from_onnx(model, coco / "images", coco / "instances.json")
     with OnnxRuntimeBackend().load(model) as runner:
         predictions = evaluator.predict(runner)
-    results = coco_results(predictions, evaluator._categories_for(predictions.num_classes or 80))
+    results = coco_results(predictions, coco80_to_coco91())  # YOLOv5n predicts COCO's 80 classes
     with contextlib.redirect_stdout(io.StringIO()):
-        ev = COCOeval(evaluator._coco, evaluator._coco.loadRes(results), "bbox")
+        gt = COCO(str(coco / "instances.json"))
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
         ev.params.areaRng, ev.params.areaRngLbl, ev.params.maxDets = [[0, 1e10]], ["all"], [100]
         t0 = time.perf_counter()
         ev.evaluate()

@@ -9,12 +9,16 @@ and mAP@.5 from it, optionally with per-image multiplicities.
 
 Hand-written, not ``COCOeval.accumulate()``: a paired bootstrap over images needs
 hundreds of re-accumulations with images drawn several times, and
-``COCOeval.accumulate`` takes no weights (the brute-force alternative, re-running
-``evaluate`` on a duplicated image list, costs seconds per resample) and spends
-~0.1 s per call in Python loops. This version is vectorized except for one loop
+``COCOeval.accumulate`` takes no weights; the only way to weight it is to re-run
+``COCOeval.evaluate`` on a duplicated image list (0.5-1.5 s per resample for
+YOLOv5n on coco-dev). Even unweighted it is slower: measured on the real YOLOv5n /
+coco-dev results (34,831 detections, 2-core shared machine),
+``COCOeval.accumulate`` 48 ms per call against 13 ms here, 81-96 against 22-26
+ms at load avg ~7 (3.3-3.7x; see
+``benchmarks/paired_timing.py --coco``). It is vectorized except for one loop
 over categories and reproduces ``accumulate() + summarize()`` stats[0]/[1]
-bit-for-bit with no weights (tests/test_measure.py checks both claims on the
-real YOLOv5n; benchmarks/paired_timing.py is the timing side).
+bit-for-bit without weights, and COCOeval on the duplicated image list with
+them (tests/test_measure.py checks both on the real YOLOv5n).
 """
 
 from __future__ import annotations
