@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from sensisearch.backends.base import Runner
+
+if TYPE_CHECKING:
+    from sensisearch.measure import DetectionMatches
 
 
 @dataclass
@@ -29,6 +32,12 @@ class EvaluationResult:
     """Per-class score (e.g. AP per class) where the task has one."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase, e.g. ``{"preprocess": .., "inference": .., "nms": ..}``."""
+    per_image: np.ndarray | DetectionMatches | None = None
+    """Per-image results for paired bootstrap CIs (not in :meth:`to_dict`; store
+    it separately): a classifier's bool correctness by the primary metric, in
+    dataset order; a detector's :class:`~sensisearch.measure.DetectionMatches`."""
+    per_class_instances: dict[str, int] | None = None
+    """Ground-truth instances per class (detectors: non-crowd boxes), keyed like ``per_class``."""
 
     @property
     def value(self) -> float:
@@ -42,6 +51,7 @@ class EvaluationResult:
             "count": self.count,
             "per_class": None if self.per_class is None else dict(self.per_class),
             "timings": dict(self.timings),
+            "per_class_instances": None if self.per_class_instances is None else dict(self.per_class_instances),
         }
 
 

@@ -13,12 +13,17 @@ from sensisearch.evaluation.base import EvaluationResult, Evaluator
 from sensisearch.evaluation.datasets import ImageArray, Preprocess
 
 
-def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
-    """Number of rows whose label is among the k largest logits."""
+def topk_hits(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per row: is the label among the k largest logits (bool)."""
     k = min(k, logits.shape[1])
     # argpartition is O(C) per row, unlike a full sort.
     top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    return int((top == labels[:, None]).any(axis=1).sum())
+    return (top == labels[:, None]).any(axis=1)
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    """Number of rows whose label is among the k largest logits."""
+    return int(topk_hits(logits, labels, k).sum())
 
 
 class ClassificationEvaluator(Evaluator):
@@ -57,6 +62,7 @@ class ClassificationEvaluator(Evaluator):
         assert labels is not None
         batch = self._batch_size_for(runner)
         correct1 = correct5 = 0
+        correct: list[np.ndarray] = []
         start = time.perf_counter()
         num_classes = None
         for begin in range(0, len(self._inputs), batch):
@@ -69,8 +75,10 @@ class ClassificationEvaluator(Evaluator):
                 raise SensisearchError(
                     f"--eval-data {self.data.source}: label {int(y.max())} but the model outputs {num_classes} classes"
                 )
-            correct1 += topk_correct(logits, y, 1)
-            correct5 += topk_correct(logits, y, 5)
+            hits1, hits5 = topk_hits(logits, y, 1), topk_hits(logits, y, 5)
+            correct1 += int(hits1.sum())
+            correct5 += int(hits5.sum())
+            correct.append(hits1 if self.metric == "top1" else hits5)
         seconds = time.perf_counter() - start
         n = len(self._inputs)
         return EvaluationResult(
@@ -78,6 +86,7 @@ class ClassificationEvaluator(Evaluator):
             metrics={"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n},
             count=n,
             timings={"inference": seconds},
+            per_image=np.concatenate(correct),
         )
 
     def latency_feeds(self, batch_size: int) -> Mapping[str, np.ndarray]:

@@ -32,6 +32,7 @@ from sensisearch.evaluation.base import EvaluationResult, Evaluator
 from sensisearch.evaluation.letterbox import PAD_VALUE, scale_boxes_to_original
 from sensisearch.evaluation.nms import NmsSettings, yolov5_nms
 from sensisearch.evaluation.tensor_store import TensorStore
+from sensisearch.measure import DetectionMatches
 from sensisearch.model.tensor import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -574,10 +575,18 @@ class CocoDetectionEvaluator(Evaluator):
         t0 = time.perf_counter()
         ids = list(predictions.image_ids if image_ids is None else image_ids)
         category_ids = self._categories_for(predictions.num_classes or len(self._categories))
-        metrics, per_class = self._cocoeval(predictions, category_ids, ids)
+        metrics, per_class, matches = self._cocoeval(predictions, category_ids, ids)
         timings = dict(predictions.timings)
         timings["cocoeval"] = time.perf_counter() - t0
-        return EvaluationResult(metric=self.metric, metrics=metrics, count=len(ids), per_class=per_class, timings=timings)
+        instances = {
+            self._class_name(int(cat_id), category_ids): int(n)
+            for cat_id, n in zip(matches.category_ids, matches.instance_counts())
+            if n > 0
+        }
+        return EvaluationResult(
+            metric=self.metric, metrics=metrics, count=len(ids), per_class=per_class, timings=timings,
+            per_image=matches, per_class_instances=instances,
+        )
 
     def evaluate(self, runner: Runner) -> EvaluationResult:
         return self.score(self.predict(runner))
@@ -589,7 +598,7 @@ class CocoDetectionEvaluator(Evaluator):
 
     def _cocoeval(
         self, predictions: DetectionPredictions, category_ids: Sequence[int], image_ids: list[int]
-    ) -> tuple[dict[str, float], dict[str, float]]:
+    ) -> tuple[dict[str, float], dict[str, float], DetectionMatches]:
         from pycocotools.cocoeval import COCOeval
 
         wanted = set(image_ids)
@@ -599,7 +608,7 @@ class CocoDetectionEvaluator(Evaluator):
         )
         results = coco_results(subset, category_ids)
         if not results:  # loadRes cannot take an empty list; nothing detected scores 0
-            return {"mAP50-95": 0.0, "mAP50": 0.0}, {}
+            return {"mAP50-95": 0.0, "mAP50": 0.0}, {}, self._matches_without_detections(image_ids)
         with contextlib.redirect_stdout(io.StringIO()):
             dt = self._coco.loadRes(results)
             ev = COCOeval(self._coco, dt, "bbox")
@@ -611,6 +620,7 @@ class CocoDetectionEvaluator(Evaluator):
             ev.params.maxDets = [100]
             ev.evaluate()
             ev.accumulate()
+        matches = DetectionMatches.from_cocoeval(ev)
         precision = ev.eval["precision"][:, :, :, 0, -1]  # [iou thresholds, recall, classes]
 
         def mean_valid(p: np.ndarray) -> float:
@@ -625,4 +635,16 @@ class CocoDetectionEvaluator(Evaluator):
             ap = mean_valid(precision[:, :, k])
             if ap >= 0:  # classes without ground truth in these images have no AP
                 per_class[self._class_name(int(cat_id), category_ids)] = ap * 100.0
-        return metrics, per_class
+        return metrics, per_class, matches
+
+    def _matches_without_detections(self, image_ids: Sequence[int]) -> DetectionMatches:
+        """Ground-truth counts as COCOeval would see them (crowd boxes ignored), no detections."""
+        images = sorted(set(int(i) for i in image_ids))
+        categories = sorted(int(c) for c in self._coco.getCatIds())
+        counts = np.zeros((len(images), len(categories)), dtype=np.int32)
+        row, col = {im: r for r, im in enumerate(images)}, {c: k for k, c in enumerate(categories)}
+        for ann in self._coco.loadAnns(self._coco.getAnnIds(imgIds=images)):
+            if not ann.get("iscrowd", 0) and 0 <= ann.get("area", 0) <= 1e10:
+                counts[row[int(ann["image_id"])], col[int(ann["category_id"])]] += 1
+        return DetectionMatches.without_detections(images, categories, counts)
+

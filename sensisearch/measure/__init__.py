@@ -1,0 +1,46 @@
+"""Measurements you can ship on: paired speed-ups and accuracy drops with their uncertainty.
+
+- :func:`time_interleaved` times any number of arms against a reference in
+  shuffled, interleaved rounds and returns a :class:`PairedLatency` per arm
+  (median per-round speed-up, its bootstrap CI, spread, machine load).
+- :func:`bootstrap_ci` and :func:`paired_bootstrap_drop` give percentile
+  bootstrap intervals; :func:`within_noise` labels a difference whose CI holds 0.
+- :class:`DetectionMatches` keeps pycocotools' per-image matching and
+  re-accumulates COCO mAP exactly, with per-image bootstrap weights.
+- :class:`MachineLoad` / :func:`machine_identity` say what the machine was doing
+  and what it is.
+"""
+
+from sensisearch.measure._bootstrap import (
+    DropEstimate,
+    accuracy_points,
+    bootstrap_ci,
+    paired_bootstrap_drop,
+    resample_weights,
+    within_noise,
+)
+from sensisearch.measure._detection import DetectionMatches, map50_95_points, map50_points
+from sensisearch.measure._machine import LoadMonitor, MachineIdentity, MachineLoad, machine_identity
+from sensisearch.measure._noise import noise_summary
+from sensisearch.measure._timing import PairedLatency, PairedTimingSettings, paired_ratios, time_interleaved
+
+__all__ = [
+    "DetectionMatches",
+    "DropEstimate",
+    "LoadMonitor",
+    "MachineIdentity",
+    "MachineLoad",
+    "PairedLatency",
+    "PairedTimingSettings",
+    "accuracy_points",
+    "bootstrap_ci",
+    "machine_identity",
+    "map50_95_points",
+    "map50_points",
+    "noise_summary",
+    "paired_bootstrap_drop",
+    "paired_ratios",
+    "resample_weights",
+    "time_interleaved",
+    "within_noise",
+]
