@@ -111,7 +111,9 @@ def coco_accumulate(repeats: int) -> None:
 
     data = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     model, coco = data / "yolov5n.onnx", data / "coco-dev"
-    evaluator = CocoDetectionEvaluator.from_onnx(model, coco / "images", coco / "instances.json")
+    from sensisearch.model import analyze_model
+
+    evaluator = CocoDetectionEvaluator(coco / "images", coco / "instances.json", input_spec=analyze_model(model)[0].inputs[0])
     with OnnxRuntimeBackend().load(model) as runner:
         predictions = evaluator.predict(runner)
     results = coco_results(predictions, coco80_to_coco91())  # YOLOv5n predicts COCO's 80 classes

@@ -185,3 +185,34 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """URL (with password) of a database on the throwaway server, shared by the session."""
     return postgres_server.url("sensisearch")
+
+
+# --------------------------------------------------------------------------- YOLOv5n on coco-dev, once per session
+@pytest.fixture(scope="session")
+def coco_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("coco-cache")
+
+
+@pytest.fixture(scope="session")
+def coco_evaluator(yolo_model: Path, coco_dev: Path, coco_cache: Path):  # noqa: ANN201 - CocoDetectionEvaluator
+    """The detector evaluator exactly as `sensisearch run` builds it from its flags."""
+    from sensisearch.evaluation.detection import CocoDetectionEvaluator
+    from sensisearch.study.settings import StudySettings
+    from sensisearch.study.tasks import build_evaluation, resolve_inputs
+
+    settings = StudySettings(
+        model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", cache_dir=coco_cache
+    )
+    resolved = resolve_inputs(settings)
+    setup = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, coco_cache, False)
+    assert setup.task == "detection" and isinstance(setup.evaluator, CocoDetectionEvaluator)
+    return setup.evaluator
+
+
+@pytest.fixture(scope="session")
+def yolo_fp32_predictions(coco_evaluator, yolo_model: Path):  # noqa: ANN001, ANN201 - DetectionPredictions
+    """All 170 images through FP32 YOLOv5n on ONNX Runtime, once per test session."""
+    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend().load(yolo_model) as runner:
+        return coco_evaluator.predict(runner)

@@ -52,25 +52,6 @@ def _study_evaluation(
     return build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache, need_calibration)
 
 
-@pytest.fixture(scope="module")
-def coco_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("coco-cache")
-
-
-@pytest.fixture(scope="module")
-def coco_evaluator(yolo_model: Path, coco_dev: Path, coco_cache: Path) -> CocoDetectionEvaluator:
-    setup = _study_evaluation(yolo_model, coco_dev, coco_cache)
-    assert setup.task == "detection" and isinstance(setup.evaluator, CocoDetectionEvaluator)
-    return setup.evaluator
-
-
-@pytest.fixture(scope="module")
-def yolo_fp32_predictions(coco_evaluator: CocoDetectionEvaluator, yolo_model: Path) -> DetectionPredictions:
-    """All 170 images through FP32 YOLOv5n on ONNX Runtime, once per module."""
-    with OnnxRuntimeBackend().load(yolo_model) as runner:
-        return coco_evaluator.predict(runner)
-
-
 def _split_ids(coco_dev: Path, split: str) -> list[int]:
     data = json.loads((coco_dev / "instances.json").read_text())
     return [im["id"] for im in data["images"] if im["coco_split"] == split]

@@ -268,16 +268,8 @@ def test_mnist_paired_drop_against_brute_force_loop(mnist_dir: Path, tmp_path: P
 
 # --------------------------------------------------------------------------- COCO: exact re-accumulation
 @pytest.fixture(scope="module")
-def yolo_scored(yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
-    from sensisearch.evaluation.detection import CocoDetectionEvaluator
-
-    evaluator = CocoDetectionEvaluator.from_onnx(
-        yolo_model, coco_dev / "images", coco_dev / "instances.json", cache_dir=tmp_path_factory.mktemp("coco-cache")
-    )
-    with OnnxRuntimeBackend().load(yolo_model) as runner:
-        predictions = evaluator.predict(runner)
-    return predictions, evaluator.score(predictions)
+def yolo_scored(coco_evaluator, yolo_fp32_predictions):  # noqa: ANN001, ANN201
+    return yolo_fp32_predictions, coco_evaluator.score(yolo_fp32_predictions)
 
 
 def _coco_stats(gt_data: dict, results: list[dict]) -> np.ndarray:
