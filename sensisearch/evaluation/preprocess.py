@@ -144,7 +144,11 @@ class Preprocess:
     # ------------------------------------------------------------------ step 2: per batch
     def apply(self, images_nhwc: np.ndarray, layout: Literal["nchw", "nhwc"] | None = None) -> np.ndarray:
         """uint8 NHWC (RGB) -> float32 in the model's channel order and layout (default NCHW)."""
-        x = images_nhwc.astype(np.float32) * np.float32(self.scale)
+        if self.kind == "yolo" and self.scale == 1.0 / 255.0:
+            # Divide, as YOLOv5 and the detector's tensor store do: x * (1/255) can differ by one ulp.
+            x = np.divide(images_nhwc, np.float32(255.0), dtype=np.float32)
+        else:
+            x = images_nhwc.astype(np.float32) * np.float32(self.scale)
         channels = x.shape[-1]
         if self.channel_order == "bgr" and channels == 3:
             x = x[..., ::-1]

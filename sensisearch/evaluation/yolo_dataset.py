@@ -81,7 +81,8 @@ def _images_in(entry: Path, where: str, key: str) -> list[Path]:
             line = line.strip()
             if line:
                 p = Path(line)
-                files.append(p if p.is_absolute() else (entry.parent / p).resolve())
+                # normpath, not resolve(): symlinked images keep their labels/ sibling
+                files.append(p if p.is_absolute() else Path(os.path.normpath(entry.parent / p)))
         missing = [p for p in files if not p.is_file()]
         if missing:
             raise SensisearchError(
@@ -117,7 +118,7 @@ def load_yolo_dataset(yaml_path: Path, split: str = "val", flag: str = "") -> Yo
         raise SensisearchError(f"{where}: no '{split}' entry; add the {split} images folder or .txt list")
     root = Path(str(data.get("path") or "."))
     if not root.is_absolute():
-        root = (yaml_path.parent / root).resolve()
+        root = Path(os.path.normpath(yaml_path.parent.absolute() / root))
     if not root.is_dir():
         raise SensisearchError(f"{where}: dataset 'path' {root} does not exist; set 'path' to the dataset root")
     entries = entry if isinstance(entry, list) else [entry]
