@@ -49,25 +49,35 @@ class ClassificationEvaluator(Evaluator):
         self.batch_size = batch_size
         self.metric = metric
         # Preprocess once: evaluation is the inner loop of every trial.
-        self._inputs = preprocess.apply(data.images)
+        self._inputs = preprocess.apply(data.images, data.layout)
 
-    def _batch_size_for(self, runner: Runner) -> int:
+    def _batch_size_for(self, runner: Runner) -> tuple[int, bool]:
+        """Batch size for this runner, and whether every batch must have exactly that size.
+
+        A dynamic batch dimension takes ``batch_size`` images at a time; a static
+        one (usually 1) is filled exactly, the last batch padded with repeats.
+        """
         spec = next((s for s in runner.inputs if s.name == self.input_name), None)
         if spec is None:
             raise SensisearchError(f"model has no input '{self.input_name}' (inputs: {[s.name for s in runner.inputs]})")
-        return spec.static_batch or self.batch_size
+        if spec.static_batch is not None:
+            return spec.static_batch, True
+        return self.batch_size, False
 
     def evaluate(self, runner: Runner) -> EvaluationResult:
         labels = self.data.labels
         assert labels is not None
-        batch = self._batch_size_for(runner)
+        batch, fixed = self._batch_size_for(runner)
         correct1 = correct5 = 0
         correct: list[np.ndarray] = []
         start = time.perf_counter()
         num_classes = None
         for begin in range(0, len(self._inputs), batch):
             x = self._inputs[begin : begin + batch]
-            logits = runner.run({self.input_name: x})[0]
+            real = x.shape[0]
+            if fixed and real < batch:
+                x = np.concatenate([x, np.repeat(x[-1:], batch - real, axis=0)])  # outputs of the repeats are dropped
+            logits = runner.run({self.input_name: x})[0][:real]
             logits = logits.reshape(logits.shape[0], -1).astype(np.float32, copy=False)
             num_classes = logits.shape[1]
             y = labels[begin : begin + batch]

@@ -2,8 +2,14 @@
 
 Every loader returns an :class:`ImageArray`: uint8 images in NHWC order plus
 optional integer labels, and a fingerprint that identifies the data for caches.
-Preprocessing to the model's float input happens per batch
-(:class:`Preprocess`), so one decoded copy serves calibration and evaluation.
+Resizing to the model input (the preset's resize, crop or letterbox) happens
+once at load; scaling, mean/std, channel order and layout happen per batch
+(:class:`~sensisearch.evaluation.preprocess.Preprocess`), so one decoded copy
+serves calibration and evaluation.
+
+Preprocessed float tensors (``.npy``, input-keyed ``.npz``) are loaded by
+:mod:`sensisearch.evaluation.tensors`; Ultralytics dataset YAMLs by
+:mod:`sensisearch.evaluation.yolo_dataset`.
 """
 
 from __future__ import annotations
@@ -18,38 +24,15 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.evaluation.preprocess import InputGeometry, Preprocess
 from sensisearch.fileio import sha256_file
 from sensisearch.model.tensor import TensorSpec
+
+__all__ = ["IMAGE_SUFFIXES", "ImageArray", "Preprocess", "load_idx_dir", "load_image_folder", "load_images", "load_npz"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """x = (pixel * scale - mean) / std, per channel, NCHW float32."""
-
-    mean: tuple[float, ...] = (0.0,)
-    std: tuple[float, ...] = (1.0,)
-    scale: float = 1.0 / 255.0
-
-    def to_dict(self) -> dict[str, object]:
-        return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale}
-
-    def apply(self, images_nhwc: np.ndarray) -> np.ndarray:
-        """uint8 NHWC -> float32 NCHW."""
-        x = images_nhwc.astype(np.float32) * np.float32(self.scale)
-        channels = x.shape[-1]
-        mean = np.asarray(self.mean, np.float32)
-        std = np.asarray(self.std, np.float32)
-        if mean.size not in (1, channels) or std.size not in (1, channels):
-            raise SensisearchError(
-                f"--mean/--std have {mean.size}/{std.size} values but the images have {channels} channel(s); "
-                "give one value or one per channel"
-            )
-        x = (x - mean) / std
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 @dataclass
@@ -62,15 +45,24 @@ class ImageArray:
     fingerprint: str
     class_names: list[str] | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    layout: str = "nchw"
+    """Layout of the model input the images are for (``nchw`` or ``nhwc``)."""
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
     def batches(self, preprocess: Preprocess, batch_size: int, order: Sequence[int] | None = None) -> Iterator[np.ndarray]:
-        """Preprocessed float32 NCHW batches, in ``order`` (default: stored order)."""
+        """Preprocessed float32 batches in the model's layout, in ``order`` (default: stored order)."""
         indices = np.arange(len(self)) if order is None else np.asarray(order)
         for start in range(0, len(indices), batch_size):
-            yield preprocess.apply(self.images[indices[start : start + batch_size]])
+            yield preprocess.apply(self.images[indices[start : start + batch_size]], self.layout)
+
+    def feeds(
+        self, preprocess: Preprocess, input_name: str, order: Sequence[int] | None = None, batch_size: int = 32
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """``{input_name: batch}`` feed dicts, like :meth:`TensorData.feeds <sensisearch.evaluation.tensors.TensorData.feeds>`."""
+        for batch in self.batches(preprocess, batch_size, order):
+            yield {input_name: batch}
 
 
 def _hash_file(path: Path) -> str:
@@ -88,11 +80,17 @@ def _as_nhwc(images: np.ndarray, source: Path) -> np.ndarray:
     raise SensisearchError(f"{source}: images must be [N,H,W], [N,H,W,C] or [N,C,H,W]; got shape {list(images.shape)}")
 
 
-def load_npz(path: Path) -> ImageArray:
+def load_npz(path: Path, flag: str = "") -> ImageArray:
+    """An .npz of uint8 ``images`` (and optional ``labels``). Input-keyed float
+    .npz files are :func:`sensisearch.evaluation.tensors.load_input_npz`'s."""
+    where = f"{flag} {path}".strip()
     try:
         with np.load(path) as data:
             if "images" not in data:
-                raise SensisearchError(f"{path}: .npz has no 'images' array (keys: {sorted(data.keys())}); save images= and labels=")
+                raise SensisearchError(
+                    f"{where}: .npz has neither an 'images' array nor arrays named after the model inputs "
+                    f"(keys: {sorted(data.keys())}); save images= and labels=, or one float array per input name"
+                )
             images = data["images"]
             labels = data["labels"].astype(np.int64) if "labels" in data else None
     except (OSError, ValueError) as exc:
@@ -136,19 +134,17 @@ def load_idx_dir(directory: Path) -> ImageArray | None:
     return ImageArray(np.ascontiguousarray(images[..., None]), labels, directory, fingerprint)
 
 
-def _decode(path: Path, height: int, width: int, channels: int) -> np.ndarray:
+def decode_image(path: Path, geometry: InputGeometry, preprocess: Preprocess) -> np.ndarray:
+    """One image file -> uint8 RGB (or gray) HWC at the model's input size, by the preset's resize."""
     import cv2  # imported lazily: only folders of image files need it
 
-    flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
+    flag = cv2.IMREAD_GRAYSCALE if geometry.channels == 1 else cv2.IMREAD_COLOR
     image = cv2.imread(str(path), flag)
     if image is None:
         raise SensisearchError(f"{path}: cannot decode image; remove it or convert it to JPEG/PNG")
-    if image.shape[0] != height or image.shape[1] != width:
-        interpolation = cv2.INTER_AREA if image.shape[0] > height else cv2.INTER_LINEAR
-        image = cv2.resize(image, (width, height), interpolation=interpolation)
-    if channels == 1:
-        return image[..., None]
-    return image[..., ::-1]  # BGR -> RGB
+    if geometry.channels != 1:
+        image = np.ascontiguousarray(image[..., ::-1])  # BGR -> RGB; Preprocess.apply flips back for BGR models
+    return preprocess.fit(image, geometry.height, geometry.width)
 
 
 def _folder_fingerprint(files: Sequence[Path], root: Path, extra: str) -> str:
@@ -159,10 +155,11 @@ def _folder_fingerprint(files: Sequence[Path], root: Path, extra: str) -> str:
     return digest.hexdigest()
 
 
-def load_image_folder(directory: Path, input_spec: TensorSpec) -> ImageArray:
+def load_image_folder(directory: Path, input_spec: TensorSpec, preprocess: Preprocess | None = None) -> ImageArray:
     """ImageFolder layout (one subfolder per class, sorted names = class indices)
     or a flat folder of images without labels (calibration)."""
-    _, channels, height, width = _chw(input_spec, directory)
+    preprocess = preprocess or Preprocess()
+    geometry = preprocess.geometry(input_spec, directory)
     class_dirs = sorted(p for p in directory.iterdir() if p.is_dir())
     files: list[Path] = []
     labels: list[int] = []
@@ -176,38 +173,66 @@ def load_image_folder(directory: Path, input_spec: TensorSpec) -> ImageArray:
         files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise SensisearchError(f"{directory}: no images found (expected class subfolders of .jpg/.png files, an .npz, or idx files)")
-    images = np.stack([_decode(p, height, width, channels) for p in files])
-    fingerprint = _folder_fingerprint(files, directory, f"{channels}x{height}x{width}")
-    names = [d.name for d in class_dirs] if class_dirs else None
-    return ImageArray(images, np.asarray(labels, np.int64) if class_dirs else None, directory, fingerprint, names)
+    return _decoded(files, directory, geometry, preprocess, np.asarray(labels, np.int64) if class_dirs else None,
+                    [d.name for d in class_dirs] if class_dirs else None)
 
 
-def _chw(spec: TensorSpec, source: Path) -> tuple[int | None, int, int, int]:
-    if len(spec.shape) != 4 or any(d is None for d in spec.shape[1:]):
-        raise SensisearchError(
-            f"model input '{spec.name}' has shape {list(spec.shape)}; image data needs a static [N,C,H,W] input ({source})"
-        )
-    n, c, h, w = spec.shape
-    return n, int(c), int(h), int(w)  # type: ignore[arg-type]
+def _decoded(
+    files: Sequence[Path], root: Path, geometry: InputGeometry, preprocess: Preprocess,
+    labels: np.ndarray | None, names: list[str] | None,
+) -> ImageArray:
+    images = np.stack([decode_image(p, geometry, preprocess) for p in files])
+    # The resize depends on the preset (and its crop / pad), so it is part of the key.
+    fit = {k: v for k, v in preprocess.to_dict().items() if k in ("kind", "crop_fraction", "pad_value")}
+    fingerprint = _folder_fingerprint(files, root, f"{geometry.channels}x{geometry.height}x{geometry.width}|{fit}")
+    return ImageArray(images, labels, root, fingerprint, names, layout=geometry.layout)
 
 
-def load_images(path: Path, input_spec: TensorSpec, flag: str) -> ImageArray:
-    """Load ``path`` (an .npz, an idx folder, or an image folder) for a model input.
+def load_image_list(files: Sequence[Path], root: Path, input_spec: TensorSpec, preprocess: Preprocess | None = None) -> ImageArray:
+    """Unlabelled images from a list of files (e.g. an Ultralytics dataset's split), for calibration."""
+    preprocess = preprocess or Preprocess()
+    if not files:
+        raise SensisearchError(f"{root}: no images found")
+    return _decoded(list(files), root, preprocess.geometry(input_spec, root), preprocess, None, None)
 
-    ``flag`` names the option the path came from, for error messages.
+
+def load_images(path: Path, input_spec: TensorSpec, flag: str, preprocess: Preprocess | None = None) -> ImageArray:
+    """Load ``path`` (an .npz of uint8 images, an idx folder, an image folder, or an
+    Ultralytics dataset YAML's ``val`` images) for a model input.
+
+    ``flag`` names the option the path came from, for error messages. Float
+    tensors (``.npy``, input-keyed ``.npz``) are :func:`sensisearch.evaluation.tensors.load_feed_source`'s.
     """
+    preprocess = preprocess or Preprocess()
     path = Path(path)
     if not path.exists():
         raise SensisearchError(f"{flag} {path}: no such file or directory")
+    geometry = preprocess.geometry(input_spec, path)
     if path.is_file():
-        if path.suffix != ".npz":
-            raise SensisearchError(f"{flag} {path}: expected a directory or an .npz file with images= and labels=")
-        data = load_npz(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            from sensisearch.evaluation.yolo_dataset import load_yolo_dataset
+
+            dataset = load_yolo_dataset(path, flag=flag)
+            data = load_image_list(dataset.image_paths, dataset.root, input_spec, preprocess)
+            data.class_names = list(dataset.names)
+        elif path.suffix == ".npy":
+            raise SensisearchError(
+                f"{flag} {path}: an .npy holds preprocessed tensors, not labelled images; use it as calibration data "
+                "(or save uint8 images= and labels= in an .npz for evaluation)"
+            )
+        elif path.suffix != ".npz":
+            raise SensisearchError(
+                f"{flag} {path}: expected a directory or an .npz file with images= and labels= "
+                "(or an .npy of input tensors, or an Ultralytics dataset .yaml)"
+            )
+        else:
+            data = load_npz(path, flag)
     else:
-        data = load_idx_dir(path) or load_image_folder(path, input_spec)
+        data = load_idx_dir(path) or load_image_folder(path, input_spec, preprocess)
     if len(data) == 0:
         raise SensisearchError(f"{flag} {path}: the data set is empty")
-    _, channels, height, width = _chw(input_spec, path)
+    data.layout = geometry.layout
+    channels, height, width = geometry.channels, geometry.height, geometry.width
     if data.images.shape[1:] != (height, width, channels):
         h, w, c = data.images.shape[1:]
         raise SensisearchError(

@@ -1,6 +1,11 @@
-"""YOLOv5-style ONNX detectors scored with COCO mAP (pycocotools).
+"""YOLO ONNX detectors scored with COCO mAP (pycocotools).
 
-The pipeline reproduces YOLOv5 v7.0 ``val.py`` for a square ONNX model:
+Two output layouts are recognised (:func:`yolo_output`): YOLOv5's decoded
+``[N, anchors, 5 + classes]`` and Ultralytics YOLOv8/YOLO11's
+``[N, 4 + classes, anchors]`` (no objectness), each with its own validation
+defaults (:meth:`DetectionSettings.for_layout`).
+
+The YOLOv5 pipeline reproduces YOLOv5 v7.0 ``val.py`` for a square ONNX model:
 letterbox preprocessing (:mod:`sensisearch.evaluation.letterbox`), decoded
 ``[N, anchors, 5 + classes]`` outputs, multi-label per-class NMS
 (:mod:`sensisearch.evaluation.nms`), boxes scaled back and clipped, COCO json
@@ -19,6 +24,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +35,8 @@ import numpy as np
 from sensisearch.backends.base import Runner
 from sensisearch.errors import SensisearchError
 from sensisearch.evaluation.base import EvaluationResult, Evaluator
-from sensisearch.evaluation.letterbox import PAD_VALUE, scale_boxes_to_original
-from sensisearch.evaluation.nms import NmsSettings, yolov5_nms
+from sensisearch.evaluation.letterbox import LETTERBOX_STYLES, PAD_VALUE, LetterboxStyle, scale_boxes_to_original
+from sensisearch.evaluation.nms import NmsSettings, yolov5_nms, yolov8_nms
 from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.measure import DetectionMatches
 from sensisearch.model.tensor import TensorSpec
@@ -39,8 +45,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 METRICS = ("mAP50-95", "mAP50")
-YOLO_STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64))  # P5 and P6 models, 3 anchors per cell
+YOLO_STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64))  # P5 and P6 models; YOLOv5 has 3 anchors per cell, v8 one
 DEFAULT_DYNAMIC_BATCH = 8
+OUTPUT_LAYOUTS = ("yolov5", "yolov8")
 
 
 # --------------------------------------------------------------------------- settings
@@ -66,6 +73,29 @@ class DetectionSettings:
     input_size: int = 640
     """Letterbox size when the model's spatial input dimensions are dynamic."""
     pad_value: int = PAD_VALUE
+    letterbox: LetterboxStyle = "yolov5"
+    """Step-1 resize of the letterbox: YOLOv5 v7.0's or Ultralytics' (see :mod:`.letterbox`)."""
+
+    def __post_init__(self) -> None:
+        if self.letterbox not in LETTERBOX_STYLES:
+            raise SensisearchError(f"unknown letterbox style {self.letterbox!r}; use one of {', '.join(LETTERBOX_STYLES)}")
+
+    @classmethod
+    def for_layout(cls, layout: str, **overrides: Any) -> "DetectionSettings":
+        """The model family's own validation defaults, then ``overrides`` (e.g. ``iou_threshold``).
+
+        ``yolov5``: YOLOv5 v7.0 ``val.py`` (NMS IoU 0.6). ``yolov8``: Ultralytics'
+        ``DetectionValidator`` (conf 0.001, NMS IoU 0.7, max 300 detections,
+        multi-label, its letterbox).
+        """
+        if layout == "yolov8":
+            base: dict[str, Any] = {"iou_threshold": 0.7, "letterbox": "ultralytics"}
+        elif layout == "yolov5":
+            base = {}
+        else:
+            raise SensisearchError(f"unknown detector output layout {layout!r}; use one of {', '.join(OUTPUT_LAYOUTS)}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
     def nms(self) -> NmsSettings:
         return NmsSettings(
@@ -87,6 +117,7 @@ class DetectionSettings:
             "agnostic": self.agnostic,
             "input_size": self.input_size,
             "pad_value": self.pad_value,
+            "letterbox": self.letterbox,
         }
 
 
@@ -145,6 +176,73 @@ def yolov5_output_index(
                     continue
         return index
     return None
+
+
+def _expected_v8_anchor_counts(h: int, w: int) -> set[int]:
+    # One anchor per cell (YOLOv8/YOLO11's anchor-free head); three per cell too, for
+    # anchor-based heads exported in this layout (the tests rewrite YOLOv5n so).
+    cells = {sum(math.ceil(h / s) * math.ceil(w / s) for s in strides) for strides in YOLO_STRIDE_SETS}
+    return cells | {3 * c for c in cells}
+
+
+def yolov8_output_index(
+    model: Any, input_hw: tuple[int | None, int | None] | None = None, num_classes: int | None = None
+) -> int | None:
+    """Index of the first output shaped like Ultralytics YOLOv8/YOLO11's ``[N, 4 + classes, anchors]``, or None.
+
+    With a known input size the anchor count must be ``sum(ceil(H/s) * ceil(W/s))``
+    over strides 8/16/32 (or 8..64), one anchor per cell; the anchors axis is
+    always the longer one (8400 vs 84 at 640 for COCO).
+    """
+    if input_hw is None:
+        input_hw = _input_hw(model)
+    for index, shape in enumerate(_output_shapes(model)):
+        if len(shape) != 3:
+            continue
+        width, anchors = shape[1], shape[2]
+        if width is None or width < 5:
+            continue
+        if num_classes is not None and width != 4 + num_classes:
+            continue
+        if anchors is not None:
+            if anchors <= width:
+                continue  # YOLOv5's [N, anchors, 5 + classes]
+            if input_hw is not None and input_hw[0] and input_hw[1]:
+                if anchors not in _expected_v8_anchor_counts(input_hw[0], input_hw[1]):
+                    continue
+        return index
+    return None
+
+
+@dataclass(frozen=True)
+class YoloOutput:
+    """Which output holds the detections, and in which layout."""
+
+    index: int
+    layout: str
+    """``yolov5`` (``[N, anchors, 5 + classes]``) or ``yolov8`` (``[N, 4 + classes, anchors]``)."""
+
+
+def yolo_output(
+    model: Any, input_hw: tuple[int | None, int | None] | None = None, num_classes: int | None = None
+) -> YoloOutput | None:
+    """The detection output of a YOLOv5 or Ultralytics YOLOv8/YOLO11 export, or None.
+
+    ``model`` is what :func:`is_yolov5_detector` takes. A fully dynamic
+    ``[N, ?, 85]`` output counts as YOLOv5, ``[N, 84, ?]`` as YOLOv8.
+    """
+    index = yolov5_output_index(model, input_hw, num_classes)
+    if index is not None:
+        return YoloOutput(index, "yolov5")
+    index = yolov8_output_index(model, input_hw, num_classes)
+    if index is not None:
+        return YoloOutput(index, "yolov8")
+    return None
+
+
+def is_yolo_detector(model: Any, input_hw: tuple[int | None, int | None] | None = None) -> bool:
+    """True for a YOLOv5 or YOLOv8/YOLO11 detection export (see :func:`yolo_output`)."""
+    return yolo_output(model, input_hw) is not None
 
 
 def is_yolov5_detector(
@@ -214,6 +312,11 @@ def load_coco_annotations(path: Path) -> dict[str, Any]:
         raise SensisearchError(f"annotation file {path} is not valid JSON ({exc.msg} at line {exc.lineno}); pass a COCO instances json") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise SensisearchError(f"annotation file {path} cannot be read ({_one_line(exc)}); pass a COCO instances json") from exc
+    return _check_coco_dict(data, path)
+
+
+def _check_coco_dict(data: Any, path: Path) -> dict[str, Any]:
+    """The structural checks of :func:`load_coco_annotations`, for a json already parsed (or built in memory)."""
     if not isinstance(data, dict):
         raise SensisearchError(f"annotation file {path} is not COCO instances format (top level is a {type(data).__name__}, not an object); pass a COCO instances json")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
@@ -352,17 +455,23 @@ def coco_results(predictions: DetectionPredictions, category_ids: Sequence[int])
 
 # --------------------------------------------------------------------------- evaluator
 class CocoDetectionEvaluator(Evaluator):
-    """COCO mAP of a YOLOv5-style detector (decoded ``[N, anchors, 5 + classes]`` output).
+    """COCO mAP of a YOLO detector (YOLOv5 ``[N, anchors, 5 + classes]`` or
+    YOLOv8/YOLO11 ``[N, 4 + classes, anchors]`` output, told apart per runner).
 
     ``metric`` is ``"mAP50-95"`` (default) or ``"mAP50"``; both are always
     reported, in points. ``image_ids`` and ``limit`` restrict the evaluation to a
     subset (ids in annotation-file order, then the first ``limit``) for fast studies.
+    ``annotations`` is a COCO instances json, or the same content as a dict (e.g.
+    :func:`~sensisearch.evaluation.yolo_dataset.yolo_to_coco`'s, whose
+    ``file_name`` entries are relative to ``images_dir``). ``batch_size`` is the
+    batch for a model with a dynamic batch dimension (default 8); a static one is
+    used as it is.
     """
 
     def __init__(
         self,
         images_dir: Path,
-        annotations: Path,
+        annotations: Path | Mapping[str, Any],
         *,
         settings: DetectionSettings | None = None,
         cache_dir: Path | None = None,
@@ -378,7 +487,13 @@ class CocoDetectionEvaluator(Evaluator):
         self.metric = metric
         self.settings = settings or DetectionSettings()
         self.images_dir = Path(images_dir)
-        self.annotations = Path(annotations)
+        in_memory = isinstance(annotations, Mapping)
+        if in_memory:
+            info = annotations.get("info") if isinstance(annotations.get("info"), Mapping) else {}
+            self.annotations = Path(str(info.get("source") or "<in-memory annotations>"))
+        else:
+            self.annotations = Path(annotations)  # type: ignore[arg-type]
+        self._flat_images_dir = not in_memory
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.class_names = None if class_names is None else [str(n) for n in class_names]
         if batch_size is not None and batch_size < 1:
@@ -400,7 +515,7 @@ class CocoDetectionEvaluator(Evaluator):
             self.input_shape = (h or size, w or size)
             self.static_batch = input_spec.static_batch
 
-        data = load_coco_annotations(self.annotations)
+        data = _check_coco_dict(dict(annotations), self.annotations) if in_memory else load_coco_annotations(self.annotations)
         self._categories = sorted(data["categories"], key=lambda c: int(c["id"]))
         self._category_names = {int(c["id"]): str(c["name"]) for c in self._categories}
         images = list(data["images"])
@@ -428,8 +543,24 @@ class CocoDetectionEvaluator(Evaluator):
         if self.class_names is not None:
             self._category_ids = category_mapping(self._categories, len(self.class_names), self.class_names, str(self.annotations))
 
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_yolo_dataset(cls, yaml_path: Path, split: str = "val", flag: str = "--eval-data", **kwargs: Any) -> "CocoDetectionEvaluator":
+        """An evaluator over an Ultralytics dataset YAML's ``split``: YOLO txt labels as COCO ground truth.
+
+        Class names default to the YAML's ``names`` (category id = class index + 1).
+        """
+        from sensisearch.evaluation.yolo_dataset import load_yolo_dataset, yolo_to_coco
+
+        dataset = load_yolo_dataset(Path(yaml_path), split, flag)
+        kwargs.setdefault("class_names", dataset.names)
+        return cls(dataset.root, yolo_to_coco(dataset), **kwargs)
+
     def _resolve_images(self, images: list[Mapping[str, Any]]) -> list[Path]:
-        list_images(self.images_dir)  # clear error for a missing or empty folder
+        if self._flat_images_dir:
+            list_images(self.images_dir)  # clear error for a missing or empty folder
+        elif not self.images_dir.is_dir():
+            raise SensisearchError(f"images folder {self.images_dir} does not exist or is not a folder; pass the dataset root")
         paths: list[Path] = []
         missing: list[str] = []
         for im in images:
@@ -453,7 +584,9 @@ class CocoDetectionEvaluator(Evaluator):
     def store(self) -> TensorStore:
         """The preprocessed images (built, or memory-mapped from the cache, on first use)."""
         if self._store is None:
-            self._store = TensorStore.build(self.image_paths, self.input_shape, self.cache_dir, self.settings.pad_value)
+            self._store = TensorStore.build(
+                self.image_paths, self.input_shape, self.cache_dir, self.settings.pad_value, self.settings.letterbox
+            )
         return self._store
 
     def latency_feeds(self, batch_size: int) -> Mapping[str, np.ndarray]:
@@ -474,8 +607,8 @@ class CocoDetectionEvaluator(Evaluator):
         }
 
     # ------------------------------------------------------------------ runner checks
-    def _check_runner(self, runner: Runner) -> tuple[str, int, int]:
-        """Input name, output index and batch size for this runner."""
+    def _check_runner(self, runner: Runner) -> tuple[str, YoloOutput, int]:
+        """Input name, detection output and batch size for this runner."""
         inputs = runner.inputs
         names = [s.name for s in inputs]
         if self.input_name in names:
@@ -487,11 +620,11 @@ class CocoDetectionEvaluator(Evaluator):
                 f"the model has inputs {names} and none is {self.input_name!r}; a YOLOv5 detector has one image input"
             )
         not_detector = (
-            "the model is not a YOLOv5-style detector (input {inp}, outputs {outs}); expected one [N, 3, H, W] image input "
-            "and a decoded [N, anchors, 5 + classes] output as exported by YOLOv5 export.py without NMS"
+            "the model is not a YOLO detector (input {inp}, outputs {outs}); expected one [N, 3, H, W] image input "
+            "and a decoded [N, anchors, 5 + classes] (YOLOv5) or [N, 4 + classes, anchors] (YOLOv8/YOLO11) output, exported without NMS"
         )
         outs = ", ".join(str(list(s.shape)) for s in runner.outputs)
-        if len(spec.shape) != 4 or spec.shape[1] not in (None, 3) or yolov5_output_index(runner.outputs, (None, None)) is None:
+        if len(spec.shape) != 4 or spec.shape[1] not in (None, 3) or yolo_output(runner.outputs, (None, None)) is None:
             raise SensisearchError(not_detector.format(inp=list(spec.shape), outs=outs))
         h, w = spec.shape[2], spec.shape[3]
         if (h is not None and h != self.input_shape[0]) or (w is not None and w != self.input_shape[1]):
@@ -499,11 +632,11 @@ class CocoDetectionEvaluator(Evaluator):
                 f"model input {spec.name!r} is {h}x{w} but the evaluator letterboxes to {self.input_shape[0]}x{self.input_shape[1]}; "
                 "build the evaluator from the same model (or set the input size)"
             )
-        out_index = yolov5_output_index(runner.outputs, (h, w))
-        if out_index is None:
+        output = yolo_output(runner.outputs, (h, w))
+        if output is None:
             raise SensisearchError(not_detector.format(inp=list(spec.shape), outs=outs))
         batch = spec.static_batch or self.batch_size or DEFAULT_DYNAMIC_BATCH
-        return spec.name, out_index, batch
+        return spec.name, output, batch
 
     def _categories_for(self, num_classes: int) -> list[int]:
         if self._category_ids is None:
@@ -518,7 +651,9 @@ class CocoDetectionEvaluator(Evaluator):
     # ------------------------------------------------------------------ evaluation
     def predict(self, runner: Runner) -> DetectionPredictions:
         """Run every image through the runner and post-process: detections in original pixels."""
-        input_name, out_index, batch = self._check_runner(runner)
+        input_name, output, batch = self._check_runner(runner)
+        out_index = output.index
+        decode = yolov8_nms if output.layout == "yolov8" else yolov5_nms
         t0 = time.perf_counter()
         store = self.store
         t_pre = time.perf_counter() - t0
@@ -528,27 +663,43 @@ class CocoDetectionEvaluator(Evaluator):
         detections: list[np.ndarray] = []
         buf = np.empty((batch, 3, *self.input_shape), dtype=np.float32)
         num_classes: int | None = None
-        for start in range(0, n, batch):
+        full_batches = self._needs_full_batch(runner, input_name)
+        start = 0
+        while start < n:
             t0 = time.perf_counter()
             idx = list(range(start, min(start + batch, n)))
             real = len(idx)
-            if real < batch and self._needs_full_batch(runner, input_name):
+            if real < batch and full_batches:
                 idx += [idx[-1]] * (batch - real)  # static batch: pad with repeats, drop their outputs
             x = store.batch(idx, out=buf[: len(idx)])
             t1 = time.perf_counter()
-            out = runner.run({input_name: x})[out_index]
+            try:
+                out = runner.run({input_name: x})[out_index]
+            except Exception as exc:  # noqa: BLE001 - backends raise their own types
+                # Some exports declare a dynamic batch but hard-code 1 inside (e.g. a
+                # Reshape to [1, 3, 85, 80, 80]); they still run one image at a time.
+                if start > 0 or full_batches or len(idx) == 1:
+                    raise
+                log.warning(
+                    "the model declares a dynamic batch but fails at batch %d (%s); evaluating one image at a time",
+                    len(idx), _one_line(str(exc))[:200],
+                )
+                batch = 1
+                continue
             t2 = time.perf_counter()
             out = np.asarray(out)
-            if out.ndim != 3 or out.shape[0] != len(idx) or out.shape[2] < 6 or out.shape[1] <= out.shape[2]:
+            v8 = output.layout == "yolov8"
+            rows, width = (out.shape[2], out.shape[1]) if v8 and out.ndim == 3 else (out.shape[1:3] if out.ndim == 3 else (0, 0))
+            if out.ndim != 3 or out.shape[0] != len(idx) or width < (5 if v8 else 6) or rows <= width:
+                expected = "[N, 4 + classes, anchors] YOLOv8" if v8 else "decoded [N, anchors, 5 + classes] YOLOv5"
                 raise SensisearchError(
-                    f"the model's detection output has shape {list(out.shape)} for a batch of {len(idx)}; "
-                    "expected a decoded [N, anchors, 5 + classes] YOLOv5 output"
+                    f"the model's detection output has shape {list(out.shape)} for a batch of {len(idx)}; expected a {expected} output"
                 )
             if num_classes is None:
-                num_classes = out.shape[2] - 5
+                num_classes = width - (4 if v8 else 5)
                 self._categories_for(num_classes)
             for k in range(real):
-                det = yolov5_nms(out[k], nms_settings)
+                det = decode(out[k], nms_settings)
                 meta = store.meta(idx[k])
                 scale_boxes_to_original(det, meta.gain[0], meta.pad, meta.orig_shape)
                 detections.append(det)
@@ -556,6 +707,7 @@ class CocoDetectionEvaluator(Evaluator):
             t_pre += t1 - t0
             t_inf += t2 - t1
             t_nms += t3 - t2
+            start += real
         return DetectionPredictions(
             image_ids=list(self.image_ids),
             detections=detections,

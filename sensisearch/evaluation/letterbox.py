@@ -14,12 +14,20 @@ Boxes are mapped back with ``scale_boxes(.., ratio_pad=((h/h0, w/w0), (dw, dh)))
 subtract the pad, divide by the *height* gain of step 1, clip to the image.
 For a non-square input ``(H, W)`` step 1 uses ``r = min(H/h0, W/w0)``, which is
 the same as above for ``H == W``.
+
+Ultralytics YOLOv8/YOLO11 validation (``ultralytics/data/base.py`` ``load_image``
+with ``rect=False``, which its validator sets for exported models) differs only
+in step 1: always ``cv2.INTER_LINEAR``, and the new size is
+``min(ceil(w0 * r), size)``. That is the ``"ultralytics"`` style below; step 2
+and the box mapping are the same ``LetterBox(scaleup=False, center=True)``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -27,6 +35,8 @@ import numpy as np
 from sensisearch.errors import SensisearchError
 
 PAD_VALUE = 114
+LETTERBOX_STYLES = ("yolov5", "ultralytics")
+LetterboxStyle = Literal["yolov5", "ultralytics"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +51,14 @@ class LetterboxMeta:
     """(dw, dh): half the padding added in x and y (may end in .5)."""
 
 
-def resize_long_side(img: np.ndarray, new_shape: tuple[int, int]) -> np.ndarray:
-    """Step 1 (YOLOv5 ``load_image``): fit the image into ``new_shape`` = (H, W)."""
+def resize_long_side(img: np.ndarray, new_shape: tuple[int, int], style: LetterboxStyle = "yolov5") -> np.ndarray:
+    """Step 1 (``load_image``): fit the image into ``new_shape`` = (H, W), YOLOv5's or Ultralytics' way."""
     h0, w0 = img.shape[:2]
     r = min(new_shape[0] / h0, new_shape[1] / w0)
     if r != 1:
+        if style == "ultralytics":
+            size = (min(math.ceil(w0 * r), new_shape[1]), min(math.ceil(h0 * r), new_shape[0]))
+            return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
         interp = cv2.INTER_LINEAR if r > 1 else cv2.INTER_AREA
         img = cv2.resize(img, (max(1, int(w0 * r)), max(1, int(h0 * r))), interpolation=interp)
     return img
@@ -78,11 +91,11 @@ def letterbox(
 
 
 def preprocess_bgr(
-    img: np.ndarray, new_shape: tuple[int, int], pad_value: int = PAD_VALUE
+    img: np.ndarray, new_shape: tuple[int, int], pad_value: int = PAD_VALUE, style: LetterboxStyle = "yolov5"
 ) -> tuple[np.ndarray, LetterboxMeta]:
     """BGR HWC uint8 image -> RGB CHW uint8 letterboxed image and its geometry."""
     h0, w0 = img.shape[:2]
-    resized = resize_long_side(img, new_shape)
+    resized = resize_long_side(img, new_shape, style)
     h, w = resized.shape[:2]
     boxed, _, pad = letterbox(resized, new_shape, pad_value=pad_value, scaleup=False)
     chw = np.ascontiguousarray(boxed.transpose(2, 0, 1)[::-1])  # HWC->CHW, BGR->RGB
@@ -97,9 +110,11 @@ def read_image(path: Path) -> np.ndarray:
     return img
 
 
-def load_letterboxed(path: Path, new_shape: tuple[int, int], pad_value: int = PAD_VALUE) -> tuple[np.ndarray, LetterboxMeta]:
+def load_letterboxed(
+    path: Path, new_shape: tuple[int, int], pad_value: int = PAD_VALUE, style: LetterboxStyle = "yolov5"
+) -> tuple[np.ndarray, LetterboxMeta]:
     """Read one image file and letterbox it: RGB CHW uint8 plus geometry."""
-    return preprocess_bgr(read_image(path), new_shape, pad_value)
+    return preprocess_bgr(read_image(path), new_shape, pad_value, style)
 
 
 def scale_boxes_to_original(boxes: np.ndarray, gain: float, pad: tuple[float, float], orig_shape: tuple[int, int]) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Vectorized greedy NMS in NumPy with ``torchvision.ops.nms`` semantics, and the
-YOLOv5 v7.0 ``non_max_suppression`` post-processing built on it.
+YOLOv5 v7.0 and Ultralytics YOLOv8/YOLO11 ``non_max_suppression`` post-processing built on it.
 
 ``torchvision.ops.nms`` (CPU kernel): sort by score, descending and stable; walk
 the boxes in that order; keep a box that is not suppressed and suppress every
@@ -143,14 +143,37 @@ def yolov5_nms(prediction: np.ndarray, settings: NmsSettings = NmsSettings()) ->
     x = prediction
     if x.dtype != np.float32:
         x = x.astype(np.float32)
-    nc = x.shape[1] - 5
-    multi_label = settings.multi_label and nc > 1
     conf = float(settings.conf_threshold)  # a Python float compares in float32, as in PyTorch
     x = x[x[:, 4] > conf]
     if not x.shape[0]:
         return np.zeros((0, 6), dtype=np.float32)
     cls_scores = x[:, 5:] * x[:, 4:5]  # conf = obj_conf * cls_conf
-    box = xywh2xyxy(x[:, :4])
+    return _select_and_nms(xywh2xyxy(x[:, :4]), cls_scores, settings)
+
+
+def yolov8_nms(prediction: np.ndarray, settings: NmsSettings = NmsSettings(iou_threshold=0.7)) -> np.ndarray:
+    """Ultralytics (YOLOv8 / YOLO11) ``ops.non_max_suppression`` for one image.
+
+    ``prediction`` is ``[4 + nc, anchors]`` (the export's transposed layout: cx,
+    cy, w, h, then class scores; no objectness). Candidates are the anchors whose
+    best class score passes ``conf_threshold``; after that the selection and NMS
+    are YOLOv5's (same ``max_wh`` class offset, ``max_nms``, multi-label rule).
+    Returns ``[k, 6]`` float32 rows as :func:`yolov5_nms`.
+    """
+    x = prediction
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    conf = float(settings.conf_threshold)
+    x = x[:, x[4:].max(0) > conf].T  # filter before transposing: far fewer anchors to copy
+    if not x.shape[0]:
+        return np.zeros((0, 6), dtype=np.float32)
+    return _select_and_nms(xywh2xyxy(np.ascontiguousarray(x[:, :4])), np.ascontiguousarray(x[:, 4:]), settings)
+
+
+def _select_and_nms(box: np.ndarray, cls_scores: np.ndarray, settings: NmsSettings) -> np.ndarray:
+    """Shared tail of both layouts: (multi-label) class selection, ``max_nms`` cut, per-class NMS."""
+    conf = float(settings.conf_threshold)
+    multi_label = settings.multi_label and cls_scores.shape[1] > 1
     if multi_label:
         i, j = np.nonzero(cls_scores > conf)
         score = cls_scores[i, j]

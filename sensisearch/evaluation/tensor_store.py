@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.letterbox import PAD_VALUE, LetterboxMeta, load_letterboxed
+from sensisearch.evaluation.letterbox import PAD_VALUE, LetterboxMeta, LetterboxStyle, load_letterboxed
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ def _worker_count() -> int:
     return max(1, min(8, cores))
 
 
-def store_key(paths: Sequence[Path], input_shape: tuple[int, int], pad_value: int = PAD_VALUE) -> str:
+def store_key(
+    paths: Sequence[Path], input_shape: tuple[int, int], pad_value: int = PAD_VALUE, style: LetterboxStyle = "yolov5"
+) -> str:
     """Hash of everything the stored tensor depends on."""
     files = []
     for p in paths:
@@ -59,6 +61,7 @@ def store_key(paths: Sequence[Path], input_shape: tuple[int, int], pad_value: in
             "opencv": cv2.__version__,
             "input_shape": list(input_shape),
             "pad_value": int(pad_value),
+            **({} if style == "yolov5" else {"style": style}),  # keeps existing YOLOv5 caches valid
             "files": files,
         },
         separators=(",", ":"),
@@ -117,6 +120,7 @@ class TensorStore:
         input_shape: tuple[int, int],
         cache_dir: Path | None = None,
         pad_value: int = PAD_VALUE,
+        style: LetterboxStyle = "yolov5",
     ) -> "TensorStore":
         """Load the store for these images from ``cache_dir``, creating it if needed.
 
@@ -126,11 +130,11 @@ class TensorStore:
         input_shape = (int(input_shape[0]), int(input_shape[1]))
         if cache_dir is None:
             images = np.empty((len(paths), 3, *input_shape), dtype=np.uint8)
-            metas = cls._fill(images, paths, input_shape, pad_value)
+            metas = cls._fill(images, paths, input_shape, pad_value, style)
             return cls(images, *cls._meta_arrays(metas), paths)
 
         cache_dir = Path(cache_dir)
-        key = store_key(paths, input_shape, pad_value)
+        key = store_key(paths, input_shape, pad_value, style)
         stem = f"letterbox-{input_shape[0]}x{input_shape[1]}-{key[:24]}"
         data_path = cache_dir / f"{stem}.npy"
         meta_path = cache_dir / f"{stem}.meta.npz"
@@ -148,7 +152,7 @@ class TensorStore:
         tmp_meta = None
         try:
             images = np.lib.format.open_memmap(tmp_data, mode="w+", dtype=np.uint8, shape=(len(paths), 3, *input_shape))
-            metas = cls._fill(images, paths, input_shape, pad_value)
+            metas = cls._fill(images, paths, input_shape, pad_value, style)
             images.flush()
             del images
             orig_shapes, gains, pads = cls._meta_arrays(metas)
@@ -183,9 +187,11 @@ class TensorStore:
         return cls(images, orig_shapes, gains, pads, paths, location=data_path)
 
     @staticmethod
-    def _fill(out: np.ndarray, paths: list[Path], input_shape: tuple[int, int], pad_value: int) -> list[LetterboxMeta]:
+    def _fill(
+        out: np.ndarray, paths: list[Path], input_shape: tuple[int, int], pad_value: int, style: LetterboxStyle = "yolov5"
+    ) -> list[LetterboxMeta]:
         def one(i: int) -> LetterboxMeta:
-            chw, meta = load_letterboxed(paths[i], input_shape, pad_value)
+            chw, meta = load_letterboxed(paths[i], input_shape, pad_value, style)
             out[i] = chw
             return meta
 
