@@ -37,7 +37,8 @@ from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.evaluation.tensors import ImageFeeds, TensorData, load_feed_source, load_input_npz, load_npy
 from sensisearch.evaluation.yolo_dataset import label_path_for, load_yolo_dataset, yolo_to_coco
 from sensisearch.examples import load_example
-from sensisearch.model.analysis import analyze_model, statistics_tensors
+from sensisearch.model.analysis import analyze_model
+from sensisearch.quantize import statistics_tensors
 from sensisearch.model.tensor import TensorSpec
 
 REFERENCE_ALL = (35.63, 55.60)  # shared/data/README.md: YOLOv5n FP32 on coco-dev at NMS IoU 0.6
