@@ -74,6 +74,21 @@ class TrialRecord:
     per_class: dict[str, float] | None = _attr("per_class")
     worst_class: WorstClass | None = _attr("worst_class")
     error: str | None = _attr(_ERROR_ATTR)
+    # Fields shared by the measurement, integrity, worker and review features:
+    # declared here once so each of them reads and writes the same keys.
+    paired: dict[str, Any] = _attr("paired", {})
+    """In-study paired timing against FP32 (``sensisearch.measure.PairedLatency.to_dict()``)."""
+    verified: dict[str, Any] = _attr("verified", {})
+    """The same figures from the verify tournament (``PairedLatency.to_dict()``), when it ran."""
+    drop_ci95: list[float] | None = _attr("drop_ci95")
+    """Paired bootstrap 95% CI over images of the metric drop vs FP32, in points ([lo, hi])."""
+    per_class_instances: dict[str, int] | None = _attr("per_class_instances")
+    class_guard_skipped: list[str] = _attr("class_guard_skipped", [])
+    """Classes ``--max-class-drop`` did not judge (fewer instances than the minimum)."""
+    duplicate_of: int | None = _attr("duplicate_of")
+    """Trial number whose identical configuration this proposal repeats (not built, not counted)."""
+    host: str | None = _attr("host")
+    device: str | None = _attr("device")
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:
@@ -124,6 +139,25 @@ class TrialRecord:
     @property
     def median_ms(self) -> float | None:
         return self.latency.get("median_ms")
+
+    @property
+    def timing(self) -> dict[str, Any]:
+        """The best timing evidence: the verify tournament's figures, else the in-study paired ones."""
+        return self.verified or self.paired
+
+    @property
+    def speedup(self) -> float | None:
+        """Paired speed-up vs FP32 (verified when available)."""
+        return self.timing.get("speedup")
+
+    @property
+    def speedup_ci95(self) -> tuple[float, float] | None:
+        ci = self.timing.get("speedup_ci95")
+        return None if ci is None else (float(ci[0]), float(ci[1]))
+
+    @property
+    def is_verified(self) -> bool:
+        return bool(self.verified)
 
     def requested_counts(self) -> dict[str, int]:
         """Layers per precision the configuration asked for (``layer_precisions`` is what ran)."""
