@@ -1,15 +1,16 @@
-"""Command line: ``sensisearch run | evaluate``. The only place that uses rich."""
+"""Command line: ``sensisearch run | evaluate | build | doctor | report | export``. The only place that uses rich."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -24,8 +25,22 @@ if TYPE_CHECKING:
     from sensisearch.study.runner import StudySummary
     from sensisearch.study.settings import StudySettings
 
-console = Console(stderr=True)
-stdout = Console()
+# Piped output (a file, CI log, `| less`) is read by tools and by people who
+# search it: no wrapping at rich's 80-column default, so paths and table rows stay
+# on one line. A terminal keeps its own width.
+PIPED_WIDTH = 100_000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that wraps only for a terminal."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, width=PIPED_WIDTH, soft_wrap=True)
+
+
+console = make_console(stderr=True)
+stdout = make_console()
 
 
 def _csv(kind: type) -> Callable[[str], list[Any]]:
@@ -64,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensisearch", description="Search per-layer INT8/FP16/FP32 precision and calibration for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run or resume a study", description="Run or resume a study. Flags override the study file.")
+    run = sub.add_parser(
+        "run", help="run or resume a study",
+        description="Run or resume a study: baselines, then searched trials until --budget; writes the Pareto front, "
+        "the winner, report.md and report.html. Flags override the study file.",
+    )
     run.add_argument("study_file", nargs="?", type=Path, help="TOML study file (see studies/)")
     _add_data_flags(run)
     run.add_argument("--budget", type=int, help="total finished trials in the study (default 50); re-running resumes up to it")
@@ -86,12 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also score ONNX Runtime quantize_static (minmax, percentile 99.99) beside the front")
     run.add_argument("--heartbeat-seconds", type=int, help="worker heartbeat; a dead worker's trial is retried after 2x this (default 30)")
 
-    ev = sub.add_parser("evaluate", help="score one model (FP32 ONNX or a trial's deployable ONNX)")
+    ev = sub.add_parser(
+        "evaluate", help="score one model (FP32 ONNX or a trial's deployable ONNX)",
+        description="Score one model (an FP32 ONNX or a trial's deployable ONNX) on the evaluation data, as a study would.",
+    )
     _add_data_flags(ev)
     ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ev.add_argument("--per-class", action="store_true", help="also print per-class scores")
+    ev.add_argument("--per-class", action="store_true", help="also print per-class scores with their instance counts")
     ev.add_argument("--cache-dir", type=Path, help="preprocessed-data cache (default: runs/cache)")
-    bd = sub.add_parser("build", help="rebuild one configuration (winner/config.json or a trial.json) into an artifact")
+    bd = sub.add_parser(
+        "build", help="rebuild one configuration (winner/config.json or a trial.json) into an artifact",
+        description="Rebuild one configuration (winner/config.json or trials/NNNN/trial.json) into a backend artifact, "
+        "from the recorded ranges alone.",
+    )
     bd.add_argument("--config", type=Path, required=True, help="winner/config.json or trials/NNNN/trial.json")
     bd.add_argument("--model", type=Path, help="the model (default: the path recorded in the config)")
     bd.add_argument("--backend", default="auto", help="auto (default), onnxruntime, tensorrt, tensorrt-rtx (builds .plan on any CPU)")
@@ -102,9 +128,48 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", type=Path, help="artifact path (default: beside the config)")
     bd.add_argument("-v", "--verbose", action="store_true")
 
-    dr = sub.add_parser("doctor", help="what can build and run here: TensorRT flavor, GPU, driver, ONNX Runtime, Optuna")
+    dr = sub.add_parser(
+        "doctor", help="what can build and run here: TensorRT flavor, GPU, driver, ONNX Runtime, Optuna",
+        description="Report what can build and what can run on this machine: TensorRT flavor, GPU, driver, ONNX Runtime, Optuna.",
+    )
     dr.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_review_commands(sub)
     return parser
+
+
+def _add_review_commands(sub: argparse._SubParsersAction) -> None:
+    """``report`` and ``export``: read a finished run, never run a trial (issue 11)."""
+    rp = sub.add_parser(
+        "report", help="rewrite pareto, winner/, report.md and report.html of a run without running trials",
+        description="Rewrite pareto.json/.csv, winner/, report.md, report.html, pareto.png and precision_map.png "
+        "from the study's storage, without running, calibrating or building anything. The run's settings are "
+        "read from the study; a study file or flags override them (e.g. --max-drop).",
+    )
+    rp.add_argument("run_dir", type=Path, help="the run's output folder (--out of `sensisearch run`)")
+    rp.add_argument("study_file", nargs="?", type=Path, help="the run's TOML study file, for studies that do not record settings")
+    _add_data_flags(rp)
+    rp.add_argument("--storage", help="Optuna storage URL (default: RUN_DIR/study.db)")
+    rp.add_argument("--study-name", help="study name in the storage (default: the only one)")
+    rp.add_argument("--max-drop", type=float, help="winner's allowed metric drop vs FP32, in points")
+    rp.add_argument("--budget", type=int, help="budget shown in the report (default: the run's)")
+
+    ex = sub.add_parser(
+        "export", help="hand one trial to deployment tools: deployable ONNX plus trtexec/ModelOpt/ORT/Polygraphy",
+        description="Write one trial's deployable ONNX and configuration, plus a ready trtexec command (TensorRT 10.x "
+        "and 11.x), ModelOpt's nodes_to_exclude and calibration method, ONNX Runtime's quantize_static settings, "
+        "or a Polygraphy comparison with FP32.",
+    )
+    ex.add_argument("run_dir", type=Path, help="the run's output folder")
+    ex.add_argument("--trial", default="winner", help="trial number, or 'winner' (default)")
+    ex.add_argument("--format", type=_csv(str), default=["onnx"],
+                    help="comma-separated: onnx, trtexec, modelopt, onnxruntime, polygraphy (default onnx)")
+    ex.add_argument("--out", type=Path, help="folder to write (default RUN_DIR/export/trial-NNNN)")
+    ex.add_argument("--model", type=Path, help="the FP32 model for modelopt/polygraphy (default: the study's)")
+    ex.add_argument("--shapes", type=_csv(str), help="input shapes name:MIN/OPT/MAX for dynamic inputs other than the batch")
+    ex.add_argument("--max-batch", type=int, help="largest batch of a dynamic-batch profile (default 1)")
+    ex.add_argument("--storage", help="Optuna storage URL (default: RUN_DIR/study.db)")
+    ex.add_argument("--study-name", help="study name in the storage (default: the only one)")
+    ex.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 SETTING_FLAGS = (
@@ -142,7 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sensisearch.study.runner import TrialEvent, finished_count, open_study, prepare, run_study, write_results
 
     settings = _settings(args)
-    ctx = prepare(settings)
+    with _statistics_progress() as on_statistics:
+        ctx = prepare(settings, on_statistics=on_statistics)
     backend = ctx.backend.describe()
     console.print(f"backend [bold]{ctx.backend.name}[/] — {escape(ctx.backend_reason)}", highlight=False)
     console.print(
@@ -179,6 +245,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _statistics_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for the calibration statistics pass, shown only if a pass runs (not on a cache hit)."""
+    progress = Progress(
+        TextColumn("[bold]calibration statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    task: list[Any] = []
+
+    def update(seen: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task("", total=total))
+        progress.update(task[0], completed=seen)
+
+    try:
+        yield update
+    finally:
+        if task:
+            progress.stop()
+
+
 def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
     from sensisearch.study.report import FRONT_COLUMNS, front_row
     from sensisearch.study.results import baseline
@@ -198,7 +286,10 @@ def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> 
     else:
         tag = "[green]winner[/]" if choice.qualified else "[yellow]best-effort (no trial met the target)[/]"
         stdout.print(f"{tag}: trial {choice.record.number} — {escape(choice.reason)} → {escape(str(summary.winner_dir))}")
-    stdout.print(f"report: {summary.report}   pareto: {ctx.out / 'pareto.json'}   ({seconds:.0f} s)")
+    stdout.print(
+        escape(f"report: {summary.report}   review: {ctx.out / 'report.html'}   pareto: {ctx.out / 'pareto.json'}   ({seconds:.0f} s)"),
+        highlight=False,
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -212,9 +303,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = result["metrics"]
     stdout.print(", ".join(f"{k} {v:.2f}" for k, v in metrics.items()) + f" on {result['images']} images")
     if args.per_class and result.get("per_class"):
-        table = Table("class", "score")
+        instances = result.get("per_class_instances") or {}
+        table = Table("class", "instances", "score")
         for name, value in result["per_class"].items():
-            table.add_row(name, f"{value:.2f}")
+            table.add_row(escape(name), str(instances.get(name, "n/a")), f"{value:.2f}")
         stdout.print(table)
     return 0
 
@@ -233,6 +325,32 @@ def cmd_build(args: argparse.Namespace) -> int:
     out, result = build_from_config(args.config, backend, args.out, args.model)
     kernels = ", ".join(f"{k} {v}" for k, v in result.layer_precisions.items())
     stdout.print(f"built {out} in {result.seconds:.2f} s ({kernels})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rewrite a run's results from its storage: settings from the study, no trial, no calibration, no build."""
+    from sensisearch.study._finished import open_finished_run, run_settings
+    from sensisearch.study.runner import prepare, write_results
+    from sensisearch.study.settings import read_study_file
+
+    started = time.monotonic()
+    run = open_finished_run(args.run_dir, args.storage, args.study_name)
+    flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}
+    settings = run_settings(run, read_study_file(args.study_file) if args.study_file else {}, flags)
+    ctx = prepare(settings, calibrate=False)
+    summary = write_results(ctx, run.study)
+    _print_summary(ctx, summary, time.monotonic() - started)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sensisearch.study._finished import export_run_trial, open_finished_run
+
+    run = open_finished_run(args.run_dir, args.storage, args.study_name)
+    exported = export_run_trial(run, args.trial, args.format, args.out, args.model, args.shapes, args.max_batch)
+    for role, path in exported.files.items():
+        stdout.print(escape(f"{role}: {path}"), highlight=False)
     return 0
 
 
@@ -260,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_build(args)
         if args.command == "doctor":
             return cmd_doctor(args)
+        if args.command == "report":
+            return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

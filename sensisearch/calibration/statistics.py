@@ -14,7 +14,7 @@ import logging
 import time
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 Feed = Mapping[str, np.ndarray]
 StatisticsByCount = dict[int, dict[str, TensorStatistics]]
+StatisticsProgress = Callable[[int, int], None]
+"""Called after every inference run of the pass with (samples seen, samples the pass needs)."""
 
 
 def deterministic_order(n: int, seed: int) -> np.ndarray:
@@ -155,6 +157,7 @@ def collect_statistics(
     checkpoints: Sequence[int],
     intra_op_threads: int = 0,
     nbins: int = DEFAULT_NBINS,
+    progress: StatisticsProgress | None = None,
 ) -> StatisticsByCount:
     """Run the FP32 model once and return ``{k: {tensor: statistics of first k samples}}``.
 
@@ -173,6 +176,8 @@ def collect_statistics(
     * Graph optimisation level is ORT_ENABLE_BASIC (constant folding and
       redundant-node removal: numerically neutral), not the extended fusions
       that can change float results.
+    * ``progress(seen, total)`` is called after every inference run (``total``
+      is the last checkpoint; ``seen`` may stop short of it when the data ends).
     """
     import onnxruntime as ort
 
@@ -209,6 +214,8 @@ def collect_statistics(
         for name in from_feed:
             outputs[name] = np.asarray(feed[name])
         collector.consume(outputs, n)
+        if progress is not None:
+            progress(min(collector.seen, ckpts[-1]), ckpts[-1])
 
     batch_index = -1
     for batch_index, feed in enumerate(batches):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import onnx
 
@@ -21,6 +21,9 @@ from sensisearch.quantize.config import CalibrationChoice
 from sensisearch.quantize.placement import statistics_tensors
 from sensisearch.quantize.ranges import TensorRange
 from sensisearch.study.tasks import CalibrationSource
+
+if TYPE_CHECKING:
+    from sensisearch.calibration.statistics import StatisticsProgress
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,13 @@ def prepare_calibration(
     seed: int,
     cache_dir: Path,
     threads: int | None,
-) -> CalibrationRanges:
+    progress: StatisticsProgress | None = None,
+    cached_only: bool = False,
+) -> CalibrationRanges | None:
+    """The study's calibration statistics: from the cache, else one FP32 pass (``progress`` reports it).
+
+    ``cached_only`` (rewriting a finished study's results): None on a cache miss, never a pass.
+    """
     tensors = statistics_tensors(model, info)
     checkpoints = sorted(set(int(c) for c in sample_counts))
     cache = StatisticsCache(cache_dir)
@@ -69,6 +78,8 @@ def prepare_calibration(
     if statistics is not None and all(t in statistics[checkpoints[-1]] for t in tensors):
         log.info("calibration statistics from cache %s", key)
         return CalibrationRanges(statistics)
+    if cached_only:
+        return None
     order = deterministic_order(source.size, seed)[: checkpoints[-1]]
     batch = source.static_batch or CALIBRATION_BATCH
 
@@ -77,6 +88,6 @@ def prepare_calibration(
             yield {source.input_name: x}
 
     log.info("collecting calibration statistics: %d tensors over %d samples", len(tensors), checkpoints[-1])
-    statistics = collect_statistics(model_path, tensors, feeds(), checkpoints, intra_op_threads=threads or 0)
+    statistics = collect_statistics(model_path, tensors, feeds(), checkpoints, intra_op_threads=threads or 0, progress=progress)
     cache.save(key, statistics)
     return CalibrationRanges(statistics)

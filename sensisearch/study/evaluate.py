@@ -47,6 +47,7 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
         "metrics": result.metrics,
         "images": result.count,
         "per_class": result.per_class,
+        "per_class_instances": result.per_class_instances,
         "timings": result.timings,
         "layers_run": dict(build.layer_precisions),
     }

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sensisearch.fileio import write_text_atomic
 from sensisearch.study._record import TrialRecord
 from sensisearch.study.results import SPEEDUP_NOISE, WinnerChoice, baseline
+
+if TYPE_CHECKING:
+    from sensisearch.report import FloatLayerEvidence
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class FrontRow:
 
     trial: str
     value: str
-    drop: str
+    change: str
+    """Metric change vs FP32 with an explicit sign: negative is a loss."""
     median_ms: str
     p90_ms: str
     speedup: str
@@ -50,11 +55,16 @@ class FrontRow:
     calibration: str
 
 
-FRONT_COLUMNS = ("trial", "{metric}", "drop", "median ms", "p90 ms", "speed-up", "layers int8/fp16/fp32", "integer kernels", "calibration")
+FRONT_COLUMNS = ("trial", "{metric}", "change vs FP32", "median ms", "p90 ms", "speed-up", "layers int8/fp16/fp32", "integer kernels", "calibration")
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def signed_change(change: float | None, digits: int = 2) -> str:
+    """``-0.40`` for a loss, ``+0.10`` for a gain: the sign is always printed."""
+    return "n/a" if change is None else f"{change:+.{digits}f}"
 
 
 def _layers(r: TrialRecord) -> str:
@@ -78,7 +88,7 @@ def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
     speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
     return FrontRow(
         trial=f"{r.number}" + (f" ({r.baseline})" if r.baseline else ""),
-        value=_fmt(r.value), drop=_fmt(drop), median_ms=_fmt(r.median_ms, 3), p90_ms=_fmt(r.latency.get("p90_ms"), 3),
+        value=_fmt(r.value), change=signed_change(None if drop is None else -drop), median_ms=_fmt(r.median_ms, 3), p90_ms=_fmt(r.latency.get("p90_ms"), 3),
         speedup=f"{_fmt(speed)}x", layers=_layers(r), kernels=str(r.layer_precisions.get("int8", 0)), calibration=_calibration(r),
     )
 
@@ -98,37 +108,22 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     )
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def layer_effects(recs: list[TrialRecord]) -> list[tuple[str, int, int, float, float, float, float]]:
-    """Per layer: mean metric and latency of searched trials with the layer in INT8 vs in FP16/FP32.
-
-    Rows: (layer, n int8, n float, metric int8, metric float, ms int8, ms float),
-    most harmful to accuracy first. A marginal view, not a causal one.
-    """
-    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None and r.baseline is None and r.median_ms]
-    by_layer: dict[str, dict[str, list[TrialRecord]]] = defaultdict(lambda: defaultdict(list))
-    for r in done:
-        for layer, p in r.config.get("precisions", {}).items():
-            by_layer[layer]["int8" if p == "int8" else "float"].append(r)
-    rows = []
-    for layer, groups in by_layer.items():
-        low, high = groups.get("int8", []), groups.get("float", [])
-        if low and high:
-            rows.append((
-                layer, len(low), len(high),
-                _mean([r.value for r in low]), _mean([r.value for r in high]),  # type: ignore[misc]
-                _mean([r.median_ms for r in low]), _mean([r.median_ms for r in high]),  # type: ignore[misc]
-            ))
-    rows.sort(key=lambda row: row[3] - row[4])
-    return rows
+def _float_layer_lines(r: TrialRecord) -> list[str]:
+    """The winner's FP16/FP32 layers by name (a reviewer must not need config.json for them)."""
+    lines = []
+    for precision in ("fp16", "fp32"):
+        names = [name for name, p in r.config.get("precisions", {}).items() if p == precision]
+        if names:
+            lines.append(f"- {precision.upper()} layers ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
+    return lines
 
 
 def write_report(
-    out: Path, recs: list[TrialRecord], front: list[TrialRecord], choice: WinnerChoice, context: ReportContext
+    out: Path, recs: list[TrialRecord], front: list[TrialRecord], choice: WinnerChoice, context: ReportContext,
+    review_markdown: str = "", float_evidence: Sequence[FloatLayerEvidence] = (),
 ) -> Path:
+    """``report.md``; ``review_markdown`` links report.html and the PNGs, ``float_evidence``
+    names each layer the winner keeps in FP16/FP32 with the measurement behind it."""
     metric = context.metric
     fp32 = baseline(recs, "fp32")
     ref = None if fp32 is None else fp32.value
@@ -145,6 +140,8 @@ def write_report(
         lines.append(f"- Warning: {warning}")
     if context.fp16_note is not None and "fp16" in context.precisions:
         lines.append(f"- FP16 on this backend: {context.fp16_note}")
+    if review_markdown:
+        lines += ["", review_markdown.rstrip()]
     lines += ["", "## Baselines", "", f"| baseline | trial | {metric} | median ms | p90 ms | speed-up vs FP32 | integer kernels |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name in ("fp32", "int8", "fp16"):
         r = baseline(recs, name)
@@ -171,7 +168,7 @@ def write_report(
             "",
             "Reference quantizers on the same calibration samples (not trials; they show what the search beat):",
             "",
-            f"| reference | {metric} | drop | median ms | speed-up | integer kernels |",
+            f"| reference | {metric} | change vs FP32 | median ms | speed-up | integer kernels |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         for ref_row in references:
@@ -182,7 +179,7 @@ def write_report(
             speed = fp32.median_ms / ms if fp32 and fp32.median_ms else None
             drop = None if ref is None else ref - ref_row["value"]
             lines.append(
-                f"| {ref_row['name']} (n={ref_row['samples']}) | {_fmt(ref_row['value'])} | {_fmt(drop)} | {_fmt(ms, 3)} | "
+                f"| {ref_row['name']} (n={ref_row['samples']}) | {_fmt(ref_row['value'])} | {signed_change(None if drop is None else -drop)} | {_fmt(ms, 3)} | "
                 f"{_fmt(speed)}x | {ref_row['layers_run'].get('int8', 0)} |"
             )
     lines += ["", "## Winner", ""]
@@ -194,38 +191,49 @@ def write_report(
         lines += [
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",
-            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, drop {_fmt(None if ref is None else ref - r.value)}; allowed {context.max_drop:g})",  # type: ignore[operator]
+            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, change vs FP32 {signed_change(None if ref is None else r.value - ref)}; "  # type: ignore[operator]
+            f"allowed loss {context.max_drop:g})",
             f"- median {_fmt(r.median_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
             f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
             f"- calibration: {_calibration(r)}",
+            *_float_layer_lines(r),
             "- files: `winner/` (artifact, deployable ONNX, config.json)",
         ]
         if r.per_class and fp32 is not None and fp32.per_class:
             losses = sorted(((fp32.per_class[c] - v, c) for c, v in r.per_class.items() if c in fp32.per_class), reverse=True)[:10]
-            lines += ["", "Classes that lost most against FP32:", "", "| class | FP32 | winner | drop |", "|---|---:|---:|---:|"]
-            lines += [f"| {c} | {fp32.per_class[c]:.2f} | {r.per_class[c]:.2f} | {d:.2f} |" for d, c in losses]
+            instances = r.per_class_instances or fp32.per_class_instances or {}
+            lines += ["", "Classes that lost most against FP32:", "", "| class | instances | FP32 | winner | change |", "|---|---:|---:|---:|---:|"]
+            lines += [
+                f"| {c} | {instances.get(c, 'n/a')} | {fp32.per_class[c]:.2f} | {r.per_class[c]:.2f} | {signed_change(-d)} |"
+                for d, c in losses
+            ]
     lines += ["", "## What each precision choice did", ""]
-    effects = layer_effects(recs)
-    if effects:
-        lines += [
-            f"Mean {metric} and latency of searched trials with the layer in INT8 against trials with it in "
-            "FP16/FP32 (a marginal view over the sampled trials; most harmful to accuracy first).",
-            "",
-            f"| layer | trials int8 / float | {metric} int8 | {metric} float | {metric} effect | ms int8 | ms float |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for layer, n_low, n_high, low, high, ms_low, ms_high in effects[:25]:
-            lines.append(
-                f"| `{layer}` | {n_low} / {n_high} | {low:.2f} | {high:.2f} | {low - high:+.2f} | {ms_low:.3f} | {ms_high:.3f} |"
-            )
+    if choice.record is None:
+        lines.append("No winner, so no layer choice to explain.")
+    elif not float_evidence:
+        lines.append("The winner runs every quantizable layer in INT8.")
     else:
-        lines.append("Not enough searched trials to compare precision choices.")
+        lines += [
+            f"Why the winner keeps these layers in FP16/FP32: for each, the measurement that says what INT8 there did "
+            f"({metric} change in points, negative = a loss; the evidence names which measurement it is).",
+            "",
+            "| layer | winner keeps | evidence |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{e.layer}` | {e.precision.upper()} | {e.evidence} |" for e in float_evidence]
     alg: dict[str, list[float]] = defaultdict(list)
     for r in recs:
         if r.state == "COMPLETE" and r.value is not None and r.requested_counts()["int8"]:
             alg[_calibration(r).split(" ")[0]].append(r.value)
     if alg:
-        lines += ["", "| calibration algorithm | trials | mean metric | best |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "Calibration algorithms as sampled (all completed trials with INT8 layers; they differ in their layer "
+            "choices too, so this describes the search, it does not measure an algorithm's effect):",
+            "",
+            f"| calibration algorithm | trials | mean {metric} | best {metric} |",
+            "|---|---:|---:|---:|",
+        ]
         for name, values in sorted(alg.items(), key=lambda kv: -max(kv[1])):
             lines.append(f"| {name} | {len(values)} | {sum(values) / len(values):.2f} | {max(values):.2f} |")
     failed = [r for r in recs if r.state == "FAIL"]

@@ -142,8 +142,30 @@ def export_winner(
     return winner_dir
 
 
+def trial_file(recorded: str | None, out: Path, number: int) -> Path | None:
+    """A file a trial recorded, as an absolute path.
+
+    Trials store paths as the run gave them, relative to the directory it was
+    started from; a later ``sensisearch report`` may run elsewhere, so a relative
+    path that does not exist from here is looked up in the trial's own folder.
+    """
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (out / "trials" / f"{number:04d}" / path.name).resolve()
+
+
 def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -> None:
-    write_json_atomic(out / "pareto.json", [r.to_dict(reference) for r in front])
+    entries = []
+    for r in front:
+        entry = r.to_dict(reference)
+        # Absolute, so pareto.json means the same from any directory (issue 11).
+        for key in ("artifact", "deployable_onnx"):
+            entry[key] = None if entry[key] is None else str(trial_file(entry[key], out, r.number))
+        entries.append(entry)
+    write_json_atomic(out / "pareto.json", entries)
     # Built in memory, then written atomically like every other result file.
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -161,6 +183,6 @@ def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -
             r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
             cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
             cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
-            r.artifact or "",
+            str(trial_file(r.artifact, out, r.number) or ""),
         ])
     write_text_atomic(out / "pareto.csv", buffer.getvalue())

@@ -9,7 +9,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 
@@ -22,12 +22,17 @@ from sensisearch.study._context import StudyContext
 from sensisearch.study._record import TrialRecord, WorstClass
 from sensisearch.study.calibrate import prepare_calibration
 from sensisearch.study.pipeline import TrialPipeline, ranges_to_dict
+from sensisearch.report import review_markdown, write_review
+from sensisearch.study._review import build_review, recorded_thresholds
 from sensisearch.study.references import run_references
 from sensisearch.study.report import ReportContext, int8_speed_verdict, write_report
 from sensisearch.study.results import WinnerChoice, baseline, choose_winner, export_winner, pareto_front, records, write_pareto
-from sensisearch.study.settings import StudySettings
+from sensisearch.study.settings import PATH_FIELDS, StudySettings
 from sensisearch.study.space import SearchSpace, capped_sample_counts
 from sensisearch.study.tasks import build_evaluation, resolve_inputs
+
+if TYPE_CHECKING:
+    from sensisearch.calibration.statistics import StatisticsProgress
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,12 @@ class TrialEvent:
     seconds: float
 
 
-def prepare(settings: StudySettings) -> StudyContext:
-    """Load the model and data, pick the backend, collect calibration statistics (cached)."""
+def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = None, calibrate: bool = True) -> StudyContext:
+    """Load the model and data, pick the backend, collect calibration statistics (cached).
+
+    ``on_statistics(seen, total)`` reports the statistics pass; ``calibrate=False``
+    (rewriting results of a finished study) only reads cached statistics, never runs a pass.
+    """
     resolved = resolve_inputs(settings)
     settings = resolved.settings
     out = settings.out or Path("runs") / resolved.model_path.stem
@@ -79,6 +88,7 @@ def prepare(settings: StudySettings) -> StudyContext:
         calibration = prepare_calibration(
             resolved.model_path, resolved.model, resolved.info, calib_source, sample_counts,
             seed=settings.seed, cache_dir=settings.cache_dir or out / "cache", threads=settings.threads,
+            progress=on_statistics, cached_only=not calibrate,
         )
     default_samples = sample_counts[0] if len(sample_counts) == 1 else sample_counts[min(1, len(sample_counts) - 1)]
     space = SearchSpace(
@@ -144,7 +154,26 @@ def open_study(ctx: StudyContext) -> optuna.Study:
             f"study '{ctx.study_name}' in {ctx.storage_url} was made for another model (sha256 {recorded[:12]}...); "
             "use a new --out or --study-name"
         )
+    # Issue 11: named objectives for optuna-dashboard, and the settings `sensisearch report` reloads.
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([ctx.evaluator.metric, "latency_ms"])
+    # The latest run's settings (a resume may raise --budget): what `report` rewrites the results with.
+    study.set_user_attr(SETTINGS_ATTR, stored_settings(ctx.settings))
     return study
+
+
+SETTINGS_ATTR = "settings"
+
+
+def stored_settings(settings: StudySettings) -> dict[str, Any]:
+    """``settings`` as JSON with absolute paths, so `sensisearch report` works from any directory."""
+    data = settings.to_dict()
+    for name in PATH_FIELDS:
+        if data.get(name) is not None:
+            data[name] = str(Path(data[name]).resolve())
+    return data
 
 
 def enqueue_baselines(ctx: StudyContext, study: optuna.Study) -> None:
@@ -331,7 +360,10 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     thresholds = None
     if choice.record is not None and choice.record.config:
         winner_config = TrialConfig.from_dict(choice.record.config)
-        thresholds = ranges_to_dict(ctx.pipeline.ranges_for(winner_config, every_tensor=True))
+        if ctx.calibration is not None or not winner_config.uses_int8:
+            thresholds = ranges_to_dict(ctx.pipeline.ranges_for(winner_config, every_tensor=True))
+        else:  # `sensisearch report` without cached statistics: the ranges the trial itself recorded
+            thresholds = recorded_thresholds(choice.record, ctx.out)
     preprocess = ctx.evaluation.preprocess
     extra = {
         "task": ctx.task,
@@ -343,7 +375,12 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
         choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop,
         thresholds, extra,
     )
-    report = write_report(ctx.out, recs, front, choice, report_context(ctx, references))
+    review = build_review(ctx, recs, front, choice, references)
+    files = write_review(review, ctx.out)
+    report = write_report(
+        ctx.out, recs, front, choice, report_context(ctx, references),
+        review_markdown=review_markdown(files, ctx.out), float_evidence=review.float_layer_evidence,
+    )
     verdict, text = int8_speed_verdict(recs)
     return StudySummary(recs, front, choice, winner_dir, report, verdict, text)
 
