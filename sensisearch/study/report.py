@@ -64,7 +64,10 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def signed_change(change: float | None, digits: int = 2) -> str:
     """``-0.40`` for a loss, ``+0.10`` for a gain: the sign is always printed."""
-    return "n/a" if change is None else f"{change:+.{digits}f}"
+    if change is None:
+        return "n/a"
+    # round() first: a change that prints as zero must not print as "-0.00".
+    return f"{round(change, digits) + 0.0:+.{digits}f}"
 
 
 def _layers(r: TrialRecord) -> str:
