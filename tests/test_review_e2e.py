@@ -181,6 +181,10 @@ def test_report_command_rewrites_results_without_trials_or_calibration(study_dir
     recorded = json.loads(Path(winner.trial_json).read_text() if Path(winner.trial_json).is_absolute()
                           else (study_dir / "trials" / f"{winner.number:04d}" / "trial.json").read_text())["thresholds"]
     assert config["thresholds"] == recorded and config["max_drop"] == float(MAX_DROP)
+    # The winner folder is complete although the trials recorded paths relative to another directory.
+    assert {Path(name).name for name in config["files"].values()} == {"deployable.onnx", Path(winner.artifact).name}
+    assert all((study_dir / "winner" / name).is_file() for name in config["files"].values())
+    assert "storage" not in _study(study_dir).user_attrs["settings"]
 
 
 def test_report_command_errors_name_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -107,8 +107,9 @@ def export_winner(
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     files = {}
-    for key, src in (("artifact", record.artifact), ("deployable_onnx", record.deployable)):
-        if src and Path(src).is_file():
+    for key, recorded in (("artifact", record.artifact), ("deployable_onnx", record.deployable)):
+        src = trial_file(recorded, out, record.number)
+        if src and src.is_file():
             shutil.copy2(src, tmp_dir / Path(src).name)
             files[key] = Path(src).name
     fp32 = baseline(recs, "fp32")

@@ -170,6 +170,8 @@ SETTINGS_ATTR = "settings"
 def stored_settings(settings: StudySettings) -> dict[str, Any]:
     """``settings`` as JSON with absolute paths, so `sensisearch report` works from any directory."""
     data = settings.to_dict()
+    # Never stored: a server URL may hold a password, and `report` knows where it opened the study.
+    data.pop("storage", None)
     for name in PATH_FIELDS:
         if data.get(name) is not None:
             data[name] = str(Path(data[name]).resolve())
