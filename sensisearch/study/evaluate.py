@@ -49,4 +49,5 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
         "per_class": result.per_class,
         "timings": result.timings,
         "layers_run": dict(build.layer_precisions),
+        "evaluation": evaluation.identity_parts()["evaluation"],
     }
