@@ -117,15 +117,15 @@ def with_example(settings: StudySettings) -> StudySettings:
     return dataclasses.replace(settings, **{k: v for k, v in defaults.items() if getattr(settings, k) is None})
 
 
-def preprocessing(settings: StudySettings, default_kind: str = "raw") -> Preprocess:
-    """The ``--preprocess`` preset (``default_kind`` when not given) with the (example-filled)
-    settings' mean/std, channel order and layout; a preset's own mean/std where none is given."""
+def preprocessing(settings: StudySettings) -> Preprocess:
+    """The ``--preprocess`` preset (``raw`` when not given) with the (example-filled) settings'
+    mean/std, channel order and layout; the preset's own mean/std where none is given."""
     overrides: dict[str, Any] = {"channel_order": settings.channel_order, "layout": settings.layout}
     if settings.mean is not None:
         overrides["mean"] = tuple(settings.mean)
     if settings.std is not None:
         overrides["std"] = tuple(settings.std)
-    return Preprocess.preset(settings.preprocess or default_kind, **overrides)  # type: ignore[arg-type]
+    return Preprocess.preset(settings.preprocess or "raw", **overrides)  # type: ignore[arg-type]
 
 
 def resolve_inputs(settings: StudySettings) -> ResolvedInputs:
