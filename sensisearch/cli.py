@@ -56,23 +56,33 @@ def _csv(kind: type) -> Callable[[str], list[Any]]:
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, help="FP32 ONNX model")
     p.add_argument("--example", help="bundled example instead of --model (e.g. digits)")
-    p.add_argument("--eval-data", type=Path, help="evaluation data: ImageFolder dir, .npz (images, labels), or idx folder")
-    p.add_argument("--calib-data", type=Path, help="calibration data (no labels needed); same formats")
+    p.add_argument("--eval-data", type=Path, help="evaluation data: ImageFolder dir, .npz (images, labels), idx folder, or Ultralytics dataset .yaml")
+    p.add_argument("--calib-data", type=Path, help="calibration data (no labels needed): same formats, or preprocessed tensors .npy / input-keyed .npz")
     p.add_argument("--annotations", type=Path, help="COCO instances json for detectors")
     p.add_argument("--mean", type=_csv(float), help="per-channel mean after pixel/255, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", type=_csv(float), help="per-channel std after pixel/255")
     p.add_argument("--metric", help="metric to optimize (top1, top5; mAP50-95, mAP50 for detectors)")
     p.add_argument("--task", choices=["auto", "classification", "detection"], help="default: detected from the model")
     p.add_argument("--evaluator", help="your own evaluation function MODULE:FUNCTION(runner) -> float|dict")
-    p.add_argument("--batch-size", type=int, help="evaluation batch for models with a dynamic batch (default 64)")
+    p.add_argument("--batch-size", type=int, help="evaluation batch for models with a dynamic batch (default 64; detectors 8)")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N samples only (quick studies)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 4)")
     p.add_argument("--backend", help="auto (default: TensorRT if an engine can run here, else onnxruntime), onnxruntime, tensorrt, tensorrt-rtx")
     p.add_argument("--shapes", type=_csv(str), help="TensorRT optimization profile, e.g. images:1x3x640x640/8x3x640x640/16x3x640x640")
     p.add_argument("--workspace-mb", type=int, help="TensorRT builder workspace limit in MiB")
     p.add_argument("--opt-level", type=int, help="TensorRT builder optimization level 0-5 (default 3)")
-    p.add_argument("--iou", type=float, help="detector NMS IoU threshold (default 0.6)")
+    p.add_argument("--iou", type=float, help="detector NMS IoU threshold (default: YOLOv5 0.6, YOLOv8/YOLO11 0.7)")
+    _add_input_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
+    """Issue 13: how images become the model's input (values checked by StudySettings.validate, as in a study file)."""
+    p.add_argument("--preprocess", help="yolo (letterbox), imagenet (resize shorter side, centre crop, ImageNet mean/std) "
+                                        "or raw (resize only); default: yolo for detectors, raw otherwise")
+    p.add_argument("--channel-order", help="rgb (default) or bgr: the channel order the model takes")
+    p.add_argument("--layout", help="nchw or nhwc (default: from the model input's shape)")
+    p.add_argument("--letterbox", help="detectors: yolov5 or ultralytics resize rules (default: the output layout's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +188,7 @@ SETTING_FLAGS = (
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
 )
+SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")  # issue 13
 
 
 def _settings(args: argparse.Namespace) -> StudySettings:

@@ -82,7 +82,9 @@ class Preprocess:
         """A preset with its usual normalisation (imagenet: ImageNet mean/std), then ``overrides``."""
         base: dict[str, object] = {"kind": kind}
         if kind == "imagenet":
-            base.update(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+            # mean/std are in the model's channel order: reversed for a BGR model.
+            bgr = overrides.get("channel_order") == "bgr"
+            base.update(mean=IMAGENET_MEAN[::-1] if bgr else IMAGENET_MEAN, std=IMAGENET_STD[::-1] if bgr else IMAGENET_STD)
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
 

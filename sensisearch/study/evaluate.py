@@ -50,4 +50,5 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
         "per_class_instances": result.per_class_instances,
         "timings": result.timings,
         "layers_run": dict(build.layer_precisions),
+        "evaluation": evaluation.identity_parts()["evaluation"],
     }

@@ -48,19 +48,29 @@ class StudySettings:
     """Per-channel mean after pixel/255; None: the example's, else 0."""
     std: list[float] | None = None
     """Per-channel std after pixel/255; None: the example's, else 1."""
-    batch_size: int = 64
+    batch_size: int | None = None
+    """Evaluation batch of a dynamic-batch model; None: 64 for classifiers, 8 for detectors."""
     latency_batch: int = 1
     latency_seconds: float = 0.5
     eval_limit: int | None = None
     calib_limit: int | None = None
     max_class_drop: float | None = None
-    iou: float = 0.6
+    iou: float | None = None
+    """Detector NMS IoU; None: the output layout's own default (YOLOv5 0.6, YOLOv8/YOLO11 0.7)."""
     cache_dir: Path | None = None
     shapes: list[str] | None = None
     workspace_mb: int | None = None
     opt_level: int = 3
     heartbeat_seconds: int = 30
     compare_ort_quantizer: bool = False
+    # --- issue 13: the inputs users already have (preprocessing presets, YOLOv8 letterbox)
+    preprocess: str | None = None
+    """yolo, imagenet or raw; None: yolo for detectors, raw for classifiers."""
+    channel_order: str = "rgb"
+    layout: str | None = None
+    """nchw or nhwc; None: from the model input's shape."""
+    letterbox: str | None = None
+    """Detectors: yolov5 or ultralytics resize rules; None: the output layout's own."""
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -69,7 +79,7 @@ class StudySettings:
             raise SensisearchError("no model given: pass --model FILE.onnx, --example digits, or a study file")
         if self.max_drop < 0:
             raise SensisearchError(f"--max-drop {self.max_drop}: must be >= 0 (points of the metric)")
-        if self.latency_batch <= 0 or self.batch_size <= 0:
+        if self.latency_batch <= 0 or (self.batch_size is not None and self.batch_size <= 0):
             raise SensisearchError("--latency-batch and --batch-size must be positive")
         if not self.sample_counts or min(self.sample_counts) <= 0:
             raise SensisearchError(f"--sample-counts {self.sample_counts}: give positive sample counts")
@@ -78,12 +88,13 @@ class StudySettings:
                 raise SensisearchError(f"--percentiles {p}: must be in (0, 100]")
         if self.threads is not None and self.threads <= 0:
             raise SensisearchError(f"--threads {self.threads}: must be positive")
+        validate_input_choices(self)
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
             name=self.backend, threads=self.threads, shapes=None if self.shapes is None else tuple(self.shapes),
             workspace_mb=self.workspace_mb, opt_level=self.opt_level,
-            latency_batch=self.latency_batch, eval_batch=self.batch_size,
+            latency_batch=self.latency_batch, eval_batch=self.batch_size or 1,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +133,27 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
         return [int(v) for v in value]
     if name in ("percentiles", "mean", "std"):
         return [float(v) for v in value]
+    if name in INPUT_CHOICES:
+        return str(value).lower()
     return value
+
+
+# issue 13: the allowed values of the input flags (also the CLI's choices).
+INPUT_CHOICES: dict[str, tuple[str, ...]] = {
+    "preprocess": ("yolo", "imagenet", "raw"),
+    "channel_order": ("rgb", "bgr"),
+    "layout": ("nchw", "nhwc"),
+    "letterbox": ("yolov5", "ultralytics"),
+}
+
+
+def validate_input_choices(settings: StudySettings) -> None:
+    """One line naming the flag (or study-file key) whose value is not one of its choices."""
+    for name, choices in INPUT_CHOICES.items():
+        value = getattr(settings, name)
+        if value is not None and value not in choices:
+            flag = "--" + name.replace("_", "-")
+            raise SensisearchError(f"{flag} {value}: use one of {', '.join(choices)} (study file key '{name}')")
 
 
 def merge_settings(file_values: Mapping[str, Any], flag_values: Mapping[str, Any], base: Path | None) -> StudySettings:
