@@ -366,10 +366,10 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
             thresholds = ranges_to_dict(ctx.pipeline.ranges_for(winner_config, every_tensor=True))
         else:  # `sensisearch report` without cached statistics: the ranges the trial itself recorded
             thresholds = recorded_thresholds(choice.record, ctx.out)
-    preprocess = ctx.evaluation.preprocess
     extra = {
         "task": ctx.task,
-        "preprocess": {"mean": list(preprocess.mean), "std": list(preprocess.std)},
+        # The whole preset (kind, mean/std, channel order, layout), so a deployment feeds the winner what it was scored on.
+        "preprocess": ctx.evaluation.preprocess.to_dict(),
         "profile": ctx.backend.profile.name,
         "latency_batch": ctx.settings.latency_batch,
     }
