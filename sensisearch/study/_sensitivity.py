@@ -311,8 +311,12 @@ def measure_sensitivity(
     # choice per algorithm; percentile at the default clip).
     calibration_scores: dict[str, float] = {}
     best: tuple[float, CalibrationChoice] | None = None
+    # A clip the search space offers, so seeds built on this choice can be enqueued.
+    percentile = ctx.space.default_calibration.percentile
+    if ctx.space.percentiles and percentile not in ctx.space.percentiles:
+        percentile = ctx.space.percentiles[len(ctx.space.percentiles) // 2]
     for algorithm in ctx.space.algorithms:
-        choice = CalibrationChoice(algorithm, samples, ctx.space.default_calibration.percentile)
+        choice = CalibrationChoice(algorithm, samples, percentile)
         value, _ = score(f"all-int8 {_label(choice)}", TrialConfig.uniform(layers, Precision.INT8, choice))
         calibration_scores[_label(choice)] = value
         if best is None or value > best[0]:

@@ -61,6 +61,14 @@ class StudySettings:
     opt_level: int = 3
     heartbeat_seconds: int = 30
     compare_ort_quantizer: bool = False
+    # Issue 10: sensitivity-guided search.
+    profile: str | None = None
+    """Quantization profile of the deployable ONNX (tensorrt, onnxruntime-cpu); None: the backend's own."""
+    sampler: str = "tpe"
+    """tpe, random, nsga2, or seeded (TPE after the sensitivity seeds)."""
+    search: str = "full"
+    """full (every layer a parameter) or topk (the ``top_k`` most sensitive layers free, the rest INT8)."""
+    top_k: int = 8
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -78,6 +86,9 @@ class StudySettings:
                 raise SensisearchError(f"--percentiles {p}: must be in (0, 100]")
         if self.threads is not None and self.threads <= 0:
             raise SensisearchError(f"--threads {self.threads}: must be positive")
+        from sensisearch.study._seeds import validate_search_settings  # issue 10
+
+        validate_search_settings(self)
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
