@@ -192,3 +192,19 @@ def test_tensorrt_profile_on_onnxruntime_scores_the_symmetric_int8_graph(tmp_pat
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
     report = (tmp_path / "report.md").read_text()
     assert "estimate" in report
+
+
+# --------------------------------------------------------------------------- the labelled latency estimate
+def test_layer_macs_match_published_yolov5n_flops(yolo_model: Path) -> None:
+    """Ultralytics publishes YOLOv5n at 4.5 GFLOPs (640 px) = ~2.25 G multiply-accumulates."""
+    from sensisearch.latency import PRECISION_COST, estimated_cost, layer_macs
+
+    info, model = analyze_model(yolo_model)
+    macs = layer_macs(model, info)
+    assert set(macs) == set(info.layer_names)
+    assert sum(macs.values()) == pytest.approx(2.25e9, rel=0.02)
+    first = info.layers[0]  # 6x6 stride-2 conv, 3 -> 16 channels, 320x320 output
+    assert macs[first.name] == 6 * 6 * 3 * 16 * 320 * 320
+    fp32 = estimated_cost(macs, {n: Precision.FP32 for n in macs})
+    int8 = estimated_cost(macs, {n: "int8" for n in macs})
+    assert int8 / fp32 == pytest.approx(PRECISION_COST[Precision.INT8] / PRECISION_COST[Precision.FP32])
