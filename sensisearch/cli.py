@@ -85,6 +85,40 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--letterbox", help="detectors: yolov5 or ultralytics resize rules (default: the output layout's own)")
 
 
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    """Issue 10: the quantization profile and the sensitivity-guided search."""
+    p.add_argument("--profile", choices=["tensorrt", "onnxruntime-cpu"],
+                   help="Q/DQ profile of the deployable ONNX (default: the backend's own); with --backend onnxruntime, "
+                        "--profile tensorrt scores exactly TensorRT's graph (its latency is then only an estimate)")
+    p.add_argument("--sampler", choices=["tpe", "random", "nsga2", "seeded"],
+                   help="tpe (default), random, nsga2, or seeded: TPE after the sensitivity seeds (all-INT8 minus the top-k "
+                        "sensitive layers, first conv + head in float)")
+    p.add_argument("--search", choices=["full", "topk"], help="full (default): every layer free; topk: only the --top-k most sensitive layers")
+    p.add_argument("--top-k", type=int, help="layers --search topk leaves free (default 8)")
+
+
+def _add_sensitivity_parser(sub: Any) -> None:
+    se = sub.add_parser(
+        "sensitivity", help="rank the layers by how much their INT8 hurts (two probes per layer) and the tensors by calibration",
+        description="Per-layer sensitivity: only this layer INT8, and all INT8 except this layer, on the evaluation subset "
+                    "(--eval-limit). Cached in <out>/sensitivity.json (and the study, if one exists).",
+    )
+    se.add_argument("study_file", nargs="?", type=Path, help="TOML study file (see studies/)")
+    _add_data_flags(se)
+    se.add_argument("--out", type=Path, help="output folder (default runs/<model stem>)")
+    se.add_argument("--storage", help="Optuna storage URL of the study to store the profile in (default: SQLite file in --out, if present)")
+    se.add_argument("--study-name", help="study name in the storage (default: model stem)")
+    se.add_argument("--seed", type=int, help="calibration-order seed (default 0)")
+    se.add_argument("--algorithms", type=_csv(str), help="calibration algorithms to try; the probes use the best all-INT8 one")
+    se.add_argument("--sample-counts", type=_csv(int), help="calibration sample counts (the probes use the study's default)")
+    se.add_argument("--percentiles", type=_csv(float), help="clip percentiles for the per-tensor threshold table")
+    se.add_argument("--calib-limit", type=int, help="use the first N calibration samples only")
+    se.add_argument("--cache-dir", type=Path, help="calibration/tensor cache (default <out>/cache)")
+    se.add_argument("--profile", choices=["tensorrt", "onnxruntime-cpu"], help="Q/DQ profile of the probes (default: the backend's own)")
+    se.add_argument("--json", action="store_true", help="print the profile as one JSON object on stdout")
+    se.add_argument("--refresh", action="store_true", help="measure again even if a matching profile is cached")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensisearch", description="Search per-layer INT8/FP16/FP32 precision and calibration for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compare-ort-quantizer", action="store_true", default=None,
                      help="also score ONNX Runtime quantize_static (minmax, percentile 99.99) beside the front")
     run.add_argument("--heartbeat-seconds", type=int, help="worker heartbeat; a dead worker's trial is retried after 2x this (default 30)")
+    _add_search_flags(run)
 
     ev = sub.add_parser(
         "evaluate", help="score one model (FP32 ONNX or a trial's deployable ONNX)",
@@ -137,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimization level 0-5")
     bd.add_argument("--out", type=Path, help="artifact path (default: beside the config)")
     bd.add_argument("-v", "--verbose", action="store_true")
+
+    _add_sensitivity_parser(sub)
 
     dr = sub.add_parser(
         "doctor", help="what can build and run here: TensorRT flavor, GPU, driver, ONNX Runtime, Optuna",
@@ -187,6 +224,7 @@ SETTING_FLAGS = (
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
+    "profile", "sampler", "search", "top_k",  # issue 10
 )
 SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")  # issue 13
 
@@ -365,6 +403,42 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from sensisearch.study._sensitivity import sensitivity_profile
+    from sensisearch.study.runner import open_study, prepare
+
+    ctx = prepare(_settings(args))
+    for warning in ctx.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    study = open_study(ctx) if ctx.settings.storage or (ctx.out / "study.db").is_file() else None
+    probes = 2 + len(ctx.space.algorithms) + 2 * len(ctx.space.layers)
+    with Progress(TextColumn("[bold]probes"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("", total=probes - 1)
+        profile, cached = sensitivity_profile(
+            ctx, study, refresh=args.refresh,
+            on_probe=lambda name, value: progress.update(task, advance=1, description=escape(f"{name}: {value:.2f}")),
+        )
+    if args.json:
+        print(json.dumps(profile.to_dict()))
+        return 0
+    metric = profile.metric
+    cal = profile.calibration
+    table = Table(title=f"Layer sensitivity ({metric}, {profile.eval_count} samples; FP32 {profile.fp32:.2f}, "
+                        f"all-INT8 {profile.all_int8:.2f} with {cal['algorithm']} n={cal['samples']})")
+    for col in ("rank", "layer", "only-this-INT8 drop", "all-but-this recovery", "score", "output distortion"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for row in profile.layers:
+        table.add_row(str(row.rank), escape(row.layer), f"{row.alone_drop:+.2f}", f"{row.recovery:+.2f}", f"{row.score:+.2f}", f"{row.distortion:.2e}")
+    stdout.print(table)
+    clipping = [t for t in profile.tensors if t.needs_clipping]
+    stdout.print(f"{len(clipping)}/{len(profile.tensors)} activation tensors need clipping (some algorithm's amax < half their min-max):")
+    for t in sorted(clipping, key=lambda t: t.clipping)[:10]:
+        stdout.print(f"  {escape(t.tensor)}: {t.strongest} at {t.clipping:.2f} of min-max")
+    stdout.print(f"{'cached' if cached else 'written'}: {ctx.out / 'sensitivity.json'}")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from sensisearch.doctor import doctor_report, format_doctor
 
@@ -393,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "sensitivity":
+            return cmd_sensitivity(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

@@ -89,6 +89,8 @@ class TrialRecord:
     """Trial number whose identical configuration this proposal repeats (not built, not counted)."""
     host: str | None = _attr("host")
     device: str | None = _attr("device")
+    seed: str | None = _attr("seed")
+    """Issue 10: name of the sensitivity seed this enqueued trial is (e.g. "int8 minus top-3"), else None."""
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:

@@ -102,6 +102,16 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     if fp32 is None or int8 is None or not fp32.median_ms or not int8.median_ms:
         return None, "The all-FP32 or all-INT8 baseline did not complete, so INT8's speed-up is unknown."
     speedup = fp32.median_ms / int8.median_ms
+    ci = int8.speedup_ci95
+    if ci is not None:
+        # Issue 10: paired timing with a CI (TrialRecord.paired/verified) decides when it exists.
+        if ci[0] > 1.0:
+            return True, f"All-INT8 runs {int8.speedup or speedup:.2f}x faster than FP32 on this backend (paired 95% CI {ci[0]:.2f}-{ci[1]:.2f}x)."
+        return False, (
+            f"**INT8 brings no significant speed for this model on this backend**: all-INT8 runs at {int8.speedup or speedup:.2f}x "
+            f"the speed of FP32 (paired 95% CI {ci[0]:.2f}-{ci[1]:.2f}x includes 1). The front below is therefore not a "
+            "speed/accuracy trade-off; judge INT8 on the target backend."
+        )
     if speedup > 1 + SPEEDUP_NOISE:
         return True, f"All-INT8 runs {speedup:.2f}x faster than FP32 on this backend ({int8.median_ms:.3f} ms vs {fp32.median_ms:.3f} ms)."
     return False, (

@@ -20,6 +20,7 @@ from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 from sensisearch.study._context import StudyContext
 from sensisearch.study._record import TrialRecord, WorstClass
+from sensisearch.study._seeds import apply_sensitivity, enqueue_seeds, make_sampler, with_profile
 from sensisearch.study.calibrate import prepare_calibration
 from sensisearch.study.pipeline import TrialPipeline, ranges_to_dict
 from sensisearch.report import review_markdown, write_review
@@ -72,7 +73,7 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
             f"--backend {settings.backend}: builds here but cannot run engines ({choice.run_reason}); "
             "run the study on the GPU machine, or use --backend onnxruntime here and `sensisearch build` there"
         )
-    backend = choice.backend
+    backend, profile_warning = with_profile(choice.backend, settings.profile)  # issue 10: --profile
     precisions = tuple(settings.precisions or backend.capabilities.precisions)
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
     if unsupported:
@@ -104,12 +105,13 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
         LatencySettings(min_seconds=settings.latency_seconds), settings.latency_batch,
     )
     storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    return StudyContext(
+    ctx = StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
         backend_settings=backend_settings, backend=backend, evaluation=evaluation, space=space, pipeline=pipeline,
         calibration=calibration, storage_url=storage_url, study_name=settings.study_name or resolved.model_path.stem,
-        model_warnings=tuple(resolved.warnings), backend_reason=choice.reason,
+        model_warnings=tuple(resolved.warnings) + ((profile_warning,) if profile_warning else ()), backend_reason=choice.reason,
     )
+    return apply_sensitivity(ctx)  # issue 10: sensitivity profile and compact space when the search uses them
 
 
 def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorage | str:
@@ -134,7 +136,7 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
 
 
 def open_study(ctx: StudyContext) -> optuna.Study:
-    sampler = optuna.samplers.TPESampler(seed=ctx.settings.seed)
+    sampler = make_sampler(ctx.settings.sampler, ctx.settings.seed)
     try:
         study = optuna.create_study(
             storage=make_storage(ctx.storage_url, ctx.settings.heartbeat_seconds), study_name=ctx.study_name,
@@ -295,6 +297,7 @@ def run_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     enqueue_baselines(ctx, study)
+    enqueue_seeds(ctx, study)
     budget = ctx.settings.budget
     remaining = budget - finished_count(study)
     if remaining <= 0:

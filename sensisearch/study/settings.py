@@ -71,6 +71,14 @@ class StudySettings:
     """nchw or nhwc; None: from the model input's shape."""
     letterbox: str | None = None
     """Detectors: yolov5 or ultralytics resize rules; None: the output layout's own."""
+    # Issue 10: sensitivity-guided search.
+    profile: str | None = None
+    """Quantization profile of the deployable ONNX (tensorrt, onnxruntime-cpu); None: the backend's own."""
+    sampler: str = "tpe"
+    """tpe, random, nsga2, or seeded (TPE after the sensitivity seeds)."""
+    search: str = "full"
+    """full (every layer a parameter) or topk (the ``top_k`` most sensitive layers free, the rest INT8)."""
+    top_k: int = 8
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -89,6 +97,9 @@ class StudySettings:
         if self.threads is not None and self.threads <= 0:
             raise SensisearchError(f"--threads {self.threads}: must be positive")
         validate_input_choices(self)
+        from sensisearch.study._seeds import validate_search_settings  # issue 10
+
+        validate_search_settings(self)
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(

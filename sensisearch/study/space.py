@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import optuna
 
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
+from sensisearch.study._record import TrialRecord
 
 LAYER_PREFIX = "layer:"
 ALGORITHM = "calib_algorithm"
@@ -27,6 +28,20 @@ class SearchSpace:
     sample_counts: tuple[int, ...]
     percentiles: tuple[float, ...]
     default_calibration: CalibrationChoice
+    # Issue 10: a compact space (``--search topk``): only these layers are
+    # parameters, every other layer is ``fixed_precision``. None: every layer is free.
+    free_layers: tuple[str, ...] | None = None
+    fixed_precision: Precision = Precision.INT8
+
+    @property
+    def searched_layers(self) -> tuple[str, ...]:
+        """The layers that are Optuna parameters."""
+        return self.layers if self.free_layers is None else tuple(n for n in self.layers if n in set(self.free_layers))
+
+    def expresses(self, config: TrialConfig) -> bool:
+        """Whether :meth:`suggest` can produce ``config`` (fixed layers at the fixed precision)."""
+        free = set(self.searched_layers)
+        return all(config.precisions[n] is self.fixed_precision for n in self.layers if n not in free)
 
     @property
     def searches_int8(self) -> bool:
@@ -34,7 +49,14 @@ class SearchSpace:
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         choices = [p.value for p in self.precisions]
-        precisions = {name: Precision(trial.suggest_categorical(LAYER_PREFIX + name, choices)) for name in self.layers}
+        searched = self.searched_layers
+        precisions = {name: Precision(trial.suggest_categorical(LAYER_PREFIX + name, choices)) for name in searched}
+        if len(searched) < len(self.layers):
+            # A baseline (all-FP32, ...) is uniform in any space: its mark, not its
+            # parameters, says so for the layers the compact space holds fixed.
+            uniform = TrialRecord.from_attrs(trial.number, trial.user_attrs).baseline
+            rest = Precision(uniform) if uniform else self.fixed_precision
+            precisions = {name: precisions.get(name, rest) for name in self.layers}
         calibration = self.default_calibration
         if any(p is Precision.INT8 for p in precisions.values()):
             # Calibration only matters when some layer is INT8; leaving the
@@ -49,7 +71,7 @@ class SearchSpace:
 
     def params_for(self, config: TrialConfig) -> dict[str, Any]:
         """Optuna parameters that reproduce ``config`` (for enqueueing)."""
-        params: dict[str, Any] = {LAYER_PREFIX + name: config.precisions[name].value for name in self.layers}
+        params: dict[str, Any] = {LAYER_PREFIX + name: config.precisions[name].value for name in self.searched_layers}
         if config.uses_int8:
             params[ALGORITHM] = config.calibration.algorithm.value
             params[SAMPLES] = config.calibration.samples

@@ -1,0 +1,152 @@
+"""Does the sensitivity-seeded search beat random search? (issue 10)
+
+YOLOv5n with the TensorRT quantization profile, its accuracy scored by ONNX
+Runtime on exactly the Q/DQ graph TensorRT would get; calibration on one half of
+``coco-dev``, evaluation on a fixed subset of the other half. Latency is the
+*estimated* cost of :mod:`sensisearch.latency` (MACs x precision weight, no
+latency table): ONNX Runtime's speed on a TensorRT graph says nothing about
+TensorRT, and the estimate keeps the comparison free of this shared CPU's noise.
+
+Prints hypervolume (mAP vs estimated cost; reference point: FP32 cost and FP32
+mAP - 5) against trials for: random search, plain TPE over all 60 layers, the
+seeded study (sensitivity seeds, then TPE over the top-k layers), and a greedy
+"revert the worst layer to float" baseline (NNCF's accuracy control, here with
+the static sensitivity ranking). Plus the issue's goal 1: the best configuration
+with >= 57/60 convs INT8 and the best all-INT8, against FP32. Figures are
+printed, never asserted. The sensitivity probes' evaluations are printed too:
+the seeded and greedy searches pay for them once per model.
+
+    python benchmarks/search_quality.py              # ~15 min on 2 cores: 12 trials, 24 eval images
+    python benchmarks/search_quality.py --full       # the issue's figures: 50 trials (random 100), 128 calibration images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from optuna._hypervolume import compute_hypervolume  # what optuna's plot_hypervolume_history uses
+
+from sensisearch.latency import ESTIMATE_LABEL, estimated_cost, layer_macs
+from sensisearch.quantize.config import CalibrationAlgorithm, Precision, TrialConfig
+from sensisearch.study._seeds import compact_space, head_rule_layers, seed_configs
+from sensisearch.study._sensitivity import score_config, sensitivity_profile
+from sensisearch.study.runner import prepare
+from sensisearch.study.settings import StudySettings
+
+SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def split_coco(coco: Path, out: Path) -> tuple[Path, Path]:
+    """First half of the annotation file's images: evaluation pool (with --eval-limit); second half: calibration (symlinks)."""
+    data = json.loads((coco / "instances.json").read_text())
+    names = [im["file_name"] for im in data["images"]]
+    calib = out / "calib"
+    calib.mkdir(parents=True, exist_ok=True)
+    for name in names[len(names) // 2:]:
+        link = calib / Path(name).name
+        if not link.exists():
+            link.symlink_to((coco / "images" / name).resolve())
+    return coco / "images", calib
+
+
+def hypervolume(points: list[tuple[float, float]], fp32_value: float, fp32_cost: float) -> float:
+    """Of (metric, cost) points, maximising metric and minimising cost, against (FP32 - 5, FP32 cost)."""
+    ref = (-(fp32_value - 5.0), fp32_cost)
+    loss = [(-v, c) for v, c in points if -v < ref[0] and c < ref[1]]
+    if not loss:
+        return 0.0
+    import numpy as np
+
+    return float(compute_hypervolume(np.asarray(loss), np.asarray(ref)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=12, help="trials per strategy (random gets --random-trials)")
+    parser.add_argument("--random-trials", type=int, default=None, help="default: 2 x --trials")
+    parser.add_argument("--eval-images", type=int, default=24)
+    parser.add_argument("--calib-images", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--full", action="store_true", help="50 trials, random 100, 85 eval images, 128 calibration images")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sensisearch-search-quality")
+    args = parser.parse_args()
+    if args.full:
+        args.trials, args.random_trials, args.eval_images, args.calib_images = 50, 100, 85, 128
+    random_trials = args.random_trials or 2 * args.trials
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split")
+    settings = StudySettings(
+        model=SHARED / "yolov5n.onnx", eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json",
+        calib_data=calib_dir, out=args.out, eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
+        sample_counts=[args.calib_images], algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.PERCENTILE, CalibrationAlgorithm.MSE],
+        percentiles=[99.99], default_algorithm=CalibrationAlgorithm.MSE,
+    )
+    ctx = prepare(settings)
+    layers = list(ctx.space.layers)
+    macs = layer_macs(ctx.model, ctx.info)
+    started = time.monotonic()
+    profile, cached = sensitivity_profile(ctx)
+    probes = 2 + len(ctx.space.algorithms) + 2 * len(layers)
+    print(f"sensitivity: {probes} probe evaluations, {'cached' if cached else f'{time.monotonic() - started:.0f} s'}; "
+          f"calibration {profile.calibration}; top-8 {profile.ranking[:8]}")
+    fp32_value = profile.fp32
+    fp32_cost = estimated_cost(macs, {n: Precision.FP32 for n in layers})
+    print(f"FP32 mAP {fp32_value:.2f} on {profile.eval_count} images; all-INT8 {profile.all_int8:.2f}; cost: {ESTIMATE_LABEL}")
+    work = args.out / "work"
+    results: dict[str, list[tuple[float, float, int]]] = {}
+
+    def evaluate(config: TrialConfig) -> tuple[float, float, int]:
+        value = score_config(ctx.pipeline, config, work)[0].value
+        return value, estimated_cost(macs, config.precisions), len(config.layers_with(Precision.INT8))
+
+    def study_run(name: str, sampler: optuna.samplers.BaseSampler, n: int, space, seeds=()) -> None:  # noqa: ANN001
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        for config in seeds:
+            study.enqueue_trial(space.params_for(config))
+        points: list[tuple[float, float, int]] = []
+
+        def objective(trial: optuna.Trial) -> tuple[float, float]:
+            point = evaluate(space.suggest(trial))
+            points.append(point)
+            return point[0], point[1]
+
+        t0 = time.monotonic()
+        study.optimize(objective, n_trials=n)
+        results[name] = points
+        print(f"{name}: {n} trials in {time.monotonic() - t0:.0f} s")
+
+    study_run("random", optuna.samplers.RandomSampler(seed=0), random_trials, ctx.space)
+    study_run("tpe", optuna.samplers.TPESampler(seed=0), args.trials, ctx.space)
+    seeds = [c for _, c in seed_configs(layers, profile.ranking, profile.calibration_choice,
+                                        head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index))]
+    topk = compact_space(ctx.space, profile.ranking, args.top_k)
+    study_run("seeded", optuna.samplers.TPESampler(seed=0), args.trials, topk, [s for s in seeds if topk.expresses(s)])
+    # Greedy: all-INT8, then revert the next most sensitive layer to float, one per trial.
+    greedy = []
+    for k in range(args.trials):
+        floats = set(profile.ranking[:k])
+        greedy.append(evaluate(TrialConfig({n: Precision.FP32 if n in floats else Precision.INT8 for n in layers}, profile.calibration_choice)))
+    results["greedy"] = greedy
+
+    checkpoints = sorted({n for n in (5, 10, 12, 20, 25, 50, 100) if n <= random_trials} | {args.trials})
+    print(f"\nhypervolume (mAP x estimated cost, ref = FP32 cost, FP32 mAP - 5) after n trials")
+    print("strategy  " + "".join(f"{n:>9d}" for n in checkpoints))
+    for name, points in results.items():
+        row = [hypervolume([(v, c) for v, c, _ in points[:n]], fp32_value, fp32_cost) if n <= len(points) else None for n in checkpoints]
+        print(f"{name:<9} " + "".join(f"{h:9.3g}" if h is not None else f"{'-':>9}" for h in row))
+    print(f"\ngoal 1 (FP32 {fp32_value:.2f}): best with >= {len(layers) - 3}/{len(layers)} INT8 / best all-INT8, drop in mAP points")
+    for name, points in results.items():
+        near = [fp32_value - v for v, _, n in points if n >= len(layers) - 3]
+        full = [fp32_value - v for v, _, n in points if n == len(layers)]
+        print(f"{name:<9} {min(near) if near else float('nan'):+.2f} / {min(full) if full else float('nan'):+.2f}")
+
+
+if __name__ == "__main__":
+    main()

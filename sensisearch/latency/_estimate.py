@@ -1,0 +1,57 @@
+"""An explicit latency estimate: multiply-accumulates per layer, weighted by precision.
+
+Estimated cost = sum over quantizable layers of MACs(layer) x PRECISION_COST[precision],
+in units of "FP16 MACs" (so an all-FP16 model's cost is its MAC count). The
+weights are the nominal tensor-core throughput ratios of NVIDIA GPUs since Turing
+(dense INT8 2x FP16; FP32 without tensor cores several times slower than FP16, 4x is used), i.e. what
+TensorRT can gain at best. It ignores memory traffic, reformat layers between
+precision regions and the non-weighted ops, so it is an upper bound on the gain
+and only ranks configurations; it is always labelled :data:`ESTIMATE_LABEL`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from sensisearch.quantize.config import Precision
+
+if TYPE_CHECKING:
+    from sensisearch.model.analysis import ModelInfo
+
+ESTIMATE_LABEL = "estimated (MACs x precision weight, no latency table)"
+PRECISION_COST: Mapping[Precision, float] = {Precision.INT8: 0.5, Precision.FP16: 1.0, Precision.FP32: 4.0}
+
+
+def layer_macs(model: onnx.ModelProto, info: ModelInfo) -> dict[str, float]:
+    """Multiply-accumulates per quantizable layer at the model's input shape (batch 1).
+
+    weight elements / output channels x output elements: exact for Conv,
+    ConvTranspose (per input pixel), Gemm and MatMul with a constant weight.
+    """
+    inferred = shape_inference.infer_shapes(model)
+    shapes: dict[str, list[int]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]:
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim]
+        shapes[value.name] = dims
+    weights = {i.name: i for i in model.graph.initializer}
+    macs: dict[str, float] = {}
+    for layer in info.layers:
+        w = weights.get(layer.weight)
+        w_shape = list(numpy_helper.to_array(w).shape) if w is not None else [1]
+        out_shape = shapes.get(layer.output) or [1]
+        if layer.op_type == "ConvTranspose":
+            in_shape = shapes.get(layer.activation_input) or [1]
+            macs[layer.name] = float(np.prod(w_shape)) * float(np.prod(in_shape[2:]))
+            continue
+        out_channels = w_shape[layer.weight_axis] if w_shape else 1
+        macs[layer.name] = float(np.prod(w_shape)) / max(out_channels, 1) * float(np.prod(out_shape[1:] or [1]))
+    return macs
+
+
+def estimated_cost(macs: Mapping[str, float], precisions: Mapping[str, Precision | str]) -> float:
+    """The estimate for one configuration (see the module docstring); same units for every configuration of a model."""
+    return float(sum(m * PRECISION_COST[Precision(precisions[name])] for name, m in macs.items()))

@@ -1,0 +1,181 @@
+"""The study uses the sensitivity profile: seeds, a compact space, the sampler choice, the profile override.
+
+60 independent binary choices are the weakest way to search a YOLO's precision
+space: a random or TPE proposal keeps ~half the layers in float and never gets
+near all-INT8-but-a-few. The profile says which few layers matter, so the study
+starts from the configurations practitioners build by hand (all-INT8 minus the
+top-k sensitive layers; "first conv + Detect head in float") and, with
+``--search topk``, only searches the top-k layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Sequence
+
+import optuna
+
+from sensisearch.errors import SensisearchError
+from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
+from sensisearch.quantize.graph import GraphIndex, activation_epilogue, feeds_layers
+from sensisearch.quantize.profiles import PROFILES
+from sensisearch.study._record import TrialRecord
+
+if TYPE_CHECKING:
+    import onnx
+
+    from sensisearch.backends.base import Backend
+    from sensisearch.model.analysis import ModelInfo
+    from sensisearch.study._context import StudyContext
+    from sensisearch.study.settings import StudySettings
+    from sensisearch.study.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "random", "nsga2", "seeded")
+SEARCHES = ("full", "topk")
+SEED_KS = (1, 2, 3, 5, 8)
+"""All-INT8 minus the top-k sensitive layers, for each k."""
+SEEDS_ENQUEUED_ATTR = "sensitivity_seeds"
+"""Study user attribute: the seed names once they were enqueued (never again on resume)."""
+HEAD_RULE = "first conv + head float"
+
+
+def validate_search_settings(settings: StudySettings) -> None:
+    if settings.sampler not in SAMPLERS:
+        raise SensisearchError(f"--sampler {settings.sampler}: use one of {', '.join(SAMPLERS)}")
+    if settings.search not in SEARCHES:
+        raise SensisearchError(f"--search {settings.search}: use one of {', '.join(SEARCHES)}")
+    if settings.top_k <= 0:
+        raise SensisearchError(f"--top-k {settings.top_k}: must be a positive number of layers")
+    if settings.profile is not None and settings.profile not in PROFILES:
+        raise SensisearchError(f"--profile {settings.profile}: use one of {', '.join(PROFILES)}")
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler; ``seeded`` is TPE whose first trials are the sensitivity seeds."""
+    if name in ("tpe", "seeded"):
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    raise SensisearchError(f"--sampler {name}: use one of {', '.join(SAMPLERS)}")
+
+
+def uses_sensitivity(settings: StudySettings) -> bool:
+    return settings.sampler == "seeded" or settings.search == "topk"
+
+
+def with_profile(backend: Backend, profile: str | None) -> tuple[Backend, str | None]:
+    """``backend`` emitting Q/DQ for quantization profile ``profile``; plus a warning when latency is then not the target's.
+
+    ONNX Runtime runs any Q/DQ graph exactly (Q/DQ semantics are defined by the
+    ONNX spec), so with ``--profile tensorrt`` it scores the accuracy of exactly
+    the graph TensorRT would get; its *speed* on that graph says nothing about
+    TensorRT's. A TensorRT backend only takes its own profile (it rejects the
+    uint8 / non-zero zero points of the ONNX Runtime one).
+    """
+    if profile is None or profile == backend.profile.name:
+        return backend, None
+    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+
+    if not isinstance(backend, OnnxRuntimeBackend):
+        raise SensisearchError(
+            f"--profile {profile}: backend {backend.name} only builds its own profile ({backend.profile.name}); "
+            "use --backend onnxruntime to score another target's graph here"
+        )
+    replaced = OnnxRuntimeBackend(threads=backend.threads, profile=PROFILES[profile], precisions=backend.capabilities.precisions)
+    warning = (
+        f"--profile {profile} on {backend.name}: accuracy is exactly that of the {profile} Q/DQ graph, but latency is "
+        f"{backend.name}'s on that graph, an estimate only (not the target's); measure on the target to judge speed"
+    )
+    return replaced, warning
+
+
+def head_rule_layers(model: onnx.ModelProto, info: ModelInfo, index: GraphIndex | None = None) -> list[str]:
+    """The first layer plus the "head": layers whose output (after its activation) leads to no layer, only to graph outputs."""
+    index = index or GraphIndex(model)
+    to_layers = feeds_layers(index, info.layers)
+    head = []
+    for layer in info.layers:
+        epilogue = activation_epilogue(index, layer.output)
+        outputs = {layer.output} | ({epilogue.output} if epilogue else set())
+        if not outputs & to_layers:
+            head.append(layer.name)
+    first = [info.layers[0].name] if info.layers else []
+    return list(dict.fromkeys(first + head))
+
+
+def seed_configs(
+    layers: Sequence[str],
+    ranking: Sequence[str],
+    calibration: CalibrationChoice,
+    head_rule: Sequence[str] = (),
+    ks: Sequence[int] = SEED_KS,
+    float_precision: Precision = Precision.FP32,
+) -> list[tuple[str, TrialConfig]]:
+    """Named seed configurations: all-INT8 minus the top-k of ``ranking`` (k in ``ks``, at most all but one), then the head rule.
+
+    Duplicates (the same float set twice) are dropped; the order is the enqueue order.
+    """
+    seeds: list[tuple[str, TrialConfig]] = []
+    seen: set[frozenset[str]] = set()
+
+    def add(name: str, floats: Sequence[str]) -> None:
+        key = frozenset(floats)
+        if not key or key in seen or len(key) >= len(layers):
+            return
+        seen.add(key)
+        seeds.append((name, TrialConfig({n: float_precision if n in key else Precision.INT8 for n in layers}, calibration)))
+
+    for k in ks:
+        add(f"int8 minus top-{k}", ranking[:k])
+    add(HEAD_RULE, head_rule)
+    return seeds
+
+
+def compact_space(space: SearchSpace, ranking: Sequence[str], k: int) -> SearchSpace:
+    """Only the ``k`` most sensitive layers free; the rest INT8."""
+    return dataclasses.replace(space, free_layers=tuple(ranking[:k]), fixed_precision=Precision.INT8)
+
+
+def apply_sensitivity(ctx: StudyContext) -> StudyContext:
+    """Measure (or load) the sensitivity profile when the search uses it; the compact space for ``--search topk``."""
+    if not uses_sensitivity(ctx.settings):
+        return ctx
+    from sensisearch.study._sensitivity import sensitivity_profile
+
+    profile, cached = sensitivity_profile(ctx)
+    log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
+    if ctx.settings.search == "topk":
+        ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.top_k)
+    return ctx
+
+
+def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
+    """Enqueue the sensitivity seeds once per study (a resumed run or another worker does not repeat them).
+
+    Returns the names enqueued now (empty when they were already, or the sampler is not ``seeded``).
+    """
+    if ctx.settings.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
+        return []
+    from sensisearch.study._sensitivity import sensitivity_profile
+
+    profile, _ = sensitivity_profile(ctx, study)
+    float_precision = Precision.FP16 if Precision.FP16 in ctx.space.precisions else Precision.FP32
+    seeds = seed_configs(
+        ctx.space.layers, profile.ranking, profile.calibration_choice,
+        head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index), float_precision=float_precision,
+    )
+    names = []
+    for name, config in seeds:
+        if not ctx.space.expresses(config):
+            log.info("seed %s: outside the compact search space, skipped", name)
+            continue
+        # skip_if_exists: two workers racing here still queue each configuration once.
+        study.enqueue_trial(ctx.space.params_for(config), user_attrs=TrialRecord(0, seed=name).to_attrs(), skip_if_exists=True)
+        names.append(name)
+    study.set_user_attr(SEEDS_ENQUEUED_ATTR, names)
+    return names

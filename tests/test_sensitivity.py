@@ -1,0 +1,210 @@
+"""Issue 10: layer sensitivity, the seeds it gives the study, and the profile override (real ORT, real Optuna storage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import optuna
+import pytest
+from onnx import numpy_helper
+
+from sensisearch.cli import main
+from sensisearch.errors import SensisearchError
+from sensisearch.model.analysis import analyze_model
+from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
+from sensisearch.study._seeds import SEEDS_ENQUEUED_ATTR, head_rule_layers, seed_configs
+from sensisearch.study._sensitivity import (
+    LayerProbe,
+    SensitivityProfile,
+    output_distortion,
+    rank_layers,
+    sensitivity_profile,
+    spearman,
+)
+from sensisearch.study.settings import StudySettings, merge_settings
+
+
+# --------------------------------------------------------------------------- pure parts
+def test_rank_layers_orders_by_measured_damage_then_distortion() -> None:
+    probes = [
+        LayerProbe("a", only_int8=90.0, all_but=80.0, distortion=1e-4),  # alone 10, recovery 0   -> 10
+        LayerProbe("b", only_int8=99.0, all_but=85.0, distortion=1e-5),  # alone 1, recovery 5    -> 6
+        LayerProbe("c", only_int8=100.0, all_but=80.0, distortion=3e-3),  # 0 + 0: no effect, large distortion
+        LayerProbe("d", only_int8=99.95, all_but=80.05, distortion=5e-3),  # +0.1: within 2 x 0.05 resolution
+        LayerProbe("e", only_int8=100.5, all_but=79.0, distortion=9e-3),  # apparent gain -> noise, by distortion
+    ]
+    rows = rank_layers(probes, fp32=100.0, all_int8=80.0, resolution=0.05)
+    assert [r.layer for r in rows] == ["a", "b", "e", "d", "c"]
+    assert [r.rank for r in rows] == [1, 2, 3, 4, 5]
+    by_name = {r.layer: r for r in rows}
+    assert by_name["a"].alone_drop == pytest.approx(10.0) and by_name["a"].recovery == pytest.approx(0.0)
+    assert by_name["b"].score == pytest.approx(6.0)
+    assert by_name["e"].score == pytest.approx(-1.5)
+    assert by_name["d"].score == pytest.approx(0.1)
+    # Without a resolution every positive score counts as measured.
+    assert [r.layer for r in rank_layers(probes, 100.0, 80.0)] == ["a", "b", "d", "e", "c"]
+
+
+def test_output_distortion_is_relative_squared_error() -> None:
+    ref = [np.array([[3.0, 4.0]]), np.array([0.0, 0.0, 0.0])]
+    out = [np.array([[3.0, 5.0]]), np.array([0.0, 1.0, 0.0])]
+    assert output_distortion(out, ref) == pytest.approx((1.0 + 1.0) / 25.0)
+    assert output_distortion(ref, ref) == 0.0
+
+
+def test_spearman_of_rankings() -> None:
+    assert spearman(["a", "b", "c", "d"], ["a", "b", "c", "d"]) == pytest.approx(1.0)
+    assert spearman(["a", "b", "c", "d"], ["d", "c", "b", "a"]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        spearman(["a", "b"], ["a", "c"])
+
+
+def test_seed_configs_are_int8_minus_top_k_then_head_rule() -> None:
+    layers = [f"l{i}" for i in range(6)]
+    ranking = ["l3", "l0", "l5", "l1", "l2", "l4"]
+    calib = CalibrationChoice(CalibrationAlgorithm.MSE, 128)
+    seeds = seed_configs(layers, ranking, calib, head_rule=["l0", "l3"], ks=(1, 2, 3, 5, 8))
+    names = [n for n, _ in seeds]
+    # top-8 would be every layer (that is all-FP32, a baseline); the head rule equals top-2: dropped.
+    assert names == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
+    floats = {n: set(c.layers_with(Precision.FP32)) for n, c in seeds}
+    assert floats["int8 minus top-3"] == {"l3", "l0", "l5"}
+    assert floats["int8 minus top-5"] == set(ranking[:5])
+    assert all(c.calibration == calib and set(c.precisions) == set(layers) for _, c in seeds)
+    head = seed_configs(layers, ranking, calib, head_rule=["l0", "l4"], ks=(1,))
+    assert [n for n, _ in head] == ["int8 minus top-1", "first conv + head float"]
+
+
+def test_head_rule_on_yolov5n_is_first_conv_plus_the_three_detect_convs(yolo_model: Path) -> None:
+    info, model = analyze_model(yolo_model)
+    head = head_rule_layers(model, info)
+    # Independent reference: the Detect convs are the layers of the last module (model.24) in the export.
+    detect = [layer.name for layer in info.layers if "model.24" in layer.name]
+    assert len(detect) == 3
+    assert head == [info.layers[0].name, *detect]
+
+
+def test_search_settings_are_validated() -> None:
+    with pytest.raises(SensisearchError, match="--sampler"):
+        merge_settings({"example": "digits", "sampler": "grid"}, {}, None)
+    with pytest.raises(SensisearchError, match="--search"):
+        merge_settings({"example": "digits", "search": "everything"}, {}, None)
+    with pytest.raises(SensisearchError, match="--profile"):
+        merge_settings({"example": "digits", "profile": "coreml"}, {}, None)
+
+
+# --------------------------------------------------------------------------- digits: real probes
+def _digits_ctx(out: Path, seed: int, eval_limit: int | None):  # noqa: ANN202 - StudyContext
+    from sensisearch.study.runner import prepare
+
+    return prepare(StudySettings(
+        example="digits", out=out, seed=seed, eval_limit=eval_limit, sample_counts=[128],
+        algorithms=[CalibrationAlgorithm.MINMAX], backend="onnxruntime", latency_seconds=0.05,
+    ))
+
+
+@pytest.fixture(scope="module")
+def digits_profiles(tmp_path_factory: pytest.TempPathFactory) -> list[SensitivityProfile]:
+    profiles = []
+    for seed in (0, 1):
+        ctx = _digits_ctx(tmp_path_factory.mktemp(f"sens{seed}"), seed, eval_limit=1000)
+        profiles.append(sensitivity_profile(ctx)[0])
+    return profiles
+
+
+def test_sensitivity_ranking_is_stable_across_seeds(digits_profiles: list[SensitivityProfile]) -> None:
+    a, b = digits_profiles
+    assert a.calibration != {} and a.eval_count == 1000
+    assert len(a.layers) == 10 and sorted(a.ranking) == sorted(b.ranking)
+    assert spearman(a.ranking, b.ranking) >= 0.7
+    assert a.ranking[0] == b.ranking[0]
+
+
+def test_top_layer_is_the_one_whose_int8_hurts_most_measured_directly(
+    digits_profiles: list[SensitivityProfile], tmp_path: Path
+) -> None:
+    """Direct measurement: every only-this-layer-INT8 model built as a full study trial and
+    scored on all 2,000 evaluation images (the probes saw the first 1,000)."""
+    ctx = _digits_ctx(tmp_path, seed=0, eval_limit=None)
+    layers = list(ctx.space.layers)
+    choice = digits_profiles[0].calibration_choice
+    fp32 = ctx.pipeline.run(TrialConfig.uniform(layers, Precision.FP32), tmp_path / "fp32").evaluation
+    assert fp32.count == 2000
+    drops = {}
+    for layer in layers:
+        config = TrialConfig({n: Precision.INT8 if n == layer else Precision.FP32 for n in layers}, choice)
+        drops[layer] = fp32.value - ctx.pipeline.run(config, tmp_path / layer.replace("/", "_")).evaluation.value
+    assert max(drops, key=drops.__getitem__) == digits_profiles[0].ranking[0]
+
+
+def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], tmp_path: Path) -> None:
+    ctx = _digits_ctx(tmp_path, seed=0, eval_limit=200)
+    first, cached = sensitivity_profile(ctx)
+    assert not cached
+    again, cached = sensitivity_profile(ctx)
+    assert cached and again.to_dict() == first.to_dict()
+    data = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert SensitivityProfile.from_dict(data).ranking == first.ranking
+    other = _digits_ctx(tmp_path, seed=0, eval_limit=300)  # another subset: measured again
+    _, cached = sensitivity_profile(other)
+    assert not cached
+
+
+# --------------------------------------------------------------------------- the study uses it
+def test_seeds_are_enqueued_exactly_once_and_topk_holds_the_rest_int8(tmp_path: Path) -> None:
+    common = [
+        "run", "--example", "digits", "--out", str(tmp_path), "--sample-counts", "128", "--eval-limit", "300",
+        "--latency-seconds", "0.05", "--sampler", "seeded", "--search", "topk", "--top-k", "5", "--profile", "tensorrt",
+    ]
+    assert main([*common, "--budget", "4"]) == 0
+    assert main([*common, "--budget", "9"]) == 0  # resumed: the seeds must not come again
+    study = optuna.load_study(study_name="digits_resnet", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    names = study.user_attrs[SEEDS_ENQUEUED_ATTR]
+    assert names == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
+    seeded = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
+    assert sorted(seeded) == sorted(names)
+    assert len(study.trials) == 9
+    ranking = SensitivityProfile.from_dict(study.user_attrs["sensitivity"]).ranking
+    assert ranking == SensitivityProfile.from_dict(json.loads((tmp_path / "sensitivity.json").read_text())).ranking
+    for t in study.trials:
+        config = json.loads((tmp_path / "trials" / f"{t.number:04d}" / "trial.json").read_text())["config"]["precisions"]
+        if t.user_attrs.get("baseline"):
+            assert set(config.values()) == {t.user_attrs["baseline"]}
+            continue
+        assert all(config[n] == "int8" for n in ranking[5:])  # outside the top-5: always INT8
+        if "seed" in t.user_attrs:
+            k = int(t.user_attrs["seed"].rsplit("-", 1)[1])
+            assert {n for n, p in config.items() if p == "fp32"} == set(ranking[:k])
+
+
+def test_tensorrt_profile_on_onnxruntime_scores_the_symmetric_int8_graph(tmp_path: Path) -> None:
+    """--profile tensorrt --backend onnxruntime: the deployable has only int8 zero-point-0 Q/DQ (TensorRT's)."""
+    assert main([
+        "run", "--example", "digits", "--out", str(tmp_path), "--sample-counts", "128", "--eval-limit", "200",
+        "--latency-seconds", "0.05", "--budget", "2", "--backend", "onnxruntime", "--profile", "tensorrt",
+    ]) == 0
+    model = onnx.load(str(tmp_path / "trials" / "0001" / "deployable.onnx"))  # the all-INT8 baseline
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    report = (tmp_path / "report.md").read_text()
+    assert "estimate" in report
+
+
+# --------------------------------------------------------------------------- the labelled latency estimate
+def test_layer_macs_match_published_yolov5n_flops(yolo_model: Path) -> None:
+    """Ultralytics publishes YOLOv5n at 4.5 GFLOPs (640 px) = ~2.25 G multiply-accumulates."""
+    from sensisearch.latency import PRECISION_COST, estimated_cost, layer_macs
+
+    info, model = analyze_model(yolo_model)
+    macs = layer_macs(model, info)
+    assert set(macs) == set(info.layer_names)
+    assert sum(macs.values()) == pytest.approx(2.25e9, rel=0.02)
+    first = info.layers[0]  # 6x6 stride-2 conv, 3 -> 16 channels, 320x320 output
+    assert macs[first.name] == 6 * 6 * 3 * 16 * 320 * 320
+    fp32 = estimated_cost(macs, {n: Precision.FP32 for n in macs})
+    int8 = estimated_cost(macs, {n: "int8" for n in macs})
+    assert int8 / fp32 == pytest.approx(PRECISION_COST[Precision.INT8] / PRECISION_COST[Precision.FP32])
