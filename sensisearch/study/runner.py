@@ -19,7 +19,10 @@ from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 from sensisearch.study._context import StudyContext
+from sensisearch.study._isolation import RunTrial, trial_runner
 from sensisearch.study._record import TrialRecord, WorstClass
+from sensisearch.study._storage import open_storage
+from sensisearch.study._worker import artifact_pruner, store_settings, worker_device, worker_host
 from sensisearch.study.calibrate import prepare_calibration
 from sensisearch.study.pipeline import TrialPipeline, ranges_to_dict
 from sensisearch.study.references import run_references
@@ -110,16 +113,8 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
     FAILED and queues its configuration once more, so nothing is lost.
     """
     if url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"):
-        # Heartbeats have been "experimental" in Optuna since 2.8 and are what
-        # its docs recommend for this; the warning says nothing to our users.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+        # Issue 12: one checked opener (psycopg 3, pool for many workers, masked one-line errors).
+        return open_storage(url, heartbeat_seconds)
     return url
 
 
@@ -139,6 +134,7 @@ def open_study(ctx: StudyContext) -> optuna.Study:
         study.set_user_attr("metric", ctx.evaluator.metric)
         study.set_user_attr("layers", list(ctx.space.layers))
         study.set_user_attr("backend", ctx.backend.describe())
+        store_settings(study, ctx)  # what `sensisearch worker` on another host starts from
     elif recorded != ctx.info.sha256:
         raise SensisearchError(
             f"study '{ctx.study_name}' in {ctx.storage_url} was made for another model (sha256 {recorded[:12]}...); "
@@ -173,7 +169,11 @@ def finished_count(study: optuna.Study) -> int:
     return count
 
 
-def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, float]]:
+def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Callable[[optuna.Trial], tuple[float, float]]:
+    """``run_trial``: builds, times and evaluates one configuration (default: in this process)."""
+    run_trial = run_trial or ctx.pipeline.run
+    host, device = worker_host(), worker_device(ctx.backend.name)
+
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         config = ctx.space.suggest(trial)
         trial_dir = ctx.trials_dir / f"{trial.number:04d}"
@@ -189,10 +189,13 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
             "config": config.to_dict(),
         }
         try:
-            outcome = ctx.pipeline.run(config, trial_dir)
+            outcome = run_trial(config, trial_dir)
         except Exception as exc:
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
-            failed = TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error)
+            failed = TrialRecord(
+                trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error,
+                host=host, device=device,
+            )
             _store(trial, failed)
             write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
             raise
@@ -219,6 +222,8 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
             timings=dict(outcome.timings),
             per_class=evaluation.per_class,
             worst_class=worst_class,
+            host=host,
+            device=device,
         )
         _store(trial, record)
         write_json_atomic(trial_json, {**header, "status": "complete", **outcome.to_dict()})
@@ -274,10 +279,13 @@ def run_study(
         if finished_count(study) >= budget:
             study.stop()
 
-    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [stop_at_budget]
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [stop_at_budget, artifact_pruner(ctx)]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
-    study.optimize(make_objective(ctx), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+    with trial_runner(ctx) as run_trial:
+        study.optimize(
+            make_objective(ctx, run_trial), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False
+        )
     return study
 
 

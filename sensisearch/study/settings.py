@@ -61,6 +61,15 @@ class StudySettings:
     opt_level: int = 3
     heartbeat_seconds: int = 30
     compare_ort_quantizer: bool = False
+    # Issue 12 (many workers, isolated trials, bounded disk).
+    isolation: str = "process"
+    """``process``: each trial's build, timing and evaluation run in a child process; ``none``: in the worker."""
+    build_timeout: float = 1800.0
+    """Seconds a trial may spend before its engine is loaded (thresholds, emit, build)."""
+    eval_timeout: float = 3600.0
+    """Seconds a trial may spend from loading its engine to the end of evaluation."""
+    keep_artifacts: int | None = 10
+    """Keep the large files of the top-k trials by metric (plus front, baselines, winner); None keeps all."""
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -78,6 +87,21 @@ class StudySettings:
                 raise SensisearchError(f"--percentiles {p}: must be in (0, 100]")
         if self.threads is not None and self.threads <= 0:
             raise SensisearchError(f"--threads {self.threads}: must be positive")
+        if self.isolation not in ("process", "none"):
+            raise SensisearchError(f"--isolation {self.isolation}: use process (default) or none")
+        for flag, seconds in (("--build-timeout", self.build_timeout), ("--eval-timeout", self.eval_timeout)):
+            if not seconds > 0:
+                raise SensisearchError(f"{flag} {seconds}: must be a positive number of seconds")
+        if isinstance(self.keep_artifacts, str):
+            # "all" (flag or study file) keeps every trial's artifacts.
+            if self.keep_artifacts.strip().lower() == "all":
+                self.keep_artifacts = None
+            elif self.keep_artifacts.strip().isdigit():
+                self.keep_artifacts = int(self.keep_artifacts)
+            else:
+                raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials, or all")
+        if self.keep_artifacts is not None and self.keep_artifacts < 0:
+            raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials >= 0, or all")
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
