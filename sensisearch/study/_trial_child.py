@@ -46,12 +46,15 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
     if sys.platform.startswith("linux"):
+        parent = os.getppid()
         try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
         except (OSError, AttributeError):
-            pass
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def send(fd: int, message: dict[str, Any]) -> None:
@@ -92,6 +95,7 @@ def run_child(ctx: Any, spec: dict[str, Any], message_fd: int) -> None:
 
     code = 1
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()  # its own process group: the parent kills the trial and whatever it started at once
         die_with_parent()
         with open(spec["stderr"], "ab") as log_file:
@@ -128,7 +132,20 @@ def serve(stdin: Any, message_fd: int) -> int:
     from sensisearch.study.runner import prepare
     from sensisearch.study.settings import merge_settings
 
-    die_with_parent()
+    running: list[int] = []
+
+    def worker_died(signum: int, frame: object) -> None:
+        # The worker is gone (even kill -9): take the running trial's whole process
+        # group along, including anything its build started, then go.
+        for pid in running:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, worker_died)
+    die_with_parent(signal.SIGTERM)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     first = stdin.readline()
     if not first:
@@ -143,8 +160,10 @@ def serve(stdin: Any, message_fd: int) -> int:
         pid = os.fork()
         if pid == 0:
             run_child(ctx, spec, message_fd)
+        running.append(pid)
         send(message_fd, {"child": pid})
         _, status = os.waitpid(pid, 0)
+        running.remove(pid)
         send(message_fd, {"exit": os.waitstatus_to_exitcode(status)})
     return 0
 
