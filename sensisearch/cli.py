@@ -119,6 +119,37 @@ def _add_sensitivity_parser(sub: Any) -> None:
     se.add_argument("--refresh", action="store_true", help="measure again even if a matching profile is cached")
 
 
+def _keep_count(text: str) -> int | str:
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("give a number of trials, or all") from exc
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
+    """Issue 12: trial isolation and disk flags (run and worker)."""
+    p.add_argument("--isolation", choices=["process", "none"],
+                   help="process (default): each trial's build, timing and evaluation in a child process; none: in the worker")
+    p.add_argument("--build-timeout", type=float, help="seconds a trial may take until its engine is loaded (default 1800)")
+    p.add_argument("--eval-timeout", type=float, help="seconds a trial may take for timing and evaluation (default 3600)")
+    p.add_argument("--keep-artifacts", type=_keep_count,
+                   help="keep the artifacts of the top K trials by metric, besides front, baselines and winner (default 10; all)")
+
+
+def _add_override_flags(p: argparse.ArgumentParser) -> None:
+    """Paths that differ on this host; everything else comes from the study."""
+    p.add_argument("--model", type=Path, help="the model on this host (default: the path stored in the study)")
+    p.add_argument("--eval-data", type=Path, help="evaluation data on this host")
+    p.add_argument("--calib-data", type=Path, help="calibration data on this host")
+    p.add_argument("--annotations", type=Path, help="COCO annotations on this host")
+    p.add_argument("--cache-dir", type=Path, help="calibration/tensor cache on this host (default <out>/cache)")
+    p.add_argument("--out", type=Path, help="this host's output folder (default: the stored one)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sensisearch", description="Search per-layer INT8/FP16/FP32 precision and calibration for vision models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also score ONNX Runtime quantize_static (minmax, percentile 99.99) beside the front")
     run.add_argument("--heartbeat-seconds", type=int, help="worker heartbeat; a dead worker's trial is retried after 2x this (default 30)")
     _add_search_flags(run)
+    _add_worker_flags(run)
+
+    wk = sub.add_parser(
+        "worker", help="one more worker on a study: settings come from the study itself",
+        description="Run trials of an existing study until its budget is met. Everything but the storage, "
+        "the study name and (where they differ on this host) the data paths is read from the study.",
+    )
+    wk.add_argument("--storage", required=True, help="the study's storage URL, e.g. postgresql://user:pw@host/db")
+    wk.add_argument("--study-name", required=True, help="the study's name in the storage")
+    _add_override_flags(wk)
+    _add_worker_flags(wk)
+
 
     ev = sub.add_parser(
         "evaluate", help="score one model (FP32 ONNX or a trial's deployable ONNX)",
@@ -192,7 +235,8 @@ def _add_review_commands(sub: argparse._SubParsersAction) -> None:
         "from the study's storage, without running, calibrating or building anything. The run's settings are "
         "read from the study; a study file or flags override them (e.g. --max-drop).",
     )
-    rp.add_argument("run_dir", type=Path, help="the run's output folder (--out of `sensisearch run`)")
+    rp.add_argument("run_dir", nargs="?", type=Path, help="the run's output folder (--out of `sensisearch run`); or give --storage")
+    rp.add_argument("--out", type=Path, help="folder to write the results to (default RUN_DIR)")
     rp.add_argument("study_file", nargs="?", type=Path, help="the run's TOML study file, for studies that do not record settings")
     _add_data_flags(rp)
     rp.add_argument("--storage", help="Optuna storage URL (default: RUN_DIR/study.db)")
@@ -225,8 +269,11 @@ SETTING_FLAGS = (
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
     "profile", "sampler", "search", "top_k",  # issue 10
+    "isolation", "build_timeout", "eval_timeout", "keep_artifacts",  # issue 12
 )
 SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")  # issue 13
+# What `worker` and `report` take from the command line; the rest comes from the study.
+OVERRIDE_FLAGS = ("model", "eval_data", "calib_data", "annotations", "cache_dir", "out", "threads")
 
 
 def _settings(args: argparse.Namespace) -> StudySettings:
@@ -256,6 +303,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sensisearch.study.runner import TrialEvent, finished_count, open_study, prepare, run_study, write_results
 
     settings = _settings(args)
+    if settings.storage:
+        # A wrong URL or password: one line now, before any calibration work.
+        from sensisearch.study._storage import open_storage
+
+        open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
     with _statistics_progress() as on_statistics:
         ctx = prepare(settings, on_statistics=on_statistics)
     backend = ctx.backend.describe()
@@ -291,10 +343,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         study = run_study(ctx, on_trial, study)
     summary = write_results(ctx, study)
     _print_summary(ctx, summary, time.monotonic() - started)
+    _print_disk(ctx, summary)
     return 0
 
 
-@contextlib.contextmanager
+def _print_disk(ctx: StudyContext, summary: StudySummary) -> None:
+    from sensisearch.study._worker import append_disk_section
+
+    used = append_disk_section(summary.report, ctx.out, ctx.settings.keep_artifacts)
+    stdout.print(f"disk: {ctx.out} uses {used / 2**20:.1f} MiB")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """`run` with the settings stored in the study, this host's paths and worker flags applied."""
+    from sensisearch.study._worker import stored_settings
+
+    overrides = {name: getattr(args, name, None) for name in (*OVERRIDE_FLAGS, "isolation", "build_timeout", "eval_timeout", "keep_artifacts")}
+    settings = stored_settings(args.storage, args.study_name, overrides)
+    run_args = argparse.Namespace(study_file=None, **{name: None for name in SETTING_FLAGS})
+    for name, value in settings.to_dict().items():
+        if name in SETTING_FLAGS:
+            setattr(run_args, name, value)
+    run_args.storage = args.storage  # stored masked; this is the real one
+    run_args.keep_artifacts = "all" if settings.keep_artifacts is None else settings.keep_artifacts
+    console.print(f"worker on study [bold]{escape(args.study_name)}[/]", highlight=False)
+    return cmd_run(run_args)
+
+
 def _statistics_progress() -> Iterator[Callable[[int, int], None]]:
     """A progress bar for the calibration statistics pass, shown only if a pass runs (not on a cache hit)."""
     progress = Progress(
@@ -384,12 +459,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     from sensisearch.study.settings import read_study_file
 
     started = time.monotonic()
-    run = open_finished_run(args.run_dir, args.storage, args.study_name)
+    run_dir = args.run_dir or args.out
+    if run_dir is None:
+        raise SensisearchError("report: give the run folder (with study.db), or --storage URL --study-name NAME --out DIR")
+    run = open_finished_run(run_dir, args.storage, args.study_name)
+    if args.out is not None:
+        run = dataclasses.replace(run, out=args.out)
     flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}
     settings = run_settings(run, read_study_file(args.study_file) if args.study_file else {}, flags)
     ctx = prepare(settings, calibrate=False)
     summary = write_results(ctx, run.study)
     _print_summary(ctx, summary, time.monotonic() - started)
+    _print_disk(ctx, summary)
     return 0
 
 
@@ -457,14 +538,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "worker":
+            return cmd_worker(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
         if args.command == "build":
             return cmd_build(args)
         if args.command == "doctor":
             return cmd_doctor(args)
-        if args.command == "report":
-            return cmd_report(args)
         if args.command == "export":
             return cmd_export(args)
         if args.command == "sensitivity":

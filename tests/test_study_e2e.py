@@ -173,13 +173,17 @@ def test_mnist_short_study_produces_front(mnist_dir: Path, tmp_path: Path) -> No
 FAILING_EVALUATOR = '''
 import numpy as np
 
-CALLS = {"n": 0}
+from pathlib import Path
+
+# A file, not a module global: each trial runs in its own child process.
+CALLS = Path("calls.txt")
 
 
 def score(runner):
     """Agreement of the model's argmax with itself on fixed inputs; fails on the 2nd call."""
-    CALLS["n"] += 1
-    if CALLS["n"] == 2:
+    n = (int(CALLS.read_text()) if CALLS.is_file() else 0) + 1
+    CALLS.write_text(str(n))
+    if n == 2:
         raise ValueError("evaluator exploded on purpose")
     x = np.random.default_rng(0).normal(size=(8, 1, 32, 32)).astype(np.float32)
     logits = runner.run({runner.inputs[0].name: x})[0]

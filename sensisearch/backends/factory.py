@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +11,10 @@ from sensisearch.backends.base import Backend
 from sensisearch.errors import SensisearchError
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
+# Tests only: ``module:Class`` of a backend that replaces any --backend, built as
+# ``Class(settings)``. It is how the isolation tests make a build hang or crash in
+# the trial child (an environment variable, because the child is another process).
+TEST_BACKEND_ENV = "SENSISEARCH_TEST_BACKEND"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,9 @@ def _tensorrt(settings: BackendSettings, flavor: str, out: Path | None) -> Backe
 
 def choose_backend(settings: BackendSettings, out: Path | None = None) -> BackendChoice:
     """The backend ``settings.name``, why it was chosen, and whether it can run here."""
+    test_backend = os.environ.get(TEST_BACKEND_ENV)
+    if test_backend:
+        return BackendChoice(_test_backend(test_backend, settings), f"test backend from {TEST_BACKEND_ENV}", True, "test")
     name = settings.name
     if name in ("onnxruntime", "ort"):
         return BackendChoice(_onnxruntime(settings), "requested with --backend onnxruntime", True, "runs on this CPU")
@@ -81,6 +90,15 @@ def choose_backend(settings: BackendSettings, out: Path | None = None) -> Backen
             _onnxruntime(settings), "auto: no TensorRT engine can run here (" + "; ".join(reasons) + ")", True, "runs on this CPU"
         )
     raise SensisearchError(f"--backend {name}: unknown backend (use one of {', '.join(BACKENDS)})")
+
+
+def _test_backend(spec: str, settings: BackendSettings) -> Backend:
+    module_name, _, class_name = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise SensisearchError(f"{TEST_BACKEND_ENV}={spec}: cannot import it ({exc}); give module:Class") from exc
+    return cls(settings)
 
 
 def make_backend(settings: BackendSettings, out: Path | None = None) -> Backend:

@@ -65,7 +65,7 @@ def open_finished_run(run_dir: Path, storage: str | None = None, study_name: str
 
 def run_settings(run: FinishedRun, file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> StudySettings:
     """The settings the study was last run with, overridden by a study file and flags given now."""
-    from sensisearch.study.runner import SETTINGS_ATTR
+    from sensisearch.study._worker import SETTINGS_ATTR
     from sensisearch.study.settings import merge_settings
 
     stored = run.study.user_attrs.get(SETTINGS_ATTR)
@@ -74,7 +74,8 @@ def run_settings(run: FinishedRun, file_values: Mapping[str, Any], flags: Mappin
             f"study '{run.study_name}' in {mask_url(run.storage_url)} does not record its settings (made by an older "
             "version); pass the run's study file or flags, e.g. sensisearch report RUN_DIR --example digits"
         )
-    values = {k: v for k, v in (stored or {}).items() if v is not None}
+    # The stored storage URL is masked; the run is read from where it was opened.
+    values = {k: v for k, v in (stored or {}).items() if v is not None and k != "storage"}
     values.update(file_values)
     given = {k: v for k, v in flags.items() if v is not None}
     given.update(out=run.out, storage=run.storage_url, study_name=run.study_name)

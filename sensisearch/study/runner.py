@@ -19,8 +19,11 @@ from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 from sensisearch.study._context import StudyContext
+from sensisearch.study._isolation import RunTrial, trial_runner
 from sensisearch.study._record import TrialRecord, WorstClass
 from sensisearch.study._seeds import apply_sensitivity, enqueue_seeds, make_sampler, with_profile
+from sensisearch.study._storage import open_storage
+from sensisearch.study._worker import artifact_pruner, store_settings, worker_device, worker_host
 from sensisearch.study.calibrate import prepare_calibration
 from sensisearch.study.pipeline import TrialPipeline, ranges_to_dict
 from sensisearch.report import review_markdown, write_review
@@ -122,16 +125,8 @@ def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorag
     FAILED and queues its configuration once more, so nothing is lost.
     """
     if url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"):
-        # Heartbeats have been "experimental" in Optuna since 2.8 and are what
-        # its docs recommend for this; the warning says nothing to our users.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-            )
+        # Issue 12: one checked opener (psycopg 3, pool for many workers, masked one-line errors).
+        return open_storage(url, heartbeat_seconds)
     return url
 
 
@@ -161,23 +156,10 @@ def open_study(ctx: StudyContext) -> optuna.Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([ctx.evaluator.metric, "latency_ms"])
-    # The latest run's settings (a resume may raise --budget): what `report` rewrites the results with.
-    study.set_user_attr(SETTINGS_ATTR, stored_settings(ctx.settings))
+    # The latest run's settings (a resume may raise --budget): what `sensisearch worker` on another
+    # host starts from and what `report` rewrites the results with.
+    store_settings(study, ctx)
     return study
-
-
-SETTINGS_ATTR = "settings"
-
-
-def stored_settings(settings: StudySettings) -> dict[str, Any]:
-    """``settings`` as JSON with absolute paths, so `sensisearch report` works from any directory."""
-    data = settings.to_dict()
-    # Never stored: a server URL may hold a password, and `report` knows where it opened the study.
-    data.pop("storage", None)
-    for name in PATH_FIELDS:
-        if data.get(name) is not None:
-            data[name] = str(Path(data[name]).resolve())
-    return data
 
 
 def enqueue_baselines(ctx: StudyContext, study: optuna.Study) -> None:
@@ -206,7 +188,11 @@ def finished_count(study: optuna.Study) -> int:
     return count
 
 
-def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, float]]:
+def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Callable[[optuna.Trial], tuple[float, float]]:
+    """``run_trial``: builds, times and evaluates one configuration (default: in this process)."""
+    run_trial = run_trial or ctx.pipeline.run
+    host, device = worker_host(), worker_device(ctx.backend.name)
+
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         config = ctx.space.suggest(trial)
         trial_dir = ctx.trials_dir / f"{trial.number:04d}"
@@ -222,10 +208,13 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
             "config": config.to_dict(),
         }
         try:
-            outcome = ctx.pipeline.run(config, trial_dir)
+            outcome = run_trial(config, trial_dir)
         except Exception as exc:
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
-            failed = TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error)
+            failed = TrialRecord(
+                trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error,
+                host=host, device=device,
+            )
             _store(trial, failed)
             write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
             raise
@@ -252,6 +241,8 @@ def make_objective(ctx: StudyContext) -> Callable[[optuna.Trial], tuple[float, f
             timings=dict(outcome.timings),
             per_class=evaluation.per_class,
             worst_class=worst_class,
+            host=host,
+            device=device,
         )
         _store(trial, record)
         write_json_atomic(trial_json, {**header, "status": "complete", **outcome.to_dict()})
@@ -308,10 +299,13 @@ def run_study(
         if finished_count(study) >= budget:
             study.stop()
 
-    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [stop_at_budget]
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [stop_at_budget, artifact_pruner(ctx)]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
-    study.optimize(make_objective(ctx), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+    with trial_runner(ctx) as run_trial:
+        study.optimize(
+            make_objective(ctx, run_trial), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False
+        )
     return study
 
 

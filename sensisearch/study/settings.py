@@ -79,6 +79,15 @@ class StudySettings:
     search: str = "full"
     """full (every layer a parameter) or topk (the ``top_k`` most sensitive layers free, the rest INT8)."""
     top_k: int = 8
+    # Issue 12 (many workers, isolated trials, bounded disk).
+    isolation: str = "process"
+    """``process``: each trial's build, timing and evaluation run in a child process; ``none``: in the worker."""
+    build_timeout: float = 1800.0
+    """Seconds a trial may spend before its engine is loaded (thresholds, emit, build)."""
+    eval_timeout: float = 3600.0
+    """Seconds a trial may spend from loading its engine to the end of evaluation."""
+    keep_artifacts: int | None = 10
+    """Keep the large files of the top-k trials by metric (plus front, baselines, winner); None keeps all."""
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -100,6 +109,21 @@ class StudySettings:
         from sensisearch.study._seeds import validate_search_settings  # issue 10
 
         validate_search_settings(self)
+        if self.isolation not in ("process", "none"):
+            raise SensisearchError(f"--isolation {self.isolation}: use process (default) or none")
+        for flag, seconds in (("--build-timeout", self.build_timeout), ("--eval-timeout", self.eval_timeout)):
+            if not seconds > 0:
+                raise SensisearchError(f"{flag} {seconds}: must be a positive number of seconds")
+        if isinstance(self.keep_artifacts, str):
+            # "all" (flag or study file) keeps every trial's artifacts.
+            if self.keep_artifacts.strip().lower() == "all":
+                self.keep_artifacts = None
+            elif self.keep_artifacts.strip().isdigit():
+                self.keep_artifacts = int(self.keep_artifacts)
+            else:
+                raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials, or all")
+        if self.keep_artifacts is not None and self.keep_artifacts < 0:
+            raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials >= 0, or all")
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(

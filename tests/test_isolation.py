@@ -1,0 +1,180 @@
+"""Trial isolation: a hang, a segfault or a non-zero exit fails one trial, and nothing is left running.
+
+Real trial server, real ONNX Runtime builds of the digits example; the misbehaving
+builds come from ``tests/isolation_backends.py``, loaded in the child through
+``SENSISEARCH_TEST_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pytest
+
+from sensisearch.cli import main
+from sensisearch.quantize.config import Precision
+from sensisearch.study._context import StudyContext
+from sensisearch.study._isolation import (
+    IsolatedTrialRunner,
+    IsolationSettings,
+    TrialProcessError,
+    child_settings,
+    signal_reason,
+    stderr_tail,
+)
+from sensisearch.study._record import TrialRecord
+from sensisearch.study.runner import prepare
+from sensisearch.study.settings import merge_settings
+
+TESTS = Path(__file__).resolve().parent
+BACKEND = "isolation_backends:MisbehavingBackend"
+# Long enough for a normal digits trial on a busy shared machine; the hang tests wait this long.
+TIMEOUT = 12
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is not running.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def misbehaving_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The test backend in this process and in every child; yields the action file."""
+    action = tmp_path_factory.mktemp("action") / "action"
+    action.write_text("")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SENSISEARCH_TEST_BACKEND", BACKEND)
+        mp.setenv("SENSISEARCH_TEST_ACTION_FILE", str(action))
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+        mp.syspath_prepend(str(TESTS))
+        yield action
+
+
+@pytest.fixture(scope="module")
+def digits_ctx(tmp_path_factory: pytest.TempPathFactory, misbehaving_env: Path) -> StudyContext:
+    out = tmp_path_factory.mktemp("iso")
+    settings = merge_settings(
+        {}, {"example": "digits", "out": out, "latency_seconds": 0.05, "sample_counts": [64], "eval_limit": 400}, None
+    )
+    return prepare(settings)
+
+
+@pytest.fixture(scope="module")
+def runner(digits_ctx: StudyContext) -> Iterator[IsolatedTrialRunner]:
+    with IsolatedTrialRunner(child_settings(digits_ctx), IsolationSettings(build_timeout=TIMEOUT, eval_timeout=TIMEOUT), digits_ctx.out) as r:
+        yield r
+
+
+def test_isolated_trial_equals_the_in_process_one(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
+    misbehaving_env.write_text("")
+    config = digits_ctx.space.uniform(Precision.INT8)
+    isolated = runner.run(config, digits_ctx.trials_dir / "same-child")
+    reference = digits_ctx.pipeline.run(config, digits_ctx.trials_dir / "same-parent")
+    assert runner.last_child_pid is not None and runner.last_child_pid != os.getpid()
+    assert isolated.evaluation.metrics == reference.evaluation.metrics
+    assert isolated.evaluation.count == reference.evaluation.count == 400
+    assert dict(isolated.build.layer_precisions) == dict(reference.build.layer_precisions)
+    assert isolated.ranges == reference.ranges
+    assert isolated.deployable.read_bytes() == reference.deployable.read_bytes()
+    assert _gone(runner.last_child_pid)
+
+
+def test_hanging_build_is_killed_with_its_process_group(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
+    misbehaving_env.write_text("hang")
+    out = digits_ctx.trials_dir / "hang"
+    with pytest.raises(TrialProcessError) as info:
+        runner.run(digits_ctx.space.uniform(Precision.FP32), out)
+    message = str(info.value)
+    assert f"build timed out after {TIMEOUT} s (--build-timeout)" in message
+    assert "builder: waiting for a lock that never comes" in message
+    assert "\n" not in message
+    grandchild = int((out / "grandchild.pid").read_text())
+    # SIGKILL is delivered asynchronously: give a loaded machine a moment.
+    assert _gone(runner.last_child_pid)  # type: ignore[arg-type]
+    assert _gone(grandchild)  # the sleep the build started went with the group
+
+
+def test_segfault_is_named(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
+    misbehaving_env.write_text("segv")
+    with pytest.raises(TrialProcessError, match=r"killed by SIGSEGV during build; stderr: .*builder: parsing layer 7"):
+        runner.run(digits_ctx.space.uniform(Precision.FP32), digits_ctx.trials_dir / "segv")
+
+
+def test_exit_code_is_named(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
+    misbehaving_env.write_text("exit")
+    with pytest.raises(TrialProcessError, match=r"exited with code 3 during build; stderr: builder: fatal error"):
+        runner.run(digits_ctx.space.uniform(Precision.FP32), digits_ctx.trials_dir / "exit")
+
+
+def test_hanging_evaluation_uses_the_eval_timeout(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
+    misbehaving_env.write_text("hang-eval")
+    with pytest.raises(TrialProcessError, match=rf"evaluate timed out after {TIMEOUT} s \(--eval-timeout\).*timing forever"):
+        runner.run(digits_ctx.space.uniform(Precision.FP32), digits_ctx.trials_dir / "hang-eval")
+
+
+def test_pipeline_error_keeps_its_message(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
+    misbehaving_env.write_text("")
+    config = digits_ctx.space.uniform(Precision.INT8)
+    broken = digits_ctx.trials_dir / "broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "deployable.onnx").mkdir()  # the emitter cannot write its file: the pipeline raises
+    with pytest.raises(TrialProcessError) as info:
+        runner.run(config, broken)
+    assert "deployable.onnx" in str(info.value)
+    # The server survives a failed trial and runs the next one.
+    misbehaving_env.write_text("")
+    assert runner.run(config, digits_ctx.trials_dir / "after").evaluation.count == 400
+
+
+def test_signal_reason_and_stderr_tail(tmp_path: Path) -> None:
+    assert signal_reason(-11) == "killed by SIGSEGV"
+    assert signal_reason(-9).startswith("killed by SIGKILL (likely out of memory")
+    log = tmp_path / "stderr.log"
+    log.write_text("".join(f"line {i}\n\n" for i in range(100)))
+    assert stderr_tail(log) == "line 95 | line 96 | line 97 | line 98 | line 99"
+    assert stderr_tail(tmp_path / "missing") == ""
+
+
+@pytest.mark.parametrize(
+    ("action", "reason"),
+    [("hang@int8", f"build timed out after {TIMEOUT} s (--build-timeout)"), ("segv@int8", "killed by SIGSEGV during build")],
+)
+def test_study_completes_with_the_failed_trial_and_its_reason(
+    tmp_path: Path, misbehaving_env: Path, action: str, reason: str
+) -> None:
+    misbehaving_env.write_text(action)
+    out = tmp_path / "run"
+    code = main([
+        "run", "--example", "digits", "--budget", "3", "--out", str(out), "--latency-seconds", "0.05",
+        "--sample-counts", "64", "--eval-limit", "300", "--build-timeout", str(TIMEOUT), "--seed", "3",
+    ])
+    assert code == 0
+    names = optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{out / 'study.db'}")
+    recs = [TrialRecord.from_trial(t) for t in study.trials]
+    assert [r.state for r in recs] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert recs[1].baseline == "int8" and recs[1].error is not None and reason in recs[1].error
+    assert recs[1].host and recs[1].device
+    assert json.loads((out / "trials" / "0001" / "trial.json").read_text())["status"] == "failed"
+    assert (out / "pareto.json").is_file() and (out / "report.md").is_file()
