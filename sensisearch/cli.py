@@ -370,6 +370,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return cmd_run(run_args)
 
 
+@contextlib.contextmanager
 def _statistics_progress() -> Iterator[Callable[[int, int], None]]:
     """A progress bar for the calibration statistics pass, shown only if a pass runs (not on a cache hit)."""
     progress = Progress(
