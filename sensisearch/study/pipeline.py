@@ -211,5 +211,7 @@ class TrialPipeline(ArtifactPipeline):
             latency=latency,
             evaluation=evaluation,
             timings=phases.seconds,
-            ranges=ranges,
+            # Every tensor's range, not only this placement's: the record then rebuilds the configuration for
+            # any backend, and results rewritten from the records (`report`, another worker) match the study's.
+            ranges=self.ranges_for(config, every_tensor=True) if config.uses_int8 else ranges,
         )

@@ -31,6 +31,7 @@ from sensisearch.study._review import build_review, recorded_thresholds
 from sensisearch.study.references import run_references
 from sensisearch.study.report import ReportContext, int8_speed_verdict, write_report
 from sensisearch.study.results import WinnerChoice, baseline, choose_winner, export_winner, pareto_front, records, write_pareto
+from sensisearch.study.settings import StudySettings
 from sensisearch.study.space import SearchSpace, capped_sample_counts
 from sensisearch.study.tasks import build_evaluation, resolve_inputs
 
