@@ -224,11 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _verify(ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None) -> None:
     from sensisearch.study._verify import VerifySettings, verify_study
 
-    settings = VerifySettings(
-        seconds=seconds or ctx.settings.verify_seconds, rounds=rounds,
-        target_ci_width=min(0.02, ctx.settings.timing_target_ci), drop_resamples=5 * ctx.settings.drop_resamples,
-        seed=ctx.settings.seed,
-    )
+    settings = VerifySettings.for_study(ctx.settings, seconds, rounds)
     with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"):
         result = verify_study(ctx, study, settings, force=force)
     if result is not None:

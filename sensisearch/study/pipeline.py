@@ -77,7 +77,9 @@ def runs_per_round(arms: Mapping[str, Callable[[], object]], target_ms: float = 
     return int(min(MAX_RUNS_PER_ROUND, max(1, math.ceil(target_ms / max(fastest, 1e-6)))))
 
 
-def paired_latency_record(paired: PairedLatency, reference_ms: float, objective: str, batch: int) -> dict[str, Any]:
+def paired_latency_record(
+    paired: PairedLatency, reference_ms: float, objective: str, batch: int, block: int = 1
+) -> dict[str, Any]:
     """The trial's ``latency``: drift-free figures from the paired speed-up and the study's FP32 reference.
 
     ``median_ms`` (what the front minimises) is ``reference_ms / speedup``; ``p90_ms``
@@ -88,7 +90,9 @@ def paired_latency_record(paired: PairedLatency, reference_ms: float, objective:
     return {
         "median_ms": median_ms,
         "p90_ms": median_ms * paired.candidate_p90_ms / paired.candidate_median_ms,
-        "runs": paired.rounds,
+        "runs": paired.rounds * block,
+        "rounds": paired.rounds,
+        "runs_per_round": block,
         "batch_size": batch,
         "objective": objective,
         "reference_ms": reference_ms,
@@ -307,22 +311,24 @@ class TrialPipeline(ArtifactPipeline):
             return runner.throughput_arm(feeds)
         return runner.timing_arm(feeds)
 
-    def time_paired(self, runner: Runner) -> PairedLatency:
-        """``runner`` interleaved with the FP32 reference on the same input, until the CI target or the cap."""
+    def time_paired(self, runner: Runner) -> tuple[PairedLatency, int]:
+        """``runner`` interleaved with the FP32 reference on the same input, until the CI target or the cap.
+
+        Returns the candidate's :class:`PairedLatency` and the runs per round used."""
         assert self.timing is not None
         feeds = self.timing_feeds()
         arms = {REFERENCE_ARM: self.arm(self.reference_runner(), feeds), CANDIDATE_ARM: self.arm(runner, feeds)}
         settings = dataclasses.replace(self.timing.settings, runs_per_round=runs_per_round(arms))
-        return time_interleaved(arms, REFERENCE_ARM, settings)[CANDIDATE_ARM]
+        return time_interleaved(arms, REFERENCE_ARM, settings)[CANDIDATE_ARM], settings.runs_per_round
 
     def latency_of(self, runner: Runner, reference_ms: float | None = None) -> dict[str, Any]:
         """A latency record for any loaded artifact (e.g. a reference quantizer's): paired with FP32 when
         the study times that way, so its speed-up is comparable with the trials'."""
         if self.timing is None:
             return runner.measure_latency(self.timing_feeds(), self.latency_settings).to_dict()
-        paired = self.time_paired(runner)
+        paired, block = self.time_paired(runner)
         ms = paired.reference_median_ms if reference_ms is None else reference_ms
-        return paired_latency_record(paired, ms, self.timing.objective, self.timing.batch)
+        return paired_latency_record(paired, ms, self.timing.objective, self.timing.batch, block)
 
     def run(self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None) -> TrialOutcome:
         """``reference_ms``: the study's FP32 reference latency (None: this trial's own paired FP32 median,
@@ -334,13 +340,14 @@ class TrialPipeline(ArtifactPipeline):
         with phases("load"):
             runner = self.backend.load(build.artifact)
         paired: PairedLatency | None = None
+        block = 1
         facts: dict[str, Any] = {}
         with runner:
             with phases("latency"):
                 if self.timing is None:
                     latency = runner.measure_latency(self.timing_feeds(), self.latency_settings)
                 else:
-                    paired = self.time_paired(runner)
+                    paired, block = self.time_paired(runner)
                     facts = runner.timing_facts()
                     latency = LatencyStats.from_samples(paired.candidate_times_ms, self.timing.batch)
             with phases("evaluate"):
@@ -348,7 +355,7 @@ class TrialPipeline(ArtifactPipeline):
         record = None
         if paired is not None and self.timing is not None:
             reference_ms = paired.reference_median_ms if reference_ms is None else reference_ms
-            record = paired_latency_record(paired, reference_ms, self.timing.objective, self.timing.batch)
+            record = paired_latency_record(paired, reference_ms, self.timing.objective, self.timing.batch, block)
         requested = {p.value: len(config.layers_with(p)) for p in Precision}
         log.info(
             "%s=%.3f median=%.3fms%s (layers asked %s, ran %s)",
