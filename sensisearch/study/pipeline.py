@@ -289,7 +289,9 @@ class TrialPipeline(ArtifactPipeline):
             self._reference_dir = tempfile.TemporaryDirectory(prefix="sensisearch-fp32-")
             out_dir = Path(self._reference_dir.name)
             config = TrialConfig.uniform(self.info.layer_names, Precision.FP32)
-            deployable, _ = self.emit(config, out_dir)
+            # The all-FP32 deployable is an unmodified copy of the model (emit_deployable_onnx),
+            # so it is saved as is: no placement to plan for the reference.
+            deployable = save_model(self.model, out_dir / DEPLOYABLE_NAME)
             self._reference = self.backend.load(self.build(deployable, out_dir, config).artifact)
         return self._reference
 
