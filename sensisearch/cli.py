@@ -1,4 +1,4 @@
-"""Command line: ``sensisearch run | evaluate | build | doctor | report | export``. The only place that uses rich."""
+"""Command line: ``sensisearch run | worker | evaluate | build | verify | sensitivity | doctor | report | export``. The only place that uses rich."""
 
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-counts", type=_csv(int), help="calibration sample counts (default 128,256,512,1024, capped by data)")
     run.add_argument("--percentiles", type=_csv(float), help="clip percentiles for percentile calibration (default 99.9,99.99,99.999)")
     run.add_argument("--latency-batch", type=int, help="batch size for latency (default 1)")
-    run.add_argument("--latency-seconds", type=float, help="minimum timed seconds per trial (default 0.5)")
+    run.add_argument("--latency-seconds", type=float, help="old name of --timing-max-seconds")
     run.add_argument("--calib-limit", type=int, help="use the first N calibration samples only")
     run.add_argument("--max-class-drop", type=float, help="detectors: a trial is infeasible if any class AP drops more (points)")
     run.add_argument("--cache-dir", type=Path, help="calibration/tensor cache (default <out>/cache)")
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat-seconds", type=int, help="worker heartbeat; a dead worker's trial is retried after 2x this (default 30)")
     _add_search_flags(run)
     _add_worker_flags(run)
+    _add_measurement_flags(run)
 
     wk = sub.add_parser(
         "worker", help="one more worker on a study: settings come from the study itself",
@@ -217,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("-v", "--verbose", action="store_true")
 
     _add_sensitivity_parser(sub)
+
+    vf = sub.add_parser(
+        "verify", help="re-time FP32, all-INT8, the front and its noise band together; rewrite front, winner, report",
+        description="Re-time the trials that decide a study's result in one interleaved tournament (FP32 the reference) "
+        "and rewrite pareto.json, winner/ and report.md with the verified figures.",
+    )
+    vf.add_argument("run_dir", type=Path, help="the --out folder of a `sensisearch run`")
+    vf.add_argument("--storage", help="Optuna storage URL (default: the run's, else RUN_DIR/study.db)")
+    vf.add_argument("--study-name", help="study name in the storage (default: the run's)")
+    vf.add_argument("--seconds", type=float, help="cap on the tournament's timed rounds (default: the run's --verify-seconds, 30)")
+    vf.add_argument("--rounds", type=int, help="exactly this many interleaved rounds (--seconds still caps)")
+    vf.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     dr = sub.add_parser(
         "doctor", help="what can build and run here: TensorRT flavor, GPU, driver, ONNX Runtime, Optuna",
@@ -276,6 +289,31 @@ SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")  # issue
 OVERRIDE_FLAGS = ("model", "eval_data", "calib_data", "annotations", "cache_dir", "out", "threads")
 
 
+# Issue 8: paired timing, verification, the winner rule and accuracy CIs.
+MEASUREMENT_FLAGS = (
+    "objective", "throughput_batch", "timing_target_ci", "timing_max_seconds", "verify", "verify_seconds",
+    "min_speedup", "min_class_instances", "drop_resamples",
+)
+SETTING_FLAGS += MEASUREMENT_FLAGS
+
+
+def _add_measurement_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--objective", choices=["latency", "throughput"],
+                     help="latency: ms per batch at --latency-batch (default); throughput: images/s at --throughput-batch")
+    run.add_argument("--throughput-batch", type=int, help="batch for --objective throughput (default: TensorRT opt shape, else 8)")
+    run.add_argument("--timing-target-ci", type=float,
+                     help="stop a trial's paired timing once its speed-up 95%% CI is narrower than this fraction (default 0.05)")
+    run.add_argument("--timing-max-seconds", type=float, help="cap on a trial's paired timing in seconds (default 3)")
+    run.add_argument("--verify-seconds", type=float, help="cap on the verify tournament after the last trial (default 30)")
+    run.add_argument("--no-verify", dest="verify", action="store_const", const=False,
+                     help="skip the verify tournament after the last trial (run `sensisearch verify RUN_DIR` later)")
+    run.add_argument("--min-speedup", type=float,
+                     help="the winner's speed-up CI lower bound must exceed this (default 1.0: significantly faster than FP32)")
+    run.add_argument("--min-class-instances", type=int,
+                     help="--max-class-drop judges only classes with at least this many instances (default 10)")
+    run.add_argument("--drop-resamples", type=int, help="bootstrap resamples of each trial's accuracy-drop CI (default 200)")
+
+
 def _settings(args: argparse.Namespace) -> StudySettings:
     from sensisearch.study.settings import merge_settings, read_study_file
 
@@ -302,6 +340,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `sensisearch --help` and `doctor` stay fast without Optuna and ONNX.
     from sensisearch.study.runner import TrialEvent, finished_count, open_study, prepare, run_study, write_results
 
+    from sensisearch.study._verify import save_run_settings
+
     settings = _settings(args)
     if settings.storage:
         # A wrong URL or password: one line now, before any calibration work.
@@ -310,6 +350,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
     with _statistics_progress() as on_statistics:
         ctx = prepare(settings, on_statistics=on_statistics)
+    save_run_settings(ctx.settings, ctx.out)
     backend = ctx.backend.describe()
     console.print(f"backend [bold]{ctx.backend.name}[/] — {escape(ctx.backend_reason)}", highlight=False)
     console.print(
@@ -341,6 +382,39 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(task, completed=min(event.finished, event.budget), description=best)
 
         study = run_study(ctx, on_trial, study)
+    if settings.verify:
+        _verify(ctx, study, force=False)
+    summary = write_results(ctx, study)
+    _print_summary(ctx, summary, time.monotonic() - started)
+    return 0
+
+
+def _verify(ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None) -> None:
+    from sensisearch.study._verify import VerifySettings, verify_study
+
+    settings = VerifySettings.for_study(ctx.settings, seconds, rounds)
+    with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"):
+        result = verify_study(ctx, study, settings, force=force)
+    if result is not None:
+        console.print(
+            f"verified trials {', '.join(map(str, result.trials))} in one tournament "
+            f"({result.rounds} rounds, {result.seconds:.1f} s; FP32 trial {result.reference_trial} the reference)",
+            highlight=False,
+        )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from sensisearch.study._verify import load_run_settings
+    from sensisearch.study.runner import open_study, prepare, write_results
+
+    if args.seconds is not None and args.seconds <= 0:
+        raise SensisearchError(f"--seconds {args.seconds}: must be positive")
+    if args.rounds is not None and args.rounds < 3:
+        raise SensisearchError(f"--rounds {args.rounds}: use at least 3 rounds (a CI needs a spread)")
+    started = time.monotonic()
+    ctx = prepare(load_run_settings(args.run_dir, args.storage, args.study_name))
+    study = open_study(ctx)
+    _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds)
     summary = write_results(ctx, study)
     _print_summary(ctx, summary, time.monotonic() - started)
     _print_disk(ctx, summary)
@@ -393,18 +467,21 @@ def _statistics_progress() -> Iterator[Callable[[int, int], None]]:
 
 
 def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
-    from sensisearch.study.report import FRONT_COLUMNS, front_row
+    from sensisearch.study.report import FRONT_COLUMNS, front_row, timing_noise_lines
     from sensisearch.study.results import baseline
 
     fp32 = baseline(summary.records, "fp32")
     metric = ctx.evaluator.metric
-    table = Table(title=f"Pareto front ({metric} vs median latency, ms per batch of {ctx.settings.latency_batch})")
+    axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.latency_batch}"
+    table = Table(title=f"Pareto front ({metric} vs {axis})")
     for col in FRONT_COLUMNS:
         table.add_column(col.format(metric=metric), justify="right", no_wrap=col != "calibration")
     for r in summary.front:
         table.add_row(*dataclasses.astuple(front_row(r, fp32)))
     stdout.print(table)
     stdout.print(escape(summary.int8_verdict.replace("**", "")))
+    for line in timing_noise_lines(summary.records):
+        stdout.print(escape(line))
     choice = summary.winner
     if choice.record is None:
         stdout.print(f"[red]No winner:[/] {escape(choice.reason)}")
@@ -553,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "sensitivity":
             return cmd_sensitivity(args)
+        if args.command == "verify":
+            return cmd_verify(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

@@ -35,7 +35,7 @@ def yolo_study(yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPa
         "run", "--model", str(yolo_model), "--eval-data", str(coco_dev / "images"), "--calib-data", str(calib),
         "--annotations", str(coco_dev / "instances.json"), "--budget", "3", "--out", str(out / "study"),
         "--eval-limit", str(EVAL_IMAGES), "--sample-counts", "16", "--latency-seconds", "0.1",
-        "--algorithms", "minmax,percentile", "--max-class-drop", "50",
+        "--algorithms", "minmax,percentile", "--max-class-drop", "50", "--verify-seconds", "5",
     ])
     assert code == 0
     return out / "study"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -106,6 +106,25 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def measure_latency(self, feeds: Mapping[str, np.ndarray], settings: LatencySettings) -> LatencyStats:
         """Time repeated runs of one batch after warm-up."""
+
+    def timing_arm(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        """One batch on fixed ``feeds`` as a zero-argument callable, for interleaved paired timing.
+
+        Bound once so each call costs only the inference (``run`` copies the feeds
+        dict, which shows on sub-millisecond models). A callable that returns a
+        ``float`` reports its own elapsed milliseconds (GPU: CUDA events), which
+        :func:`sensisearch.measure.time_interleaved` uses instead of the host clock.
+        """
+        fixed = dict(feeds)
+        return lambda: self.run(fixed)
+
+    def throughput_arm(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        """Like :meth:`timing_arm`, but keeping every stream / execution context the backend offers busy."""
+        return self.timing_arm(feeds)
+
+    def timing_facts(self) -> dict[str, Any]:
+        """What else the timing depended on, where visible (GPU clocks, other GPU processes); empty on CPU."""
+        return {}
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (sessions, device buffers)."""

@@ -149,7 +149,9 @@ def time_interleaved(
     """Time every arm interleaved with ``reference``; returns each arm's :class:`PairedLatency`.
 
     ``arms`` maps a name to a zero-argument callable running one inference on
-    fixed inputs (e.g. ``lambda: runner.run(feeds)``); ``reference`` is one of
+    fixed inputs (e.g. ``runner.timing_arm(feeds)``); a callable that returns a
+    Python ``float`` reports its own elapsed milliseconds (CUDA events), used
+    instead of ``clock``. ``reference`` is one of
     its names (its own entry has speed-up 1). ``clock`` returns seconds; tests
     inject a simulated one. Stops when ``min_rounds`` are done and every arm's
     CI is narrower than ``target_ci_width``, at ``max_rounds``, or after
@@ -176,18 +178,32 @@ def time_interleaved(
         t_rounds = clock()
         stopped_by = "max_rounds"
         rounds = 0
+        last_check = 0
         while rounds < settings.max_rounds:
             for j in rng.permutation(len(names)):
                 fn = arms[names[j]]
+                own_ms = 0.0
+                self_timed = True
                 t0 = clock()
                 for _ in range(block):
-                    fn()
-                times[names[j]].append((clock() - t0) / block)
+                    result = fn()
+                    if type(result) is float:
+                        own_ms += result
+                    else:
+                        self_timed = False
+                elapsed = clock() - t0
+                # An arm that times itself (a GPU run timed with CUDA events) returns its
+                # own milliseconds as a float; the host clock would add launch and sync overhead.
+                times[names[j]].append((own_ms / 1e3 if self_timed else elapsed) / block)
             rounds += 1
             if rounds >= MIN_ROUNDS_FOR_CI and clock() - t_rounds >= settings.max_seconds:
                 stopped_by = "max_seconds"
                 break
-            if rounds >= settings.min_rounds and (rounds - settings.min_rounds) % settings.check_every == 0:
+            # Checks at least ``check_every`` and at least 20% more rounds apart: a check is a
+            # bootstrap over all rounds so far, and a fixed cadence made long timings mostly checks.
+            due = rounds == settings.min_rounds or rounds - last_check >= max(settings.check_every, last_check // 5)
+            if rounds >= settings.min_rounds and due:
+                last_check = rounds
                 ref = np.asarray(times[reference])
                 if all(_ci_is_narrow(paired_ratios(ref, times[n]), settings, settings.seed) for n in others):
                     stopped_by = "ci"

@@ -4,6 +4,8 @@ from sensisearch.study._context import StudyContext
 from sensisearch.study._identity import StudyIdentity, effective_config_key
 from sensisearch.study._record import LatencyRecord, TrialRecord, WorstClass
 from sensisearch.study._storage import mask_url, open_storage
+from sensisearch.study._verify import VerifyResult, VerifySettings, select_for_verification, verify_study
+from sensisearch.study.pipeline import TimingPlan
 from sensisearch.study.report import ReportContext
 from sensisearch.study.settings import StudySettings
 from sensisearch.study.tasks import CalibrationSource, EvaluationSetup
@@ -16,9 +18,14 @@ __all__ = [
     "StudyContext",
     "StudyIdentity",
     "StudySettings",
+    "TimingPlan",
     "TrialRecord",
+    "VerifyResult",
+    "VerifySettings",
     "WorstClass",
     "effective_config_key",
     "mask_url",
     "open_storage",
+    "select_for_verification",
+    "verify_study",
 ]

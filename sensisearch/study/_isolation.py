@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RunTrial = Callable[["TrialConfig", Path], "TrialOutcome"]
+RunTrial = Callable[["TrialConfig", Path, "float | None"], "TrialOutcome"]
 
 CHILD_MODULE = "sensisearch.study._trial_child"
 STDERR_NAME = "stderr.log"
@@ -184,14 +184,17 @@ class IsolatedTrialRunner:
         return json.loads(line)
 
     # ------------------------------------------------------------ trials
-    def run(self, config: TrialConfig, out_dir: Path) -> TrialOutcome:
+    def run(self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None) -> TrialOutcome:
         if self._server is None or self._server.poll() is not None:
             self.start()
         out_dir.mkdir(parents=True, exist_ok=True)
         stderr_path = out_dir / STDERR_NAME
         result_path = out_dir / _RESULT_NAME
         result_path.unlink(missing_ok=True)
-        self._send({"config": config.to_dict(), "out_dir": str(out_dir), "stderr": str(stderr_path), "result": str(result_path)})
+        self._send({
+            "config": config.to_dict(), "out_dir": str(out_dir), "stderr": str(stderr_path), "result": str(result_path),
+            "reference_ms": reference_ms,
+        })
         phase = "build"
         deadline = time.monotonic() + self.isolation.build_timeout
         child: int | None = None

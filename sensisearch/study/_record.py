@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 _BASELINE_ATTR = "baseline"
 _ERROR_ATTR = "error"
 _KEY = "attr"  # dataclass field metadata: the user-attribute key of a stored field
+# Study user attributes (one per study, shared by all workers).
+_REFERENCE_MS_STUDY_ATTR = "reference_ms"
+_FP32_PER_IMAGE_STUDY_ATTR = "fp32_per_image"
+# Optuna refuses to update a finished trial, so the verify tournament's figures
+# live in one study attribute: {trial number: {"timing": ..., "drop_ci95": ...}}.
+_VERIFIED_STUDY_ATTR = "verified_trials"
 
 
 class LatencyRecord(TypedDict, total=False):
@@ -34,6 +40,11 @@ class LatencyRecord(TypedDict, total=False):
     min_ms: float
     runs: int
     batch_size: int
+    objective: str
+    """"latency" or "throughput": what the paired timing measured (ms per batch of ``batch_size``)."""
+    reference_ms: float
+    """The study's FP32 reference latency: ``median_ms`` is it over the paired speed-up."""
+    images_per_second: float
 
 
 class WorstClass(TypedDict):
@@ -91,6 +102,12 @@ class TrialRecord:
     device: str | None = _attr("device")
     seed: str | None = _attr("seed")
     """Issue 10: name of the sensitivity seed this enqueued trial is (e.g. "int8 minus top-3"), else None."""
+    per_image: str | None = _attr("per_image")
+    """Path of ``trials/NNNN/per_image.npz`` (correctness or COCO matches per image), for drop CIs."""
+    drop_within_noise: bool | None = _attr("drop_within_noise")
+    """True when ``drop_ci95`` holds 0: the data cannot tell this trial's accuracy from FP32's."""
+    verified_drop_ci95: list[float] | None = None
+    """The verify step's drop CI (more resamples); read from the study, never a trial attribute."""
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:
@@ -117,14 +134,24 @@ class TrialRecord:
         return cls(number=number, **trial_fields, **stored)
 
     @classmethod
-    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> TrialRecord:
-        return cls.from_attrs(
+    def from_trial(cls, trial: optuna.trial.FrozenTrial, study_attrs: Mapping[str, Any] | None = None) -> TrialRecord:
+        """``study_attrs`` (the study's user attributes) add the verify tournament's figures, when it ran."""
+        record = cls.from_attrs(
             trial.number,
             trial.user_attrs,
             state=trial.state.name,
             value=trial.values[0] if trial.values else None,
             # Optuna: trial.set_constraint(key, value); feasible iff every value <= 0.
             feasible=all(v <= 0 for v in trial.constraints.values()),
+        )
+        entry = read_verified(study_attrs or {}).get(trial.number)
+        return record if entry is None else record.with_verification(entry)
+
+    def with_verification(self, entry: Mapping[str, Any]) -> TrialRecord:
+        """This record with a verify-tournament entry (see :func:`verified_attrs`)."""
+        drop = entry.get("drop_ci95")
+        return dataclasses.replace(
+            self, verified=copy.deepcopy(dict(entry["timing"])), verified_drop_ci95=None if drop is None else list(drop)
         )
 
     @staticmethod
@@ -140,7 +167,21 @@ class TrialRecord:
     # ------------------------------------------------------------------ views
     @property
     def median_ms(self) -> float | None:
+        """The latency the front and the winner use: verified when the tournament ran, else in-study."""
+        if self.verified.get("median_ms") is not None:
+            return float(self.verified["median_ms"])
         return self.latency.get("median_ms")
+
+    @property
+    def in_study_ms(self) -> float | None:
+        """The in-study figure (Optuna's second objective), shown beside the verified one."""
+        return self.latency.get("median_ms")
+
+    @property
+    def drop_ci(self) -> tuple[float, float] | None:
+        """95% CI of the drop vs FP32 (points): the verify step's when it ran, else the trial's."""
+        ci = self.verified_drop_ci95 or self.drop_ci95
+        return None if ci is None else (float(ci[0]), float(ci[1]))
 
     @property
     def timing(self) -> dict[str, Any]:
@@ -158,6 +199,16 @@ class TrialRecord:
         return None if ci is None else (float(ci[0]), float(ci[1]))
 
     @property
+    def paired_speedup(self) -> float | None:
+        """The in-study paired speed-up (not the verified one)."""
+        return self.paired.get("speedup")
+
+    @property
+    def paired_ci(self) -> tuple[float, float] | None:
+        ci = self.paired.get("speedup_ci95")
+        return None if ci is None else (float(ci[0]), float(ci[1]))
+
+    @property
     def is_verified(self) -> bool:
         return bool(self.verified)
 
@@ -170,16 +221,55 @@ class TrialRecord:
 
     def to_dict(self, reference: float | None) -> dict[str, Any]:
         """One ``pareto.json`` entry; ``reference`` is the FP32 value the drop is measured from."""
+        ci = self.drop_ci
+        paired = {k: v for k, v in self.paired.items() if k != "candidate_times_ms"}
+        verified = {k: v for k, v in self.verified.items() if k != "candidate_times_ms"}
         return {
             "number": self.number,
             "baseline": self.baseline,
             "metric": self.metric,
             "value": self.value,
             "drop": None if reference is None or self.value is None else reference - self.value,
-            "latency": self.latency,
+            "drop_ci95": None if ci is None else [ci[0], ci[1]],
+            "drop_within_noise": None if ci is None else bool(ci[0] <= 0.0 <= ci[1]),
+            "median_ms": self.median_ms,
+            "verified": self.is_verified,
+            "speedup": self.speedup,
+            "speedup_ci95": None if self.speedup_ci95 is None else list(self.speedup_ci95),
+            "latency": {**self.latency, "paired": paired, **({"verified": verified} if verified else {})},
             "config": self.config,
             "artifact": self.artifact,
             "deployable_onnx": self.deployable,
             "layers_requested": self.requested_counts(),
             "layers_run": self.layer_precisions,
         }
+
+
+# --------------------------------------------------------------------------- study attributes
+def reference_ms_attrs(reference_ms: float) -> dict[str, Any]:
+    """Study attributes fixing the FP32 reference latency (set once, by the FP32 baseline trial)."""
+    return {_REFERENCE_MS_STUDY_ATTR: float(reference_ms)}
+
+
+def read_reference_ms(study_attrs: Mapping[str, Any]) -> float | None:
+    value = study_attrs.get(_REFERENCE_MS_STUDY_ATTR)
+    return None if value is None else float(value)
+
+
+def fp32_per_image_attrs(encoded: str) -> dict[str, Any]:
+    """Study attributes holding FP32's per-image results (base64), so every worker can compute drops."""
+    return {_FP32_PER_IMAGE_STUDY_ATTR: encoded}
+
+
+def read_fp32_per_image(study_attrs: Mapping[str, Any]) -> str | None:
+    return study_attrs.get(_FP32_PER_IMAGE_STUDY_ATTR)
+
+
+def verified_attrs(entries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The study attribute of the verify tournament: per trial ``{"timing": PairedLatency dict + median_ms,
+    "drop_ci95": [lo, hi] or None}``, plus the set of trials it covered."""
+    return {_VERIFIED_STUDY_ATTR: {str(n): dict(e) for n, e in entries.items()}}
+
+
+def read_verified(study_attrs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+    return {int(n): dict(e) for n, e in (study_attrs.get(_VERIFIED_STUDY_ATTR) or {}).items()}

@@ -105,7 +105,7 @@ def run_child(ctx: Any, spec: dict[str, Any], message_fd: int) -> None:
         send(message_fd, {"phase": "build"})
         config = TrialConfig.from_dict(spec["config"])
         try:
-            outcome = ctx.pipeline.run(config, Path(spec["out_dir"]))
+            outcome = ctx.pipeline.run(config, Path(spec["out_dir"]), spec.get("reference_ms"))
         except Exception as exc:  # reported to the parent, which fails the trial with it
             traceback.print_exc()
             text = str(exc) if isinstance(exc, SensisearchError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -121,6 +121,10 @@ def run_child(ctx: Any, spec: dict[str, Any], message_fd: int) -> None:
         traceback.print_exc()
     finally:
         try:
+            # The FP32 reference this trial loaded (and its temporary folder): os._exit runs no finalizer.
+            close = getattr(ctx.pipeline, "close", None)
+            if close is not None:
+                close()
             sys.stdout.flush()
             sys.stderr.flush()
         finally:

@@ -104,7 +104,7 @@ def run_references(ctx: StudyContext, samples: int) -> list[dict[str, Any]]:
             quantize_seconds = time.perf_counter() - start
             build = ctx.backend.build(path, folder)
             with ctx.backend.load(build.artifact) as runner:
-                latency = runner.measure_latency(ctx.evaluator.latency_feeds(ctx.settings.latency_batch), ctx.pipeline.latency_settings)
+                latency = ctx.pipeline.latency_of(runner)  # paired with FP32, like every trial
                 evaluation = ctx.evaluator.evaluate(runner)
         except Exception as exc:  # a reference that fails must not stop the study
             log.warning("reference %s failed: %s", spec.name, exc)
@@ -115,7 +115,7 @@ def run_references(ctx: StudyContext, samples: int) -> list[dict[str, Any]]:
             "samples": int(len(order)),
             "metric": evaluation.metric,
             "value": evaluation.value,
-            "latency": latency.to_dict(),
+            "latency": latency,
             "layers_run": dict(build.layer_precisions),
             "quantize_seconds": quantize_seconds,
             "deployable_onnx": str(path),

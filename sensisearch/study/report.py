@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sensisearch.fileio import write_text_atomic
+from sensisearch.measure import PairedLatency, noise_summary
 from sensisearch.study._record import TrialRecord
-from sensisearch.study.results import SPEEDUP_NOISE, WinnerChoice, baseline
+from sensisearch.study.results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text
 
 if TYPE_CHECKING:
     from sensisearch.report import FloatLayerEvidence
@@ -37,6 +38,14 @@ class ReportContext:
     warnings: tuple[str, ...] = ()
     references: tuple[dict[str, Any], ...] = ()
     """Rows of ``references.json`` (``--compare-ort-quantizer``)."""
+    # Issue 8: what was measured and how the winner was judged.
+    axis_label: str | None = None
+    """What the speed axis measured (``TimingPlan.axis_label``); None: latency per batch of ``latency_batch``."""
+    objective: str = "latency"
+    timing_batch: int | None = None
+    min_speedup: float = 1.0
+    max_class_drop: float | None = None
+    min_class_instances: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,14 @@ class FrontRow:
     calibration: str
 
 
-FRONT_COLUMNS = ("trial", "{metric}", "change vs FP32", "median ms", "p90 ms", "speed-up", "layers int8/fp16/fp32", "integer kernels", "calibration")
+    in_study: str
+    """The in-study speed-up beside the verified one."""
+
+
+FRONT_COLUMNS = (
+    "trial", "{metric}", "change vs FP32 (± 95% CI)", "median ms", "p90 ms", "speed-up (95% CI)", "layers int8/fp16/fp32",
+    "integer kernels", "calibration", "in-study speed-up",
+)
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -85,22 +101,69 @@ def _calibration(r: TrialRecord) -> str:
     return text
 
 
-def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
+def change_text(r: TrialRecord, fp32: TrialRecord | None) -> str:
+    """``-0.25 ± 0.31 (within noise)``: the signed change vs FP32 (negative is a loss) with the
+    half-width of its paired bootstrap CI over images."""
     ref = None if fp32 is None else fp32.value
-    drop = None if ref is None or r.value is None else ref - r.value
+    change = None if ref is None or r.value is None else r.value - ref
+    ci = r.drop_ci
+    if change is None or ci is None or r is fp32:
+        return signed_change(change)
+    text = f"{signed_change(change)} ± {(ci[1] - ci[0]) / 2:.2f}"
+    return text + (" (within noise)" if ci[0] <= 0.0 <= ci[1] else "")
+
+
+def _speedup(r: TrialRecord, fp32: TrialRecord | None) -> str:
+    if r.speedup is not None and r.speedup_ci95 is not None:
+        lo, hi = r.speedup_ci95
+        return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (" verified" if r.is_verified else "")
     speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
+    return f"{_fmt(speed)}x"
+
+
+def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
+    in_study = "-"
+    if r.paired_speedup is not None and r.paired_ci is not None:
+        in_study = f"{r.paired_speedup:.2f}x [{r.paired_ci[0]:.2f}, {r.paired_ci[1]:.2f}]"
     return FrontRow(
         trial=f"{r.number}" + (f" ({r.baseline})" if r.baseline else ""),
-        value=_fmt(r.value), change=signed_change(None if drop is None else -drop), median_ms=_fmt(r.median_ms, 3), p90_ms=_fmt(r.latency.get("p90_ms"), 3),
-        speedup=f"{_fmt(speed)}x", layers=_layers(r), kernels=str(r.layer_precisions.get("int8", 0)), calibration=_calibration(r),
+        value=_fmt(r.value), change=change_text(r, fp32), median_ms=_fmt(r.median_ms, 3), p90_ms=_fmt(r.latency.get("p90_ms"), 3),
+        speedup=_speedup(r, fp32), layers=_layers(r), kernels=str(r.layer_precisions.get("int8", 0)), calibration=_calibration(r),
+        in_study=in_study,
     )
 
 
+def timing_noise_lines(recs: list[TrialRecord]) -> list[str]:
+    """One line on how noisy the study's timing was (and one for the verify tournament, if it ran)."""
+    done = [r for r in recs if r.state == "COMPLETE"]
+    lines = []
+    in_study = [PairedLatency.from_dict(r.paired) for r in done if r.paired]
+    if in_study:
+        lines.append(f"Timing noise (in-study, each trial paired with FP32): {noise_summary(in_study)}.")
+    verified = [PairedLatency.from_dict(r.verified) for r in done if r.verified and r.baseline != "fp32"]
+    if verified:
+        lines.append(f"Timing noise (verify tournament): {noise_summary(verified)}.")
+    return lines
+
+
 def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
-    """Does all-INT8 beat FP32 on this backend, beyond noise?"""
+    """Does all-INT8 beat FP32 on this backend, beyond noise?
+
+    With paired timing: only when the lower bound of its speed-up CI exceeds 1.
+    Studies recorded before paired timing: when the medians differ by more than
+    :data:`SPEEDUP_NOISE`.
+    """
     fp32, int8 = baseline(recs, "fp32"), baseline(recs, "int8")
     if fp32 is None or int8 is None or not fp32.median_ms or not int8.median_ms:
         return None, "The all-FP32 or all-INT8 baseline did not complete, so INT8's speed-up is unknown."
+    if int8.speedup is not None and int8.speedup_ci95 is not None:
+        if int8.speedup_ci95[0] > 1.0:
+            return True, f"All-INT8 runs {speed_text(int8)} faster than FP32 on this backend (paired, interleaved timing)."
+        return False, (
+            f"**INT8 brings no significant speed for this model on this backend**: all-INT8 runs at {speed_text(int8)} "
+            f"the speed of FP32 ({int8.layer_precisions.get('int8', 0)} layers ran integer kernels; its CI reaches 1). "
+            "The front below is therefore not a speed/accuracy trade-off; judge INT8 on the target backend."
+        )
     speedup = fp32.median_ms / int8.median_ms
     ci = int8.speedup_ci95
     if ci is not None:
@@ -145,7 +208,10 @@ def write_report(
     lines += [
         f"- Model: `{context.model_path}` (sha256 `{context.model_sha256[:16]}…`, {context.num_layers} quantizable layers)",
         f"- Backend: {backend}",
-        f"- Metric: {metric} (points, higher is better); latency: median ms per batch of {context.latency_batch}",
+        f"- Metric: {metric} (points, higher is better); speed: "
+        + (context.axis_label or f"latency, median ms per batch of {context.latency_batch}")
+        + "; speed-ups are paired with FP32 (interleaved rounds, median ratio, bootstrap 95% CI); "
+        "ms figures are the study's FP32 reference latency over that speed-up",
         f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, budget {context.budget}",
         f"- Search: precisions {', '.join(context.precisions)}; calibration {', '.join(context.algorithms)}; samples {list(context.sample_counts)}",
     ]
@@ -155,24 +221,34 @@ def write_report(
         lines.append(f"- FP16 on this backend: {context.fp16_note}")
     if review_markdown:
         lines += ["", review_markdown.rstrip()]
-    lines += ["", "## Baselines", "", f"| baseline | trial | {metric} | median ms | p90 ms | speed-up vs FP32 | integer kernels |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"- {line}" for line in timing_noise_lines(recs)]
+    lines += [
+        "", "## Baselines", "",
+        f"| baseline | trial | {metric} | change vs FP32 (± 95% CI) | median ms | p90 ms | speed-up vs FP32 (95% CI) | in-study speed-up | integer kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name in ("fp32", "int8", "fp16"):
         r = baseline(recs, name)
         if r is None:
             failed = next((x for x in recs if x.baseline == name and x.state == "FAIL"), None)
             if failed is not None:
-                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} | | | | |")
+                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} | | | | | | |")
             continue
-        speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
+        row = front_row(r, fp32)
         lines.append(
-            f"| all-{name.upper()} | {r.number} | {_fmt(r.value)} | {_fmt(r.median_ms, 3)} | {_fmt(r.latency.get('p90_ms'), 3)} | "
-            f"{_fmt(speed)}x | {r.layer_precisions.get('int8', 0)} |"
+            f"| all-{name.upper()} | {r.number} | {row.value} | {row.drop} | {row.median_ms} | {row.p90_ms} | "
+            f"{row.speedup} | {row.in_study} | {row.kernels} |"
         )
     verdict, text = int8_speed_verdict(recs)
     lines += ["", text, "", "## Pareto front", ""]
     if verdict is False:
         lines += ["(Accuracy-only: INT8 is not faster here, see above.)", ""]
-    lines += ["| " + " | ".join(c.format(metric=metric) for c in FRONT_COLUMNS) + " |", "|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    lines += [
+        "Drops are FP32 minus the trial, ± half the paired bootstrap 95% CI over images; \"within noise\": the CI holds 0.",
+        "",
+        "| " + " | ".join(c.format(metric=metric) for c in FRONT_COLUMNS) + " |",
+        "|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
     for r in front:
         lines.append("| " + " | ".join(dataclasses.astuple(front_row(r, fp32))) + " |")
     references = context.references
@@ -189,7 +265,8 @@ def write_report(
                 lines.append(f"| {ref_row['name']} | failed: {ref_row['error']} | | | | |")
                 continue
             ms = ref_row["latency"]["median_ms"]
-            speed = fp32.median_ms / ms if fp32 and fp32.median_ms else None
+            # Paired references carry their own speed-up vs FP32; older ones only a median.
+            speed = ref_row["latency"].get("speedup") or (fp32.median_ms / ms if fp32 and fp32.median_ms else None)
             drop = None if ref is None else ref - ref_row["value"]
             lines.append(
                 f"| {ref_row['name']} (n={ref_row['samples']}) | {_fmt(ref_row['value'])} | {signed_change(None if drop is None else -drop)} | {_fmt(ms, 3)} | "
@@ -204,15 +281,18 @@ def write_report(
         lines += [
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",
-            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, change vs FP32 {signed_change(None if ref is None else r.value - ref)}; "  # type: ignore[operator]
-            f"allowed loss {context.max_drop:g})",
-            f"- median {_fmt(r.median_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
+            f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, change vs FP32 {change_text(r, fp32)}; allowed loss {context.max_drop:g})",
+            f"- speed-up vs FP32 {speed_text(r)} (required: CI lower bound above {context.min_speedup:g})"
+            + (f"; in-study {r.paired_speedup:.2f}x" if r.is_verified and r.paired_speedup is not None else ""),
+            f"- median {_fmt(r.median_ms, 3)} ms{' (verified)' if r.is_verified else ''}, "
+            f"in-study {_fmt(r.in_study_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
             f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
             f"- calibration: {_calibration(r)}",
             *_float_layer_lines(r),
             "- files: `winner/` (artifact, deployable ONNX, config.json)",
         ]
         if r.per_class and fp32 is not None and fp32.per_class:
+            instances = r.per_class_instances or fp32.per_class_instances or {}
             losses = sorted(((fp32.per_class[c] - v, c) for c, v in r.per_class.items() if c in fp32.per_class), reverse=True)[:10]
             instances = r.per_class_instances or fp32.per_class_instances or {}
             lines += ["", "Classes that lost most against FP32:", "", "| class | instances | FP32 | winner | change |", "|---|---:|---:|---:|---:|"]
@@ -220,6 +300,12 @@ def write_report(
                 f"| {c} | {instances.get(c, 'n/a')} | {fp32.per_class[c]:.2f} | {r.per_class[c]:.2f} | {signed_change(-d)} |"
                 for d, c in losses
             ]
+            if r.class_guard_skipped and context.max_class_drop is not None:
+                lines += [
+                    "",
+                    f"The class guard (--max-class-drop {context.max_class_drop:g}) skipped {len(r.class_guard_skipped)} classes "
+                    f"with fewer than {context.min_class_instances} instances: {', '.join(r.class_guard_skipped)}.",
+                ]
     lines += ["", "## What each precision choice did", ""]
     if choice.record is None:
         lines.append("No winner, so no layer choice to explain.")

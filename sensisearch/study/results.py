@@ -28,7 +28,9 @@ SPEEDUP_NOISE = 0.05
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
-    return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False)]
+    """Every trial's record, with the verify tournament's figures where it ran."""
+    attrs = study.user_attrs
+    return [TrialRecord.from_trial(t, attrs) for t in study.get_trials(deepcopy=False)]
 
 
 def pareto_front(recs: list[TrialRecord]) -> list[TrialRecord]:
@@ -60,12 +62,32 @@ class WinnerChoice:
     reason: str
 
 
-def choose_winner(recs: list[TrialRecord], max_drop: float) -> WinnerChoice:
-    """The fastest feasible trial within ``max_drop`` points of FP32 that is also faster than FP32.
+NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this backend for this model"
 
-    A configuration slower than the FP32 baseline is no winner, however accurate:
-    FP32 itself dominates it. When nothing qualifies, the most accurate
-    non-baseline trial is exported as best-effort, and the reason says why.
+
+def speed_text(r: TrialRecord) -> str:
+    """``1.96x (95% CI 1.90-2.02, verified)``: a trial's paired speed-up vs FP32 with its evidence."""
+    if r.speedup is None or r.speedup_ci95 is None:
+        return "no paired speed-up"
+    lo, hi = r.speedup_ci95
+    return f"{r.speedup:.2f}x (95% CI {lo:.2f}-{hi:.2f}, {'verified' if r.is_verified else 'in-study'})"
+
+
+def _significant(r: TrialRecord, min_speedup: float) -> bool:
+    ci = r.speedup_ci95
+    return ci is not None and ci[0] > min_speedup
+
+
+def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float = 1.0) -> WinnerChoice:
+    """The fastest feasible trial within ``max_drop`` points of FP32 that is *significantly* faster than FP32.
+
+    Significantly: the lower bound of its paired speed-up's 95% CI exceeds
+    ``min_speedup`` (verified figures when the verify tournament ran; then only
+    verified trials can win). A configuration no faster than FP32 is no winner,
+    however accurate: FP32 itself is the better choice. Studies recorded before
+    paired timing (no CI anywhere) fall back to "median below FP32's". When
+    nothing qualifies, the most accurate non-baseline trial is exported as
+    best-effort, and the reason says why, with the numbers.
     """
     fp32 = baseline(recs, "fp32")
     candidates = [
@@ -78,13 +100,33 @@ def choose_winner(recs: list[TrialRecord], max_drop: float) -> WinnerChoice:
         best = max(candidates, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
         return WinnerChoice(best, False, "the FP32 baseline did not complete, so no accuracy drop can be judged; best-effort: the most accurate trial")
     within = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
-    qualifying = [r for r in within if r.median_ms < fp32.median_ms]  # type: ignore[operator]
+    paired = any(r.speedup_ci95 is not None for r in recs)
+    verified = any(r.is_verified for r in candidates)
+    if paired:
+        pool = [r for r in within if r.is_verified] if verified else within
+        qualifying = [r for r in pool if _significant(r, min_speedup)]
+        rule = f"whose {'verified' if verified else 'in-study'} speed-up CI lower bound exceeds {min_speedup:g}"
+    else:
+        qualifying = [r for r in within if r.median_ms < fp32.median_ms]  # type: ignore[operator]
+        rule = "faster than FP32 (unpaired timing: recorded before speed-up CIs)"
     if qualifying:
         best = min(qualifying, key=lambda r: (r.median_ms, -r.value))  # type: ignore[arg-type, return-value]
-        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32")
+        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32 {rule}: {speed_text(best)}")
     pool = [r for r in candidates if r.baseline is None] or candidates
     best = max(pool, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
-    if within:
+    if within and paired:
+        int8 = baseline(recs, "int8")
+        fastest = max(within, key=lambda r: (r.speedup_ci95 or (0.0, 0.0))[0])
+        numbers = [f"all-INT8 {speed_text(int8)}" if int8 is not None else "all-INT8 did not complete"]
+        numbers.append(
+            f"the best candidate within {max_drop:g} points, trial {fastest.number}: {speed_text(fastest)}, "
+            f"drop {fp32.value - fastest.value:.2f}"  # type: ignore[operator]
+        )
+        reason = (
+            f"{NOT_SIGNIFICANT} (speed-up CI lower bound above {min_speedup:g} required; {'; '.join(numbers)}); "
+            "best-effort export of the most accurate non-baseline trial (FP32 itself is the better choice here)"
+        )
+    elif within:
         reason = (
             f"no trial within {max_drop:g} points of FP32 is faster than FP32 on this backend; "
             "best-effort export of the most accurate non-baseline trial (FP32 itself is the better choice here)"
@@ -125,6 +167,11 @@ def export_winner(
         "fp32_value": None if fp32 is None else fp32.value,
         "max_drop": max_drop,
         "latency": record.latency,
+        "median_ms": record.median_ms,
+        "speedup": record.speedup,
+        "speedup_ci95": None if record.speedup_ci95 is None else list(record.speedup_ci95),
+        "verified": record.is_verified,
+        "drop_ci95": None if record.drop_ci is None else list(record.drop_ci),
         "layers_run": record.layer_precisions,
         "files": files,
         # Calibrated ranges of every tensor any backend may quantize: `sensisearch
@@ -173,6 +220,7 @@ def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -
     writer.writerow([
         "trial", "baseline", "metric", "value", "drop", "median_ms", "p90_ms", "runs",
         "int8_layers", "fp16_layers", "fp32_layers", "int8_kernels", "algorithm", "samples", "percentile", "artifact",
+        "speedup", "speedup_ci_lo", "speedup_ci_hi", "verified", "in_study_ms", "drop_ci_lo", "drop_ci_hi",
     ])
     for r in front:
         req = r.requested_counts()
@@ -180,10 +228,14 @@ def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -
         writer.writerow([
             r.number, r.baseline or "", r.metric, f"{r.value:.4f}",
             "" if reference is None else f"{reference - r.value:.4f}",  # type: ignore[operator]
-            f"{r.latency.get('median_ms', float('nan')):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
+            f"{r.median_ms if r.median_ms is not None else float('nan'):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
             r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
             cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
             cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
             str(trial_file(r.artifact, out, r.number) or ""),
+            "" if r.speedup is None else f"{r.speedup:.4f}",
+            "" if r.speedup_ci95 is None else f"{r.speedup_ci95[0]:.4f}", "" if r.speedup_ci95 is None else f"{r.speedup_ci95[1]:.4f}",
+            int(r.is_verified), "" if r.in_study_ms is None else f"{r.in_study_ms:.4f}",
+            "" if r.drop_ci is None else f"{r.drop_ci[0]:.4f}", "" if r.drop_ci is None else f"{r.drop_ci[1]:.4f}",
         ])
     write_text_atomic(out / "pareto.csv", buffer.getvalue())

@@ -9,7 +9,7 @@ import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Collection
 
 import optuna
 
@@ -20,6 +20,7 @@ from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 from sensisearch.study._context import StudyContext
 from sensisearch.study._isolation import RunTrial, trial_runner
+from sensisearch.study._measurement import accuracy_json, classes_to_skip, measured_fields, study_reference_ms, timing_plan
 from sensisearch.study._record import TrialRecord, WorstClass
 from sensisearch.study._seeds import apply_sensitivity, enqueue_seeds, make_sampler, with_profile
 from sensisearch.study._storage import open_storage
@@ -103,9 +104,11 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
         percentiles=tuple(settings.percentiles),
         default_calibration=CalibrationChoice(settings.default_algorithm, default_samples, 99.99),
     )
+    timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
+    evaluation.warnings.extend(timing_warnings)
     pipeline = TrialPipeline(
         resolved.model, resolved.info, backend, evaluation.evaluator, calibration,
-        LatencySettings(min_seconds=settings.latency_seconds), settings.latency_batch,
+        LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing,
     )
     storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     ctx = StudyContext(
@@ -208,7 +211,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             "config": config.to_dict(),
         }
         try:
-            outcome = run_trial(config, trial_dir)
+            outcome = run_trial(config, trial_dir, study_reference_ms(trial.study))
         except Exception as exc:
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
             failed = TrialRecord(
@@ -219,20 +222,23 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
             raise
         evaluation = outcome.evaluation
+        measured = measured_fields(trial.study, outcome, baseline_name, trial_dir, ctx.settings)
         worst_class = None
         if evaluation.per_class is not None and ctx.settings.max_class_drop is not None:
             reference = evaluation.per_class if baseline_name == "fp32" else _fp32_per_class(trial.study)
+            skipped = classes_to_skip(evaluation.per_class_instances, ctx.settings.min_class_instances)
+            measured["class_guard_skipped"] = skipped
             if reference is None:
                 log.warning("trial %d: no FP32 per-class scores yet, class guard not applied", trial.number)
             else:
-                worst_class = worst_class_drop(reference, evaluation.per_class)
+                worst_class = worst_class_drop(reference, evaluation.per_class, skip=skipped)
                 trial.set_constraint("class_drop", worst_class["drop"] - ctx.settings.max_class_drop)
         record = TrialRecord(
             trial.number,
             baseline=baseline_name,
             metric=evaluation.metric,
             metrics=dict(evaluation.metrics),
-            latency=outcome.latency.to_dict(),  # type: ignore[typeddict-item]
+            latency=outcome.latency_record or outcome.latency.to_dict(),  # type: ignore[typeddict-item]
             config=config.to_dict(),
             artifact=str(outcome.build.artifact),
             deployable=str(outcome.deployable),
@@ -243,10 +249,11 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             worst_class=worst_class,
             host=host,
             device=device,
+            **measured,
         )
         _store(trial, record)
-        write_json_atomic(trial_json, {**header, "status": "complete", **outcome.to_dict()})
-        return evaluation.value, outcome.latency.median_ms
+        write_json_atomic(trial_json, {**header, "status": "complete", **outcome.to_dict(), **accuracy_json(record)})
+        return evaluation.value, outcome.median_ms
 
     return objective
 
@@ -264,12 +271,12 @@ def _fp32_per_class(study: optuna.Study) -> dict[str, float] | None:
     return None
 
 
-def worst_class_drop(reference: dict[str, float], per_class: dict[str, float]) -> WorstClass:
-    """The class that fell most below ``reference`` (points); classes with a non-finite score are skipped."""
+def worst_class_drop(reference: dict[str, float], per_class: dict[str, float], skip: Collection[str] = ()) -> WorstClass:
+    """The class that fell most below ``reference`` (points); classes with a non-finite score, and ``skip``, are skipped."""
     drops = {
         name: reference[name] - value
         for name, value in per_class.items()
-        if name in reference and math.isfinite(value) and math.isfinite(reference[name])
+        if name in reference and name not in skip and math.isfinite(value) and math.isfinite(reference[name])
     }
     worst = max(drops, key=drops.__getitem__) if drops else None
     return {"name": worst, "drop": drops[worst] if worst is not None else 0.0}
@@ -355,7 +362,7 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
             references = run_references(ctx, ctx.space.default_calibration.samples)
     fp32 = baseline(recs, "fp32")
     write_pareto(front, None if fp32 is None else fp32.value, ctx.out)
-    choice = choose_winner(recs, ctx.settings.max_drop)
+    choice = choose_winner(recs, ctx.settings.max_drop, ctx.settings.min_speedup)
     thresholds = None
     if choice.record is not None and choice.record.config:
         winner_config = TrialConfig.from_dict(choice.record.config)
@@ -369,6 +376,8 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
         "preprocess": ctx.evaluation.preprocess.to_dict(),
         "profile": ctx.backend.profile.name,
         "latency_batch": ctx.settings.latency_batch,
+        "objective": ctx.settings.objective,
+        "timing_batch": None if ctx.pipeline.timing is None else ctx.pipeline.timing.batch,
     }
     winner_dir = export_winner(
         choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop,
@@ -400,4 +409,10 @@ def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> Repor
         fp16_note=ctx.backend.capabilities.fp16_note,
         warnings=tuple(ctx.warnings),
         references=tuple(references),
+        axis_label=None if ctx.pipeline.timing is None else ctx.pipeline.timing.axis_label,
+        objective=ctx.settings.objective,
+        timing_batch=None if ctx.pipeline.timing is None else ctx.pipeline.timing.batch,
+        min_speedup=ctx.settings.min_speedup,
+        max_class_drop=ctx.settings.max_class_drop,
+        min_class_instances=ctx.settings.min_class_instances,
     )

@@ -51,7 +51,8 @@ class StudySettings:
     batch_size: int | None = None
     """Evaluation batch of a dynamic-batch model; None: 64 for classifiers, 8 for detectors."""
     latency_batch: int = 1
-    latency_seconds: float = 0.5
+    latency_seconds: float | None = None
+    """Old name of ``timing_max_seconds`` (kept so older study files and scripts still work)."""
     eval_limit: int | None = None
     calib_limit: int | None = None
     max_class_drop: float | None = None
@@ -88,6 +89,48 @@ class StudySettings:
     """Seconds a trial may spend from loading its engine to the end of evaluation."""
     keep_artifacts: int | None = 10
     """Keep the large files of the top-k trials by metric (plus front, baselines, winner); None keeps all."""
+    # Issue 8, measurements you can ship on: paired timing, verification, winner rule, accuracy CIs.
+    objective: str = "latency"
+    """"latency" (ms per batch at ``latency_batch``) or "throughput" (images/s at ``throughput_batch``)."""
+    throughput_batch: int | None = None
+    """Batch for ``objective = "throughput"``; None: the TensorRT profile's opt shape, else 8."""
+    timing_target_ci: float = 0.05
+    """Stop a trial's paired timing once the speed-up's 95% CI is narrower than this fraction."""
+    timing_max_seconds: float | None = None
+    """Cap on a trial's paired timing (default 3 s, or ``latency_seconds`` when only that is given)."""
+    verify: bool = True
+    """Re-time FP32, all-INT8, the front and its noise band in one tournament after the last trial."""
+    verify_seconds: float = 30.0
+    min_speedup: float = 1.0
+    """The winner's verified speed-up CI lower bound must exceed this."""
+    min_class_instances: int = 10
+    """``max_class_drop`` judges only classes with at least this many ground-truth instances."""
+    drop_resamples: int = 200
+    """Bootstrap resamples for a trial's accuracy-drop CI (the verify step uses 5x more)."""
+
+    @property
+    def timing_seconds(self) -> float:
+        """The effective per-trial timing cap: ``timing_max_seconds``, else the old ``latency_seconds``, else 3 s."""
+        if self.timing_max_seconds is not None:
+            return self.timing_max_seconds
+        return self.latency_seconds if self.latency_seconds is not None else 3.0
+
+    def validate_measurement(self) -> None:
+        """Issue 8's flags (called from :meth:`validate`)."""
+        if self.objective not in ("latency", "throughput"):
+            raise SensisearchError(f"--objective {self.objective}: use latency or throughput")
+        if self.throughput_batch is not None and self.throughput_batch <= 0:
+            raise SensisearchError(f"--throughput-batch {self.throughput_batch}: must be a positive batch size")
+        if not 0 < self.timing_target_ci < 1:
+            raise SensisearchError(f"--timing-target-ci {self.timing_target_ci}: give a relative CI width in (0, 1), e.g. 0.05")
+        if self.timing_seconds <= 0 or self.verify_seconds <= 0:
+            raise SensisearchError("--timing-max-seconds and --verify-seconds must be positive")
+        if self.min_speedup <= 0:
+            raise SensisearchError(f"--min-speedup {self.min_speedup}: must be positive (1.0: faster than FP32)")
+        if self.min_class_instances < 1:
+            raise SensisearchError(f"--min-class-instances {self.min_class_instances}: must be at least 1")
+        if self.drop_resamples < 10:
+            raise SensisearchError(f"--drop-resamples {self.drop_resamples}: use at least 10 (200 is the default)")
 
     def validate(self) -> None:
         if self.budget <= 0:
@@ -124,6 +167,7 @@ class StudySettings:
                 raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials, or all")
         if self.keep_artifacts is not None and self.keep_artifacts < 0:
             raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials >= 0, or all")
+        self.validate_measurement()
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(

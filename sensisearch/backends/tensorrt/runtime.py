@@ -8,8 +8,10 @@ pieces (batch chunking, latency statistics) live in pure functions.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -161,6 +163,36 @@ def cuda_bindings() -> Any:
         raise SensisearchError("no CUDA Python bindings: pip install cuda-python (or pycuda)") from None
 
 
+def parse_gpu_state(clocks_csv: str, apps_csv: str) -> dict[str, Any]:
+    """``nvidia-smi`` CSV (``--query-gpu=clocks.sm,clocks.mem,clocks.max.sm`` and
+    ``--query-compute-apps=pid,process_name,used_memory``, noheader, nounits) as a dict."""
+    gpus = []
+    for line in clocks_csv.strip().splitlines():
+        values = [v.strip() for v in line.split(",")]
+        if len(values) >= 3:
+            gpus.append({"sm_mhz": values[0], "mem_mhz": values[1], "max_sm_mhz": values[2]})
+    apps = []
+    for line in apps_csv.strip().splitlines():
+        values = [v.strip() for v in line.split(",")]
+        if len(values) >= 2:
+            apps.append({"pid": values[0], "name": values[1], "used_mib": values[2] if len(values) > 2 else None})
+    return {"gpus": gpus, "compute_processes": apps}
+
+
+def gpu_state() -> dict[str, Any]:
+    """GPU clocks and the compute processes on the GPU, from nvidia-smi; empty where it is absent."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {}
+    common = ["--format=csv,noheader,nounits"]
+    try:
+        clocks = subprocess.run([smi, "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm", *common], capture_output=True, text=True, timeout=10)
+        apps = subprocess.run([smi, "--query-compute-apps=pid,process_name,used_memory", *common], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return parse_gpu_state(clocks.stdout, apps.stdout)
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -212,6 +244,7 @@ class TensorRTRunner(Runner):
             self.contexts.append(ctx)
             self.streams.append(stream)
         self._buffers: list[dict[str, tuple[int, int]]] = [{} for _ in self.contexts]
+        self._events: list[Any] = []
 
     # ---------------------------------------------------------------- specs
     def _spec(self, name: str) -> TensorSpec:
@@ -302,6 +335,40 @@ class TensorRTRunner(Runner):
             self.cuda.destroy_event(end_ev)
         return LatencyStats.from_samples(samples, batch)
 
+    def timing_arm(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        """One execute_async_v3 on inputs already on the device, timed by a CUDA-event pair (returns ms)."""
+        self._enqueue(0, feeds)
+        stream = self.streams[0]
+        self.cuda.sync(stream)
+        start_ev, end_ev = self.cuda.event(), self.cuda.event()
+        self._events += [start_ev, end_ev]
+
+        def run_once() -> float:
+            self.cuda.record(start_ev, stream)
+            self._execute_only(0)
+            self.cuda.record(end_ev, stream)
+            return self.cuda.elapsed_ms(start_ev, end_ev)
+
+        return run_once
+
+    def throughput_arm(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        """One execute per execution context, all streams busy at once; host-timed up to the last sync."""
+        for k in range(len(self.contexts)):
+            self._enqueue(k, feeds)
+        for s in self.streams:
+            self.cuda.sync(s)
+
+        def run_all() -> None:
+            for k in range(len(self.contexts)):
+                self._execute_only(k)
+            for s in self.streams:
+                self.cuda.sync(s)
+
+        return run_all
+
+    def timing_facts(self) -> dict[str, Any]:
+        return gpu_state()
+
     def measure_throughput(self, feeds: Mapping[str, np.ndarray], seconds: float = 2.0, warmup_runs: int = 10) -> dict[str, Any]:
         """Images per second with every stream/context busy (build with ``profiles=streams``
         for dynamic shapes so each context has its own optimization profile)."""
@@ -336,6 +403,9 @@ class TensorRTRunner(Runner):
         return inspect_engine(self.engine, ctx, self.flavor)
 
     def close(self) -> None:
+        for event in self._events:
+            self.cuda.destroy_event(event)
+        self._events = []
         for bufs in self._buffers:
             for ptr, _ in bufs.values():
                 self.cuda.free(ptr)
