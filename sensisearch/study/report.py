@@ -236,7 +236,7 @@ def write_report(
             continue
         row = front_row(r, fp32)
         lines.append(
-            f"| all-{name.upper()} | {r.number} | {row.value} | {row.drop} | {row.median_ms} | {row.p90_ms} | "
+            f"| all-{name.upper()} | {r.number} | {row.value} | {row.change} | {row.median_ms} | {row.p90_ms} | "
             f"{row.speedup} | {row.in_study} | {row.kernels} |"
         )
     verdict, text = int8_speed_verdict(recs)
