@@ -129,7 +129,8 @@ def effective_config_key(config: TrialConfig) -> str:
 
 STUDY_FILE = "study.json"
 # Files a study writes into --out: a folder holding any of them belongs to a study.
-STUDY_OUTPUTS = ("trials", "pareto.json", "pareto.csv", "winner", "report.md", "study.db")
+# (study.db is not among them: a shared storage is checked by the identity stored in it.)
+STUDY_OUTPUTS = ("trials", "pareto.json", "pareto.csv", "winner", "report.md")
 
 
 def _evaluation_data_digest(evaluator: Evaluator, settings: StudySettings) -> str:

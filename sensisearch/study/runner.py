@@ -109,6 +109,8 @@ def prepare(settings: StudySettings) -> StudyContext:
     identity = identity_of(settings, resolved.info, evaluation, backend, space)
     check_out_identity(out, identity)
     check_stored_identity(storage, study_name, identity, storage_url)
+    # Claimed before the long work, so a second run into this --out sees whose it is.
+    write_study_file(out, identity, study_name, mask_url(storage_url))
     if Precision.INT8 in precisions:
         assert calib_source is not None
         calibration = prepare_calibration(
