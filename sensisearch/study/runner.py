@@ -72,6 +72,8 @@ def prepare(settings: StudySettings) -> StudyContext:
     study_name = settings.study_name or resolved.model_path.stem
     # Issue 9: nothing is written into another study's --out, and the storage is
     # opened and checked before calibration or any other long work.
+    if settings.task == "classification":
+        check_classifier_output(resolved.model, f"--task classification with --model {resolved.model_path}")
     check_out_owner(out, study_name, resolved.info.sha256)
     make_out_dir(out)
     storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
