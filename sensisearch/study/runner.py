@@ -331,6 +331,7 @@ def decide_trial(
     lower-numbered trials, and stops this worker.
     """
     key = effective_config_key(config)
+    record_heartbeat_now(ctx, trial.number)
     trial.set_user_attr(TrialRecord.attr_key("config_key"), key)
     # A re-queued trial carries the attributes of the one it replaces: decide afresh.
     trial.set_user_attr(TrialRecord.attr_key("role"), None)
@@ -350,6 +351,18 @@ def decide_trial(
     if original.state == optuna.trial.TrialState.COMPLETE and original.values:
         return original.values[0], original.values[1]
     raise optuna.TrialPruned(f"repeats trial {decision.of}, which failed")
+
+
+def record_heartbeat_now(ctx: StudyContext, number: int) -> None:
+    """Write the trial's first heartbeat before any work.
+
+    Optuna's heartbeat thread writes it asynchronously; a worker killed before that
+    write leaves a RUNNING trial without a heartbeat, which is never found stale.
+    """
+    storage = ctx.storage
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(ctx.study_name), number)
+        storage.record_heartbeat(trial_id)
 
 
 def check_metric_value(value: object, metric: str) -> None:
@@ -408,7 +421,7 @@ def run_study(
         # A trial that fails before it could even decide (no role) never counts: stop rather than loop.
         guard.undecided_failures = guard.undecided_failures + 1 if record.role is None and trial.state.name == "FAIL" else 0
         if guard.undecided_failures >= _budget.MAX_CONSECUTIVE_DUPLICATES:
-            guard.reference_error = f"{guard.undecided_failures} trials in a row failed before evaluating"
+            guard.stuck_error = TrialRecord.recorded_error(trial) or "see the log with -v"
             study.stop()
         if guard.duplicates_in_a_row >= _budget.MAX_CONSECUTIVE_DUPLICATES:
             guard.exhausted = True
@@ -439,6 +452,7 @@ class _RunGuard:
     exhausted: bool = False
     duplicates_in_a_row: int = 0
     undecided_failures: int = 0
+    stuck_error: str | None = None
 
 
 def _raise_if_reference_failed(study: optuna.Study, guard: _RunGuard) -> None:
@@ -447,6 +461,11 @@ def _raise_if_reference_failed(study: optuna.Study, guard: _RunGuard) -> None:
             record = TrialRecord.from_trial(t)
             if record.baseline == "fp32" and record.error is not None and record.role != _budget.DUPLICATE:
                 guard.reference_error = f"trial {t.number}: {record.error}"
+    if guard.stuck_error is not None:
+        raise SensisearchError(
+            f"{guard.undecided_failures} trials in a row failed before they could be evaluated ({guard.stuck_error}); "
+            "run with -v for the traceback"
+        )
     if guard.reference_error is not None:
         raise SensisearchError(
             f"the FP32 reference failed ({guard.reference_error}), so no trial can be compared; "
