@@ -313,9 +313,10 @@ def test_kill_during_a_baseline_then_rerun_completes_both_baselines(tmp_path: Pa
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    killed = [r for r in _records(out) if r.baseline == name]
-    assert killed and all(r.state == "RUNNING" for r in killed)  # really killed inside the baseline
+    _, err = proc.communicate()
+    killed = [(r.number, r.state, r.role) for r in _records(out) if r.baseline == name]
+    # really killed inside the baseline
+    assert killed and all(state == "RUNNING" for _, state, _ in killed), (killed, proc.returncode, err[-2000:])
     rerun = _cli("run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64",
                  "--heartbeat-seconds", "1", "--latency-seconds", "0.05", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
