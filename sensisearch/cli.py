@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -333,7 +334,17 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("sensisearch").setLevel(logging.DEBUG if verbose else logging.WARNING)
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Optuna logs a failed trial's traceback at WARNING; our progress line names
+    # the failure, and tracebacks are for -v only.
+    optuna.logging.set_verbosity(optuna.logging.WARNING if verbose else optuna.logging.ERROR)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised inside the running trial like Ctrl-C, so the trial is failed and re-queued."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -343,6 +354,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sensisearch.study._verify import save_run_settings
 
     settings = _settings(args)
+    # Issue 9: SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     if settings.storage:
         # A wrong URL or password: one line now, before any calibration work.
         from sensisearch.study._storage import open_storage
@@ -367,7 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:
-        task = progress.add_task("", total=settings.budget)
+        task = progress.add_task("", total=settings.budget)  # searched configurations; baselines are extra
         # Show progress of a resumed study from where it stands.
         study = open_study(ctx)
         progress.update(task, completed=min(finished_count(study), settings.budget))
@@ -635,9 +648,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: finished trials are in the study; re-run the same command to resume")
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        console.print(f"[yellow]{what}[/]: finished trials are in the study, the running one is queued again; "
+                      "re-run the same command to resume")
+        return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # the last line of defence: one line, the traceback only with -v
+        if getattr(args, "verbose", False):
+            console.print_exception()
+        message = " ".join(str(exc).split())
+        storage = getattr(args, "storage", None)
+        if storage:
+            from sensisearch.study._storage import mask_url
+
+            message = message.replace(storage, mask_url(storage))
+        console.print(
+            f"[red]error:[/] internal error: {type(exc).__name__}: {escape(message)} "
+            "(run with -v for the traceback)", highlight=False, soft_wrap=True,
+        )
+        return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

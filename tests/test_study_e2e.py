@@ -18,6 +18,8 @@ from sensisearch.cli import main
 from sensisearch.evaluation.classification import ClassificationEvaluator
 from sensisearch.evaluation.datasets import Preprocess, load_images
 from sensisearch.examples import load_example
+from sensisearch.study import TrialRecord
+from sensisearch.study.runner import finished_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +32,8 @@ def _run(*args: str) -> int:
 def digits_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     code = _run(
-        "--example", "digits", "--budget", "6", "--out", str(out), "--latency-seconds", "0.2",
+        # --budget counts searched configurations; the FP32 and INT8 baselines come on top.
+        "--example", "digits", "--budget", "4", "--out", str(out), "--latency-seconds", "0.2",
         "--sample-counts", "64,128", "--seed", "1", "--verify-seconds", "5",
     )
     assert code == 0
@@ -123,16 +126,17 @@ def test_rerun_with_larger_budget_resumes(digits_study: Path) -> None:
     storage = f"sqlite:///{digits_study / 'study.db'}"
     before = optuna.load_study(study_name="digits_resnet", storage=storage)
     finished_before = {t.number: t.datetime_complete for t in before.trials if t.state.is_finished()}
-    assert _run("--example", "digits", "--budget", "8", "--out", str(digits_study), "--latency-seconds", "0.2",
+    assert _run("--example", "digits", "--budget", "6", "--out", str(digits_study), "--latency-seconds", "0.2",
                 "--sample-counts", "64,128", "--seed", "1", "--verify-seconds", "5") == 0
     after = optuna.load_study(study_name="digits_resnet", storage=storage)
-    assert len([t for t in after.trials if t.state.is_finished()]) == 8
+    assert finished_count(after) == 6  # distinct searched configurations; baselines and repeats on top
+    trials_after = len(after.trials)
     for number, completed in finished_before.items():
         assert after.trials[number].datetime_complete == completed  # not rerun
     # Same budget again: nothing new runs.
-    assert _run("--example", "digits", "--budget", "8", "--out", str(digits_study), "--latency-seconds", "0.2",
+    assert _run("--example", "digits", "--budget", "6", "--out", str(digits_study), "--latency-seconds", "0.2",
                 "--sample-counts", "64,128", "--seed", "1", "--verify-seconds", "5") == 0
-    assert len(optuna.load_study(study_name="digits_resnet", storage=storage).trials) == 8
+    assert len(optuna.load_study(study_name="digits_resnet", storage=storage).trials) == trials_after
 
 
 def load_example_spec(mnist_dir: Path):  # noqa: ANN201 - the MNIST model's input spec
@@ -199,7 +203,7 @@ def test_failed_trial_is_recorded_and_study_goes_on(tmp_path: Path, monkeypatch:
     example = load_example("digits")
     out = tmp_path / "out"
     code = _run("--model", str(example.model), "--calib-data", str(example.calib_data), "--mean", "0.5", "--std", "0.5",
-                "--evaluator", "failing_eval:score", "--budget", "3", "--out", str(out), "--latency-seconds", "0.1",
+                "--evaluator", "failing_eval:score", "--budget", "1", "--out", str(out), "--latency-seconds", "0.1",
                 "--sample-counts", "64")
     assert code == 0
     study = optuna.load_study(study_name="digits_resnet", storage=f"sqlite:///{out / 'study.db'}")
@@ -237,7 +241,8 @@ def test_kill_9_and_resume_loses_nothing(tmp_path: Path) -> None:
     after = optuna.load_study(study_name="digits_resnet", storage=storage)
     assert after.trials[2].state == optuna.trial.TrialState.FAIL
     complete = [t for t in after.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 5  # the killed trial does not use up budget
+    # the killed trial does not use up budget: 2 baselines + 5 searched, none a repeat
+    assert len([t for t in complete if TrialRecord.from_trial(t).role == "evaluate"]) == 7
     for number, values in kept.items():
         assert after.trials[number].values == values
     # The killed configuration was queued again and ran.

@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import onnx
+    import optuna
 
     from sensisearch.backends.base import Backend
     from sensisearch.backends.factory import BackendSettings
     from sensisearch.evaluation.base import Evaluator
     from sensisearch.model.analysis import ModelInfo
+    from sensisearch.study._identity import StudyIdentity
     from sensisearch.study.calibrate import CalibrationRanges
     from sensisearch.study.pipeline import TrialPipeline
     from sensisearch.study.settings import StudySettings
@@ -38,6 +40,9 @@ class StudyContext:
     study_name: str
     model_warnings: tuple[str, ...] = ()
     backend_reason: str = ""
+    # Issue 9: the storage opened (and checked) before calibration, and the study's identity.
+    storage: optuna.storages.BaseStorage | None = None
+    identity: StudyIdentity | None = None
 
     @property
     def trials_dir(self) -> Path:

@@ -12,11 +12,24 @@ the same deployable model, so the study never evaluates one twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
+from sensisearch.errors import SensisearchError
+from sensisearch.fileio import sha256_file, write_json_atomic
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision, TrialConfig
+
+if TYPE_CHECKING:
+    from sensisearch.backends.base import Backend
+    from sensisearch.evaluation.base import Evaluator
+    from sensisearch.model.analysis import ModelInfo
+    from sensisearch.study._context import StudyContext
+    from sensisearch.study.space import SearchSpace
+    from sensisearch.study.tasks import EvaluationSetup
+    from sensisearch.study.settings import StudySettings
 
 # Which flag (or file) a user changes to make each part of the identity differ.
 _FLAG_OF_FIELD: dict[str, str] = {
@@ -110,3 +123,140 @@ def effective_config_key(config: TrialConfig) -> str:
         if choice.algorithm is CalibrationAlgorithm.PERCENTILE:
             calibration["percentile"] = choice.percentile
     return json.dumps({"precisions": precisions, "calibration": calibration}, sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------- from a study context
+
+STUDY_FILE = "study.json"
+# Files a study writes into --out: a folder holding any of them belongs to a study.
+# (study.db is not among them: a shared storage is checked by the identity stored in it.)
+STUDY_OUTPUTS = ("trials", "pareto.json", "pareto.csv", "winner", "report.md")
+
+
+def _evaluation_data_digest(evaluator: Evaluator, settings: StudySettings) -> str:
+    """Content digest of the evaluation data, including the limit."""
+    data = getattr(evaluator, "data", None)
+    if data is not None and getattr(data, "fingerprint", None):
+        return str(data.fingerprint)
+    annotations = getattr(evaluator, "annotations", None)
+    images = getattr(evaluator, "image_paths", None)
+    if annotations is not None and images is not None:
+        digest = hashlib.sha256(sha256_file(annotations).encode())
+        for path in images:
+            digest.update(f"|{Path(path).name}|{sha256_file(path)}".encode())
+        return f"{digest.hexdigest()}|images={len(images)}"
+    # A user's function: its own data is invisible to us; the function names it.
+    return f"evaluator={settings.evaluator}"
+
+
+def identity_for(ctx: StudyContext) -> StudyIdentity:
+    """The identity of the study ``ctx`` describes (model, data, metric, backend, search space, machine).
+
+    The lead may point :func:`identity_of` at ``EvaluationSetup.identity_parts()`` once it exists.
+    """
+    return identity_of(ctx.settings, ctx.info, ctx.evaluation, ctx.backend, ctx.space)
+
+
+def identity_of(
+    settings: StudySettings, info: ModelInfo, evaluation: EvaluationSetup, backend: Backend, space: SearchSpace
+) -> StudyIdentity:
+    """:func:`identity_for` from the parts, so a run is checked before its calibration (the context needs it)."""
+    from sensisearch.measure import machine_identity
+
+    evaluator = evaluation.evaluator
+    describe = dict(evaluator.describe())
+    backend_facts = backend.describe()
+    gpu = backend_facts.get("gpu") or backend_facts.get("gpu_name")
+    if gpu:
+        device = f"{gpu} (driver {backend_facts.get('driver', backend_facts.get('driver_version', '?'))})"
+    else:
+        machine = machine_identity()
+        device = f"{machine.cpu_model} x{machine.cpu_count} {machine.machine}"
+    return StudyIdentity(
+        model_sha256=info.sha256,
+        eval_data=_evaluation_data_digest(evaluator, settings),
+        calib_data=None if evaluation.calibration is None else evaluation.calibration.fingerprint,
+        task=evaluation.task,
+        metric=evaluator.metric,
+        evaluation={
+            "preprocess": evaluation.preprocess.to_dict(),
+            "settings": describe.get("settings", {}),
+            "evaluator": settings.evaluator,
+            "input_shape": describe.get("input_shape"),
+        },
+        backend=backend.name,
+        profile=backend.profile.name,
+        timing={"latency_batch": settings.latency_batch},
+        search_space={
+            "layers": list(space.layers),
+            "precisions": [p.value for p in space.precisions],
+            "algorithms": [a.value for a in space.algorithms],
+            "sample_counts": list(space.sample_counts),
+            "percentiles": list(space.percentiles),
+        },
+        device=device,
+    )
+
+
+def refusal(differences: list[str], where: str) -> str:
+    """The one line that refuses a run whose identity differs from the study's."""
+    return (
+        f"{where} holds another experiment ({'; '.join(differences)}); "
+        "start a new study with another --out (or --study-name with --storage), or re-run with the study's settings"
+    )
+
+
+def check_out_owner(out: Path, study_name: str, model_sha256: str) -> None:
+    """Refuse, before anything is written, an ``--out`` that holds another study's files.
+
+    Only what is known before the data are read (study name and model) is checked
+    here; the full identity is compared by :func:`check_out_identity`.
+    """
+    if out.exists() and not out.is_dir():
+        raise SensisearchError(f"--out {out}: is a file, not a folder; pass a folder for the study's outputs")
+    recorded = read_study_file(out)
+    if recorded is None:
+        existing = [name for name in STUDY_OUTPUTS if (out / name).exists()]
+        if existing:
+            raise SensisearchError(
+                f"--out {out}: holds study files ({', '.join(existing)}) without a {STUDY_FILE} saying whose; "
+                "pass an empty or new --out"
+            )
+        return
+    if recorded.get("study_name") != study_name:
+        raise SensisearchError(
+            f"--out {out}: belongs to study '{recorded.get('study_name')}', not '{study_name}'; "
+            "pass another --out for a new study"
+        )
+    old = (recorded.get("identity") or {}).get("model_sha256")
+    if old is not None and old != model_sha256:
+        raise SensisearchError(refusal([f"--model: {_short(old)} in the study, {_short(model_sha256)} now"], f"--out {out}"))
+
+
+def check_out_identity(out: Path, identity: StudyIdentity) -> None:
+    recorded = read_study_file(out)
+    if recorded is None:
+        return
+    differences = identity.differences(recorded.get("identity") or {})
+    if differences:
+        raise SensisearchError(refusal(differences, f"--out {out}"))
+
+
+def read_study_file(out: Path) -> dict[str, Any] | None:
+    path = out / STUDY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SensisearchError(f"{path}: unreadable ({type(exc).__name__}); restore it or pass another --out") from exc
+    if not isinstance(data, dict):
+        raise SensisearchError(f"{path}: not a study record; restore it or pass another --out")
+    return data
+
+
+def write_study_file(out: Path, identity: StudyIdentity, study_name: str, masked_storage: str) -> None:
+    """``<out>/study.json``: which study owns this folder (written atomically, once)."""
+    if read_study_file(out) is not None:
+        return
+    write_json_atomic(out / STUDY_FILE, {"study_name": study_name, "storage": masked_storage, "identity": identity.to_dict()})

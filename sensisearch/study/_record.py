@@ -108,6 +108,11 @@ class TrialRecord:
     """True when ``drop_ci95`` holds 0: the data cannot tell this trial's accuracy from FP32's."""
     verified_drop_ci95: list[float] | None = None
     """The verify step's drop CI (more resamples); read from the study, never a trial attribute."""
+    # Issue 9 (one study, one experiment): how the budget treated this trial.
+    config_key: str | None = _attr("config_key")
+    """``effective_config_key`` of its configuration: equal keys build the same model."""
+    role: str | None = _attr("role")
+    """"evaluate", "duplicate", "over_budget" or "interrupted" (see ``study._budget``); None: undecided."""
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:
@@ -158,6 +163,11 @@ class TrialRecord:
     def baseline_attrs(name: str) -> dict[str, Any]:
         """User attributes that mark an enqueued trial as the all-``name`` baseline."""
         return {_BASELINE_ATTR: name}
+
+    @classmethod
+    def attr_key(cls, field_name: str) -> str:
+        """The user-attribute key of a stored field (to set one attribute as soon as it is known)."""
+        return next(f.metadata[_KEY] for f in dataclasses.fields(cls) if f.name == field_name)
 
     @staticmethod
     def recorded_error(trial: optuna.trial.FrozenTrial) -> str | None:

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 import optuna
+import sqlalchemy.event
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
 from sensisearch.errors import SensisearchError
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import URL
+    from sqlalchemy.engine import URL, Engine
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +184,30 @@ def open_storage(
                 f"{STORAGE_FLAG} {masked}: cannot open the study storage ({_scrub(_first_line(exc), secrets)}); "
                 "check the URL"
             ) from exc
+        if dialect == "sqlite":
+            serialize_sqlite_transactions(storage.engine)
         log.info("study storage %s opened (heartbeat every %d s)", masked, heartbeat_seconds)
         return storage
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def serialize_sqlite_transactions(engine: Engine) -> None:
+    """Make every SQLite transaction ``BEGIN IMMEDIATE`` (issue 9: two workers on one SQLite file).
+
+    Python's sqlite3 starts a transaction only at the first write, so Optuna's
+    read-then-update of a WAITING trial is not atomic: two processes both read it
+    as WAITING and both run it ("Cannot tell a COMPLETE trial"). Taking the write
+    lock at BEGIN serialises them; SQLAlchemy documents this recipe for pysqlite.
+    """
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(connection):  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed
 
 
 def _parse(url: str) -> URL:

@@ -38,6 +38,26 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def config_for_model(config_path: Path, recorded: Any, layers: list[str]) -> TrialConfig:
+    """The recorded configuration, checked against the model's layers: no layer silently stays FP32."""
+    try:
+        config = TrialConfig.from_dict(recorded)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SensisearchError(
+            f"--config {config_path}: invalid configuration ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+            "precisions are int8, fp16, fp32 — use a winner/config.json or trial.json as written"
+        ) from exc
+    missing = [name for name in layers if name not in config.precisions]
+    unknown = [name for name in config.precisions if name not in layers]
+    if missing or unknown:
+        which = f"no precision for layer {missing[0]}" if missing else f"layer {unknown[0]} is not in the model"
+        raise SensisearchError(
+            f"--config {config_path}: {which} ({len(missing)} missing, {len(unknown)} unknown); "
+            "use the config.json written for this model, or pass --model with the study's model"
+        )
+    return config
+
+
 def build_from_config(config_path: Path, backend: Backend, out: Path | None = None, model: Path | None = None) -> tuple[Path, BuildResult]:
     data = read_config(config_path)
     recorded = data.get("model") or {}
@@ -50,7 +70,7 @@ def build_from_config(config_path: Path, backend: Backend, out: Path | None = No
             f"--model {model_path}: sha256 {info.sha256[:12]}… differs from the configuration's model "
             f"({recorded['sha256'][:12]}…); pass the model the study ran on"
         )
-    config = TrialConfig.from_dict(data["config"])
+    config = config_for_model(config_path, data["config"], [layer.name for layer in info.layers])
     ranges = ranges_from_dict(data.get("thresholds") or {})
     pipeline = ArtifactPipeline(proto, info, backend)
     placement = pipeline.plan(config)

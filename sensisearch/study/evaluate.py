@@ -38,6 +38,10 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
             if len(runner.inputs) != 1:
                 raise SensisearchError(f"--model {model_path}: {len(runner.inputs)} inputs; image evaluation needs one")
             evaluation = build_evaluation(settings, runner.inputs[0], model, out, need_calibration=False)
+            if evaluation.task == "classification":
+                from sensisearch.study.runner import check_classifier_output  # issue 9: no top-1 of an image output
+
+                check_classifier_output(model, f"--model {model_path}")
             result = evaluation.evaluator.evaluate(runner)
     return {
         "model": str(model_path),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Collection
 
+import onnx
 import optuna
 
 from sensisearch.backends.base import LatencySettings
@@ -18,13 +20,24 @@ from sensisearch.backends.factory import choose_backend
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
+from sensisearch.study import _budget
 from sensisearch.study._context import StudyContext
 from sensisearch.study._isolation import RunTrial, trial_runner
 from sensisearch.study._measurement import accuracy_json, classes_to_skip, measured_fields, study_reference_ms, timing_plan
 from sensisearch.study._record import TrialRecord, WorstClass
 from sensisearch.study._seeds import apply_sensitivity, enqueue_seeds, make_sampler, with_profile
-from sensisearch.study._storage import open_storage
 from sensisearch.study._worker import artifact_pruner, store_settings, worker_device, worker_host
+from sensisearch.study._identity import (
+    StudyIdentity,
+    check_out_identity,
+    check_out_owner,
+    effective_config_key,
+    identity_for,
+    identity_of,
+    refusal,
+    write_study_file,
+)
+from sensisearch.study._storage import mask_url, open_storage
 from sensisearch.study.calibrate import prepare_calibration
 from sensisearch.study.pipeline import TrialPipeline, ranges_to_dict
 from sensisearch.report import review_markdown, write_review
@@ -69,7 +82,15 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
     resolved = resolve_inputs(settings)
     settings = resolved.settings
     out = settings.out or Path("runs") / resolved.model_path.stem
-    out.mkdir(parents=True, exist_ok=True)
+    study_name = settings.study_name or resolved.model_path.stem
+    # Issue 9: nothing is written into another study's --out, and the storage is
+    # opened and checked before calibration or any other long work.
+    if settings.task == "classification":
+        check_classifier_output(resolved.model, f"--task classification with --model {resolved.model_path}")
+    check_out_owner(out, study_name, resolved.info.sha256)
+    make_out_dir(out)
+    storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = open_storage(storage_url, settings.heartbeat_seconds)
     backend_settings = settings.backend_settings()
     choice = choose_backend(backend_settings, out)
     if not choice.can_run:
@@ -83,6 +104,7 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
     if unsupported:
         log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
     evaluation = build_evaluation(settings, resolved.input_spec, resolved.model, out, need_calibration=Precision.INT8 in precisions)
+    check_task_settings(settings, evaluation.task, resolved.model)
     calib_source = evaluation.calibration
     calibration = None
     sample_counts: tuple[int, ...] = tuple(settings.sample_counts)
@@ -90,11 +112,6 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
         if calib_source is None:
             raise SensisearchError("INT8 needs calibration data: pass --calib-data DIR (or --precisions fp16,fp32)")
         sample_counts = capped_sample_counts(settings.sample_counts, calib_source.size)
-        calibration = prepare_calibration(
-            resolved.model_path, resolved.model, resolved.info, calib_source, sample_counts,
-            seed=settings.seed, cache_dir=settings.cache_dir or out / "cache", threads=settings.threads,
-            progress=on_statistics, cached_only=not calibrate,
-        )
     default_samples = sample_counts[0] if len(sample_counts) == 1 else sample_counts[min(1, len(sample_counts) - 1)]
     space = SearchSpace(
         layers=tuple(layer.name for layer in resolved.info.layers),
@@ -106,54 +123,104 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
     )
     timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
     evaluation.warnings.extend(timing_warnings)
+    identity = identity_of(settings, resolved.info, evaluation, backend, space)
+    check_out_identity(out, identity)
+    check_stored_identity(storage, study_name, identity, storage_url)
+    # Claimed before the long work, so a second run into this --out sees whose it is.
+    write_study_file(out, identity, study_name, mask_url(storage_url))
+    if Precision.INT8 in precisions:
+        assert calib_source is not None
+        calibration = prepare_calibration(
+            resolved.model_path, resolved.model, resolved.info, calib_source, sample_counts,
+            seed=settings.seed, cache_dir=settings.cache_dir or out / "cache", threads=settings.threads,
+            progress=on_statistics, cached_only=not calibrate,
+        )
     pipeline = TrialPipeline(
         resolved.model, resolved.info, backend, evaluation.evaluator, calibration,
         LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing,
     )
-    storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     ctx = StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
         backend_settings=backend_settings, backend=backend, evaluation=evaluation, space=space, pipeline=pipeline,
-        calibration=calibration, storage_url=storage_url, study_name=settings.study_name or resolved.model_path.stem,
+        calibration=calibration, storage_url=storage_url, study_name=study_name,
         model_warnings=tuple(resolved.warnings) + ((profile_warning,) if profile_warning else ()), backend_reason=choice.reason,
+        storage=storage, identity=identity,
     )
     return apply_sensitivity(ctx)  # issue 10: sensitivity profile and compact space when the search uses them
 
 
-def make_storage(url: str, heartbeat_seconds: int) -> optuna.storages.BaseStorage | str:
-    """An RDB storage (SQLite, PostgreSQL, MySQL) with heartbeats, else the URL as given.
+def make_out_dir(out: Path) -> None:
+    """Create ``--out`` and check it is writable, with one line when it is not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sensisearch-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise SensisearchError(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__}); pass a writable folder") from exc
 
-    With heartbeats a worker that dies (kill -9, lost machine) leaves a RUNNING
-    trial whose heartbeat stops; after the grace period any worker marks it
-    FAILED and queues its configuration once more, so nothing is lost.
-    """
-    if url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql"):
-        # Issue 12: one checked opener (psycopg 3, pool for many workers, masked one-line errors).
-        return open_storage(url, heartbeat_seconds)
-    return url
+
+def check_task_settings(settings: StudySettings, task: str, model: onnx.ModelProto) -> None:
+    """Settings that only make sense for some tasks, and a classifier's output shape."""
+    if settings.max_class_drop is not None and task != "detection":
+        raise SensisearchError(f"--max-class-drop: applies to detectors only (this study's task is {task}); remove it")
+    if task == "classification":
+        check_classifier_output(model, "--model")
+
+
+def check_classifier_output(model: onnx.ModelProto, flag: str) -> None:
+    """A classifier's first output must be scores per class, [N, classes] (or [N, classes, 1, 1])."""
+    output = model.graph.output[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in output.type.tensor_type.shape.dim]
+    extra = [d for d in dims[2:] if d != 1]
+    if len(dims) < 2 or extra:
+        raise SensisearchError(
+            f"{flag}: output '{output.name}' has shape {dims}, not class scores [N, classes]; "
+            "this is not a classifier (use --task detection with --annotations, or --evaluator MODULE:FUNCTION)"
+        )
+
+
+def check_stored_identity(storage: optuna.storages.BaseStorage, study_name: str, identity: StudyIdentity, storage_url: str) -> None:
+    """Refuse a run whose identity differs from the one the stored study recorded."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return
+    attrs = storage.get_study_user_attrs(study_id)
+    recorded = attrs.get("identity")
+    differences: list[str] = []
+    if recorded is not None:
+        differences = identity.differences(recorded)
+    elif attrs.get("model_sha256") not in (None, identity.model_sha256):
+        differences = [f"--model: {str(attrs['model_sha256'])[:12]}… in the study, {identity.model_sha256[:12]}… now"]
+    if differences:
+        raise SensisearchError(refusal(differences, f"study '{study_name}' in --storage {mask_url(storage_url)}"))
 
 
 def open_study(ctx: StudyContext) -> optuna.Study:
+    # Seeded per trial number: a resumed study or a second worker continues the
+    # sampler instead of replaying the first run's proposals (see _budget).
     sampler = make_sampler(ctx.settings.sampler, ctx.settings.seed)
+    storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.heartbeat_seconds)
+    masked = mask_url(ctx.storage_url)
     try:
         study = optuna.create_study(
-            storage=make_storage(ctx.storage_url, ctx.settings.heartbeat_seconds), study_name=ctx.study_name,
+            storage=storage, study_name=ctx.study_name,
             load_if_exists=True, directions=["maximize", "minimize"], sampler=sampler,
         )
     except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
-        raise SensisearchError(f"--storage {ctx.storage_url}: cannot open the study ({str(exc).splitlines()[0]})") from exc
-    recorded = study.user_attrs.get("model_sha256")
-    if recorded is None:
+        raise SensisearchError(f"--storage {masked}: cannot open the study ({str(exc).splitlines()[0]})") from exc
+    identity = ctx.identity or identity_for(ctx)
+    check_stored_identity(storage, ctx.study_name, identity, ctx.storage_url)
+    if study.user_attrs.get("identity") is None:
+        study.set_user_attr("identity", identity.to_dict())
+        study.set_user_attr("storage", masked)
         study.set_user_attr("model_sha256", ctx.info.sha256)
         study.set_user_attr("model_path", str(ctx.model_path.resolve()))
         study.set_user_attr("metric", ctx.evaluator.metric)
         study.set_user_attr("layers", list(ctx.space.layers))
         study.set_user_attr("backend", ctx.backend.describe())
-    elif recorded != ctx.info.sha256:
-        raise SensisearchError(
-            f"study '{ctx.study_name}' in {ctx.storage_url} was made for another model (sha256 {recorded[:12]}...); "
-            "use a new --out or --study-name"
-        )
+    write_study_file(ctx.out, identity, ctx.study_name, masked)
     # Issue 11: named objectives for optuna-dashboard, and the settings `sensisearch report` reloads.
     if study.metric_names is None:
         with warnings.catch_warnings():
@@ -165,30 +232,39 @@ def open_study(ctx: StudyContext) -> optuna.Study:
     return study
 
 
+def baseline_names(ctx: StudyContext) -> list[str]:
+    """FP32 always (the reference, even when --precisions leaves it out), then all-INT8 and all-FP16 where searched."""
+    return [p.value for p in (Precision.FP32, Precision.INT8, Precision.FP16) if p is Precision.FP32 or p in ctx.space.precisions]
+
+
 def enqueue_baselines(ctx: StudyContext, study: optuna.Study) -> None:
-    """All-FP32 first (the reference), then all-INT8 and all-FP16 where offered."""
-    if study.trials:
-        return  # resumed: the baselines were queued when the study was made
-    order = [Precision.FP32, Precision.INT8, Precision.FP16]
-    for precision in order:
-        if precision in ctx.space.precisions:
-            config = ctx.space.uniform(precision)
-            study.enqueue_trial(ctx.space.params_for(config), user_attrs=TrialRecord.baseline_attrs(precision.value), skip_if_exists=True)
+    """Queue each baseline the study does not hold yet (first run, or one lost for good)."""
+    # A trial failed without an error of its own (interrupted, dead worker) holds no
+    # result; unless its re-queued copy exists, the baseline is queued again.
+    present = {
+        TrialRecord.from_attrs(t.number, t.user_attrs).baseline
+        for t in study.get_trials(deepcopy=False)
+        if not (t.state == optuna.trial.TrialState.FAIL and TrialRecord.recorded_error(t) is None)
+    }
+    for name in baseline_names(ctx):
+        if name in present:
+            continue
+        precision = Precision(name)
+        # FP32 outside the search space has no parameter encoding the space accepts:
+        # it is queued without parameters and its objective bypasses suggest().
+        params = ctx.space.params_for(ctx.space.uniform(precision)) if precision in ctx.space.precisions else {}
+        study.enqueue_trial(params, user_attrs=TrialRecord.baseline_attrs(name))
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count against the budget.
+    """Finished trials that count against the budget: distinct searched configurations.
 
-    A trial FAILED by the heartbeat (its worker died) has no recorded error and
-    is re-queued, so it does not use up budget; a trial that failed on its own
+    Baselines, repeats of an evaluated configuration and over-budget proposals do
+    not count; a trial FAILED by the heartbeat or an interruption has no recorded
+    error and is re-queued, so it does not either; a trial that failed on its own
     (bad build, exception) does.
     """
-    count = 0
-    for t in study.get_trials(deepcopy=False, states=FINISHED_STATES):
-        if t.state == optuna.trial.TrialState.FAIL and TrialRecord.recorded_error(t) is None:
-            continue
-        count += 1
-    return count
+    return _budget.counted_trials([_budget.view_of(t) for t in study.get_trials(deepcopy=False)])
 
 
 def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Callable[[optuna.Trial], tuple[float, float]]:
@@ -197,11 +273,14 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
     host, device = worker_host(), worker_device(ctx.backend.name)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
-        config = ctx.space.suggest(trial)
-        trial_dir = ctx.trials_dir / f"{trial.number:04d}"
-        trial_dir.mkdir(parents=True, exist_ok=True)
         # The baseline mark was stored by enqueue_baselines.
         baseline_name = TrialRecord.from_attrs(trial.number, trial.user_attrs).baseline
+        config = proposed_config(ctx, trial, baseline_name)
+        repeat = decide_trial(ctx, trial, config, baseline_name)
+        if repeat is not None:
+            return repeat
+        trial_dir = ctx.trials_dir / f"{trial.number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
         trial_json = trial_dir / "trial.json"
         header = {
             "number": trial.number,
@@ -212,12 +291,21 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
         }
         try:
             outcome = run_trial(config, trial_dir, study_reference_ms(trial.study))
+            check_metric_value(outcome.evaluation.value, outcome.evaluation.metric)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: failed without an error of its own, so it does not
+            # count, and queued again so the next run evaluates it.
+            _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(),
+                                      config_key=effective_config_key(config), role=_budget.INTERRUPTED))
+            trial.study.enqueue_trial(
+                dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None
+            )
+            write_json_atomic(trial_json, {**header, "status": "interrupted"})
+            raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
-            failed = TrialRecord(
-                trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error,
-                host=host, device=device,
-            )
+            failed = TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error,
+                                 config_key=effective_config_key(config), role=_budget.EVALUATE, host=host, device=device)
             _store(trial, failed)
             write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
             raise
@@ -250,12 +338,72 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             host=host,
             device=device,
             **measured,
+            config_key=effective_config_key(config),
+            role=_budget.EVALUATE,
         )
         _store(trial, record)
         write_json_atomic(trial_json, {**header, "status": "complete", **outcome.to_dict(), **accuracy_json(record)})
         return evaluation.value, outcome.median_ms
 
     return objective
+
+
+def proposed_config(ctx: StudyContext, trial: optuna.Trial, baseline_name: str | None) -> TrialConfig:
+    """The trial's configuration: a baseline's is fixed, a searched one comes from the sampler."""
+    if baseline_name is None:
+        return ctx.space.suggest(trial)
+    precision = Precision(baseline_name)
+    if precision in ctx.space.precisions:
+        ctx.space.suggest(trial)  # the enqueued parameters: recorded so the sampler learns from the baseline
+    return ctx.space.uniform(precision)
+
+
+def decide_trial(
+    ctx: StudyContext, trial: optuna.Trial, config: TrialConfig, baseline_name: str | None
+) -> tuple[float, float] | None:
+    """Record the configuration's key and the trial's role; the known values when it repeats a configuration.
+
+    Raises ``TrialPruned`` (not counted) when the budget is already taken by
+    lower-numbered trials, and stops this worker.
+    """
+    key = effective_config_key(config)
+    record_heartbeat_now(ctx, trial.number)
+    trial.set_user_attr(TrialRecord.attr_key("config_key"), key)
+    # A re-queued trial carries the attributes of the one it replaces: decide afresh.
+    trial.set_user_attr(TrialRecord.attr_key("role"), None)
+    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.budget)
+    if decision.action == _budget.EVALUATE:
+        trial.set_user_attr(TrialRecord.attr_key("role"), _budget.EVALUATE)
+        return None
+    if decision.action == _budget.OVER_BUDGET:
+        trial.set_user_attr(TrialRecord.attr_key("role"), _budget.OVER_BUDGET)
+        trial.study.stop()
+        raise optuna.TrialPruned(f"budget of {ctx.settings.budget} distinct configurations reached")
+    assert decision.of is not None
+    original = trial.study.get_trials(deepcopy=False)[decision.of]
+    _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), config_key=key,
+                              role=_budget.DUPLICATE, duplicate_of=decision.of))
+    log.info("trial %d repeats trial %d's configuration: not evaluated again", trial.number, decision.of)
+    if original.state == optuna.trial.TrialState.COMPLETE and original.values:
+        return original.values[0], original.values[1]
+    raise optuna.TrialPruned(f"repeats trial {decision.of}, which failed")
+
+
+def record_heartbeat_now(ctx: StudyContext, number: int) -> None:
+    """Write the trial's first heartbeat before any work.
+
+    Optuna's heartbeat thread writes it asynchronously; a worker killed before that
+    write leaves a RUNNING trial without a heartbeat, which is never found stale.
+    """
+    storage = ctx.storage
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(ctx.study_name), number)
+        storage.record_heartbeat(trial_id)
+
+
+def check_metric_value(value: object, metric: str) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SensisearchError(f"the evaluator returned {value!r} for {metric}: it must return a finite number (points)")
 
 
 def _store(trial: optuna.Trial, record: TrialRecord) -> None:
@@ -297,23 +445,96 @@ def run_study(
     enqueue_baselines(ctx, study)
     enqueue_seeds(ctx, study)
     budget = ctx.settings.budget
-    remaining = budget - finished_count(study)
-    if remaining <= 0:
-        log.info("study '%s' already has %d finished trials (budget %d)", ctx.study_name, finished_count(study), budget)
-        return study
-    def stop_at_budget(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
+    guard = _RunGuard()
+
+    def watch(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # Counts the trials of every worker sharing the storage, so N workers stop together.
-        if finished_count(study) >= budget:
+        record = TrialRecord.from_trial(trial)
+        if record.baseline == "fp32" and trial.state == optuna.trial.TrialState.FAIL and record.error is not None:
+            guard.reference_error = f"trial {trial.number}: {record.error}"
+            study.stop()
+        guard.duplicates_in_a_row = guard.duplicates_in_a_row + 1 if record.role == _budget.DUPLICATE else 0
+        # A trial that fails before it could even decide (no role) never counts: stop rather than loop.
+        guard.undecided_failures = guard.undecided_failures + 1 if record.role is None and trial.state.name == "FAIL" else 0
+        if guard.undecided_failures >= _budget.MAX_CONSECUTIVE_DUPLICATES:
+            guard.stuck_error = TrialRecord.recorded_error(trial) or "see the log with -v"
+            study.stop()
+        if guard.duplicates_in_a_row >= _budget.MAX_CONSECUTIVE_DUPLICATES:
+            guard.exhausted = True
+            study.stop()
+        if finished_count(study) >= budget and not _budget.missing_baselines(study, baseline_names(ctx)):
             study.stop()
 
-    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [stop_at_budget, artifact_pruner(ctx)]
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [watch, artifact_pruner(ctx)]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
+    # Issue 12: every trial's build, timing and evaluation in a child process (unless --isolation none).
     with trial_runner(ctx) as run_trial:
-        study.optimize(
-            make_objective(ctx, run_trial), n_trials=remaining, callbacks=callbacks, catch=(Exception,), gc_after_trial=False
-        )
+        objective = make_objective(ctx, run_trial)
+        if finished_count(study) < budget or _budget.missing_baselines(study, baseline_names(ctx)):
+            study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+        else:
+            log.info("study '%s' already has %d finished trials (budget %d)", ctx.study_name, finished_count(study), budget)
+        _raise_if_reference_failed(study, guard)
+        if guard.exhausted:
+            log.warning("%s; stopping with %d of %d trials", _budget.EXHAUSTED_MESSAGE, finished_count(study), budget)
+        complete_baselines(ctx, study, objective, callbacks)
+    _raise_if_reference_failed(study, guard)
     return study
+
+
+@dataclass
+class _RunGuard:
+    """What the run loop's callback noticed: a failed reference, an exhausted search space."""
+
+    reference_error: str | None = None
+    exhausted: bool = False
+    duplicates_in_a_row: int = 0
+    undecided_failures: int = 0
+    stuck_error: str | None = None
+
+
+def _raise_if_reference_failed(study: optuna.Study, guard: _RunGuard) -> None:
+    if guard.reference_error is None:
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+            record = TrialRecord.from_trial(t)
+            if record.baseline == "fp32" and record.error is not None and record.role != _budget.DUPLICATE:
+                guard.reference_error = f"trial {t.number}: {record.error}"
+    if guard.stuck_error is not None:
+        raise SensisearchError(
+            f"{guard.undecided_failures} trials in a row failed before they could be evaluated ({guard.stuck_error}); "
+            "run with -v for the traceback"
+        )
+    if guard.reference_error is not None:
+        raise SensisearchError(
+            f"the FP32 reference failed ({guard.reference_error}), so no trial can be compared; "
+            "fix the model or the evaluator and start a new study (--out)"
+        )
+
+
+def complete_baselines(
+    ctx: StudyContext, study: optuna.Study, objective: Callable[[optuna.Trial], tuple[float, float]],
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]],
+) -> None:
+    """Do not finish while a baseline is missing.
+
+    A baseline RUNNING on a dead worker (kill -9) is failed once its heartbeat is
+    stale (at most the grace period, ``2 * --heartbeat-seconds``) and re-queued; a
+    queued or lost one is run here. A baseline a live worker runs is waited for.
+    """
+    names = baseline_names(ctx)
+    while missing := _budget.missing_baselines(study, names):
+        if "absent" in missing.values():
+            enqueue_baselines(ctx, study)
+        if any(state in ("waiting", "absent") for state in missing.values()):
+            log.info("running the missing baselines: %s", ", ".join(missing))
+            study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+            continue
+        log.info("waiting for baselines another worker runs (or its heartbeat to go stale): %s", ", ".join(missing))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        time.sleep(min(1.0, ctx.settings.heartbeat_seconds / 2))
 
 
 def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) -> TrialEvent:

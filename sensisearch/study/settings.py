@@ -8,6 +8,7 @@ value overridden. Relative paths in a study file are relative to that file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,7 @@ class StudySettings:
         if self.keep_artifacts is not None and self.keep_artifacts < 0:
             raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials >= 0, or all")
         self.validate_measurement()
+        validate_ranges(self)  # issue 9
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
@@ -243,6 +245,7 @@ def merge_settings(file_values: Mapping[str, Any], flag_values: Mapping[str, Any
         name = key.replace("-", "_")
         if name not in known:
             raise SensisearchError(f"study file: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        check_file_type(key, name, value)
         values[name] = _coerce(name, value, base)
     for name, value in flag_values.items():
         if value is not None:
@@ -267,3 +270,77 @@ def read_study_file(path: Path) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
+
+
+# ---------------------------------------------------------------------------- issue 9: every input validated
+# Study-file keys by the TOML type they need (flags are typed by argparse already).
+INT_FIELDS = ("budget", "seed", "batch_size", "latency_batch", "eval_limit", "calib_limit", "workspace_mb",
+              "opt_level", "heartbeat_seconds", "threads")
+FLOAT_FIELDS = ("max_drop", "latency_seconds", "max_class_drop", "iou")
+BOOL_FIELDS = ("compare_ort_quantizer",)
+TEXT_FIELDS = ("example", "storage", "study_name", "metric", "task", "evaluator", "backend", "default_algorithm", *PATH_FIELDS)
+LIST_ITEM_KINDS: dict[str, tuple[type, ...]] = {
+    "sample_counts": (int,), "percentiles": (int, float), "mean": (int, float), "std": (int, float),
+    "precisions": (str,), "algorithms": (str,), "shapes": (str,),
+}
+
+
+def check_file_type(key: str, name: str, value: Any) -> None:
+    """A study-file value of the wrong TOML type is one line naming the key, e.g. ``budget = "ten"``."""
+    def fail(kind: str) -> None:
+        raise SensisearchError(f"study file: {key} = {value!r}: must be {kind}")
+
+    if isinstance(value, bool) and name not in BOOL_FIELDS:
+        fail("a number" if name in INT_FIELDS + FLOAT_FIELDS else "a list" if name in LIST_FIELDS else "text")
+    if name in INT_FIELDS and not isinstance(value, int):
+        fail("a whole number (no quotes, no decimals)")
+    if name in FLOAT_FIELDS and not isinstance(value, (int, float)):
+        fail("a number (no quotes)")
+    if name in BOOL_FIELDS and not isinstance(value, bool):
+        fail("true or false")
+    if name in TEXT_FIELDS and not isinstance(value, str):
+        fail("text in quotes")
+    if name in LIST_FIELDS:
+        kinds = LIST_ITEM_KINDS.get(name, (int, float))
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, kinds) for v in value):
+            example = {"sample_counts": "[128, 256]", "precisions": '["int8", "fp32"]'}.get(name, "[...]")
+            fail(f"a list, e.g. {key} = {example}")
+
+
+def validate_ranges(settings: StudySettings) -> None:
+    """Values that parse but make no sense: one line naming the flag."""
+    def finite(flag: str, value: float | None) -> None:
+        if value is not None and not math.isfinite(value):
+            raise SensisearchError(f"{flag} {value}: must be a finite number")
+
+    for flag, value in (("--max-drop", settings.max_drop), ("--latency-seconds", settings.latency_seconds),
+                        ("--iou", settings.iou), ("--max-class-drop", settings.max_class_drop)):
+        finite(flag, value)
+    if settings.std is not None and any(not math.isfinite(v) or v <= 0 for v in settings.std):
+        raise SensisearchError(f"--std {settings.std}: every std must be > 0 (inputs are divided by it)")
+    if settings.mean is not None and any(not math.isfinite(v) for v in settings.mean):
+        raise SensisearchError(f"--mean {settings.mean}: must be finite numbers")
+    for flag, limit in (("--eval-limit", settings.eval_limit), ("--calib-limit", settings.calib_limit)):
+        if limit is not None and limit < 1:
+            raise SensisearchError(f"{flag} {limit}: must be at least 1 sample (leave it out to use all)")
+    if settings.latency_seconds <= 0:
+        raise SensisearchError(f"--latency-seconds {settings.latency_seconds}: must be > 0 (seconds of timed runs per trial)")
+    if not 0 < settings.iou <= 1:
+        raise SensisearchError(f"--iou {settings.iou}: an IoU threshold is in (0, 1], e.g. 0.6")
+    if settings.max_class_drop is not None and settings.max_class_drop < 0:
+        raise SensisearchError(f"--max-class-drop {settings.max_class_drop}: must be >= 0 (points)")
+    if isinstance(settings.heartbeat_seconds, bool) or settings.heartbeat_seconds < 1:
+        raise SensisearchError(f"--heartbeat-seconds {settings.heartbeat_seconds}: must be a whole number of seconds >= 1")
+    if not 0 <= settings.opt_level <= 5:
+        raise SensisearchError(f"--opt-level {settings.opt_level}: must be 0-5")
+    if settings.workspace_mb is not None and settings.workspace_mb <= 0:
+        raise SensisearchError(f"--workspace-mb {settings.workspace_mb}: must be positive")
+    if settings.precisions is not None:
+        if not settings.precisions:
+            raise SensisearchError("--precisions: give at least one of int8, fp16, fp32")
+        if set(settings.precisions) == {Precision.FP32}:
+            raise SensisearchError("--precisions fp32: nothing to search (FP32 is always measured as the reference); add int8 or fp16")
+    if not settings.algorithms:
+        raise SensisearchError("--algorithms: give at least one of minmax, entropy, percentile, mse")
+    if not settings.percentiles:
+        raise SensisearchError("--percentiles: give at least one clip percentile, e.g. 99.99")
