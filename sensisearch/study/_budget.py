@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import optuna
 
@@ -102,16 +102,17 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     or a second worker continues with proposals it has not made yet.
     """
 
-    def __init__(self, seed: int, **tpe_options: Any) -> None:
+    def __init__(self, seed: int, make: Callable[[int], optuna.samplers.BaseSampler] | None = None, **tpe_options: Any) -> None:
+        """``make(seed)`` builds the inner sampler (default: TPE with ``tpe_options``), e.g. random or NSGA-II."""
         self._seed = seed
-        self._options = tpe_options
+        self._make = make or (lambda s: optuna.samplers.TPESampler(seed=s, **tpe_options))
         self._inner = self._tpe(0)
 
-    def _tpe(self, number: int) -> optuna.samplers.TPESampler:
+    def _tpe(self, number: int) -> optuna.samplers.BaseSampler:
         # Distinct, deterministic stream per trial; 2**31 keeps it a valid numpy seed.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=(self._seed * 1_000_003 + number) % (2**31), **self._options)
+            return self._make((self._seed * 1_000_003 + number) % (2**31))
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
         self._inner = self._tpe(trial.number)

@@ -12,19 +12,17 @@ the same deployable model, so the study never evaluates one twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from sensisearch.errors import SensisearchError
-from sensisearch.fileio import sha256_file, write_json_atomic
+from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision, TrialConfig
 
 if TYPE_CHECKING:
     from sensisearch.backends.base import Backend
-    from sensisearch.evaluation.base import Evaluator
     from sensisearch.model.analysis import ModelInfo
     from sensisearch.study._context import StudyContext
     from sensisearch.study.space import SearchSpace
@@ -133,26 +131,9 @@ STUDY_FILE = "study.json"
 STUDY_OUTPUTS = ("trials", "pareto.json", "pareto.csv", "winner", "report.md")
 
 
-def _evaluation_data_digest(evaluator: Evaluator, settings: StudySettings) -> str:
-    """Content digest of the evaluation data, including the limit."""
-    data = getattr(evaluator, "data", None)
-    if data is not None and getattr(data, "fingerprint", None):
-        return str(data.fingerprint)
-    annotations = getattr(evaluator, "annotations", None)
-    images = getattr(evaluator, "image_paths", None)
-    if annotations is not None and images is not None:
-        digest = hashlib.sha256(sha256_file(annotations).encode())
-        for path in images:
-            digest.update(f"|{Path(path).name}|{sha256_file(path)}".encode())
-        return f"{digest.hexdigest()}|images={len(images)}"
-    # A user's function: its own data is invisible to us; the function names it.
-    return f"evaluator={settings.evaluator}"
-
-
 def identity_for(ctx: StudyContext) -> StudyIdentity:
     """The identity of the study ``ctx`` describes (model, data, metric, backend, search space, machine).
 
-    The lead may point :func:`identity_of` at ``EvaluationSetup.identity_parts()`` once it exists.
     """
     return identity_of(ctx.settings, ctx.info, ctx.evaluation, ctx.backend, ctx.space)
 
@@ -163,8 +144,7 @@ def identity_of(
     """:func:`identity_for` from the parts, so a run is checked before its calibration (the context needs it)."""
     from sensisearch.measure import machine_identity
 
-    evaluator = evaluation.evaluator
-    describe = dict(evaluator.describe())
+    describe = dict(evaluation.evaluator.describe())
     backend_facts = backend.describe()
     gpu = backend_facts.get("gpu") or backend_facts.get("gpu_name")
     if gpu:
@@ -172,21 +152,15 @@ def identity_of(
     else:
         machine = machine_identity()
         device = f"{machine.cpu_model} x{machine.cpu_count} {machine.machine}"
+    # The evaluation setup decides the data digests, task, metric and evaluation settings (one home).
+    parts = evaluation.identity_parts()
+    parts["evaluation"] = {**parts["evaluation"], "input_shape": describe.get("input_shape")}
     return StudyIdentity(
         model_sha256=info.sha256,
-        eval_data=_evaluation_data_digest(evaluator, settings),
-        calib_data=None if evaluation.calibration is None else evaluation.calibration.fingerprint,
-        task=evaluation.task,
-        metric=evaluator.metric,
-        evaluation={
-            "preprocess": evaluation.preprocess.to_dict(),
-            "settings": describe.get("settings", {}),
-            "evaluator": settings.evaluator,
-            "input_shape": describe.get("input_shape"),
-        },
+        **parts,
         backend=backend.name,
         profile=backend.profile.name,
-        timing={"latency_batch": settings.latency_batch},
+        timing={"objective": settings.objective, "latency_batch": settings.latency_batch, "throughput_batch": settings.throughput_batch},
         search_space={
             "layers": list(space.layers),
             "precisions": [p.value for p in space.precisions],

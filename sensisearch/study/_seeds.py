@@ -20,6 +20,7 @@ from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 from sensisearch.quantize.graph import GraphIndex, activation_epilogue, feeds_layers
 from sensisearch.quantize.profiles import PROFILES
+from sensisearch.study._budget import TrialSeededSampler
 from sensisearch.study._record import TrialRecord
 
 if TYPE_CHECKING:
@@ -55,12 +56,14 @@ def validate_search_settings(settings: StudySettings) -> None:
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """The study's sampler; ``seeded`` is TPE whose first trials are the sensitivity seeds."""
+    # Seeded per trial number (TrialSeededSampler): a resumed study or a second worker continues
+    # the sampler instead of replaying the first run's proposals.
     if name in ("tpe", "seeded"):
-        return optuna.samplers.TPESampler(seed=seed)
+        return TrialSeededSampler(seed, constant_liar=True)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return TrialSeededSampler(seed, lambda s: optuna.samplers.RandomSampler(seed=s))
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return TrialSeededSampler(seed, lambda s: optuna.samplers.NSGAIISampler(seed=s))
     raise SensisearchError(f"--sampler {name}: use one of {', '.join(SAMPLERS)}")
 
 
