@@ -245,6 +245,8 @@ def merge_settings(file_values: Mapping[str, Any], flag_values: Mapping[str, Any
         name = key.replace("-", "_")
         if name not in known:
             raise SensisearchError(f"study file: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        if value is None:
+            continue  # settings stored in a study (JSON) mark "not given" as null; a TOML file cannot
         check_file_type(key, name, value)
         values[name] = _coerce(name, value, base)
     for name, value in flag_values.items():
@@ -274,11 +276,18 @@ def read_study_file(path: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- issue 9: every input validated
 # Study-file keys by the TOML type they need (flags are typed by argparse already).
-INT_FIELDS = ("budget", "seed", "batch_size", "latency_batch", "eval_limit", "calib_limit", "workspace_mb",
-              "opt_level", "heartbeat_seconds", "threads")
-FLOAT_FIELDS = ("max_drop", "latency_seconds", "max_class_drop", "iou")
-BOOL_FIELDS = ("compare_ort_quantizer",)
-TEXT_FIELDS = ("example", "storage", "study_name", "metric", "task", "evaluator", "backend", "default_algorithm", *PATH_FIELDS)
+# Derived from the dataclass's annotations, so a new setting is checked without a list to keep up to date.
+def _fields_annotated(*kinds: str) -> tuple[str, ...]:
+    return tuple(
+        f.name for f in dataclasses.fields(StudySettings)
+        if str(f.type).replace(" ", "").split("|")[0].split("[")[0] in kinds and f.name not in PATH_FIELDS
+    )
+
+
+INT_FIELDS = tuple(n for n in _fields_annotated("int") if n != "keep_artifacts")  # keep_artifacts also takes "all"
+FLOAT_FIELDS = _fields_annotated("float")
+BOOL_FIELDS = _fields_annotated("bool")
+TEXT_FIELDS = (*_fields_annotated("str", "CalibrationAlgorithm"), *PATH_FIELDS)
 LIST_ITEM_KINDS: dict[str, tuple[type, ...]] = {
     "sample_counts": (int,), "percentiles": (int, float), "mean": (int, float), "std": (int, float),
     "precisions": (str,), "algorithms": (str,), "shapes": (str,),
@@ -323,9 +332,9 @@ def validate_ranges(settings: StudySettings) -> None:
     for flag, limit in (("--eval-limit", settings.eval_limit), ("--calib-limit", settings.calib_limit)):
         if limit is not None and limit < 1:
             raise SensisearchError(f"{flag} {limit}: must be at least 1 sample (leave it out to use all)")
-    if settings.latency_seconds <= 0:
+    if settings.latency_seconds is not None and settings.latency_seconds <= 0:
         raise SensisearchError(f"--latency-seconds {settings.latency_seconds}: must be > 0 (seconds of timed runs per trial)")
-    if not 0 < settings.iou <= 1:
+    if settings.iou is not None and not 0 < settings.iou <= 1:
         raise SensisearchError(f"--iou {settings.iou}: an IoU threshold is in (0, 1], e.g. 0.6")
     if settings.max_class_drop is not None and settings.max_class_drop < 0:
         raise SensisearchError(f"--max-class-drop {settings.max_class_drop}: must be >= 0 (points)")
