@@ -983,7 +983,9 @@ def test_trial_and_build_plan_placement_once(tmp_path: Path, monkeypatch) -> Non
     outcome = ctx.pipeline.run(config, tmp_path / "trial")
     assert calls == ["onnxruntime-cpu"]
     assert outcome.build.layer_precisions["int8"] == int8  # the planned INT8 layers really fused
-    assert set(outcome.ranges) == set(real_plan(ctx.info, ctx.model, config, ONNXRUNTIME_CPU).threshold_tensors)
+    # The trial records every tensor's range (so any backend can rebuild it), a superset of what it placed.
+    assert set(outcome.ranges) == set(statistics_tensors(ctx.model, ctx.info))
+    assert set(outcome.ranges) >= set(real_plan(ctx.info, ctx.model, config, ONNXRUNTIME_CPU).threshold_tensors)
 
     record = {
         "model": {"path": str(ctx.info.path), "sha256": ctx.info.sha256},

@@ -108,7 +108,9 @@ def test_change_column_is_signed(study_dir: Path) -> None:
     front = report.split("## Pareto front", 1)[1].split("##", 1)[0]
     header = next(line for line in front.splitlines() if line.startswith("| trial"))
     assert "change vs FP32" in header
-    rows = [m for m in (re.match(r"\| (\d+)[^|]* \| [\d.]+ \| (\S+) \|", line) for line in front.splitlines()) if m]
+    # The change may carry its CI and a noise label: "-0.40 ± 0.47 (within noise)".
+    change_cell = r"([+-][\d.]+)(?: ± [\d.]+)?(?: \(within noise\))?"
+    rows = [m for m in (re.match(r"\| (\d+)[^|]* \| [\d.]+ \| " + change_cell + r" \|", line) for line in front.splitlines()) if m]
     assert rows
     for m in rows:
         change = round(recs[int(m.group(1))].value - fp32.value, 2) + 0.0  # type: ignore[operator]

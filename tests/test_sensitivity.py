@@ -148,6 +148,16 @@ def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], 
     assert cached and again.to_dict() == first.to_dict()
     data = json.loads((tmp_path / "sensitivity.json").read_text())
     assert SensitivityProfile.from_dict(data).ranking == first.ranking
+    # The review reads the same file: its "all but this layer INT8" drop is what that model measures.
+    from sensisearch.study._review import read_sensitivity
+
+    rows = {r.layer: r for r in read_sensitivity(tmp_path)}
+    top = first.layers[0]
+    assert rows[top.layer].drop_only_this_int8 == pytest.approx(top.alone_drop)
+    choice = CalibrationChoice.from_dict(first.calibration)
+    all_but = TrialConfig({n: Precision.FP32 if n == top.layer else Precision.INT8 for n in ctx.space.layers}, choice)
+    measured = ctx.pipeline.run(all_but, tmp_path / "all-but-top").evaluation.value
+    assert rows[top.layer].drop_all_but_this_int8 == pytest.approx(first.fp32 - measured, abs=1e-9)
     other = _digits_ctx(tmp_path, seed=0, eval_limit=300)  # another subset: measured again
     _, cached = sensitivity_profile(other)
     assert not cached

@@ -25,6 +25,7 @@ from sensisearch.report import (
     ReviewPoint,
     SensitivityRow,
 )
+from sensisearch.study._sensitivity import SENSITIVITY_FILE, SensitivityProfile
 from sensisearch.study.results import baseline, trial_file
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SENSITIVITY_FILE = "sensitivity.json"
 UNPAIRED_AXIS = "speed-up vs FP32 (ratio of median latencies, unpaired: no CI)"
 MIXED_AXIS = LATENCY_SPEED_AXIS + "; paired where a CI is shown, else unpaired ratio of medians"
 # A trial this many layers away from the winner (besides the layer in question)
@@ -88,28 +88,21 @@ def _change_words(change: float) -> str:
 
 
 def read_sensitivity(out: Path) -> list[SensitivityRow]:
-    """``<out>/sensitivity.json`` rows, if a sensitivity profile was run; [] otherwise.
+    """``<out>/sensitivity.json`` (written by ``sensisearch sensitivity``) as review rows; [] when there is none.
 
-    Accepted: a list of ``{"layer", "drop_only_this_int8", "drop_all_but_this_int8"}``
-    objects, or an object holding that list under ``"layers"``.
+    Drops are in points below FP32: only this layer INT8, and every layer but this one INT8.
     """
     path = out / SENSITIVITY_FILE
     if not path.is_file():
         return []
     try:
-        raw = json.loads(path.read_text())
-        rows = raw.get("layers", []) if isinstance(raw, Mapping) else raw
-        return [
-            SensitivityRow(
-                str(r["layer"]),
-                None if r.get("drop_only_this_int8") is None else float(r["drop_only_this_int8"]),
-                None if r.get("drop_all_but_this_int8") is None else float(r["drop_all_but_this_int8"]),
-            )
-            for r in rows
-        ]
+        profile = SensitivityProfile.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("%s: not a sensitivity profile this version reads (%s); the review shows none", path, exc)
         return []
+    all_int8_drop = profile.fp32 - profile.all_int8
+    # recovery = all-but-this - all-INT8, so FP32 - all-but-this = (FP32 - all-INT8) - recovery.
+    return [SensitivityRow(r.layer, r.alone_drop, all_int8_drop - r.recovery) for r in profile.layers]
 
 
 def float_layer_evidence(

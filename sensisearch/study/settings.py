@@ -124,8 +124,10 @@ class StudySettings:
             raise SensisearchError(f"--throughput-batch {self.throughput_batch}: must be a positive batch size")
         if not 0 < self.timing_target_ci < 1:
             raise SensisearchError(f"--timing-target-ci {self.timing_target_ci}: give a relative CI width in (0, 1), e.g. 0.05")
-        if self.timing_seconds <= 0 or self.verify_seconds <= 0:
-            raise SensisearchError("--timing-max-seconds and --verify-seconds must be positive")
+        for flag, seconds in (("--timing-max-seconds", self.timing_max_seconds), ("--latency-seconds", self.latency_seconds),
+                              ("--verify-seconds", self.verify_seconds)):
+            if seconds is not None and not seconds > 0:
+                raise SensisearchError(f"{flag} {seconds}: must be > 0 (seconds of timed rounds)")
         if self.min_speedup <= 0:
             raise SensisearchError(f"--min-speedup {self.min_speedup}: must be positive (1.0: faster than FP32)")
         if self.min_class_instances < 1:
