@@ -166,7 +166,8 @@ def test_study_completes_with_the_failed_trial_and_its_reason(
     misbehaving_env.write_text(action)
     out = tmp_path / "run"
     code = main([
-        "run", "--example", "digits", "--budget", "3", "--out", str(out), "--latency-seconds", "0.05",
+        # --budget counts searched configurations: FP32 and INT8 baselines, then one searched trial.
+        "run", "--example", "digits", "--budget", "1", "--out", str(out), "--latency-seconds", "0.05",
         "--sample-counts", "64", "--eval-limit", "300", "--build-timeout", str(TIMEOUT), "--seed", "3",
     ])
     assert code == 0

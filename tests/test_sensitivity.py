@@ -158,7 +158,12 @@ def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], 
     all_but = TrialConfig({n: Precision.FP32 if n == top.layer else Precision.INT8 for n in ctx.space.layers}, choice)
     measured = ctx.pipeline.run(all_but, tmp_path / "all-but-top").evaluation.value
     assert rows[top.layer].drop_all_but_this_int8 == pytest.approx(first.fp32 - measured, abs=1e-9)
-    other = _digits_ctx(tmp_path, seed=0, eval_limit=300)  # another subset: measured again
+    # Another evaluation subset is another study (its own --out); given the first profile's file,
+    # it still measures again, because the cache key covers the subset.
+    other_out = tmp_path / "other-subset"
+    other_out.mkdir()
+    (other_out / "sensitivity.json").write_text((tmp_path / "sensitivity.json").read_text())
+    other = _digits_ctx(other_out, seed=0, eval_limit=300)
     _, cached = sensitivity_profile(other)
     assert not cached
 
@@ -176,7 +181,8 @@ def test_seeds_are_enqueued_exactly_once_and_topk_holds_the_rest_int8(tmp_path: 
     assert names == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
     seeded = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
     assert sorted(seeded) == sorted(names)
-    assert len(study.trials) == 9
+    # --budget counts searched configurations; the FP32 and INT8 baselines come on top.
+    assert len(study.trials) == 9 + 2
     ranking = SensitivityProfile.from_dict(study.user_attrs["sensitivity"]).ranking
     assert ranking == SensitivityProfile.from_dict(json.loads((tmp_path / "sensitivity.json").read_text())).ranking
     for t in study.trials:
