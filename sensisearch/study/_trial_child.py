@@ -146,6 +146,10 @@ def prewarm(ctx: Any) -> None:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     ort.InferenceSession(ctx.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    # Build the FP32 reference once (a file; no session is kept): each trial child only loads it.
+    reference_artifact = getattr(ctx.pipeline, "reference_artifact", None)
+    if reference_artifact is not None:
+        reference_artifact()
 
 
 def serve(stdin: Any, message_fd: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -281,27 +282,42 @@ class TrialPipeline(ArtifactPipeline):
         self.latency_batch = latency_batch
         self.timing = timing
         self._reference: Runner | None = None
+        self._reference_artifact: Path | None = None
         self._reference_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._reference_owner: int | None = None
 
-    def reference_runner(self) -> Runner:
-        """The FP32 model's artifact, built on first use and kept loaded for this worker's lifetime."""
-        if self._reference is None:
+    def reference_artifact(self) -> Path:
+        """The FP32 model's built artifact, built once per worker.
+
+        The trial server builds it before forking, so every trial child loads it
+        instead of building it again (that build was most of the isolation overhead).
+        """
+        if self._reference_artifact is None:
             self._reference_dir = tempfile.TemporaryDirectory(prefix="sensisearch-fp32-")
+            self._reference_owner = os.getpid()
             out_dir = Path(self._reference_dir.name)
             config = TrialConfig.uniform(self.info.layer_names, Precision.FP32)
             # The all-FP32 deployable is an unmodified copy of the model (emit_deployable_onnx),
             # so it is saved as is: no placement to plan for the reference.
             deployable = save_model(self.model, out_dir / DEPLOYABLE_NAME)
-            self._reference = self.backend.load(self.build(deployable, out_dir, config).artifact)
+            self._reference_artifact = self.build(deployable, out_dir, config).artifact
+        return self._reference_artifact
+
+    def reference_runner(self) -> Runner:
+        """The FP32 model's artifact, loaded on first use and kept loaded for this worker's lifetime."""
+        if self._reference is None:
+            self._reference = self.backend.load(self.reference_artifact())
         return self._reference
 
     def close(self) -> None:
         if self._reference is not None:
             self._reference.close()
             self._reference = None
-        if self._reference_dir is not None:
+        # Only the process that built the reference deletes it: a forked trial child shares its parent's.
+        if self._reference_dir is not None and self._reference_owner == os.getpid():
             self._reference_dir.cleanup()
             self._reference_dir = None
+            self._reference_artifact = None
 
     def timing_feeds(self) -> Mapping[str, Any]:
         batch = self.timing.batch if self.timing is not None else self.latency_batch
