@@ -338,9 +338,19 @@ def test_two_processes_on_one_storage_evaluate_exactly_the_budget(tmp_path: Path
     argv = ["run", "--example", "digits", "--budget", "12", "--out", str(out), *FAST,
             # a small space makes repeated proposals likely, so the rule is exercised
             "--algorithms", "minmax,percentile", "--percentiles", "99.9,99.99"]
-    procs = [_popen(*argv, cwd=tmp_path) for _ in range(2)]
-    results = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, results):
+    # Output to files, not pipes: a worker waits for a baseline the other runs, so reading one
+    # worker's pipe to the end while the other's fills up would deadlock the test itself.
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = []
+    for log in logs:
+        with log.open("w") as fh:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sensisearch", *argv], cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT,
+                text=True, env={**os.environ, "COLUMNS": "200"},
+            ))
+    for p, log in zip(procs, logs):
+        p.wait(timeout=900)
+        err = log.read_text()
         assert p.returncode == 0, err
         assert "Traceback" not in err
     records = _records(out)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 import uuid
@@ -38,15 +39,29 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+# Workers write to files, not pipes: they wait for one another (a baseline another worker
+# runs), so reading one worker's pipe to the end while another's fills up would deadlock the test.
+_LOGS: dict[int, tuple[Path, Path]] = {}
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sensisearch", *args], env=env or _env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    logs = tuple(Path(tempfile.mkstemp(prefix="sensisearch-worker-", suffix=f".{kind}")[1]) for kind in ("out", "err"))
+    with logs[0].open("w") as out, logs[1].open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sensisearch", *args], env=env or _env(),
+            stdout=out, stderr=err, text=True, start_new_session=True,
+        )
+    _LOGS[proc.pid] = logs  # type: ignore[assignment]
+    return proc
+
+
+def _stderr(proc: subprocess.Popen[str]) -> str:
+    return _LOGS[proc.pid][1].read_text()
 
 
 def _finish(proc: subprocess.Popen[str], timeout: float = 600) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    out, err = (path.read_text() for path in _LOGS[proc.pid])
     return proc.returncode, out, err
 
 
@@ -64,7 +79,7 @@ def _wait_for_settings(url: str, name: str, proc: subprocess.Popen[str], timeout
     """Until the first worker has made the study (and stored its settings)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
+        assert proc.poll() is None, _stderr(proc)
         try:
             if SETTINGS_ATTR in _load(url, name).user_attrs:
                 return
@@ -166,13 +181,13 @@ def test_killed_worker_trial_is_retried_by_another_and_nothing_is_left(postgres_
     grandchild_file = tmp_path / "a" / "trials" / "0001" / "grandchild.pid"
     deadline = time.monotonic() + 300
     while not grandchild_file.is_file():
-        assert time.monotonic() < deadline and first.poll() is None, first.communicate()[1]
+        assert time.monotonic() < deadline and first.poll() is None, _stderr(first)
         time.sleep(0.2)
     time.sleep(0.5)
     running = [t for t in _load(url, name).trials if t.state == optuna.trial.TrialState.RUNNING]
     assert [t.number for t in running] == [1]
     os.kill(first.pid, signal.SIGKILL)
-    first.communicate()
+    first.wait(timeout=600)
     grandchild = int(grandchild_file.read_text())
     deadline = time.monotonic() + 10
     while _alive(grandchild) and time.monotonic() < deadline:
