@@ -303,9 +303,10 @@ def test_resume_with_other_evaluation_data_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("baseline_trial", "name"), [(0, "fp32"), (1, "int8")])
 def test_kill_during_a_baseline_then_rerun_completes_both_baselines(tmp_path: Path, baseline_trial: int, name: str) -> None:
     out = tmp_path / "study"
-    # Long timing makes each trial last seconds, so the kill lands inside the baseline.
+    # Long timing makes each trial last seconds, so the kill lands inside the baseline: paired timing
+    # stops at its CI target, so ask for a width it cannot reach before the 4 s cap.
     argv = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64",
-            "--heartbeat-seconds", "1", "--latency-seconds", "4"]
+            "--heartbeat-seconds", "1", "--latency-seconds", "4", "--timing-target-ci", "0.0001"]
     proc = _popen(*argv, cwd=tmp_path)
     deadline = time.monotonic() + 300
     target = out / "trials" / f"{baseline_trial:04d}"
