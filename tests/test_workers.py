@@ -25,6 +25,7 @@ from sensisearch.quantize.config import TrialConfig
 from sensisearch.study._identity import effective_config_key
 from sensisearch.study._record import TrialRecord
 from sensisearch.study._worker import SETTINGS_ATTR, prune_artifacts, trials_to_keep
+from test_isolation import _alive
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -208,17 +209,6 @@ def test_killed_worker_trial_is_retried_by_another_and_nothing_is_left(postgres_
     again = TrialRecord.from_trial(retried[0])
     assert again.state == "COMPLETE" and again.baseline == "int8" and again.value is not None
     assert len(_counted(study)) >= 3 and all(r.state != "RUNNING" for r in recs)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("problem", ["wrong-password", "unreachable"])
