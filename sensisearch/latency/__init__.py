@@ -1,10 +1,27 @@
-"""Latency without timing the target: an explicit, labelled estimate (issue 10).
+"""Latency without timing the target (issue 10).
 
-A measured per-layer latency table (``sensisearch latency-table``) is not
-implemented yet; until then, :func:`estimated_cost` is the documented
-stand-in, and everything that shows it says "estimated".
+:class:`LatencyPredictor` is what the study asks of a latency it cannot time:
+a measured per-layer table (``sensisearch latency-table``), or the documented
+:class:`MacEstimate`, which is labelled "estimated" wherever it appears.
 """
 
-from sensisearch.latency._estimate import PRECISION_COST, ESTIMATE_LABEL, estimated_cost, layer_macs
+from sensisearch.latency._estimate import ESTIMATE_LABEL, PRECISION_COST, estimated_cost, layer_macs
+from sensisearch.latency._predictor import (
+    SOURCE_ESTIMATE,
+    SOURCE_PAIRED,
+    SOURCE_TABLE,
+    LatencyPredictor,
+    MacEstimate,
+)
 
-__all__ = ["ESTIMATE_LABEL", "PRECISION_COST", "estimated_cost", "layer_macs"]
+__all__ = [
+    "ESTIMATE_LABEL",
+    "PRECISION_COST",
+    "SOURCE_ESTIMATE",
+    "SOURCE_PAIRED",
+    "SOURCE_TABLE",
+    "LatencyPredictor",
+    "MacEstimate",
+    "estimated_cost",
+    "layer_macs",
+]
