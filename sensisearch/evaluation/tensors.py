@@ -98,6 +98,15 @@ def _check_array(array: np.ndarray, spec: "TensorSpec", where: str, key: str) ->
         )
 
 
+def _existing_file(path: Path, flag: str) -> tuple[Path, str]:
+    """``path`` and how error lines name it (``--calib-data FILE``); one line when it is not a file."""
+    path = Path(path)
+    where = f"{flag} {path}".strip()
+    if not path.is_file():
+        raise SensisearchError(f"{where}: no such file")
+    return path, where
+
+
 def _load_npy(path: Path, where: str) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
@@ -107,10 +116,7 @@ def _load_npy(path: Path, where: str) -> np.ndarray:
 
 def load_npy(path: Path, inputs: Sequence["TensorSpec"], flag: str = "") -> TensorData:
     """A ``.npy`` of preprocessed samples ``[N, ...]`` for a single-input model (memory-mapped)."""
-    path = Path(path)
-    where = f"{flag} {path}".strip()
-    if not path.is_file():
-        raise SensisearchError(f"{where}: no such file")
+    path, where = _existing_file(path, flag)
     if len(inputs) != 1:
         names = ", ".join(s.name for s in inputs)
         raise SensisearchError(
@@ -133,10 +139,7 @@ def npz_keys(path: Path, where: str) -> list[str]:
 
 def load_input_npz(path: Path, inputs: Sequence["TensorSpec"], flag: str = "") -> TensorData:
     """An ``.npz`` keyed by model input name, ``{name: [N, ...]}`` for every input, the same N."""
-    path = Path(path)
-    where = f"{flag} {path}".strip()
-    if not path.is_file():
-        raise SensisearchError(f"{where}: no such file")
+    path, where = _existing_file(path, flag)
     keys = npz_keys(path, where)
     names = [s.name for s in inputs]
     missing = [n for n in names if n not in keys]
