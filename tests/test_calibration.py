@@ -738,7 +738,7 @@ def test_onnxruntime_default_entropy_is_not_tensorrt_entropy():
 
 
 def test_threshold_spread_equals_single_algorithm_functions():
-    from sensisearch.calibration import TensorThresholds, calibration_label, threshold_spread
+    from sensisearch.calibration import TensorThresholds, calibration_label, mixed_amax, threshold_spread
 
     rng = np.random.default_rng(13)
     outlier = _stats_of(np.append(rng.standard_normal(100_000), 80.0).astype(F32))
@@ -747,7 +747,7 @@ def test_threshold_spread_equals_single_algorithm_functions():
     spread = threshold_spread({"outlier": outlier, "uniform": uniform, "zeros": zeros}, percentiles=(99.9, 99.99))
     assert [t.tensor for t in spread] == ["outlier", "uniform", "zeros"]
     assert all(isinstance(t, TensorThresholds) for t in spread)
-    assert list(spread[0].amax) == ["minmax", "entropy", "percentile 99.9", "percentile 99.99", "mse"]
+    assert list(spread[0].amax) == ["minmax", "entropy", "percentile 99.9", "percentile 99.99", "mse", "mixed 99.99"]
     for t, s in zip(spread, (outlier, uniform, zeros)):
         expected = {
             "minmax": minmax_amax(s),
@@ -755,6 +755,7 @@ def test_threshold_spread_equals_single_algorithm_functions():
             "percentile 99.9": percentile_amax(s.counts, s.bin_width, 99.9, observed_max=s.amax),
             "percentile 99.99": percentile_amax(s.counts, s.bin_width, 99.99, observed_max=s.amax),
             "mse": mse_amax(s.counts, s.bin_width, observed_max=s.amax),
+            "mixed 99.99": mixed_amax(s, 99.99),
         }
         assert dict(t.amax) == expected, t.tensor
         if s.amax > 0:
