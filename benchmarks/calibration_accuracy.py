@@ -40,8 +40,11 @@ from sensisearch.calibration import (
     TensorStatistics,
     collect_statistics,
     entropy_amax,
+    needs_clipping,
+    percentile_amax,
     update_statistics,
 )
+from sensisearch.calibration.thresholds import CLIPPING_ERROR_RATIO
 from sensisearch.evaluation.detection import CocoDetectionEvaluator
 from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.model.analysis import analyze_model
@@ -91,7 +94,7 @@ def exact_histograms(model_path: Path, tensors: list[str], batches: list[np.ndar
         values.update({t: x for t in tensors if t in graph_inputs})
         for t in tensors:
             running[t] = update_statistics(running[t], values[t])
-        if ort_collector is not None:
+        if ort_collector is not None and not args.quick:
             ort_collector.collect({t: values[t] for t in tensors})
     out = {}
     for t, s in running.items():
@@ -105,6 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ort", action="store_true", help="also score ONNX Runtime's own EntropyCalibrater thresholds")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="only the study's algorithms and mixed (no second pass, no entropy variants)")
     args = parser.parse_args()
 
     model_path = DATA / "yolov5n.onnx"
@@ -131,9 +135,10 @@ def main() -> None:
 
             # EntropyCalibrater's defaults (create_calibrator): num_bins=128, num_quantized_bins=128.
             ort_collector = HistogramCollector("entropy", True, 128, 128, None, None)
-        t0 = time.perf_counter()
-        exact = exact_histograms(model_path, tensors, batches, statistics, ort_collector)
-        print(f"second pass (exact [0, max] histograms{', ORT collector' if args.ort else ''}): {time.perf_counter() - t0:.1f} s")
+        if not args.quick:
+            t0 = time.perf_counter()
+            exact = exact_histograms(model_path, tensors, batches, statistics, ort_collector)
+            print(f"second pass (exact [0, max] histograms{', ORT collector' if args.ort else ''}): {time.perf_counter() - t0:.1f} s")
         used = np.array([int(np.flatnonzero(s.counts).max()) + 1 for s in statistics.values() if s.total])
         print(f"bins used by the data in the study's histograms: median {int(np.median(used))}, min {used.min()} of 2048")
 
@@ -146,12 +151,27 @@ def main() -> None:
             ("entropy", CalibrationChoice(CalibrationAlgorithm.ENTROPY, samples)),
         ):
             variants[label] = table.ranges(tensors, choice)
-        variants["entropy, exact [0,max] histogram"] = CalibrationRanges({samples: exact}).ranges(
-            tensors, CalibrationChoice(CalibrationAlgorithm.ENTROPY, samples)
+        # Issue 10: "mixed" (the study's rule, CLIPPING_ERROR_RATIO) and the same rule at other
+        # error ratios, to show where the rule's margin comes from.
+        variants["mixed 99.99"] = table.ranges(tensors, CalibrationChoice(CalibrationAlgorithm.MIXED, samples, 99.99))
+        for error_ratio in (0.25, 0.9):
+            amax = {}
+            for t, st in statistics.items():
+                clipped = percentile_amax(st.counts, st.bin_width, 99.99, observed_max=st.amax)
+                amax[t] = clipped if needs_clipping(st.counts, st.bin_width, clipped, st.amax, error_ratio) else st.amax
+            variants[f"mixed 99.99, error ratio {error_ratio}"] = _symmetric_ranges(amax, statistics)
+        clipped_count = sum(
+            needs_clipping(st.counts, st.bin_width, percentile_amax(st.counts, st.bin_width, 99.99, observed_max=st.amax), st.amax)
+            for st in statistics.values()
         )
-        edge = {t: max(entropy_amax(s.counts, s.bin_width, observed_max=s.amax) - 0.5 * s.bin_width, 0.0) for t, s in statistics.items()}
-        variants["entropy, pytorch-quantization edge i*w"] = _symmetric_ranges(edge, statistics)
-        if ort_collector is not None:
+        print(f"mixed 99.99: {clipped_count} of {len(statistics)} tensors need clipping (error ratio {CLIPPING_ERROR_RATIO})")
+        if not args.quick:
+            variants["entropy, exact [0,max] histogram"] = CalibrationRanges({samples: exact}).ranges(
+                tensors, CalibrationChoice(CalibrationAlgorithm.ENTROPY, samples)
+            )
+            edge = {t: max(entropy_amax(s.counts, s.bin_width, observed_max=s.amax) - 0.5 * s.bin_width, 0.0) for t, s in statistics.items()}
+            variants["entropy, pytorch-quantization edge i*w"] = _symmetric_ranges(edge, statistics)
+        if ort_collector is not None and not args.quick:
             thresholds = ort_collector.compute_collection_result()
             ort_amax = {t: max(abs(float(v[0])), abs(float(v[1]))) for t, v in thresholds.items()}
             variants["ORT EntropyCalibrater (defaults)"] = _symmetric_ranges(ort_amax, statistics)

@@ -9,9 +9,14 @@ TensorRT, and the estimate keeps the comparison free of this shared CPU's noise.
 
 Prints hypervolume (mAP vs estimated cost; reference point: FP32 cost and FP32
 mAP - 5) against trials for: random search, plain TPE over all 60 layers, the
-seeded study (sensitivity seeds, then TPE over the top-k layers), and a greedy
-"revert the worst layer to float" baseline (NNCF's accuracy control, here with
-the static sensitivity ranking). Plus the issue's goal 1: the best configuration
+seeded study (sensitivity seeds, then TPE over the top-k layers), the seeded
+study over fusion groups (``--search groups``: one parameter per group of layers
+joined by a residual Add or Concat, seeds = all-INT8 minus the top-k groups),
+and a greedy "revert the worst layer to float" baseline (NNCF's accuracy
+control, here with the static sensitivity ranking). The calibration choices
+include ``mixed`` (percentile where a tensor needs clipping, min-max elsewhere).
+Goal 2 compares each strategy's hypervolume with a reference front: the union of
+every point any strategy evaluated. Plus the issue's goal 1: the best configuration
 with >= 57/60 convs INT8 and the best all-INT8, against FP32. Figures are
 printed, never asserted. The sensitivity probes' evaluations are printed too:
 the seeded and greedy searches pay for them once per model.
@@ -34,7 +39,8 @@ from optuna._hypervolume import compute_hypervolume  # what optuna's plot_hyperv
 
 from sensisearch.latency import ESTIMATE_LABEL, estimated_cost, layer_macs
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision, TrialConfig
-from sensisearch.study._seeds import compact_space, head_rule_layers, seed_configs
+from sensisearch.quantize._groups import fusion_groups
+from sensisearch.study._seeds import compact_space, groups_space, head_rule_layers, make_sampler, seed_configs
 from sensisearch.study._sensitivity import score_config, sensitivity_profile
 from sensisearch.study.runner import prepare
 from sensisearch.study.settings import StudySettings
@@ -85,7 +91,7 @@ def main() -> None:
     settings = StudySettings(
         model=SHARED / "yolov5n.onnx", eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json",
         calib_data=calib_dir, out=args.out, eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
-        sample_counts=[args.calib_images], algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.PERCENTILE, CalibrationAlgorithm.MSE],
+        sample_counts=[args.calib_images], algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.PERCENTILE, CalibrationAlgorithm.MSE, CalibrationAlgorithm.MIXED],
         percentiles=[99.99], default_algorithm=CalibrationAlgorithm.MSE,
     )
     ctx = prepare(settings)
@@ -122,12 +128,19 @@ def main() -> None:
         results[name] = points
         print(f"{name}: {n} trials in {time.monotonic() - t0:.0f} s")
 
-    study_run("random", optuna.samplers.RandomSampler(seed=0), random_trials, ctx.space)
-    study_run("tpe", optuna.samplers.TPESampler(seed=0), args.trials, ctx.space)
-    seeds = [c for _, c in seed_configs(layers, profile.ranking, profile.calibration_choice,
-                                        head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index))]
+    # The study's own samplers (make_sampler: TrialSeededSampler, as `sensisearch run --sampler ...`).
+    study_run("random", make_sampler("random", 0), random_trials, ctx.space)
+    study_run("tpe", make_sampler("tpe", 0), args.trials, ctx.space)
+    head = head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index)
+    seeds = [c for _, c in seed_configs(layers, profile.ranking, profile.calibration_choice, head)]
     topk = compact_space(ctx.space, profile.ranking, args.top_k)
-    study_run("seeded", optuna.samplers.TPESampler(seed=0), args.trials, topk, [s for s in seeds if topk.expresses(s)])
+    study_run("seeded", make_sampler("seeded", 0), args.trials, topk, [s for s in seeds if topk.expresses(s)])
+    groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
+    print(f"fusion groups ({ctx.backend.profile.name} profile): {len(layers)} layers -> {len(groups)} groups; "
+          f"multi-layer: {[len(g) for g in groups if len(g) > 1]}")
+    grouped = groups_space(ctx.space, groups)
+    group_seeds = [c for _, c in seed_configs(layers, profile.ranking, profile.calibration_choice, head, groups=groups)]
+    study_run("groups", make_sampler("seeded", 0), args.trials, grouped, [s for s in group_seeds if grouped.expresses(s)])
     # Greedy: all-INT8, then revert the next most sensitive layer to float, one per trial.
     greedy = []
     for k in range(args.trials):
@@ -135,7 +148,7 @@ def main() -> None:
         greedy.append(evaluate(TrialConfig({n: Precision.FP32 if n in floats else Precision.INT8 for n in layers}, profile.calibration_choice)))
     results["greedy"] = greedy
 
-    checkpoints = sorted({n for n in (5, 10, 12, 20, 25, 50, 100) if n <= random_trials} | {args.trials})
+    checkpoints = sorted({n for n in (5, 10, 12, 20, 25, 50, 100) if n <= random_trials} | {args.trials, random_trials})
     print(f"\nhypervolume (mAP x estimated cost, ref = FP32 cost, FP32 mAP - 5) after n trials")
     print("strategy  " + "".join(f"{n:>9d}" for n in checkpoints))
     for name, points in results.items():
@@ -146,6 +159,13 @@ def main() -> None:
         near = [fp32_value - v for v, _, n in points if n >= len(layers) - 3]
         full = [fp32_value - v for v, _, n in points if n == len(layers)]
         print(f"{name:<9} {min(near) if near else float('nan'):+.2f} / {min(full) if full else float('nan'):+.2f}")
+    reference = hypervolume([(v, c) for points in results.values() for v, c, _ in points], fp32_value, fp32_cost)
+    random_hv = hypervolume([(v, c) for v, c, _ in results["random"][:random_trials]], fp32_value, fp32_cost)
+    print(f"\ngoal 2: hypervolume after {args.trials} trials / reference front (union of all {sum(map(len, results.values()))} "
+          f"points, hv {reference:.3g}); and / random after {random_trials}")
+    for name, points in results.items():
+        hv = hypervolume([(v, c) for v, c, _ in points[:args.trials]], fp32_value, fp32_cost)
+        print(f"{name:<9} {hv / reference if reference else float('nan'):7.1%}  {hv / random_hv if random_hv else float('nan'):7.2f}x random")
 
 
 if __name__ == "__main__":

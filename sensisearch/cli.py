@@ -94,7 +94,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", choices=["tpe", "random", "nsga2", "seeded"],
                    help="tpe (default), random, nsga2, or seeded: TPE after the sensitivity seeds (all-INT8 minus the top-k "
                         "sensitive layers, first conv + head in float)")
-    p.add_argument("--search", choices=["full", "topk"], help="full (default): every layer free; topk: only the --top-k most sensitive layers")
+    p.add_argument("--search", choices=["full", "topk", "groups"],
+                   help="full (default): every layer free; topk: only the --top-k most sensitive layers; groups: one choice per "
+                        "fusion group (layers joined by a residual Add or Concat share a precision)")
     p.add_argument("--top-k", type=int, help="layers --search topk leaves free (default 8)")
 
 
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="sampler and calibration-order seed (default 0)")
     run.add_argument("--max-drop", type=float, help="winner's allowed metric drop vs FP32, in points (default 1.0)")
     run.add_argument("--precisions", type=_csv(str), help="precisions to search, e.g. int8,fp32 (default: backend's)")
-    run.add_argument("--algorithms", type=_csv(str), help="calibration algorithms (default minmax,entropy,percentile,mse)")
+    run.add_argument("--algorithms", type=_csv(str), help="calibration algorithms (default minmax,entropy,percentile,mse,mixed)")
     run.add_argument("--sample-counts", type=_csv(int), help="calibration sample counts (default 128,256,512,1024, capped by data)")
     run.add_argument("--percentiles", type=_csv(float), help="clip percentiles for percentile calibration (default 99.9,99.99,99.999)")
     run.add_argument("--latency-batch", type=int, help="batch size for latency (default 1)")

@@ -68,6 +68,13 @@ VALUE_PRESERVING_OP_TYPES = frozenset(
 values: the output can reuse the input's quantization parameters exactly, and ONNX
 Runtime only drops their Q/DQ (running them on 8-bit data) when it does."""
 
+FUSION_JOIN_OP_TYPES = frozenset({"Add", "Concat"})
+"""Ops whose inputs must come from layers of one precision to avoid a reformat: a
+residual ``Add`` fuses into the conv that produces one input and reads the other
+in the same precision; a ``Concat`` is eliminated only when all its inputs are
+written in one precision (TensorRT moves a Q across it into every producer). The
+layers feeding one of these form a precision group (``quantize/_groups.py``)."""
+
 SHAPE_READER_OP_TYPES = frozenset({"Shape", "Size"})
 """Ops that read only the shape of their input: they may read the dequantized tensor
 (same shape) so that they do not keep the producer from emitting 8-bit data."""

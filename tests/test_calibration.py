@@ -738,7 +738,7 @@ def test_onnxruntime_default_entropy_is_not_tensorrt_entropy():
 
 
 def test_threshold_spread_equals_single_algorithm_functions():
-    from sensisearch.calibration import TensorThresholds, calibration_label, threshold_spread
+    from sensisearch.calibration import TensorThresholds, calibration_label, mixed_amax, threshold_spread
 
     rng = np.random.default_rng(13)
     outlier = _stats_of(np.append(rng.standard_normal(100_000), 80.0).astype(F32))
@@ -747,7 +747,7 @@ def test_threshold_spread_equals_single_algorithm_functions():
     spread = threshold_spread({"outlier": outlier, "uniform": uniform, "zeros": zeros}, percentiles=(99.9, 99.99))
     assert [t.tensor for t in spread] == ["outlier", "uniform", "zeros"]
     assert all(isinstance(t, TensorThresholds) for t in spread)
-    assert list(spread[0].amax) == ["minmax", "entropy", "percentile 99.9", "percentile 99.99", "mse"]
+    assert list(spread[0].amax) == ["minmax", "entropy", "percentile 99.9", "percentile 99.99", "mse", "mixed 99.99"]
     for t, s in zip(spread, (outlier, uniform, zeros)):
         expected = {
             "minmax": minmax_amax(s),
@@ -755,6 +755,7 @@ def test_threshold_spread_equals_single_algorithm_functions():
             "percentile 99.9": percentile_amax(s.counts, s.bin_width, 99.9, observed_max=s.amax),
             "percentile 99.99": percentile_amax(s.counts, s.bin_width, 99.99, observed_max=s.amax),
             "mse": mse_amax(s.counts, s.bin_width, observed_max=s.amax),
+            "mixed 99.99": mixed_amax(s, 99.99),
         }
         assert dict(t.amax) == expected, t.tensor
         if s.amax > 0:
@@ -796,3 +797,61 @@ def test_threshold_spread_on_real_yolov5n_statistics(yolo_statistics):
         assert t.amax["percentile 99.99"] == table.amax(t.tensor, 2, "percentile", 99.99)
         assert all(0.0 < r <= 1.0 for r in t.clipping.values()), t.tensor
     assert sum(t.strongest_clipping[1] < 0.5 for t in spread) > 10  # YOLOv5n's SiLU tails get clipped
+
+
+# --------------------------------------------------------------------------- mixed (issue 10)
+
+
+def _error_loop(counts: np.ndarray, width: float, amax: float) -> float:
+    """Independent reference: fake-quantize every occupied bin centre one by one (127 symmetric levels)."""
+    step = amax / 127.0
+    total = 0.0
+    for j, c in enumerate(counts):
+        if c:
+            x = (j + 0.5) * width
+            q = min(max(round(x / step), -127), 127) * step
+            total += int(c) * (q - x) ** 2
+    return total
+
+
+def _mixed_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    # A bulk plus a rare far tail (3 in a million at 12 sigma), as in YOLOv5n's SiLU outputs:
+    # min-max spends two thirds of the levels on the tail. A tail that is not rare
+    # (Student-t, Laplace) is better kept: clipping it costs more than the resolution gains.
+    heavy = rng.normal(0.0, 1.0, 1_000_000).astype(F32)
+    heavy[:3] = 12.0
+    return {
+        "heavy": heavy,
+        "uniform": rng.uniform(-3.0, 3.0, 200_000).astype(F32),
+    }
+
+
+@pytest.mark.parametrize("name,expect_clip", [("heavy", True), ("uniform", False)])
+def test_mixed_picks_percentile_only_where_clipping_pays(name, expect_clip):
+    from sensisearch.calibration import mixed_amax, needs_clipping, quantization_error
+    from sensisearch.calibration.thresholds import CLIPPING_ERROR_RATIO
+
+    stats = _stats_of(_mixed_cases()[name])
+    minmax = stats.amax
+    clipped = percentile_amax(stats.counts, stats.bin_width, 99.99, observed_max=minmax)
+    err_clip = _error_loop(stats.counts, stats.bin_width, clipped)
+    err_minmax = _error_loop(stats.counts, stats.bin_width, minmax)
+    assert quantization_error(stats.counts, stats.bin_width, clipped) == pytest.approx(err_clip, rel=1e-9)
+    direct = clipped < minmax and err_clip < CLIPPING_ERROR_RATIO * err_minmax
+    assert direct is expect_clip
+    assert needs_clipping(stats.counts, stats.bin_width, clipped, minmax) is direct
+    assert mixed_amax(stats, 99.99) == (clipped if direct else minmax)
+    if expect_clip:
+        assert mixed_amax(stats, 99.99) < 0.5 * minmax
+
+
+def test_mixed_in_threshold_table_is_per_tensor():
+    table = ThresholdTable({100: {name: _stats_of(x) for name, x in _mixed_cases().items()}})
+    choice = CalibrationChoice(CalibrationAlgorithm.MIXED, 100, 99.99)
+    amax = table.amaxes(choice)
+    assert amax["heavy"] == table.amax("heavy", 100, CalibrationAlgorithm.PERCENTILE, 99.99)
+    assert amax["uniform"] == table.amax("uniform", 100, CalibrationAlgorithm.MINMAX)
+    # The percentile is part of the memo key: another clip gives another heavy threshold.
+    other = table.amax("heavy", 100, CalibrationAlgorithm.MIXED, 99.999)
+    assert other == table.amax("heavy", 100, CalibrationAlgorithm.PERCENTILE, 99.999) != amax["heavy"]

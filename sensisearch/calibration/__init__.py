@@ -14,9 +14,12 @@ from .thresholds import (
     entropy_amax,
     entropy_divergences,
     minmax_amax,
+    mixed_amax,
     mse_amax,
     mse_errors,
+    needs_clipping,
     percentile_amax,
+    quantization_error,
 )
 
 __all__ = [
@@ -34,9 +37,12 @@ __all__ = [
     "entropy_amax",
     "entropy_divergences",
     "minmax_amax",
+    "mixed_amax",
     "mse_amax",
     "mse_errors",
+    "needs_clipping",
     "percentile_amax",
+    "quantization_error",
     "threshold_spread",
     "update_statistics",
 ]

@@ -28,7 +28,7 @@ MINMAX_LABEL = CalibrationAlgorithm.MINMAX.value
 def calibration_label(algorithm: CalibrationAlgorithm | str, percentile: float | None = None) -> str:
     """``"minmax"``, ``"entropy"``, ``"mse"`` or ``"percentile 99.99"`` (the keys of :attr:`TensorThresholds.amax`)."""
     algorithm = CalibrationAlgorithm(algorithm)
-    if algorithm is CalibrationAlgorithm.PERCENTILE:
+    if algorithm.reads_percentile and percentile is not None:
         return f"{algorithm.value} {percentile:g}"
     return algorithm.value
 

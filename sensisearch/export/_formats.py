@@ -46,6 +46,7 @@ MODELOPT_CALIBRATION = {
     CalibrationAlgorithm.ENTROPY: "entropy",
     CalibrationAlgorithm.PERCENTILE: "entropy",
     CalibrationAlgorithm.MSE: "entropy",
+    CalibrationAlgorithm.MIXED: "entropy",  # clips where a tensor needs it
 }
 
 # Our calibration algorithm -> onnxruntime.quantization.CalibrationMethod member.
@@ -56,6 +57,7 @@ ONNXRUNTIME_CALIBRATION = {
     CalibrationAlgorithm.ENTROPY: "Entropy",
     CalibrationAlgorithm.PERCENTILE: "Percentile",
     CalibrationAlgorithm.MSE: "Entropy",
+    CalibrationAlgorithm.MIXED: "Percentile",  # percentile on the tensors that need clipping
 }
 
 

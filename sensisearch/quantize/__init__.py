@@ -1,6 +1,7 @@
 """Where Q/DQ goes and how it is written: trial configurations, backend profiles,
 the graph index and INT8 regions, the placement, and the deployable-ONNX emitter."""
 
+from sensisearch.quantize._groups import fusion_groups
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
 from sensisearch.quantize.emit import emit_deployable_onnx, save_model
 from sensisearch.quantize.graph import Epilogue, GraphIndex, ResidualAdd, activation_epilogue, feeds_layers, residual_adds
@@ -29,6 +30,7 @@ __all__ = [
     "activation_epilogue",
     "emit_deployable_onnx",
     "feeds_layers",
+    "fusion_groups",
     "int8_region",
     "plan_placement",
     "residual_adds",

@@ -22,6 +22,14 @@ class CalibrationAlgorithm(str, Enum):
     ENTROPY = "entropy"
     PERCENTILE = "percentile"
     MSE = "mse"
+    MIXED = "mixed"
+    """Per tensor: the percentile amax where the tensor needs clipping, min-max elsewhere
+    (:func:`sensisearch.calibration.thresholds.needs_clipping`)."""
+
+    @property
+    def reads_percentile(self) -> bool:
+        """Whether the threshold depends on :attr:`CalibrationChoice.percentile`."""
+        return self in (CalibrationAlgorithm.PERCENTILE, CalibrationAlgorithm.MIXED)
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,7 @@ class CalibrationChoice:
     """Calibration settings of a trial.
 
     ``samples`` is a prefix length of the study's deterministic calibration order;
-    ``percentile`` is only used by :attr:`CalibrationAlgorithm.PERCENTILE`.
+    ``percentile`` is only used by :attr:`CalibrationAlgorithm.PERCENTILE` and ``MIXED``.
     """
 
     algorithm: CalibrationAlgorithm = CalibrationAlgorithm.MINMAX

@@ -118,7 +118,7 @@ def effective_config_key(config: TrialConfig) -> str:
     if any(p is Precision.INT8 for p in config.precisions.values()):
         choice = config.calibration
         calibration = {"algorithm": choice.algorithm.value, "samples": choice.samples}
-        if choice.algorithm is CalibrationAlgorithm.PERCENTILE:
+        if choice.algorithm.reads_percentile:
             calibration["percentile"] = choice.percentile
     return json.dumps({"precisions": precisions, "calibration": calibration}, sort_keys=True, separators=(",", ":"))
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("tpe", "random", "nsga2", "seeded")
-SEARCHES = ("full", "topk")
+SEARCHES = ("full", "topk", "groups")
 SEED_KS = (1, 2, 3, 5, 8)
 """All-INT8 minus the top-k sensitive layers, for each k."""
 SEEDS_ENQUEUED_ATTR = "sensitivity_seeds"
@@ -111,6 +111,20 @@ def head_rule_layers(model: onnx.ModelProto, info: ModelInfo, index: GraphIndex 
     return list(dict.fromkeys(first + head))
 
 
+def rank_groups(groups: Sequence[Sequence[str]], ranking: Sequence[str]) -> list[tuple[str, ...]]:
+    """``groups`` ordered by their most sensitive member's rank in ``ranking`` (unranked members last)."""
+    position = {name: i for i, name in enumerate(ranking)}
+    return sorted((tuple(g) for g in groups), key=lambda g: min(position.get(n, len(position)) for n in g))
+
+
+def close_over_groups(layers: Sequence[str], groups: Sequence[Sequence[str]] | None) -> list[str]:
+    """``layers`` plus every other member of their groups (a seed the groups space can express)."""
+    if groups is None:
+        return list(layers)
+    wanted = set(layers)
+    return [n for g in groups if wanted & set(g) for n in g]
+
+
 def seed_configs(
     layers: Sequence[str],
     ranking: Sequence[str],
@@ -118,13 +132,19 @@ def seed_configs(
     head_rule: Sequence[str] = (),
     ks: Sequence[int] = SEED_KS,
     float_precision: Precision = Precision.FP32,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> list[tuple[str, TrialConfig]]:
     """Named seed configurations: all-INT8 minus the top-k of ``ranking`` (k in ``ks``, at most all but one), then the head rule.
 
-    Duplicates (the same float set twice) are dropped; the order is the enqueue order.
+    With ``groups`` (``--search groups``) the units are groups ranked by their most
+    sensitive member (:func:`rank_groups`): all-INT8 minus the top-k *groups*, and the
+    head rule closed over its groups. Duplicates (the same float set twice) are
+    dropped; the order is the enqueue order.
     """
     seeds: list[tuple[str, TrialConfig]] = []
     seen: set[frozenset[str]] = set()
+    units = [(n,) for n in ranking] if groups is None else rank_groups(groups, ranking)
+    unit = "" if groups is None else " groups"
 
     def add(name: str, floats: Sequence[str]) -> None:
         key = frozenset(floats)
@@ -134,8 +154,8 @@ def seed_configs(
         seeds.append((name, TrialConfig({n: float_precision if n in key else Precision.INT8 for n in layers}, calibration)))
 
     for k in ks:
-        add(f"int8 minus top-{k}", ranking[:k])
-    add(HEAD_RULE, head_rule)
+        add(f"int8 minus top-{k}{unit}", [n for u in units[:k] for n in u])
+    add(HEAD_RULE, close_over_groups(head_rule, groups))
     return seeds
 
 
@@ -144,8 +164,19 @@ def compact_space(space: SearchSpace, ranking: Sequence[str], k: int) -> SearchS
     return dataclasses.replace(space, free_layers=tuple(ranking[:k]), fixed_precision=Precision.INT8)
 
 
+def groups_space(space: SearchSpace, groups: Sequence[Sequence[str]]) -> SearchSpace:
+    """One parameter per fusion group (``--search groups``); every layer free through its group."""
+    return dataclasses.replace(space, groups=tuple(tuple(g) for g in groups), free_layers=None)
+
+
 def apply_sensitivity(ctx: StudyContext) -> StudyContext:
-    """Measure (or load) the sensitivity profile when the search uses it; the compact space for ``--search topk``."""
+    """The groups space for ``--search groups``; measure (or load) the sensitivity profile when the search uses it; the compact space for ``--search topk``."""
+    if ctx.settings.search == "groups":
+        from sensisearch.quantize._groups import fusion_groups
+
+        groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
+        log.info("--search groups: %d layers in %d fusion groups (profile %s)", len(ctx.info.layers), len(groups), ctx.backend.profile.name)
+        ctx.space = groups_space(ctx.space, groups)
     if not uses_sensitivity(ctx.settings):
         return ctx
     from sensisearch.study._sensitivity import sensitivity_profile
@@ -171,11 +202,12 @@ def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
     seeds = seed_configs(
         ctx.space.layers, profile.ranking, profile.calibration_choice,
         head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index), float_precision=float_precision,
+        groups=ctx.space.groups,
     )
     names = []
     for name, config in seeds:
         if not ctx.space.expresses(config):
-            log.info("seed %s: outside the compact search space, skipped", name)
+            log.info("seed %s: outside the search space (compact or groups), skipped", name)
             continue
         # skip_if_exists: two workers racing here still queue each configuration once.
         study.enqueue_trial(ctx.space.params_for(config), user_attrs=TrialRecord(0, seed=name).to_attrs(), skip_if_exists=True)

@@ -79,7 +79,8 @@ class StudySettings:
     sampler: str = "tpe"
     """tpe, random, nsga2, or seeded (TPE after the sensitivity seeds)."""
     search: str = "full"
-    """full (every layer a parameter) or topk (the ``top_k`` most sensitive layers free, the rest INT8)."""
+    """full (every layer a parameter), topk (the ``top_k`` most sensitive layers free, the rest INT8) or
+    groups (one parameter per fusion group, :func:`sensisearch.quantize.fusion_groups`)."""
     top_k: int = 8
     # Issue 12 (many workers, isolated trials, bounded disk).
     isolation: str = "process"
@@ -209,7 +210,7 @@ def _coerce(name: str, value: Any, base: Path | None) -> Any:
         try:
             return [CalibrationAlgorithm(str(v).lower()) for v in value]
         except ValueError as exc:
-            raise SensisearchError(f"--algorithms {value}: use minmax, entropy, percentile, mse") from exc
+            raise SensisearchError(f"--algorithms {value}: use minmax, entropy, percentile, mse, mixed") from exc
     if name == "default_algorithm":
         return CalibrationAlgorithm(str(value).lower())
     if name == "sample_counts":
@@ -352,6 +353,6 @@ def validate_ranges(settings: StudySettings) -> None:
         if set(settings.precisions) == {Precision.FP32}:
             raise SensisearchError("--precisions fp32: nothing to search (FP32 is always measured as the reference); add int8 or fp16")
     if not settings.algorithms:
-        raise SensisearchError("--algorithms: give at least one of minmax, entropy, percentile, mse")
+        raise SensisearchError("--algorithms: give at least one of minmax, entropy, percentile, mse, mixed")
     if not settings.percentiles:
         raise SensisearchError("--percentiles: give at least one clip percentile, e.g. 99.99")

@@ -15,6 +15,8 @@ from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice,
 from sensisearch.study._record import TrialRecord
 
 LAYER_PREFIX = "layer:"
+GROUP_PREFIX = "group:"
+"""``group:<first layer of the group>`` (``--search groups``): one precision for a fusion group."""
 ALGORITHM = "calib_algorithm"
 SAMPLES = "calib_samples"
 PERCENTILE = "calib_percentile"
@@ -32,6 +34,10 @@ class SearchSpace:
     # parameters, every other layer is ``fixed_precision``. None: every layer is free.
     free_layers: tuple[str, ...] | None = None
     fixed_precision: Precision = Precision.INT8
+    # Issue 10 (``--search groups``): one parameter per precision group (layers the
+    # backend fuses across a residual Add or Concat, see quantize/_groups.py); every
+    # layer of a group takes the group's precision. None: one parameter per layer.
+    groups: tuple[tuple[str, ...], ...] | None = None
 
     @property
     def searched_layers(self) -> tuple[str, ...]:
@@ -39,7 +45,9 @@ class SearchSpace:
         return self.layers if self.free_layers is None else tuple(n for n in self.layers if n in set(self.free_layers))
 
     def expresses(self, config: TrialConfig) -> bool:
-        """Whether :meth:`suggest` can produce ``config`` (fixed layers at the fixed precision)."""
+        """Whether :meth:`suggest` can produce ``config`` (fixed layers at the fixed precision; each group uniform)."""
+        if self.groups is not None:
+            return all(len({config.precisions[n] for n in group}) == 1 for group in self.groups)
         free = set(self.searched_layers)
         return all(config.precisions[n] is self.fixed_precision for n in self.layers if n not in free)
 
@@ -49,8 +57,18 @@ class SearchSpace:
 
     def suggest(self, trial: optuna.Trial) -> TrialConfig:
         choices = [p.value for p in self.precisions]
-        searched = self.searched_layers
-        precisions = {name: Precision(trial.suggest_categorical(LAYER_PREFIX + name, choices)) for name in searched}
+        if self.groups is not None:
+            precisions = {
+                name: precision
+                for group in self.groups
+                for precision in (Precision(trial.suggest_categorical(GROUP_PREFIX + group[0], choices)),)
+                for name in group
+            }
+            precisions = {name: precisions[name] for name in self.layers}
+            searched = self.layers
+        else:
+            searched = self.searched_layers
+            precisions = {name: Precision(trial.suggest_categorical(LAYER_PREFIX + name, choices)) for name in searched}
         if len(searched) < len(self.layers):
             # A baseline (all-FP32, ...) is uniform in any space: its mark, not its
             # parameters, says so for the layers the compact space holds fixed.
@@ -64,18 +82,23 @@ class SearchSpace:
             algorithm = CalibrationAlgorithm(trial.suggest_categorical(ALGORITHM, [a.value for a in self.algorithms]))
             samples = int(trial.suggest_categorical(SAMPLES, list(self.sample_counts)))
             percentile = self.default_calibration.percentile
-            if algorithm is CalibrationAlgorithm.PERCENTILE:
+            if algorithm.reads_percentile:
                 percentile = float(trial.suggest_categorical(PERCENTILE, list(self.percentiles)))
             calibration = CalibrationChoice(algorithm, samples, percentile)
         return TrialConfig(precisions, calibration)
 
     def params_for(self, config: TrialConfig) -> dict[str, Any]:
         """Optuna parameters that reproduce ``config`` (for enqueueing)."""
-        params: dict[str, Any] = {LAYER_PREFIX + name: config.precisions[name].value for name in self.searched_layers}
+        if self.groups is not None:
+            if not self.expresses(config):
+                raise ValueError("configuration mixes precisions inside a fusion group; the groups space cannot express it")
+            params: dict[str, Any] = {GROUP_PREFIX + g[0]: config.precisions[g[0]].value for g in self.groups}
+        else:
+            params = {LAYER_PREFIX + name: config.precisions[name].value for name in self.searched_layers}
         if config.uses_int8:
             params[ALGORITHM] = config.calibration.algorithm.value
             params[SAMPLES] = config.calibration.samples
-            if config.calibration.algorithm is CalibrationAlgorithm.PERCENTILE:
+            if config.calibration.algorithm.reads_percentile:
                 params[PERCENTILE] = config.calibration.percentile
         return params
 
