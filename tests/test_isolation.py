@@ -179,3 +179,43 @@ def test_study_completes_with_the_failed_trial_and_its_reason(
     assert recs[1].host and recs[1].device
     assert json.loads((out / "trials" / "0001" / "trial.json").read_text())["status"] == "failed"
     assert (out / "pareto.json").is_file() and (out / "report.md").is_file()
+
+
+def test_fp32_reference_is_built_in_a_child_and_adopted(tmp_path: Path) -> None:
+    """The trial server never builds an engine itself (a TensorRT build initialises CUDA, and a
+    process that initialised CUDA must not fork): a forked child builds the FP32 reference, the
+    server keeps its path, and the artifact is the same as one built in this process."""
+    from sensisearch.study._trial_child import build_reference_in_child
+
+    settings = merge_settings({}, {"example": "digits", "out": tmp_path / "run", "sample_counts": [64], "eval_limit": 100}, None)
+    ctx = prepare(settings)
+    builds: list[int] = []
+    backend = ctx.pipeline.backend
+    real_build = backend.build
+
+    def recording_build(*args: object, **kwargs: object) -> object:
+        builds.append(os.getpid())
+        return real_build(*args, **kwargs)
+
+    backend.build = recording_build  # type: ignore[method-assign]
+    try:
+        build_reference_in_child(ctx)
+        adopted = ctx.pipeline.reference_artifact()  # must not build again here
+        assert builds == [], "the server process built an engine"
+        assert adopted.is_file() and adopted.parent == ctx.pipeline.reference_dir()
+        backend.build = real_build  # type: ignore[method-assign]
+        fresh = prepare(settings).pipeline
+        try:
+            assert fresh.reference_artifact().read_bytes() == adopted.read_bytes()
+        finally:
+            fresh.close()
+    finally:
+        backend.build = real_build  # type: ignore[method-assign]
+        ctx.pipeline.close()
+    assert not adopted.exists(), "the server owns the reference folder and deletes it on close"
+
+
+def test_cuda_probe_in_a_subprocess_answers_like_the_direct_probe() -> None:
+    from sensisearch.backends.tensorrt.flavor import probe_cuda_python, probe_cuda_python_isolated
+
+    assert probe_cuda_python_isolated() == probe_cuda_python()

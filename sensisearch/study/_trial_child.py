@@ -146,10 +146,45 @@ def prewarm(ctx: Any) -> None:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     ort.InferenceSession(ctx.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    # Build the FP32 reference once (a file; no session is kept): each trial child only loads it.
-    reference_artifact = getattr(ctx.pipeline, "reference_artifact", None)
-    if reference_artifact is not None:
-        reference_artifact()
+
+
+def build_reference_in_child(ctx: Any) -> None:
+    """Build the FP32 reference once, in a forked child, so each trial child only loads it.
+
+    Not in the server itself: a TensorRT build initialises CUDA, and a process
+    that initialised CUDA must not fork children that use it (CUDA is not
+    fork-safe). The server keeps only the artifact's path; the folder is the
+    server's (:meth:`TrialPipeline.reference_dir`), so it outlives the builder.
+    When the build fails, each trial builds its own reference and reports the error.
+    """
+    pipeline = ctx.pipeline
+    if getattr(pipeline, "reference_dir", None) is None:
+        return
+    pipeline.reference_dir()
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            die_with_parent()
+            os.write(write_fd, str(pipeline.reference_artifact()).encode())
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as reader:
+        path = reader.read().decode()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) == 0 and path:
+        pipeline.adopt_reference(Path(path))
+    else:
+        logging.getLogger(__name__).warning("building the FP32 reference failed; every trial builds its own")
 
 
 def serve(stdin: Any, message_fd: int) -> int:
@@ -177,6 +212,7 @@ def serve(stdin: Any, message_fd: int) -> int:
     settings = merge_settings(json.loads(first)["settings"], {}, None)
     ctx = prepare(settings)
     prewarm(ctx)
+    build_reference_in_child(ctx)
     send(message_fd, {"ready": os.getpid()})
     for line in stdin:
         spec = json.loads(line)

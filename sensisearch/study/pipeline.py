@@ -293,15 +293,26 @@ class TrialPipeline(ArtifactPipeline):
         instead of building it again (that build was most of the isolation overhead).
         """
         if self._reference_artifact is None:
-            self._reference_dir = tempfile.TemporaryDirectory(prefix="sensisearch-fp32-")
-            self._reference_owner = os.getpid()
-            out_dir = Path(self._reference_dir.name)
+            out_dir = self.reference_dir()
             config = TrialConfig.uniform(self.info.layer_names, Precision.FP32)
             # The all-FP32 deployable is an unmodified copy of the model (emit_deployable_onnx),
             # so it is saved as is: no placement to plan for the reference.
             deployable = save_model(self.model, out_dir / DEPLOYABLE_NAME)
             self._reference_artifact = self.build(deployable, out_dir, config).artifact
         return self._reference_artifact
+
+    def reference_dir(self) -> Path:
+        """The folder the FP32 reference is built into, made (and later deleted) by the calling process."""
+        if self._reference_dir is None:
+            self._reference_dir = tempfile.TemporaryDirectory(prefix="sensisearch-fp32-")
+            self._reference_owner = os.getpid()
+        return Path(self._reference_dir.name)
+
+    def adopt_reference(self, artifact: Path) -> None:
+        """Use ``artifact`` (built in :meth:`reference_dir` by a forked child) as the FP32 reference."""
+        if not Path(artifact).is_file():
+            raise RuntimeError(f"the FP32 reference {artifact} was not built")
+        self._reference_artifact = Path(artifact)
 
     def reference_runner(self) -> Runner:
         """The FP32 model's artifact, loaded on first use and kept loaded for this worker's lifetime."""

@@ -331,6 +331,30 @@ def probe_cuda_python() -> tuple[str | None, str | None, str | None]:
     return version or "unknown", runtime, None
 
 
+def probe_cuda_python_isolated(timeout: float = 60.0) -> tuple[str | None, str | None, str | None]:
+    """:func:`probe_cuda_python` in a separate Python process.
+
+    ``cudaGetDeviceCount`` initialises CUDA in the calling process, and a process
+    that initialised CUDA must not fork children that use it (CUDA is not
+    fork-safe). The study's trial server probes the machine, then forks one child
+    per trial that builds and runs engines: so the probe runs elsewhere.
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json; from sensisearch.backends.tensorrt.flavor import probe_cuda_python; "
+        "print(json.dumps(probe_cuda_python()))"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False)
+        version, runtime, error = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        return None, None, f"probing cuda-python in a subprocess failed ({type(exc).__name__})"
+    return version, runtime, error
+
+
 def probe_pycuda() -> str | None:
     try:
         from importlib.metadata import version as dist_version
@@ -344,7 +368,7 @@ def probe_pycuda() -> str | None:
 def probe_gpu_driver() -> DriverInfo:
     """Driver, GPUs and GPU runtime bindings of this machine (cached per process)."""
     loaded, version, gpus, error = probe_driver()
-    cp_version, runtime, runtime_error = probe_cuda_python()
+    cp_version, runtime, runtime_error = probe_cuda_python_isolated()
     return DriverInfo(
         loaded=loaded,
         version=version,
