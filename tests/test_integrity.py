@@ -396,3 +396,37 @@ def test_sigterm_marks_the_trial_failed_requeues_it_and_exits_nonzero(tmp_path: 
     rerun = _cli("run", "--example", "digits", "--budget", "2", "--out", str(out), *FAST, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert any(r.baseline == "fp32" and r.state == "COMPLETE" for r in _records(out))
+
+
+def test_sigterm_while_waiting_for_the_budget_decision_requeues_the_trial(tmp_path: Path) -> None:
+    """A searched trial waits while a lower-numbered trial of another worker runs; a SIGTERM
+    during that wait fails it as interrupted (not counted) and queues its parameters again."""
+    out = tmp_path / "study"
+    first = _cli("run", "--example", "digits", "--budget", "1", "--out", str(out), *FAST, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    study = optuna.load_study(study_name="digits_resnet", storage=f"sqlite:///{out / 'study.db'}")
+    other_worker = study.ask()  # RUNNING, no heartbeat yet, no role: every later trial waits for it
+    proc = _popen("run", "--example", "digits", "--budget", "3", "--out", str(out), *FAST, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    waiting_trial = None
+    while waiting_trial is None and time.monotonic() < deadline and proc.poll() is None:
+        waiting_trial = next(
+            (t for t in _trials(out) if t.number > other_worker.number and t.state.name == "RUNNING"
+             and TrialRecord.from_trial(t).config_key is not None), None,
+        )
+        time.sleep(0.2)
+    assert waiting_trial is not None, "no trial started waiting for the other worker's trial"
+    time.sleep(1.0)  # inside await_decision's wait loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    trials = {t.number: t for t in _trials(out)}
+    interrupted = trials[waiting_trial.number]
+    assert interrupted.state.name == "FAIL" and TrialRecord.from_trial(interrupted).role == "interrupted"
+    requeued = [t for t in trials.values() if t.state.name == "WAITING" and t.number > interrupted.number]
+    # an enqueued trial holds its parameters as Optuna's "fixed_params" until it runs
+    assert any(t.system_attrs.get("fixed_params") == interrupted.params for t in requeued), (
+        "the interrupted trial's parameters were not queued again"
+    )
+    assert trials[other_worker.number].state.name == "RUNNING"  # another worker's trial is not touched

@@ -276,7 +276,12 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
         # The baseline mark was stored by enqueue_baselines.
         baseline_name = TrialRecord.from_attrs(trial.number, trial.user_attrs).baseline
         config = proposed_config(ctx, trial, baseline_name)
-        repeat = decide_trial(ctx, trial, config, baseline_name)
+        try:
+            repeat = decide_trial(ctx, trial, config, baseline_name)
+        except KeyboardInterrupt:
+            # Interrupted while waiting for the budget decision: queued again like a running trial.
+            requeue_interrupted(trial, config, baseline_name)
+            raise
         if repeat is not None:
             return repeat
         trial_dir = ctx.trials_dir / f"{trial.number:04d}"
@@ -293,13 +298,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             outcome = run_trial(config, trial_dir, study_reference_ms(trial.study))
             check_metric_value(outcome.evaluation.value, outcome.evaluation.metric)
         except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM: failed without an error of its own, so it does not
-            # count, and queued again so the next run evaluates it.
-            _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(),
-                                      config_key=effective_config_key(config), role=_budget.INTERRUPTED))
-            trial.study.enqueue_trial(
-                dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None
-            )
+            requeue_interrupted(trial, config, baseline_name)
             write_json_atomic(trial_json, {**header, "status": "interrupted"})
             raise
         except Exception as exc:
@@ -346,6 +345,14 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
         return evaluation.value, outcome.median_ms
 
     return objective
+
+
+def requeue_interrupted(trial: optuna.Trial, config: TrialConfig, baseline_name: str | None) -> None:
+    """Ctrl-C or SIGTERM: the trial fails without an error of its own, so it does not
+    count, and is queued again so the next run (or another worker) evaluates it."""
+    _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(),
+                              config_key=effective_config_key(config), role=_budget.INTERRUPTED))
+    trial.study.enqueue_trial(dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None)
 
 
 def proposed_config(ctx: StudyContext, trial: optuna.Trial, baseline_name: str | None) -> TrialConfig:
