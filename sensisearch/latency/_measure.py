@@ -1,0 +1,139 @@
+"""Measure a :class:`LatencyTable` with the study's own pipeline (plan, emit, build) and a backend's profiler."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from sensisearch.latency._attribution import NameAttribution
+from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_count, fit_table
+from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
+
+if TYPE_CHECKING:
+    from sensisearch.study.pipeline import ArtifactPipeline
+
+log = logging.getLogger(__name__)
+
+
+def profiling_configs(layers: Sequence[str], precisions: Sequence[Precision], calibration: CalibrationChoice) -> dict[str, TrialConfig]:
+    """All-FP32; per lower precision: all of it and two complementary checkerboards with FP32 (many boundaries)."""
+    configs = {"fp32": TrialConfig.uniform(list(layers), Precision.FP32, calibration)}
+    for precision in precisions:
+        if precision is Precision.FP32:
+            continue
+        p = precision.value
+        configs[f"all-{p}"] = TrialConfig.uniform(list(layers), precision, calibration)
+        for parity in (0, 1):
+            configs[f"checker{parity}-{p}"] = TrialConfig(
+                {n: precision if i % 2 == parity else Precision.FP32 for i, n in enumerate(layers)}, calibration
+            )
+    return configs
+
+
+def attribute(
+    nodes: Mapping[tuple[str, str], float], attribution: NameAttribution
+) -> tuple[dict[str, float], dict[str, float], float, float]:
+    """Per-node times -> (per layer, per Q/DQ tensor, rest, total), ms."""
+    layer_ms: dict[str, float] = {}
+    qdq_ms: dict[str, float] = {}
+    rest = 0.0
+    for (node, op), ms in nodes.items():
+        owner = attribution.ort_node(node, op)
+        if owner.kind == "layer":
+            layer_ms[owner.name] = layer_ms.get(owner.name, 0.0) + ms
+        elif owner.kind == "qdq":
+            qdq_ms[owner.name] = qdq_ms.get(owner.name, 0.0) + ms
+        else:
+            rest += ms
+    return layer_ms, qdq_ms, rest, float(sum(nodes.values()))
+
+
+def measure_ort_table(
+    pipeline: ArtifactPipeline,
+    calibration: CalibrationChoice,
+    feeds: Mapping[str, np.ndarray],
+    work_dir: Path,
+    *,
+    model_path: Path,
+    precisions: Sequence[Precision] = (Precision.INT8, Precision.FP32),
+    repeats: int = 20,
+    seed: int = 0,
+    device: str = "cpu",
+    keep: bool = False,
+) -> LatencyTable:
+    """Profile :func:`profiling_configs` on ONNX Runtime (interleaved) and fit the table."""
+    from sensisearch.latency._profile_ort import profile_interleaved
+
+    info, model = pipeline.info, pipeline.model
+    configs = profiling_configs(info.layer_names, precisions, calibration)
+    attribution = NameAttribution(model, info, pipeline.index)
+    artifacts: dict[str, Path] = {}
+    placements = {}
+    try:
+        for name, config in configs.items():
+            placement = pipeline.plan(config)
+            placements[name] = placement
+            deployable, _ = pipeline.emit(config, work_dir / name, placement=placement)
+            artifacts[name] = pipeline.build(deployable, work_dir / name, config).artifact
+        nodes = profile_interleaved(pipeline.backend, artifacts, feeds, repeats, work_dir / "profiles", seed)  # type: ignore[arg-type]
+    finally:
+        if not keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    profiles = []
+    for name, config in configs.items():
+        layer_ms, qdq_ms, rest, total = attribute(nodes[name], attribution)
+        placement = placements[name]
+        profiles.append(ConfigProfile(
+            name=name, precisions={n: p.value for n, p in config.precisions.items()}, layer_ms=layer_ms, qdq_ms=qdq_ms,
+            rest_ms=rest, total_ms=total, qdq_tensors=tuple(placement.tensors),
+            boundaries=boundary_count(placement, model, pipeline.index),
+        ))
+    batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+    table = fit_table(
+        profiles, info.layer_names, model=str(model_path), model_sha256=info.sha256,
+        profile=pipeline.backend.profile.name, backend=pipeline.backend.name, device=device, repeats=repeats, batch=batch,
+    )
+    table.bind(model, info)
+    for record, config in zip(table.configs, configs.values()):
+        record["predicted_ms"] = table.predict(config.precisions)
+    return table
+
+
+CALIBRATION_SAMPLES = 8
+"""Profiling needs valid Q/DQ scales, not good ones: min-max over a few samples."""
+
+
+def table_pipeline(
+    settings, cache_dir: Path, profile: str | None, threads: int | None = None  # noqa: ANN001 - StudySettings
+) -> tuple[ArtifactPipeline, CalibrationChoice, dict[str, np.ndarray], Path]:
+    """The study's model, pipeline and min-max ranges over a few ``--calib-data`` samples, plus one real input batch."""
+    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+    from sensisearch.errors import SensisearchError
+    from sensisearch.evaluation.preprocess import Preprocess
+    from sensisearch.quantize.config import CalibrationAlgorithm
+    from sensisearch.quantize.profiles import PROFILES
+    from sensisearch.study.calibrate import prepare_calibration
+    from sensisearch.study.pipeline import ArtifactPipeline
+    from sensisearch.study.tasks import _array_source, _calibration_data, _detector_output, _tensor_source, preprocessing, resolve_inputs
+    from sensisearch.evaluation.tensors import TensorData
+
+    resolved = resolve_inputs(settings)
+    settings = resolved.settings
+    if settings.calib_data is None:
+        raise SensisearchError("latency-table needs --calib-data (a few real inputs to calibrate and profile), or --example digits")
+    spec = resolved.input_spec
+    preprocess = Preprocess.preset("yolo") if _detector_output(settings, resolved.model, spec) is not None else preprocessing(settings)
+    data = _calibration_data(settings, spec, preprocess)
+    source = _tensor_source(data, spec, spec.static_batch) if isinstance(data, TensorData) else _array_source(data, preprocess, spec)
+    samples = min(CALIBRATION_SAMPLES, source.size)
+    calibration = prepare_calibration(
+        resolved.model_path, resolved.model, resolved.info, source, [samples], seed=0, cache_dir=cache_dir, threads=threads,
+    )
+    backend = OnnxRuntimeBackend(threads=threads, profile=PROFILES[profile or "onnxruntime-cpu"])
+    pipeline = ArtifactPipeline(resolved.model, resolved.info, backend, calibration)
+    batch = next(iter(source.batches(list(range(source.size))[:1], spec.static_batch or 1)))
+    return pipeline, CalibrationChoice(CalibrationAlgorithm.MINMAX, samples), {spec.name: np.ascontiguousarray(batch)}, resolved.model_path

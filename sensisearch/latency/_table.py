@@ -1,0 +1,264 @@
+"""A per-layer latency table measured once on the target, and what it predicts.
+
+predicted latency(config) =
+    sum over layers of ``layers[layer][precision]``          (the layer's kernels, with what the backend fused into it)
+  + sum over the config's Q/DQ tensors of ``boundaries[tensor]``  (standalone Q/DQ kernels)
+  + ``rest_ms`` + ``layout_ms_per_boundary`` x (precision boundaries of the config)
+
+The Q/DQ tensors and the boundaries come from :func:`~sensisearch.quantize.placement.plan_placement`
+for the table's quantization profile, the same placement the emitter writes, so the
+table never holds a second copy of where Q/DQ goes. A *precision boundary* is a Q/DQ
+tensor that is not produced by an INT8 layer (or its activation), or that a float
+op reads (``float_reader``): where the backend changes format (ONNX Runtime's
+Reorder/Transpose nodes, TensorRT's "Reformatting CopyNode" layers). Their cost is
+not per tensor in the profiles (the layout nodes carry generated names), so it is
+one rate, fitted by least squares over the profiled configurations together with the
+configuration-independent rest (non-layer ops: Resize, Concat, decode, ...).
+Boundary Q/DQ costs are kept per tensor (not per element with a fitted rate): every
+tensor a placement can quantize is measured by the profiled configurations (all-INT8
+and two complementary checkerboards), and per-tensor costs keep the layout effects a
+rate would average away; a tensor never measured costs the median of the measured ones.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+
+from sensisearch.errors import SensisearchError
+from sensisearch.fileio import write_text_atomic
+from sensisearch.latency._predictor import SOURCE_TABLE
+from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.graph import GraphIndex, activation_epilogue
+
+if TYPE_CHECKING:
+    import onnx
+
+    from sensisearch.model.analysis import ModelInfo
+    from sensisearch.quantize.placement import Placement
+
+TABLE_FORMAT = "sensisearch-latency-table"
+TABLE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ConfigProfile:
+    """One profiled configuration: per-node medians over runs, attributed (see ``_attribution``)."""
+
+    name: str
+    precisions: Mapping[str, str]
+    layer_ms: Mapping[str, float]
+    qdq_ms: Mapping[str, float]
+    rest_ms: float
+    """Kernels attributed to no layer and no Q/DQ tensor (layout nodes, non-layer ops)."""
+    total_ms: float
+    qdq_tensors: tuple[str, ...]
+    """The placement's Q/DQ tensors of this configuration."""
+    boundaries: int
+    """:func:`boundary_count` of its placement."""
+
+
+def boundary_tensors(placement: Placement, model: onnx.ModelProto, index: GraphIndex | None = None) -> list[str]:
+    """The placement's Q/DQ tensors where the precision changes (see the module docstring)."""
+    index = index or GraphIndex(model)
+    produced_in_int8: set[str] = set()
+    for layer in placement.int8_layers:
+        produced_in_int8.add(layer.output)
+        epilogue = activation_epilogue(index, layer.output)
+        if epilogue is not None:
+            produced_in_int8.add(epilogue.output)
+    return [
+        qdq.tensor for qdq in placement.activations
+        if qdq.tensor not in produced_in_int8 or "float_reader" in qdq.reasons
+    ]
+
+
+def boundary_count(placement: Placement, model: onnx.ModelProto, index: GraphIndex | None = None) -> int:
+    return len(boundary_tensors(placement, model, index))
+
+
+@dataclass
+class LatencyTable:
+    """Per-layer latency of one model under one quantization profile on one backend/device (a :class:`LatencyPredictor`)."""
+
+    model: str
+    """Path of the FP32 ONNX it was measured for (used to plan placements when not bound)."""
+    model_sha256: str
+    profile: str
+    """Quantization profile name (``tensorrt``, ``onnxruntime-cpu``)."""
+    backend: str
+    device: str
+    layers: dict[str, dict[str, float]]
+    """Layer node name -> precision value -> ms."""
+    boundaries: dict[str, float]
+    """Activation tensor -> ms of its standalone Q/DQ kernels."""
+    rest_ms: float
+    layout_ms_per_boundary: float
+    unmapped_share: float
+    """Share of the profiled kernel time attributed to no layer and no Q/DQ tensor (in the rest)."""
+    configs: list[dict[str, Any]] = field(default_factory=list)
+    """What was profiled: name, measured total and the table's prediction for it (ms)."""
+    repeats: int = 0
+    batch: int = 1
+    source: str = SOURCE_TABLE
+    unit: str = "ms"
+    _bound: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"predicted from latency table ({self.backend} on {self.device}, profile {self.profile})"
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    # ------------------------------------------------------------------ binding to the model
+    def check_matches(self, model_sha256: str, layer_names: Sequence[str]) -> None:
+        """Refuse a table made for another model (one line)."""
+        if model_sha256 != self.model_sha256:
+            raise SensisearchError(
+                f"latency table for {self.model} (sha256 {self.model_sha256[:12]}) does not match this model "
+                f"(sha256 {model_sha256[:12]}); run `sensisearch latency-table` for this model"
+            )
+        if list(layer_names) != self.layer_names:
+            raise SensisearchError(
+                f"latency table for {self.model}: its layers differ from this model's; run `sensisearch latency-table` again"
+            )
+
+    def bind(self, model: onnx.ModelProto, info: ModelInfo) -> LatencyTable:
+        """Plan placements on ``model`` (checked against the table); returns self."""
+        from sensisearch.quantize.profiles import PROFILES
+
+        self.check_matches(info.sha256, info.layer_names)
+        if self.profile not in PROFILES:
+            raise SensisearchError(f"latency table for {self.model}: unknown quantization profile {self.profile!r}")
+        self._bound = (model, info, GraphIndex(model), PROFILES[self.profile], {})
+        return self
+
+    def _ensure_bound(self) -> tuple[Any, ...]:
+        if self._bound is None:
+            from sensisearch.model.analysis import analyze_model
+
+            if not Path(self.model).is_file():
+                raise SensisearchError(
+                    f"latency table: its model {self.model} is not here; bind the table to the model (LatencyTable.bind)"
+                )
+            info, model = analyze_model(Path(self.model))
+            self.bind(model, info)
+        return self._bound
+
+    # ------------------------------------------------------------------ prediction
+    def parts(self, precisions: Mapping[str, Precision | str]) -> dict[str, float]:
+        """The prediction split into ``layers``, ``qdq``, ``layout`` and ``rest`` (ms)."""
+        model, info, index, profile, memo = self._ensure_bound()
+        key = tuple(Precision(precisions[name]).value for name in self.layers)
+        if key in memo:
+            return memo[key]
+        from sensisearch.quantize.placement import plan_placement
+
+        layer_ms = 0.0
+        for name, precision in zip(self.layers, key):
+            costs = self.layers[name]
+            if precision not in costs:
+                raise SensisearchError(
+                    f"latency table for {self.model} has no {precision} time for layer {name!r}; "
+                    f"measure it with --precisions including {precision}"
+                )
+            layer_ms += costs[precision]
+        placement = plan_placement(info, model, TrialConfig({n: Precision(p) for n, p in zip(self.layers, key)}), profile, index)
+        default = statistics.median(self.boundaries.values()) if self.boundaries else 0.0
+        qdq_ms = sum(self.boundaries.get(t, default) for t in placement.tensors)
+        layout_ms = self.layout_ms_per_boundary * boundary_count(placement, model, index)
+        memo[key] = {"layers": layer_ms, "qdq": qdq_ms, "layout": layout_ms, "rest": self.rest_ms}
+        return memo[key]
+
+    def predict(self, precisions: Mapping[str, Precision | str]) -> float:
+        return float(sum(self.parts(precisions).values()))
+
+    def speedup(self, precisions: Mapping[str, Precision | str]) -> float:
+        fp32 = self.predict({name: Precision.FP32 for name in self.layers})
+        return fp32 / max(self.predict(precisions), 1e-12)
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_") and k not in ("source", "unit")}
+        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "unit": self.unit, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyTable:
+        names = [f for f in cls.__dataclass_fields__ if not f.startswith("_") and f not in ("source", "unit")]
+        return cls(**{name: data[name] for name in names if name in data})
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1))
+
+
+REQUIRED_KEYS = ("model", "model_sha256", "profile", "backend", "device", "layers", "boundaries", "rest_ms", "layout_ms_per_boundary")
+
+
+def load_latency_table(path: Path | str) -> LatencyTable:
+    """Read a table written by ``sensisearch latency-table``; one-line :class:`SensisearchError` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise SensisearchError(f"latency table {path} does not exist; make it with `sensisearch latency-table --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SensisearchError(f"latency table {path} is not JSON ({exc}); make it with `sensisearch latency-table`") from exc
+    if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
+        raise SensisearchError(f"latency table {path} is not a sensisearch latency table; make it with `sensisearch latency-table`")
+    if data.get("version") != TABLE_VERSION:
+        raise SensisearchError(
+            f"latency table {path} has format version {data.get('version')!r}, this sensisearch reads {TABLE_VERSION}; "
+            "measure it again with this version"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in data]
+    if missing:
+        raise SensisearchError(f"latency table {path} lacks {', '.join(missing)}; measure it again")
+    return LatencyTable.from_dict(data)
+
+
+# ---------------------------------------------------------------------- fitting (pure)
+def fit_table(
+    profiles: Sequence[ConfigProfile],
+    layer_names: Sequence[str],
+    **identity: Any,
+) -> LatencyTable:
+    """A table from attributed profiles: medians per layer and precision, mean Q/DQ cost per tensor, fitted rest.
+
+    ``identity``: model, model_sha256, profile, backend, device, repeats, batch.
+    """
+    if not profiles:
+        raise ValueError("no profiled configurations")
+    layers: dict[str, dict[str, float]] = {}
+    for name in layer_names:
+        by_precision: dict[str, list[float]] = {}
+        for p in profiles:
+            by_precision.setdefault(str(p.precisions[name]), []).append(float(p.layer_ms.get(name, 0.0)))
+        layers[name] = {prec: float(np.median(v)) for prec, v in sorted(by_precision.items())}
+    seen: dict[str, list[float]] = {}
+    for p in profiles:
+        for tensor in p.qdq_tensors:
+            seen.setdefault(tensor, []).append(float(p.qdq_ms.get(tensor, 0.0)))
+    boundaries = {t: float(np.mean(v)) for t, v in seen.items()}
+    # Q/DQ kernels on tensors outside the placement (none expected) stay in the rest.
+    rests = np.array([p.rest_ms + sum(v for t, v in p.qdq_ms.items() if t not in p.qdq_tensors) for p in profiles])
+    counts = np.array([p.boundaries for p in profiles], dtype=float)
+    if len(set(counts.tolist())) > 1:
+        design = np.stack([np.ones_like(counts), counts], axis=1)
+        (rest_ms, per_boundary), *_ = np.linalg.lstsq(design, rests, rcond=None)
+    else:
+        rest_ms, per_boundary = float(np.median(rests)), 0.0
+    total = sum(p.total_ms for p in profiles)
+    unmapped = sum(p.rest_ms for p in profiles) / total if total > 0 else 0.0
+    table = LatencyTable(
+        layers=layers, boundaries=boundaries, rest_ms=float(rest_ms), layout_ms_per_boundary=float(per_boundary),
+        unmapped_share=float(unmapped), **identity,
+    )
+    table.configs = [{"name": p.name, "measured_ms": p.total_ms, "boundaries": p.boundaries} for p in profiles]
+    return table
