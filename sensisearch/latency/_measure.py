@@ -52,7 +52,7 @@ def attribute(
     return layer_ms, qdq_ms, rest, float(sum(nodes.values()))
 
 
-def measure_ort_table(
+def measure_table(
     pipeline: ArtifactPipeline,
     calibration: CalibrationChoice,
     feeds: Mapping[str, np.ndarray],
@@ -65,7 +65,7 @@ def measure_ort_table(
     device: str = "cpu",
     keep: bool = False,
 ) -> LatencyTable:
-    """Profile :func:`profiling_configs` on ONNX Runtime (interleaved) and fit the table."""
+    """Profile :func:`profiling_configs` with the backend's profiler (ONNX Runtime: interleaved) and fit the table."""
     from sensisearch.latency._profile_ort import profile_interleaved
 
     info, model = pipeline.info, pipeline.model
@@ -73,19 +73,28 @@ def measure_ort_table(
     attribution = NameAttribution(model, info, pipeline.index)
     artifacts: dict[str, Path] = {}
     placements = {}
+    attributed: dict[str, tuple[dict[str, float], dict[str, float], float, float]] = {}
     try:
         for name, config in configs.items():
             placement = pipeline.plan(config)
             placements[name] = placement
             deployable, _ = pipeline.emit(config, work_dir / name, placement=placement)
             artifacts[name] = pipeline.build(deployable, work_dir / name, config).artifact
-        nodes = profile_interleaved(pipeline.backend, artifacts, feeds, repeats, work_dir / "profiles", seed)  # type: ignore[arg-type]
+        if pipeline.backend.name == "onnxruntime":
+            nodes = profile_interleaved(pipeline.backend, artifacts, feeds, repeats, work_dir / "profiles", seed)  # type: ignore[arg-type]
+            attributed = {name: attribute(nodes[name], attribution) for name in configs}
+        else:  # TensorRT: trtexec's per-layer profiler on each built engine (GPU machine)
+            from sensisearch.latency._profile_tensorrt import attribute_tensorrt, trtexec_profile
+
+            for name, artifact in artifacts.items():
+                layers = trtexec_profile(artifact, work_dir / name / "profile.json", iterations=max(repeats, 10))
+                attributed[name] = attribute_tensorrt(layers, attribution)
     finally:
         if not keep:
             shutil.rmtree(work_dir, ignore_errors=True)
     profiles = []
     for name, config in configs.items():
-        layer_ms, qdq_ms, rest, total = attribute(nodes[name], attribution)
+        layer_ms, qdq_ms, rest, total = attributed[name]
         placement = placements[name]
         profiles.append(ConfigProfile(
             name=name, precisions={n: p.value for n, p in config.precisions.items()}, layer_ms=layer_ms, qdq_ms=qdq_ms,
@@ -133,7 +142,16 @@ def table_pipeline(
     calibration = prepare_calibration(
         resolved.model_path, resolved.model, resolved.info, source, [samples], seed=0, cache_dir=cache_dir, threads=threads,
     )
-    backend = OnnxRuntimeBackend(threads=threads, profile=PROFILES[profile or "onnxruntime-cpu"])
+    if settings.backend in (None, "onnxruntime"):
+        backend = OnnxRuntimeBackend(threads=threads, profile=PROFILES[profile or "onnxruntime-cpu"])
+    else:  # the target itself (TensorRT on the GPU machine): its own profile only
+        from sensisearch.backends.factory import choose_backend
+        from sensisearch.study._seeds import with_profile
+
+        choice = choose_backend(settings.backend_settings(), cache_dir)
+        if not choice.can_run:
+            raise SensisearchError(f"--backend {settings.backend}: cannot run engines here ({choice.run_reason}); measure the table on the target")
+        backend, _ = with_profile(choice.backend, profile)
     pipeline = ArtifactPipeline(resolved.model, resolved.info, backend, calibration)
     batch = next(iter(source.batches(list(range(source.size))[:1], spec.static_batch or 1)))
     return pipeline, CalibrationChoice(CalibrationAlgorithm.MINMAX, samples), {spec.name: np.ascontiguousarray(batch)}, resolved.model_path
