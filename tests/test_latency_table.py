@@ -1,0 +1,139 @@
+"""The per-layer latency table: JSON round trip, prediction of a held-out configuration, trtexec parsing, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sensisearch.errors import SensisearchError
+from sensisearch.latency import LatencyPredictor, LatencyTable, load_latency_table
+from sensisearch.latency._attribution import NameAttribution
+from sensisearch.latency._measure import attribute, measure_table, table_pipeline
+from sensisearch.latency._profile_ort import profile_interleaved
+from sensisearch.latency._profile_tensorrt import attribute_tensorrt, parse_trtexec_profile
+from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.study.settings import StudySettings
+
+DATA = Path(__file__).parent / "data"
+REPEATS = 25
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ltable")
+    pipeline, calibration, feeds, model_path = table_pipeline(StudySettings(example="digits"), tmp / "cache", "onnxruntime-cpu", threads=2)
+    table = measure_table(pipeline, calibration, feeds, tmp / "work", model_path=model_path, repeats=REPEATS)
+    return pipeline, calibration, feeds, table, tmp
+
+
+def test_table_round_trips_through_json_exactly(digits):
+    _, _, _, table, tmp = digits
+    path = tmp / "table.json"
+    table.save(path)
+    loaded = load_latency_table(path)
+    assert loaded == table
+    assert loaded.to_dict() == table.to_dict()
+    assert isinstance(loaded, LatencyPredictor) and loaded.source == "table" and loaded.unit == "ms"
+    # The loaded table binds itself to the model it names and predicts the same.
+    config = {n: "int8" if i % 3 else "fp32" for i, n in enumerate(table.layers)}
+    assert loaded.predict(config) == pytest.approx(table.predict(config))
+
+
+def test_attribution_accounts_for_the_profiled_time(digits):
+    _, _, _, table, _ = digits
+    # Every profiled configuration is reproduced by the fitted table (layers + Q/DQ + layout + rest),
+    # and almost all of the profiled time is attributed to layers or Q/DQ tensors.
+    for record in table.configs:
+        assert record["predicted_ms"] == pytest.approx(record["measured_ms"], rel=0.15), record
+    assert table.unmapped_share < 0.25
+    assert set(table.layers) == set(digits[0].info.layer_names)
+    assert all(set(costs) == {"int8", "fp32"} for costs in table.layers.values())
+
+
+def test_table_predicts_a_held_out_configuration(digits):
+    pipeline, calibration, feeds, table, tmp = digits
+    layers = pipeline.info.layer_names
+    rng = random.Random(7)
+    mixes = []
+    while len(mixes) < 2:  # seeded random mixes, never one of the profiled configurations
+        precisions = {n: rng.choice([Precision.INT8, Precision.FP32]) for n in layers}
+        kinds = [precisions[n] for n in layers]
+        alternating = all(kinds[i] != kinds[i + 1] for i in range(len(kinds) - 1))
+        if len(set(kinds)) == 2 and not alternating:
+            mixes.append(TrialConfig(precisions, calibration))
+    artifacts = {}
+    for i, config in enumerate(mixes):
+        deployable, _ = pipeline.emit(config, tmp / f"held{i}")
+        artifacts[f"held{i}"] = pipeline.build(deployable, tmp / f"held{i}", config).artifact
+    nodes = profile_interleaved(pipeline.backend, artifacts, feeds, REPEATS, tmp / "held-profiles")
+    attribution = NameAttribution(pipeline.model, pipeline.info, pipeline.index)
+    with_errors, without_errors = [], []
+    for i, config in enumerate(mixes):
+        measured = attribute(nodes[f"held{i}"], attribution)[3]
+        parts = table.parts(config.precisions)
+        predicted = sum(parts.values())
+        no_boundaries = parts["layers"] + parts["rest"]
+        with_errors.append(abs(predicted - measured) / measured)
+        without_errors.append(abs(no_boundaries - measured) / measured)
+    assert max(with_errors) < 0.3, with_errors
+    # The boundary terms (Q/DQ tensors from plan_placement, layout per boundary) carry real cost.
+    assert sum(with_errors) < sum(without_errors), (with_errors, without_errors)
+
+
+def test_trtexec_profile_is_parsed_and_attributed_by_name(digits):
+    pipeline = digits[0]
+    layers = parse_trtexec_profile(json.loads((DATA / "trtexec_profile_digits.json").read_text()))
+    assert layers["layer1/conv2/Conv"] == pytest.approx(0.06)
+    attribution = NameAttribution(pipeline.model, pipeline.info, pipeline.index)
+    layer_ms, qdq_ms, rest, total = attribute_tensorrt(layers, attribution)
+    assert layer_ms == pytest.approx({"stem/0/Conv": 0.02, "layer1/conv1/Conv": 0.05, "layer1/conv2/Conv": 0.06, "fc/Gemm": 0.01})
+    assert qdq_ms == pytest.approx({"input": 0.009})
+    assert rest == pytest.approx(0.011)  # the reformat layer at the precision boundary
+    assert total == pytest.approx(0.16)
+    with pytest.raises(SensisearchError, match="not a trtexec --exportProfile"):
+        parse_trtexec_profile([{"name": "x", "averageMs": 1.0}])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ("{not json", "is not JSON"),
+        (json.dumps({"format": "other"}), "is not a sensisearch latency table"),
+        (json.dumps({"format": "sensisearch-latency-table", "version": 99}), "format version 99"),
+    ],
+)
+def test_bad_table_files_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "t.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SensisearchError, match=message) as info:
+        load_latency_table(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_table_refuses_another_model(digits):
+    table: LatencyTable = digits[3]
+    with pytest.raises(SensisearchError, match="does not match this model"):
+        table.check_matches("0" * 64, table.layer_names)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "t.txt"], "--out t.txt: give the table's .json file path"),
+        (["--out", "t.json", "--repeats", "0"], "--repeats 0"),
+        (["--model", "missing.onnx", "--out", "t.json"], "missing.onnx"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    argv = ["latency-table", *(args if "--model" in args else ["--example", "digits", *args])]
+    done = subprocess.run([sys.executable, "-m", "sensisearch", *argv], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
