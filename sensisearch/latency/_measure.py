@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from sensisearch.latency._attribution import NameAttribution
-from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_count, fit_table
+from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_count, boundary_tensors, fit_table
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 
 if TYPE_CHECKING:
@@ -100,6 +100,7 @@ def measure_table(
             name=name, precisions={n: p.value for n, p in config.precisions.items()}, layer_ms=layer_ms, qdq_ms=qdq_ms,
             rest_ms=rest, total_ms=total, qdq_tensors=tuple(placement.tensors),
             boundaries=boundary_count(placement, model, pipeline.index),
+            boundary_set=tuple(boundary_tensors(placement, model, pipeline.index)),
         ))
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
     table = fit_table(

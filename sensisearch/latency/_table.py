@@ -2,7 +2,7 @@
 
 predicted latency(config) =
     sum over layers of ``layers[layer][precision]``          (the layer's kernels, with what the backend fused into it)
-  + sum over the config's Q/DQ tensors of ``boundaries[tensor]``  (standalone Q/DQ kernels)
+  + sum over the config's Q/DQ tensors of ``boundaries[tensor]`` at a precision boundary, else ``internal_qdq[tensor]``
   + ``rest_ms`` + ``layout_ms_per_boundary`` x (precision boundaries of the config)
 
 The Q/DQ tensors and the boundaries come from :func:`~sensisearch.quantize.placement.plan_placement`
@@ -61,6 +61,8 @@ class ConfigProfile:
     """The placement's Q/DQ tensors of this configuration."""
     boundaries: int
     """:func:`boundary_count` of its placement."""
+    boundary_set: tuple[str, ...] = ()
+    """:func:`boundary_tensors` of its placement."""
 
 
 def boundary_tensors(placement: Placement, model: onnx.ModelProto, index: GraphIndex | None = None) -> list[str]:
@@ -96,7 +98,10 @@ class LatencyTable:
     layers: dict[str, dict[str, float]]
     """Layer node name -> precision value -> ms."""
     boundaries: dict[str, float]
-    """Activation tensor -> ms of its standalone Q/DQ kernels."""
+    """Activation tensor -> ms of its standalone Q/DQ kernels where it is a precision boundary."""
+    internal_qdq: dict[str, float]
+    """Activation tensor -> ms of its Q/DQ kernels inside an INT8 region (ONNX Runtime's CPU profile fuses
+    most of them into the integer kernels: near 0; TensorRT's profile on ONNX Runtime: real kernels)."""
     rest_ms: float
     layout_ms_per_boundary: float
     unmapped_share: float
@@ -171,9 +176,14 @@ class LatencyTable:
                 )
             layer_ms += costs[precision]
         placement = plan_placement(info, model, TrialConfig({n: Precision(p) for n, p in zip(self.layers, key)}), profile, index)
+        at_boundary = set(boundary_tensors(placement, model, index))
         default = statistics.median(self.boundaries.values()) if self.boundaries else 0.0
-        qdq_ms = sum(self.boundaries.get(t, default) for t in placement.tensors)
-        layout_ms = self.layout_ms_per_boundary * boundary_count(placement, model, index)
+        qdq_ms = sum(
+            self.boundaries.get(t, self.internal_qdq.get(t, default)) if t in at_boundary
+            else self.internal_qdq.get(t, self.boundaries.get(t, default))
+            for t in placement.tensors
+        )
+        layout_ms = self.layout_ms_per_boundary * len(at_boundary)
         memo[key] = {"layers": layer_ms, "qdq": qdq_ms, "layout": layout_ms, "rest": self.rest_ms}
         return memo[key]
 
@@ -198,7 +208,9 @@ class LatencyTable:
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=1))
 
 
-REQUIRED_KEYS = ("model", "model_sha256", "profile", "backend", "device", "layers", "boundaries", "rest_ms", "layout_ms_per_boundary")
+REQUIRED_KEYS = (
+    "model", "model_sha256", "profile", "backend", "device", "layers", "boundaries", "internal_qdq", "rest_ms", "layout_ms_per_boundary",
+)
 
 
 def load_latency_table(path: Path | str) -> LatencyTable:
@@ -242,10 +254,12 @@ def fit_table(
             by_precision.setdefault(str(p.precisions[name]), []).append(float(p.layer_ms.get(name, 0.0)))
         layers[name] = {prec: float(np.median(v)) for prec, v in sorted(by_precision.items())}
     seen: dict[str, list[float]] = {}
+    inside: dict[str, list[float]] = {}
     for p in profiles:
         for tensor in p.qdq_tensors:
-            seen.setdefault(tensor, []).append(float(p.qdq_ms.get(tensor, 0.0)))
+            (seen if tensor in p.boundary_set else inside).setdefault(tensor, []).append(float(p.qdq_ms.get(tensor, 0.0)))
     boundaries = {t: float(np.mean(v)) for t, v in seen.items()}
+    internal_qdq = {t: float(np.mean(v)) for t, v in inside.items()}
     # Q/DQ kernels on tensors outside the placement (none expected) stay in the rest.
     rests = np.array([p.rest_ms + sum(v for t, v in p.qdq_ms.items() if t not in p.qdq_tensors) for p in profiles])
     counts = np.array([p.boundaries for p in profiles], dtype=float)
@@ -257,7 +271,7 @@ def fit_table(
     total = sum(p.total_ms for p in profiles)
     unmapped = sum(p.rest_ms for p in profiles) / total if total > 0 else 0.0
     table = LatencyTable(
-        layers=layers, boundaries=boundaries, rest_ms=float(rest_ms), layout_ms_per_boundary=float(per_boundary),
+        layers=layers, boundaries=boundaries, internal_qdq=internal_qdq, rest_ms=float(rest_ms), layout_ms_per_boundary=float(per_boundary),
         unmapped_share=float(unmapped), **identity,
     )
     table.configs = [{"name": p.name, "measured_ms": p.total_ms, "boundaries": p.boundaries} for p in profiles]
