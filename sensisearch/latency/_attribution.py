@@ -16,8 +16,8 @@ Whatever matches nothing is "unmapped" and goes to the rest.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
 
 from sensisearch.quantize.graph import GraphIndex, activation_epilogue
 from sensisearch.quantize.placement import statistics_tensors
@@ -105,3 +105,39 @@ class NameAttribution:
             if tensor is not None:
                 return Owner("qdq", tensor)
         return REST
+
+
+@dataclass
+class AttributedKernels:
+    """One configuration's profiled kernels, charged to owners: time (ms) and number of kernels per owner."""
+
+    layer_ms: dict[str, float] = field(default_factory=dict)
+    qdq_ms: dict[str, float] = field(default_factory=dict)
+    rest_ms: float = 0.0
+    layer_kernels: dict[str, int] = field(default_factory=dict)
+    qdq_kernels: dict[str, int] = field(default_factory=dict)
+    rest_kernels: int = 0
+
+    @property
+    def total_ms(self) -> float:
+        return float(sum(self.layer_ms.values()) + sum(self.qdq_ms.values()) + self.rest_ms)
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.layer_kernels.values()) + sum(self.qdq_kernels.values()) + self.rest_kernels
+
+
+def charge(kernels: Iterable[tuple[Owner, float]]) -> AttributedKernels:
+    """Sum ``(owner, ms)`` per profiled kernel into an :class:`AttributedKernels`."""
+    out = AttributedKernels()
+    for owner, ms in kernels:
+        if owner.kind == "layer":
+            out.layer_ms[owner.name] = out.layer_ms.get(owner.name, 0.0) + ms
+            out.layer_kernels[owner.name] = out.layer_kernels.get(owner.name, 0) + 1
+        elif owner.kind == "qdq":
+            out.qdq_ms[owner.name] = out.qdq_ms.get(owner.name, 0.0) + ms
+            out.qdq_kernels[owner.name] = out.qdq_kernels.get(owner.name, 0) + 1
+        else:
+            out.rest_ms += ms
+            out.rest_kernels += 1
+    return out

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from sensisearch.latency._attribution import NameAttribution
+from sensisearch.latency._attribution import AttributedKernels, NameAttribution, charge
 from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_count, boundary_tensors, fit_table
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 
@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def profiling_configs(layers: Sequence[str], precisions: Sequence[Precision], calibration: CalibrationChoice) -> dict[str, TrialConfig]:
-    """All-FP32; per lower precision: all of it and two complementary checkerboards with FP32 (many boundaries)."""
+    """All-FP32; per lower precision: all of it, two complementary checkerboards with FP32 (many boundaries), and
+    all of it but the first / last quarter of the layers in FP32 (one boundary each, like "all-INT8 minus top-k")."""
     configs = {"fp32": TrialConfig.uniform(list(layers), Precision.FP32, calibration)}
+    quarter = max(1, len(layers) // 4)
     for precision in precisions:
         if precision is Precision.FP32:
             continue
@@ -31,25 +33,39 @@ def profiling_configs(layers: Sequence[str], precisions: Sequence[Precision], ca
             configs[f"checker{parity}-{p}"] = TrialConfig(
                 {n: precision if i % 2 == parity else Precision.FP32 for i, n in enumerate(layers)}, calibration
             )
+        configs[f"{p}-but-first-quarter"] = TrialConfig(
+            {n: Precision.FP32 if i < quarter else precision for i, n in enumerate(layers)}, calibration
+        )
+        configs[f"{p}-but-last-quarter"] = TrialConfig(
+            {n: Precision.FP32 if i >= len(layers) - quarter else precision for i, n in enumerate(layers)}, calibration
+        )
     return configs
 
 
-def attribute(
-    nodes: Mapping[tuple[str, str], float], attribution: NameAttribution
-) -> tuple[dict[str, float], dict[str, float], float, float]:
-    """Per-node times -> (per layer, per Q/DQ tensor, rest, total), ms."""
-    layer_ms: dict[str, float] = {}
-    qdq_ms: dict[str, float] = {}
-    rest = 0.0
-    for (node, op), ms in nodes.items():
-        owner = attribution.ort_node(node, op)
-        if owner.kind == "layer":
-            layer_ms[owner.name] = layer_ms.get(owner.name, 0.0) + ms
-        elif owner.kind == "qdq":
-            qdq_ms[owner.name] = qdq_ms.get(owner.name, 0.0) + ms
-        else:
-            rest += ms
-    return layer_ms, qdq_ms, rest, float(sum(nodes.values()))
+def attribute(nodes: Mapping[tuple[str, str], float], attribution: NameAttribution) -> AttributedKernels:
+    """ONNX Runtime's per-node times (ms) -> per layer, per Q/DQ tensor and the rest, with kernel counts."""
+    return charge((attribution.ort_node(node, op), ms) for (node, op), ms in nodes.items())
+
+
+def end_to_end_ms(
+    pipeline: ArtifactPipeline, artifacts: Mapping[str, Path], feeds: Mapping[str, np.ndarray], reference: str, seconds: float,
+) -> dict[str, float]:
+    """Each artifact's ``session.run`` time without the profiler: paired interleaved timing against ``reference``.
+
+    Returned as the reference's median in the same rounds / the paired speed-up, so every figure shares one
+    reference time and keeps the ratio that paired timing measures (the only stable figure on a shared machine).
+    """
+    from sensisearch.measure import PairedTimingSettings, time_interleaved
+
+    runners = {name: pipeline.backend.load(path) for name, path in artifacts.items()}
+    try:
+        arms = {name: runner.timing_arm(feeds) for name, runner in runners.items()}
+        paired = time_interleaved(arms, reference, PairedTimingSettings(max_seconds=seconds, min_rounds=10))
+    finally:
+        for runner in runners.values():
+            runner.close()
+    reference_ms = paired[reference].reference_median_ms
+    return {name: reference_ms / latency.speedup for name, latency in paired.items()}
 
 
 def measure_table(
@@ -64,8 +80,10 @@ def measure_table(
     seed: int = 0,
     device: str = "cpu",
     keep: bool = False,
+    timing_seconds: float = 10.0,
 ) -> LatencyTable:
-    """Profile :func:`profiling_configs` with the backend's profiler (ONNX Runtime: interleaved) and fit the table."""
+    """Profile :func:`profiling_configs` with the backend's profiler (ONNX Runtime: interleaved), time them end to end
+    without it (:func:`end_to_end_ms`, at most ``timing_seconds``; 0 skips it) and fit the table."""
     from sensisearch.latency._profile_ort import profile_interleaved
 
     info, model = pipeline.info, pipeline.model
@@ -73,7 +91,8 @@ def measure_table(
     attribution = NameAttribution(model, info, pipeline.index)
     artifacts: dict[str, Path] = {}
     placements = {}
-    attributed: dict[str, tuple[dict[str, float], dict[str, float], float, float]] = {}
+    attributed: dict[str, AttributedKernels] = {}
+    timed: dict[str, float] = {}
     try:
         for name, config in configs.items():
             placement = pipeline.plan(config)
@@ -89,18 +108,22 @@ def measure_table(
             for name, artifact in artifacts.items():
                 layers = trtexec_profile(artifact, work_dir / name / "profile.json", iterations=max(repeats, 10))
                 attributed[name] = attribute_tensorrt(layers, attribution)
+        if timing_seconds > 0:
+            timed = end_to_end_ms(pipeline, artifacts, feeds, "fp32", timing_seconds)
     finally:
         if not keep:
             shutil.rmtree(work_dir, ignore_errors=True)
     profiles = []
     for name, config in configs.items():
-        layer_ms, qdq_ms, rest, total = attributed[name]
+        kernels = attributed[name]
         placement = placements[name]
         profiles.append(ConfigProfile(
-            name=name, precisions={n: p.value for n, p in config.precisions.items()}, layer_ms=layer_ms, qdq_ms=qdq_ms,
-            rest_ms=rest, total_ms=total, qdq_tensors=tuple(placement.tensors),
+            name=name, precisions={n: p.value for n, p in config.precisions.items()}, layer_ms=kernels.layer_ms,
+            qdq_ms=kernels.qdq_ms, rest_ms=kernels.rest_ms, total_ms=kernels.total_ms, qdq_tensors=tuple(placement.tensors),
             boundaries=boundary_count(placement, model, pipeline.index),
             boundary_set=tuple(boundary_tensors(placement, model, pipeline.index)),
+            layer_kernels=kernels.layer_kernels, qdq_kernels=kernels.qdq_kernels, rest_kernels=kernels.rest_kernels,
+            end_to_end_ms=timed.get(name),
         ))
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
     table = fit_table(
@@ -110,6 +133,7 @@ def measure_table(
     table.bind(model, info)
     for record, config in zip(table.configs, configs.values()):
         record["predicted_ms"] = table.predict(config.precisions)
+        record["predicted_kernel_ms"] = table.kernel_ms(config.precisions)
     return table
 
 
@@ -123,22 +147,18 @@ def table_pipeline(
     """The study's model, pipeline and min-max ranges over a few ``--calib-data`` samples, plus one real input batch."""
     from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
     from sensisearch.errors import SensisearchError
-    from sensisearch.evaluation.preprocess import Preprocess
     from sensisearch.quantize.config import CalibrationAlgorithm
     from sensisearch.quantize.profiles import PROFILES
     from sensisearch.study.calibrate import prepare_calibration
     from sensisearch.study.pipeline import ArtifactPipeline
-    from sensisearch.study.tasks import _array_source, _calibration_data, _detector_output, _tensor_source, preprocessing, resolve_inputs
-    from sensisearch.evaluation.tensors import TensorData
+    from sensisearch.study.tasks import calibration_source, resolve_inputs
 
     resolved = resolve_inputs(settings)
     settings = resolved.settings
     if settings.calib_data is None:
         raise SensisearchError("latency-table needs --calib-data (a few real inputs to calibrate and profile), or --example digits")
     spec = resolved.input_spec
-    preprocess = Preprocess.preset("yolo") if _detector_output(settings, resolved.model, spec) is not None else preprocessing(settings)
-    data = _calibration_data(settings, spec, preprocess)
-    source = _tensor_source(data, spec, spec.static_batch) if isinstance(data, TensorData) else _array_source(data, preprocess, spec)
+    source = calibration_source(settings, resolved.model, spec)
     samples = min(CALIBRATION_SAMPLES, source.size)
     calibration = prepare_calibration(
         resolved.model_path, resolved.model, resolved.info, source, [samples], seed=0, cache_dir=cache_dir, threads=threads,

@@ -54,7 +54,7 @@ def profile_interleaved(
     sessions: dict[str, ort.InferenceSession] = {}
     for name, artifact in artifacts.items():
         # The backend's own session options (threads, no spinning), plus the profiler.
-        options = backend._session_options()  # noqa: SLF001 - same options as the study's runner
+        options = backend.session_options()
         options.enable_profiling = True
         options.profile_file_prefix = str(work_dir / f"profile-{name}")
         sessions[name] = ort.InferenceSession(str(artifact), options, providers=["CPUExecutionProvider"])

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from sensisearch.errors import SensisearchError
+from sensisearch.latency._attribution import AttributedKernels, charge
 
 if TYPE_CHECKING:
     from sensisearch.latency._attribution import NameAttribution
@@ -41,22 +42,9 @@ def parse_trtexec_profile(data: Sequence[Any], source: str = "profile") -> dict[
     return layers
 
 
-def attribute_tensorrt(
-    layers: dict[str, float], attribution: NameAttribution
-) -> tuple[dict[str, float], dict[str, float], float, float]:
-    """Engine layer times -> (per ONNX layer, per Q/DQ tensor, rest, total), ms."""
-    layer_ms: dict[str, float] = {}
-    qdq_ms: dict[str, float] = {}
-    rest = 0.0
-    for name, ms in layers.items():
-        owner = attribution.tensorrt_layer(name)
-        if owner.kind == "layer":
-            layer_ms[owner.name] = layer_ms.get(owner.name, 0.0) + ms
-        elif owner.kind == "qdq":
-            qdq_ms[owner.name] = qdq_ms.get(owner.name, 0.0) + ms
-        else:
-            rest += ms
-    return layer_ms, qdq_ms, rest, float(sum(layers.values()))
+def attribute_tensorrt(layers: dict[str, float], attribution: NameAttribution) -> AttributedKernels:
+    """Engine layer times (ms) -> per ONNX layer, per Q/DQ tensor and the rest (one kernel per engine layer)."""
+    return charge((attribution.tensorrt_layer(name), ms) for name, ms in layers.items())
 
 
 def trtexec_profile(engine: Path, out: Path, iterations: int = 100) -> dict[str, float]:

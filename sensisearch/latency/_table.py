@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from sensisearch.quantize.placement import Placement
 
 TABLE_FORMAT = "sensisearch-latency-table"
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,17 @@ class ConfigProfile:
     """:func:`boundary_count` of its placement."""
     boundary_set: tuple[str, ...] = ()
     """:func:`boundary_tensors` of its placement."""
+    layer_kernels: Mapping[str, int] = field(default_factory=dict)
+    """Profiled kernels per layer (what the backend runs for it at its precision)."""
+    qdq_kernels: Mapping[str, int] = field(default_factory=dict)
+    rest_kernels: int = 0
+    end_to_end_ms: float | None = None
+    """Its ``session.run`` time without the profiler, from paired interleaved timing against FP32
+    (FP32's median in the same rounds / the paired speed-up); None when not timed."""
+
+    @property
+    def kernels(self) -> int:
+        return sum(self.layer_kernels.values()) + sum(self.qdq_kernels.values()) + self.rest_kernels
 
 
 def boundary_tensors(placement: Placement, model: onnx.ModelProto, index: GraphIndex | None = None) -> list[str]:
@@ -82,6 +93,15 @@ def boundary_tensors(placement: Placement, model: onnx.ModelProto, index: GraphI
 
 def boundary_count(placement: Placement, model: onnx.ModelProto, index: GraphIndex | None = None) -> int:
     return len(boundary_tensors(placement, model, index))
+
+
+def _qdq_sum(tensors: Sequence[str], at_boundary: set[str], boundary: Mapping[str, float], internal: Mapping[str, float]) -> float:
+    """A placement's Q/DQ cost: per tensor, its boundary or internal figure (the other one if never seen so; else the median)."""
+    default = statistics.median(boundary.values()) if boundary else 0.0
+    return float(sum(
+        boundary.get(t, internal.get(t, default)) if t in at_boundary else internal.get(t, boundary.get(t, default))
+        for t in tensors
+    ))
 
 
 @dataclass
@@ -106,6 +126,18 @@ class LatencyTable:
     layout_ms_per_boundary: float
     unmapped_share: float
     """Share of the profiled kernel time attributed to no layer and no Q/DQ tensor (in the rest)."""
+    layer_kernels: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Layer node name -> precision value -> kernels the backend runs for it (median over the profiles)."""
+    boundary_kernels: dict[str, float] = field(default_factory=dict)
+    internal_kernels: dict[str, float] = field(default_factory=dict)
+    rest_kernels: float = 0.0
+    kernels_per_boundary: float = 0.0
+    kernel_scale: float = 1.0
+    """End-to-end anchor (:func:`fit_overhead`): ``session.run`` time without the profiler =
+    kernel_scale x kernel ms + ms_per_kernel x kernels + offset_ms."""
+    ms_per_kernel: float = 0.0
+    """Negative when the profiler inflates each kernel event more than a kernel's dispatch costs (ONNX Runtime, CPU)."""
+    offset_ms: float = 0.0
     configs: list[dict[str, Any]] = field(default_factory=list)
     """What was profiled: name, measured total and the table's prediction for it (ms)."""
     repeats: int = 0
@@ -159,7 +191,7 @@ class LatencyTable:
 
     # ------------------------------------------------------------------ prediction
     def parts(self, precisions: Mapping[str, Precision | str]) -> dict[str, float]:
-        """The prediction split into ``layers``, ``qdq``, ``layout`` and ``rest`` (ms)."""
+        """The prediction split into ``layers``, ``qdq``, ``layout``, ``rest`` and ``overhead`` (ms), plus the predicted ``kernels`` count."""
         model, info, index, profile, memo = self._ensure_bound()
         key = tuple(Precision(precisions[name]).value for name in self.layers)
         if key in memo:
@@ -167,6 +199,7 @@ class LatencyTable:
         from sensisearch.quantize.placement import plan_placement
 
         layer_ms = 0.0
+        layer_kernels = 0.0
         for name, precision in zip(self.layers, key):
             costs = self.layers[name]
             if precision not in costs:
@@ -175,20 +208,30 @@ class LatencyTable:
                     f"measure it with --precisions including {precision}"
                 )
             layer_ms += costs[precision]
+            layer_kernels += self.layer_kernels.get(name, {}).get(precision, 0.0)
         placement = plan_placement(info, model, TrialConfig({n: Precision(p) for n, p in zip(self.layers, key)}), profile, index)
         at_boundary = set(boundary_tensors(placement, model, index))
-        default = statistics.median(self.boundaries.values()) if self.boundaries else 0.0
-        qdq_ms = sum(
-            self.boundaries.get(t, self.internal_qdq.get(t, default)) if t in at_boundary
-            else self.internal_qdq.get(t, self.boundaries.get(t, default))
-            for t in placement.tensors
-        )
+        qdq_ms = _qdq_sum(placement.tensors, at_boundary, self.boundaries, self.internal_qdq)
+        qdq_kernels = _qdq_sum(placement.tensors, at_boundary, self.boundary_kernels, self.internal_kernels)
         layout_ms = self.layout_ms_per_boundary * len(at_boundary)
-        memo[key] = {"layers": layer_ms, "qdq": qdq_ms, "layout": layout_ms, "rest": self.rest_ms}
+        kernels = layer_kernels + qdq_kernels + self.rest_kernels + self.kernels_per_boundary * len(at_boundary)
+        memo[key] = {
+            "layers": layer_ms, "qdq": qdq_ms, "layout": layout_ms, "rest": self.rest_ms,
+            "overhead": (self.kernel_scale - 1.0) * (layer_ms + qdq_ms + layout_ms + self.rest_ms)
+            + self.ms_per_kernel * kernels + self.offset_ms,
+            "kernels": kernels,
+        }
         return memo[key]
 
     def predict(self, precisions: Mapping[str, Precision | str]) -> float:
-        return float(sum(self.parts(precisions).values()))
+        """End-to-end ms: the attributed kernel time plus the fitted per-kernel overhead (``parts`` minus its kernel count)."""
+        parts = self.parts(precisions)
+        return float(sum(v for k, v in parts.items() if k != "kernels"))
+
+    def kernel_ms(self, precisions: Mapping[str, Precision | str]) -> float:
+        """The profiled kernel time alone (what the profiler sums; no end-to-end anchor)."""
+        parts = self.parts(precisions)
+        return float(parts["layers"] + parts["qdq"] + parts["layout"] + parts["rest"])
 
     def speedup(self, precisions: Mapping[str, Precision | str]) -> float:
         fp32 = self.predict({name: Precision.FP32 for name in self.layers})
@@ -210,6 +253,7 @@ class LatencyTable:
 
 REQUIRED_KEYS = (
     "model", "model_sha256", "profile", "backend", "device", "layers", "boundaries", "internal_qdq", "rest_ms", "layout_ms_per_boundary",
+    "layer_kernels", "boundary_kernels", "internal_kernels", "rest_kernels", "kernels_per_boundary", "kernel_scale", "ms_per_kernel", "offset_ms",
 )
 
 
@@ -236,43 +280,88 @@ def load_latency_table(path: Path | str) -> LatencyTable:
 
 
 # ---------------------------------------------------------------------- fitting (pure)
+def fit_overhead(kernel_ms: Sequence[float], kernels: Sequence[float], end_to_end_ms: Sequence[float]) -> tuple[float, float, float]:
+    """``(kernel_scale, ms_per_kernel, offset_ms)``: least squares of
+    ``end_to_end = kernel_scale x kernel_ms + ms_per_kernel x kernels + offset_ms`` over the timed configurations.
+
+    Fewer than four configurations (three unknowns and one to spare): the scale alone (ratio of the sums).
+    """
+    kernel_ms, kernels, end_to_end = (np.asarray(x, dtype=float) for x in (kernel_ms, kernels, end_to_end_ms))
+    if kernel_ms.size == 0 or kernel_ms.sum() <= 0:
+        return 1.0, 0.0, 0.0
+    if kernel_ms.size < 4 or len(set(kernels.tolist())) < 2:
+        return float(end_to_end.sum() / kernel_ms.sum()), 0.0, 0.0
+    design = np.stack([kernel_ms, kernels, np.ones_like(kernels)], axis=1)
+    (scale, per_kernel, offset), *_ = np.linalg.lstsq(design, end_to_end, rcond=None)
+    return float(scale), float(per_kernel), float(offset)
+
+
+def _per_layer(profiles: Sequence[ConfigProfile], layer_names: Sequence[str], values: str) -> dict[str, dict[str, float]]:
+    """Median of ``profile.<values>[layer]`` per layer and precision."""
+    out: dict[str, dict[str, float]] = {}
+    for name in layer_names:
+        by_precision: dict[str, list[float]] = {}
+        for p in profiles:
+            by_precision.setdefault(str(p.precisions[name]), []).append(float(getattr(p, values).get(name, 0.0)))
+        out[name] = {prec: float(np.median(v)) for prec, v in sorted(by_precision.items())}
+    return out
+
+
+def _per_tensor(profiles: Sequence[ConfigProfile], values: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean of ``profile.<values>[tensor]`` per Q/DQ tensor: (at a precision boundary, inside an INT8 region)."""
+    seen: dict[str, list[float]] = {}
+    inside: dict[str, list[float]] = {}
+    for p in profiles:
+        for tensor in p.qdq_tensors:
+            (seen if tensor in p.boundary_set else inside).setdefault(tensor, []).append(float(getattr(p, values).get(tensor, 0.0)))
+    return {t: float(np.mean(v)) for t, v in seen.items()}, {t: float(np.mean(v)) for t, v in inside.items()}
+
+
+def _rest_and_rate(rests: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Configuration-independent rest and its rate per precision boundary (least squares)."""
+    if len(set(counts.tolist())) > 1:
+        design = np.stack([np.ones_like(counts), counts], axis=1)
+        (rest, per_boundary), *_ = np.linalg.lstsq(design, rests, rcond=None)
+        return float(rest), float(per_boundary)
+    return float(np.median(rests)), 0.0
+
+
 def fit_table(
     profiles: Sequence[ConfigProfile],
     layer_names: Sequence[str],
     **identity: Any,
 ) -> LatencyTable:
-    """A table from attributed profiles: medians per layer and precision, mean Q/DQ cost per tensor, fitted rest.
+    """A table from attributed profiles: medians per layer and precision, mean Q/DQ cost per tensor, fitted rest,
+    the same for kernel counts, and the end-to-end anchor (:func:`fit_overhead`) over the profiles timed end to end.
 
     ``identity``: model, model_sha256, profile, backend, device, repeats, batch.
     """
     if not profiles:
         raise ValueError("no profiled configurations")
-    layers: dict[str, dict[str, float]] = {}
-    for name in layer_names:
-        by_precision: dict[str, list[float]] = {}
-        for p in profiles:
-            by_precision.setdefault(str(p.precisions[name]), []).append(float(p.layer_ms.get(name, 0.0)))
-        layers[name] = {prec: float(np.median(v)) for prec, v in sorted(by_precision.items())}
-    seen: dict[str, list[float]] = {}
-    inside: dict[str, list[float]] = {}
-    for p in profiles:
-        for tensor in p.qdq_tensors:
-            (seen if tensor in p.boundary_set else inside).setdefault(tensor, []).append(float(p.qdq_ms.get(tensor, 0.0)))
-    boundaries = {t: float(np.mean(v)) for t, v in seen.items()}
-    internal_qdq = {t: float(np.mean(v)) for t, v in inside.items()}
+    layers = _per_layer(profiles, layer_names, "layer_ms")
+    layer_kernels = _per_layer(profiles, layer_names, "layer_kernels")
+    boundaries, internal_qdq = _per_tensor(profiles, "qdq_ms")
+    boundary_kernels, internal_kernels = _per_tensor(profiles, "qdq_kernels")
+    counts = np.array([p.boundaries for p in profiles], dtype=float)
     # Q/DQ kernels on tensors outside the placement (none expected) stay in the rest.
     rests = np.array([p.rest_ms + sum(v for t, v in p.qdq_ms.items() if t not in p.qdq_tensors) for p in profiles])
-    counts = np.array([p.boundaries for p in profiles], dtype=float)
-    if len(set(counts.tolist())) > 1:
-        design = np.stack([np.ones_like(counts), counts], axis=1)
-        (rest_ms, per_boundary), *_ = np.linalg.lstsq(design, rests, rcond=None)
-    else:
-        rest_ms, per_boundary = float(np.median(rests)), 0.0
+    rest_ms, per_boundary = _rest_and_rate(rests, counts)
+    rest_kernel_counts = np.array([p.rest_kernels + sum(v for t, v in p.qdq_kernels.items() if t not in p.qdq_tensors) for p in profiles], dtype=float)
+    rest_kernels, kernels_per_boundary = _rest_and_rate(rest_kernel_counts, counts)
+    timed = [p for p in profiles if p.end_to_end_ms is not None]
+    kernel_scale, ms_per_kernel, offset_ms = fit_overhead(
+        [p.total_ms for p in timed], [p.kernels for p in timed], [float(p.end_to_end_ms) for p in timed]  # type: ignore[arg-type]
+    )
     total = sum(p.total_ms for p in profiles)
     unmapped = sum(p.rest_ms for p in profiles) / total if total > 0 else 0.0
     table = LatencyTable(
-        layers=layers, boundaries=boundaries, internal_qdq=internal_qdq, rest_ms=float(rest_ms), layout_ms_per_boundary=float(per_boundary),
-        unmapped_share=float(unmapped), **identity,
+        layers=layers, boundaries=boundaries, internal_qdq=internal_qdq, rest_ms=rest_ms, layout_ms_per_boundary=per_boundary,
+        unmapped_share=float(unmapped), layer_kernels=layer_kernels, boundary_kernels=boundary_kernels,
+        internal_kernels=internal_kernels, rest_kernels=rest_kernels, kernels_per_boundary=kernels_per_boundary,
+        kernel_scale=kernel_scale, ms_per_kernel=ms_per_kernel, offset_ms=offset_ms, **identity,
     )
-    table.configs = [{"name": p.name, "measured_ms": p.total_ms, "boundaries": p.boundaries} for p in profiles]
+    table.configs = [
+        {"name": p.name, "measured_ms": p.total_ms, "kernels": p.kernels, "end_to_end_ms": p.end_to_end_ms, "boundaries": p.boundaries}
+        for p in profiles
+    ]
     return table
