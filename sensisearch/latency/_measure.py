@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from sensisearch.latency._attribution import AttributedKernels, NameAttribution, charge
-from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_count, boundary_tensors, fit_table
+from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_count, boundary_tensors, entry_layers, fit_table
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 
 if TYPE_CHECKING:
@@ -122,6 +122,9 @@ def measure_table(
             qdq_ms=kernels.qdq_ms, rest_ms=kernels.rest_ms, total_ms=kernels.total_ms, qdq_tensors=tuple(placement.tensors),
             boundaries=boundary_count(placement, model, pipeline.index),
             boundary_set=tuple(boundary_tensors(placement, model, pipeline.index)),
+            entry_layers=tuple(entry_layers(
+                info, {n: p.value for n, p in config.precisions.items()}, set(boundary_tensors(placement, model, pipeline.index))
+            )),
             layer_kernels=kernels.layer_kernels, qdq_kernels=kernels.qdq_kernels, rest_kernels=kernels.rest_kernels,
             end_to_end_ms=timed.get(name),
         ))

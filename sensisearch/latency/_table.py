@@ -63,6 +63,8 @@ class ConfigProfile:
     """:func:`boundary_count` of its placement."""
     boundary_set: tuple[str, ...] = ()
     """:func:`boundary_tensors` of its placement."""
+    entry_layers: tuple[str, ...] = ()
+    """:func:`entry_layers` of its placement (their times go to the ``<precision>@entry`` column)."""
     layer_kernels: Mapping[str, int] = field(default_factory=dict)
     """Profiled kernels per layer (what the backend runs for it at its precision)."""
     qdq_kernels: Mapping[str, int] = field(default_factory=dict)
@@ -95,6 +97,27 @@ def boundary_count(placement: Placement, model: onnx.ModelProto, index: GraphInd
     return len(boundary_tensors(placement, model, index))
 
 
+ENTRY = "@entry"
+"""Suffix of a layer's column when it runs in a lower precision and its input crosses a precision boundary
+(ONNX Runtime's CPU profile: such a layer runs a different kernel from the same layer inside an INT8 region)."""
+
+
+def entry_layers(info: ModelInfo, precisions: Mapping[str, str], at_boundary: set[str]) -> list[str]:
+    """The lower-precision layers whose activation input is a precision-boundary Q/DQ tensor."""
+    return [
+        layer.name for layer in info.layers
+        if str(precisions[layer.name]) != Precision.FP32.value and layer.activation_input in at_boundary
+    ]
+
+
+def _column(costs: Mapping[str, float], precision: str, entered: bool) -> str | None:
+    """The table column for a layer at ``precision``: its entry column when entered at a boundary, if measured."""
+    for column in ((precision + ENTRY, precision) if entered else (precision, precision + ENTRY)):
+        if column in costs:
+            return column
+    return None
+
+
 def _qdq_sum(tensors: Sequence[str], at_boundary: set[str], boundary: Mapping[str, float], internal: Mapping[str, float]) -> float:
     """A placement's Q/DQ cost: per tensor, its boundary or internal figure (the other one if never seen so; else the median)."""
     default = statistics.median(boundary.values()) if boundary else 0.0
@@ -116,7 +139,7 @@ class LatencyTable:
     backend: str
     device: str
     layers: dict[str, dict[str, float]]
-    """Layer node name -> precision value -> ms."""
+    """Layer node name -> column -> ms; columns: a precision value, or ``<precision>@entry`` (:data:`ENTRY`)."""
     boundaries: dict[str, float]
     """Activation tensor -> ms of its standalone Q/DQ kernels where it is a precision boundary."""
     internal_qdq: dict[str, float]
@@ -198,19 +221,21 @@ class LatencyTable:
             return memo[key]
         from sensisearch.quantize.placement import plan_placement
 
+        placement = plan_placement(info, model, TrialConfig({n: Precision(p) for n, p in zip(self.layers, key)}), profile, index)
+        at_boundary = set(boundary_tensors(placement, model, index))
+        entered = set(entry_layers(info, dict(zip(self.layers, key)), at_boundary))
         layer_ms = 0.0
         layer_kernels = 0.0
         for name, precision in zip(self.layers, key):
             costs = self.layers[name]
-            if precision not in costs:
+            column = _column(costs, precision, name in entered)
+            if column is None:
                 raise SensisearchError(
                     f"latency table for {self.model} has no {precision} time for layer {name!r}; "
                     f"measure it with --precisions including {precision}"
                 )
-            layer_ms += costs[precision]
-            layer_kernels += self.layer_kernels.get(name, {}).get(precision, 0.0)
-        placement = plan_placement(info, model, TrialConfig({n: Precision(p) for n, p in zip(self.layers, key)}), profile, index)
-        at_boundary = set(boundary_tensors(placement, model, index))
+            layer_ms += costs[column]
+            layer_kernels += self.layer_kernels.get(name, {}).get(column, 0.0)
         qdq_ms = _qdq_sum(placement.tensors, at_boundary, self.boundaries, self.internal_qdq)
         qdq_kernels = _qdq_sum(placement.tensors, at_boundary, self.boundary_kernels, self.internal_kernels)
         layout_ms = self.layout_ms_per_boundary * len(at_boundary)
@@ -297,12 +322,13 @@ def fit_overhead(kernel_ms: Sequence[float], kernels: Sequence[float], end_to_en
 
 
 def _per_layer(profiles: Sequence[ConfigProfile], layer_names: Sequence[str], values: str) -> dict[str, dict[str, float]]:
-    """Median of ``profile.<values>[layer]`` per layer and precision."""
+    """Median of ``profile.<values>[layer]`` per layer and column (precision, or precision entered at a boundary)."""
     out: dict[str, dict[str, float]] = {}
     for name in layer_names:
         by_precision: dict[str, list[float]] = {}
         for p in profiles:
-            by_precision.setdefault(str(p.precisions[name]), []).append(float(getattr(p, values).get(name, 0.0)))
+            column = str(p.precisions[name]) + (ENTRY if name in p.entry_layers else "")
+            by_precision.setdefault(column, []).append(float(getattr(p, values).get(name, 0.0)))
         out[name] = {prec: float(np.median(v)) for prec, v in sorted(by_precision.items())}
     return out
 
