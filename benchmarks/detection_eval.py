@@ -78,7 +78,7 @@ def main() -> None:
         print(f"onnxruntime {ort.__version__}, {backend.threads} intra-op threads, {os.cpu_count()} CPUs")
         runners = [("ort default", backend.load(model))]
         if args.no_spinning:
-            options = backend._session_options()
+            options = backend.session_options()
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
             runners.append(("ort spinning off", OnnxRuntimeRunner(session, model)))

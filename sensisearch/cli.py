@@ -122,6 +122,24 @@ def _add_sensitivity_parser(sub: Any) -> None:
     se.add_argument("--refresh", action="store_true", help="measure again even if a matching profile is cached")
 
 
+def _add_latency_table_parser(sub: Any) -> None:
+    """Issue 10: the per-layer latency table measured once on the target."""
+    lt = sub.add_parser(
+        "latency-table", help="measure a per-layer latency table (per precision, plus precision-boundary cost) with the backend's profiler",
+        description="Profiles all-FP32, all-INT8, two complementary INT8/FP32 checkerboards and all-INT8 but the first / last "
+                    "quarter with the backend's per-node profiler (ONNX Runtime: interleaved; TensorRT: trtexec --exportProfile), "
+                    "times them end to end without the profiler (paired against FP32) to anchor the table, and writes it as JSON "
+                    "(`run --latency-table FILE` predicts latency from it).",
+    )
+    lt.add_argument("study_file", nargs="?", type=Path, help="TOML study file (see studies/)")
+    _add_data_flags(lt)
+    lt.add_argument("--profile", choices=["tensorrt", "onnxruntime-cpu"], help="Q/DQ profile of the profiled graphs (default: onnxruntime-cpu)")
+    lt.add_argument("--out", type=Path, required=True, help="the table's JSON file")
+    lt.add_argument("--repeats", type=int, default=20, help="profiled runs per configuration (default 20; median per node)")
+    lt.add_argument("--cache-dir", type=Path, help="calibration cache (default: beside --out)")
+    lt.add_argument("--device", help="device label stored in the table (default: this CPU / GPU name)")
+
+
 def _keep_count(text: str) -> int | str:
     if text.strip().lower() == "all":
         return "all"
@@ -221,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("-v", "--verbose", action="store_true")
 
     _add_sensitivity_parser(sub)
+    _add_latency_table_parser(sub)
 
     vf = sub.add_parser(
         "verify", help="re-time FP32, all-INT8, the front and its noise band together; rewrite front, winner, report",
@@ -613,6 +632,61 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_latency_table(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from sensisearch.latency._measure import measure_table, table_pipeline
+    from sensisearch.measure._machine import machine_identity
+    import numpy as np
+
+    if args.repeats < 1:
+        raise SensisearchError(f"--repeats {args.repeats}: give at least 1 profiled run per configuration")
+    if args.out.is_dir() or args.out.suffix.lower() != ".json":
+        raise SensisearchError(f"--out {args.out}: give the table's .json file path")
+    settings = _settings(args)
+    cache_dir = args.cache_dir or args.out.parent / ".sensisearch-cache"
+    pipeline, calibration, feeds, model_path = table_pipeline(settings, cache_dir, args.profile, settings.threads)
+    device = args.device or machine_identity().cpu_model
+    with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
+        with console.status(f"profiling {len(pipeline.info.layers)} layers x 6 configurations, {args.repeats} runs each, then timing them"):
+            table = measure_table(pipeline, calibration, feeds, Path(tmp), model_path=model_path, repeats=args.repeats, device=device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    table.save(args.out)
+    fp32 = {n: "fp32" for n in table.layers}
+    int8 = {n: "int8" for n in table.layers}
+    title = (f"Latency table: {model_path.name}, profile {table.profile} on {table.backend} ({table.device}), "
+             f"predicted all-INT8 speed-up {table.speedup(int8):.2f}x")
+    rows = Table(title=title)
+    for col in ("layer", "fp32 ms", "int8 ms", "INT8 saving ms"):
+        rows.add_column(col, justify="left" if col == "layer" else "right")
+    def int8_ms(costs: dict[str, float]) -> float:  # inside an INT8 region, else entered at a precision boundary
+        return costs.get("int8", costs.get("int8@entry", float("nan")))
+
+    savings = sorted(table.layers.items(), key=lambda kv: kv[1].get("fp32", 0.0) - int8_ms(kv[1]), reverse=True)
+    for name, costs in savings[:15]:
+        rows.add_row(escape(name), f"{costs.get('fp32', float('nan')):.4f}", f"{int8_ms(costs):.4f}",
+                     f"{costs.get('fp32', 0.0) - int8_ms(costs):+.4f}")
+    stdout.print(rows)
+    qdq = sorted(table.boundaries.values())
+    stdout.print(
+        f"boundaries: {len(qdq)} Q/DQ tensors, median {np.median(qdq) if qdq else 0.0:.4f} ms each; layout "
+        f"{table.layout_ms_per_boundary:+.4f} ms per precision boundary; rest {table.rest_ms:.4f} ms; "
+        f"unmapped share of profiled time {100 * table.unmapped_share:.1f}%", highlight=False,
+    )
+    stdout.print(
+        f"end-to-end anchor (session.run without the profiler, paired timing): {table.kernel_scale:.3f} x kernel ms "
+        f"{1e3 * table.ms_per_kernel:+.2f} us per kernel {table.offset_ms:+.3f} ms", highlight=False,
+    )
+    for record in table.configs:
+        timed = record.get("end_to_end_ms")
+        stdout.print(
+            f"  {record['name']}: profiled kernels {record['measured_ms']:.3f} ms (table {record['predicted_kernel_ms']:.3f}), "
+            f"end to end {'-' if timed is None else f'{timed:.3f}'} ms (table {record['predicted_ms']:.3f})", highlight=False,
+        )
+    stdout.print(escape(f"written: {args.out}"), highlight=False)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from sensisearch.doctor import doctor_report, format_doctor
 
@@ -647,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_sensitivity(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "latency-table":
+            return cmd_latency_table(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

@@ -158,7 +158,8 @@ class OnnxRuntimeBackend(Backend):
             artifact_suffix=".ort.onnx",
         )
 
-    def _session_options(self) -> ort.SessionOptions:
+    def session_options(self) -> ort.SessionOptions:
+        """The options of every session this backend opens (threads, no spinning); profilers add to a fresh copy."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
@@ -181,7 +182,7 @@ class OnnxRuntimeBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         artifact = out_dir / (Path(onnx_path).name.removesuffix(".onnx") + self.capabilities.artifact_suffix)
         tmp = artifact.with_name(artifact.name + ".tmp")
-        options = self._session_options()
+        options = self.session_options()
         options.optimized_model_filepath = str(tmp)
         start = time.perf_counter()
         try:
@@ -198,7 +199,7 @@ class OnnxRuntimeBackend(Backend):
     def load(self, artifact: Path) -> OnnxRuntimeRunner:
         if not Path(artifact).is_file():
             raise SensisearchError(f"artifact {artifact} does not exist; build it first")
-        options = self._session_options()
+        options = self.session_options()
         # The artifact is already optimized; re-running the same passes is cheap
         # and keeps fused ops (com.microsoft domain) valid.
         try:

@@ -13,6 +13,16 @@ from sensisearch.latency._predictor import (
     LatencyPredictor,
     MacEstimate,
 )
+from sensisearch.latency._table import (
+    TABLE_FORMAT,
+    TABLE_VERSION,
+    ConfigProfile,
+    LatencyTable,
+    boundary_count,
+    boundary_tensors,
+    fit_table,
+    load_latency_table,
+)
 
 __all__ = [
     "ESTIMATE_LABEL",
@@ -20,8 +30,16 @@ __all__ = [
     "SOURCE_ESTIMATE",
     "SOURCE_PAIRED",
     "SOURCE_TABLE",
+    "TABLE_FORMAT",
+    "TABLE_VERSION",
+    "ConfigProfile",
     "LatencyPredictor",
+    "LatencyTable",
     "MacEstimate",
+    "boundary_count",
+    "boundary_tensors",
     "estimated_cost",
+    "fit_table",
     "layer_macs",
+    "load_latency_table",
 ]

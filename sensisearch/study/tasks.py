@@ -171,6 +171,20 @@ def _calibration_data(settings: StudySettings, spec: TensorSpec, preprocess: Pre
     return source.data if isinstance(source, ImageFeeds) else source
 
 
+def calibration_source(
+    settings: StudySettings, model: onnx.ModelProto, spec: TensorSpec, data: ImageArray | TensorData | None = None,
+    preprocess: Preprocess | None = None,
+) -> CalibrationSource:
+    """The calibration batches for these (example-filled) settings: ``data`` or ``--calib-data``, up to ``--calib-limit``.
+
+    ``preprocess`` defaults to the study's own: YOLO letterboxing for a detector, else the settings' preprocessing.
+    """
+    if preprocess is None:
+        preprocess = Preprocess.preset("yolo") if _detector_output(settings, model, spec) is not None else preprocessing(settings)
+    data = _limited(data if data is not None else _calibration_data(settings, spec, preprocess), settings.calib_limit)
+    return _tensor_source(data, spec, spec.static_batch) if isinstance(data, TensorData) else _array_source(data, preprocess, spec)
+
+
 def build_evaluation(
     settings: StudySettings, spec: TensorSpec, model: onnx.ModelProto, out: Path, need_calibration: bool = True
 ) -> EvaluationSetup:
@@ -219,17 +233,9 @@ def build_evaluation(
     identity = {"eval_data": eval_data.fingerprint, "evaluation": {"preprocess": preprocess.to_dict()}}
     if not need_calibration:
         return EvaluationSetup(evaluator, "classification", None, preprocess, warnings, **identity)
-    calib_data: ImageArray | TensorData
-    if settings.calib_data is not None:
-        calib_data = _calibration_data(settings, spec, preprocess)
-    else:
+    if settings.calib_data is None:
         warnings.append(EVAL_ON_CALIB_WARNING)
-        calib_data = eval_data
-    calib_data = _limited(calib_data, settings.calib_limit)
-    calib = (
-        _tensor_source(calib_data, spec, spec.static_batch) if isinstance(calib_data, TensorData)
-        else _array_source(calib_data, preprocess, spec)
-    )
+    calib = calibration_source(settings, model, spec, None if settings.calib_data is not None else eval_data, preprocess)
     return EvaluationSetup(evaluator, "classification", calib, preprocess, warnings, **identity)
 
 
