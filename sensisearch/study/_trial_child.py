@@ -148,7 +148,8 @@ def prewarm(ctx: Any) -> None:
     ort.InferenceSession(ctx.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     # Build the FP32 reference once (a file; no session is kept): each trial child only loads it.
     reference_artifact = getattr(ctx.pipeline, "reference_artifact", None)
-    if reference_artifact is not None:
+    # Issue 10: trials with predicted latency are never timed, so they need no FP32 reference.
+    if reference_artifact is not None and getattr(ctx.pipeline, "predictor", None) is None:
         reference_artifact()
 
 
