@@ -392,14 +392,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         study = open_study(ctx)
         progress.update(task, completed=min(finished_count(study), settings.budget))
 
+        # Issue 10: a predicted latency says so (the estimate is a unitless cost, not ms).
+        predictor = ctx.pipeline.predictor
+        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
+
         def on_trial(event: TrialEvent) -> None:
             if event.state == "COMPLETE":
-                unit = "ms" if ctx.pipeline.predictor is None else ("ms predicted" if ctx.pipeline.predictor.unit == "ms" else "estimated cost")
-                line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit} ({event.seconds:.1f} s)"
+                line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit_of_latency} ({event.seconds:.1f} s)"
             else:
                 line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
             progress.console.print(line)
-            best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} ms"
+            best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} {unit_of_latency}"
             progress.update(task, completed=min(event.finished, event.budget), description=best)
 
         study = run_study(ctx, on_trial, study)
