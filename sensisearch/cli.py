@@ -98,6 +98,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="full (default): every layer free; topk: only the --top-k most sensitive layers; groups: one choice per "
                         "fusion group (layers joined by a residual Add or Concat share a precision)")
     p.add_argument("--top-k", type=int, help="layers --search topk leaves free (default 8)")
+    p.add_argument("--latency-table", type=Path,
+                   help="per-layer latency table measured on the target (`sensisearch latency-table`): trials take their "
+                        "latency from it instead of being timed here")
 
 
 def _add_sensitivity_parser(sub: Any) -> None:
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--study-name", help="study name in the storage (default: the run's)")
     vf.add_argument("--seconds", type=float, help="cap on the tournament's timed rounds (default: the run's --verify-seconds, 30)")
     vf.add_argument("--rounds", type=int, help="exactly this many interleaved rounds (--seconds still caps)")
+    vf.add_argument("--backend", help="stage 2: build the candidates' deployable.onnx with this backend (tensorrt on the target, "
+                                      "onnxruntime, ...) into RUN_DIR/verify/<backend>/ and time them there; reports predicted "
+                                      "vs measured speed-up (default: time the study's own artifacts)")
     vf.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     dr = sub.add_parser(
@@ -304,6 +310,7 @@ SETTING_FLAGS = (
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
     "profile", "sampler", "search", "top_k",  # issue 10
+    "latency_table",  # issue 10 (lstudy)
     "isolation", "build_timeout", "eval_timeout", "keep_artifacts",  # issue 12
 )
 SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")  # issue 13
@@ -406,13 +413,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         study = open_study(ctx)
         progress.update(task, completed=min(finished_count(study), settings.budget))
 
+        # Issue 10: a predicted latency says so (the estimate is a unitless cost, not ms).
+        predictor = ctx.pipeline.predictor
+        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
+
         def on_trial(event: TrialEvent) -> None:
             if event.state == "COMPLETE":
-                line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} ms ({event.seconds:.1f} s)"
+                line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit_of_latency} ({event.seconds:.1f} s)"
             else:
                 line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
             progress.console.print(line)
-            best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} ms"
+            best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} {unit_of_latency}"
             progress.update(task, completed=min(event.finished, event.budget), description=best)
 
         study = run_study(ctx, on_trial, study)
@@ -423,12 +434,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None) -> None:
-    from sensisearch.study._verify import VerifySettings, verify_study
+def _verify(
+    ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None, backend: str | None = None,
+) -> None:
+    from sensisearch.study._verify import VerifySettings, verify_backend, verify_study
 
     settings = VerifySettings.for_study(ctx.settings, seconds, rounds)
+    on = None if backend is None else verify_backend(ctx, backend)  # issue 10: stage 2 on the target
     with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"):
-        result = verify_study(ctx, study, settings, force=force)
+        result = verify_study(ctx, study, settings, force=force, backend=on)
     if result is not None:
         console.print(
             f"verified trials {', '.join(map(str, result.trials))} in one tournament "
@@ -448,7 +462,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     started = time.monotonic()
     ctx = prepare(load_run_settings(args.run_dir, args.storage, args.study_name))
     study = open_study(ctx)
-    _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds)
+    _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds, backend=args.backend)
     summary = write_results(ctx, study)
     _print_summary(ctx, summary, time.monotonic() - started)
     _print_disk(ctx, summary)
@@ -507,6 +521,8 @@ def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> 
     fp32 = baseline(summary.records, "fp32")
     metric = ctx.evaluator.metric
     axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.latency_batch}"
+    if ctx.pipeline.predictor is not None:  # issue 10: never "measured" for a predicted figure
+        axis = f"latency {ctx.pipeline.predictor.label}"
     table = Table(title=f"Pareto front ({metric} vs {axis})")
     for col in FRONT_COLUMNS:
         table.add_column(col.format(metric=metric), justify="right", no_wrap=col != "calibration")
@@ -514,6 +530,9 @@ def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> 
         table.add_row(*dataclasses.astuple(front_row(r, fp32)))
     stdout.print(table)
     stdout.print(escape(summary.int8_verdict.replace("**", "")))
+    if summary.partial_int8_verdict:  # issue 10: the honest verdict on partial INT8
+        stdout.print(escape(summary.partial_int8_verdict.replace("**", "")))
+    _print_prediction_check(summary)
     for line in timing_noise_lines(summary.records):
         stdout.print(escape(line))
     choice = summary.winner
@@ -526,6 +545,18 @@ def _print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> 
         escape(f"report: {summary.report}   review: {ctx.out / 'report.html'}   pareto: {ctx.out / 'pareto.json'}   ({seconds:.0f} s)"),
         highlight=False,
     )
+
+
+def _print_prediction_check(summary: StudySummary) -> None:
+    """Issue 10: stage 2's rank correlation and each trial's in-study vs verified speed-up, side by side."""
+    check = summary.prediction_check
+    if check is None:
+        return
+    stdout.print(escape(check.summary()), highlight=False)
+    table = Table("trial", "in-study speed-up", "verified speed-up", title="predicted (in-study) vs measured (verified)")
+    for number, in_study, verified in check.rows:
+        table.add_row(str(number), f"{in_study:.2f}x", f"{verified:.2f}x")
+    stdout.print(table)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

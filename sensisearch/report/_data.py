@@ -131,6 +131,13 @@ class ReviewData:
     machine; values may be nested mappings."""
     noise: str = ""
     """One line on measurement noise, e.g. the speed-up a repeated FP32 run shows."""
+    # Issue 10: the honest verdict and stage 2 (predicted vs measured).
+    verdicts: Sequence[str] = ()
+    """Sentences on INT8's speed here (e.g. partial INT8 slower than FP32), shown under the winner."""
+    prediction_summary: str = ""
+    """Stage 2's rank correlation of in-study (predicted or paired) vs verified speed-up, in words."""
+    prediction_rows: Sequence[tuple[int, float, float]] = ()
+    """(trial, in-study speed-up, verified speed-up)."""
 
     def __post_init__(self) -> None:
         trials = [p.trial for p in self.points]

@@ -249,6 +249,11 @@ def render_report_html(data: ReviewData) -> str:
         parts.append("<p><b>No winner</b>: no trial met the accuracy and speed criteria.</p>")
     if data.noise:
         parts.append(f'<p class="note">{_e(data.noise)}</p>')
+    parts += [f"<p>{_e(v.replace('**', ''))}</p>" for v in data.verdicts]
+    if data.prediction_summary:
+        rows = [[str(n), f"{a:.2f}x", f"{b:.2f}x"] for n, a, b in data.prediction_rows]
+        parts += ["<h2>Predicted vs measured speed-up</h2>", f"<p>{_e(data.prediction_summary)}</p>",
+                  _table(["trial", "in-study speed-up", "verified speed-up"], rows, numeric={1, 2})]
 
     parts += ["<h2>Pareto front</h2>", _figure_div(_pareto_figure(data), PARETO_DIV), _front_table(data)]
     parts += ["<h2>Precision map of the front</h2>"]

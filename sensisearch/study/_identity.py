@@ -39,7 +39,7 @@ _FLAG_OF_FIELD: dict[str, str] = {
     "evaluation": "evaluation settings (--preprocess, --mean, --std, --iou, --evaluator)",
     "backend": "--backend",
     "profile": "the backend's quantization profile",
-    "timing": "--objective / --latency-batch",
+    "timing": "--objective / --latency-batch / --latency-table / --profile (where latency comes from)",
     "search_space": "--precisions / --algorithms / --sample-counts / --percentiles",
     "device": "the machine (CPU model or GPU); run each device type in its own study",
 }
@@ -135,11 +135,15 @@ def identity_for(ctx: StudyContext) -> StudyIdentity:
     """The identity of the study ``ctx`` describes (model, data, metric, backend, search space, machine).
 
     """
-    return identity_of(ctx.settings, ctx.info, ctx.evaluation, ctx.backend, ctx.space)
+    from sensisearch.study._predicted import latency_source_identity
+
+    return identity_of(ctx.settings, ctx.info, ctx.evaluation, ctx.backend, ctx.space,
+                       latency_source_identity(ctx.settings, ctx.pipeline.predictor))
 
 
 def identity_of(
-    settings: StudySettings, info: ModelInfo, evaluation: EvaluationSetup, backend: Backend, space: SearchSpace
+    settings: StudySettings, info: ModelInfo, evaluation: EvaluationSetup, backend: Backend, space: SearchSpace,
+    latency_source: Mapping[str, Any] | None = None,
 ) -> StudyIdentity:
     """:func:`identity_for` from the parts, so a run is checked before its calibration (the context needs it)."""
     from sensisearch.measure import machine_identity
@@ -160,7 +164,8 @@ def identity_of(
         **parts,
         backend=backend.name,
         profile=backend.profile.name,
-        timing={"objective": settings.objective, "latency_batch": settings.latency_batch, "throughput_batch": settings.throughput_batch},
+        timing={"objective": settings.objective, "latency_batch": settings.latency_batch, "throughput_batch": settings.throughput_batch,
+                **({"latency": latency_source} if latency_source else {})},  # issue 10: predicted latency's source
         search_space={
             "layers": list(space.layers),
             "precisions": [p.value for p in space.precisions],

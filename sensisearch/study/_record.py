@@ -29,6 +29,9 @@ _FP32_PER_IMAGE_STUDY_ATTR = "fp32_per_image"
 # Optuna refuses to update a finished trial, so the verify tournament's figures
 # live in one study attribute: {trial number: {"timing": ..., "drop_ci95": ...}}.
 _VERIFIED_STUDY_ATTR = "verified_trials"
+# Issue 10: stage 2's predicted (or in-study) vs verified speed-ups (``_predicted.PredictionCheck.to_dict()``).
+_PREDICTION_CHECK_STUDY_ATTR = "prediction_check"
+_PREDICTED_SOURCES = ("table", "estimate")
 
 
 class LatencyRecord(TypedDict, total=False):
@@ -45,6 +48,13 @@ class LatencyRecord(TypedDict, total=False):
     reference_ms: float
     """The study's FP32 reference latency: ``median_ms`` is it over the paired speed-up."""
     images_per_second: float
+    # Issue 10: latency from a predictor (``_predicted.predicted_latency_record``), not timed.
+    source: str
+    """"paired" (timed here), "table" or "estimate" (predicted; see ``label``)."""
+    label: str
+    unit: str
+    """"ms", or a relative cost for the estimate: ``median_ms`` is then in that unit."""
+    speedup: float
 
 
 class WorstClass(TypedDict):
@@ -200,8 +210,36 @@ class TrialRecord:
 
     @property
     def speedup(self) -> float | None:
-        """Paired speed-up vs FP32 (verified when available)."""
-        return self.timing.get("speedup")
+        """Speed-up vs FP32: verified when available, else paired, else predicted (no CI; see :attr:`speedup_source`)."""
+        value = self.timing.get("speedup")
+        return value if value is not None else self.predicted_speedup
+
+    # Issue 10: latency predicted (latency table or MAC estimate) instead of timed.
+    @property
+    def latency_source(self) -> str:
+        """"table" or "estimate" (predicted), "paired" (timed with FP32), or "unpaired" (older studies)."""
+        return str(self.latency.get("source") or ("paired" if self.paired else "unpaired"))
+
+    @property
+    def is_predicted(self) -> bool:
+        return self.latency_source in _PREDICTED_SOURCES
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        """The predictor's speed-up vs all-FP32 (None when the trial was timed)."""
+        return self.latency.get("speedup") if self.is_predicted else None
+
+    @property
+    def in_study_speedup(self) -> float | None:
+        """The speed-up the study itself recorded: paired or predicted (not the verified one)."""
+        return self.paired_speedup if self.paired_speedup is not None else self.predicted_speedup
+
+    @property
+    def speedup_source(self) -> str:
+        """Where :attr:`speedup` comes from: "verified", "paired", "table" or "estimate"."""
+        if self.is_verified:
+            return "verified"
+        return self.latency_source
 
     @property
     def speedup_ci95(self) -> tuple[float, float] | None:
@@ -245,6 +283,9 @@ class TrialRecord:
             "median_ms": self.median_ms,
             "verified": self.is_verified,
             "speedup": self.speedup,
+            # Issue 10: "verified", "paired", or a predictor's source; its label says what a predicted figure is.
+            "speedup_source": self.speedup_source,
+            "speedup_label": self.latency.get("label") if self.speedup_source in _PREDICTED_SOURCES else None,
             "speedup_ci95": None if self.speedup_ci95 is None else list(self.speedup_ci95),
             "latency": {**self.latency, "paired": paired, **({"verified": verified} if verified else {})},
             "config": self.config,
@@ -283,3 +324,13 @@ def verified_attrs(entries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
 
 def read_verified(study_attrs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(n): dict(e) for n, e in (study_attrs.get(_VERIFIED_STUDY_ATTR) or {}).items()}
+
+
+def prediction_check_attrs(check: Mapping[str, Any]) -> dict[str, Any]:
+    """The study attribute of stage 2's comparison (``_predicted.PredictionCheck.to_dict()``)."""
+    return {_PREDICTION_CHECK_STUDY_ATTR: dict(check)}
+
+
+def read_prediction_check(study_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    value = study_attrs.get(_PREDICTION_CHECK_STUDY_ATTR)
+    return None if value is None else dict(value)

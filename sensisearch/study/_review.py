@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from sensisearch.study._record import TrialRecord
     from sensisearch.study.results import WinnerChoice
 
+from sensisearch.study._predicted import study_speed_label
+
 log = logging.getLogger(__name__)
 
 UNPAIRED_AXIS = "speed-up vs FP32 (ratio of median latencies, unpaired: no CI)"
@@ -53,7 +55,8 @@ def speedup_of(record: TrialRecord, fp32: TrialRecord | None) -> tuple[float | N
     interleaved (machine drift between them is not accounted for).
     """
     if record.speedup is not None:
-        return float(record.speedup), record.speedup_ci95, True
+        # Issue 10: a predicted speed-up (table or estimate) is not paired and has no CI.
+        return float(record.speedup), record.speedup_ci95, record.speedup_source not in ("table", "estimate")
     if record.baseline == "fp32":
         return 1.0, None, False
     if fp32 is not None and fp32.median_ms and record.median_ms:
@@ -226,6 +229,20 @@ def _speed_axis(points: Sequence[ReviewPoint], paired: int) -> str:
     return MIXED_AXIS if paired else UNPAIRED_AXIS
 
 
+def predicted_note(recs: list[TrialRecord], label: str, out: Path) -> str:
+    """Issue 10: what report.html says about predicted speed figures, the partial-INT8 verdict, and stage 2."""
+    from sensisearch.study._predicted import partial_int8_verdict
+
+    verified = [r for r in recs if r.is_verified]
+    text = f"Speed figures are not timed on the target: {label}; they have no CI."
+    if verified:
+        text += f" Figures marked verified were timed by `sensisearch verify` on {verified[0].verified.get('backend', 'the backend')}."
+    else:
+        text += f" Unverified until `sensisearch verify {out} --backend <target>` runs on the target."
+    partial = partial_int8_verdict(recs)
+    return text + (" " + partial.replace("**", "") if partial else "")
+
+
 # --------------------------------------------------------------------------- per class, provenance
 
 
@@ -326,17 +343,45 @@ def build_review(
     evidence = [] if winner is None or winner.value is None else float_layer_evidence(winner, recs, sensitivity)
     classes = [] if winner is None else class_rows(winner, fp32, ctx.out)
     noise = "" if paired else "Speed-ups are ratios of median latencies of separate runs (not interleaved): treat differences under ~5 % as noise."
+    predicted_label = study_speed_label(list(recs))  # issue 10: predicted latency is labelled, never "measured"
+    if predicted_label is not None:
+        noise = predicted_note(list(recs), predicted_label, ctx.out)
     if winner is not None and not choice.qualified:
         noise = (noise + " " if noise else "") + f"The exported trial is best-effort: {choice.reason}."
     return ReviewData(
         metric_name=ctx.evaluator.metric,
         points=points,
         layers=layers,
-        speed_axis=_speed_axis(points, paired),
+        speed_axis=_speed_axis(points, paired) if predicted_label is None or paired else f"speed-up vs FP32, {predicted_label}",
         title=f"sensisearch review: {ctx.model_path.name}",
         sensitivity=sensitivity,
         winner_classes=classes,
         float_layer_evidence=evidence,
         provenance=provenance(ctx),
         noise=noise,
+        **_stage2_fields(ctx, recs, predicted_label is not None),
     )
+
+
+def _stage2_fields(ctx: StudyContext, recs: Sequence[TrialRecord], predicted: bool) -> dict[str, Any]:
+    """Issue 10: the partial-INT8 verdict (when ``noise`` does not carry it) and stage 2's comparison."""
+    from sensisearch.study._predicted import PredictionCheck, partial_int8_verdict
+    from sensisearch.study._record import read_prediction_check
+
+    partial = None if predicted else partial_int8_verdict(list(recs))
+    study = ctx.storage and _study_attrs(ctx)
+    stored = read_prediction_check(study or {})
+    check = None if stored is None else PredictionCheck.from_dict(stored)
+    return {
+        "verdicts": (partial,) if partial else (),
+        "prediction_summary": "" if check is None else check.summary() + ".",
+        "prediction_rows": () if check is None else check.rows,
+    }
+
+
+def _study_attrs(ctx: StudyContext) -> Mapping[str, Any]:
+    storage = ctx.storage
+    try:
+        return storage.get_study_user_attrs(storage.get_study_id_from_name(ctx.study_name))  # type: ignore[union-attr]
+    except KeyError:
+        return {}

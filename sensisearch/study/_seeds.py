@@ -72,7 +72,7 @@ def uses_sensitivity(settings: StudySettings) -> bool:
 
 
 def with_profile(backend: Backend, profile: str | None) -> tuple[Backend, str | None]:
-    """``backend`` emitting Q/DQ for quantization profile ``profile``; plus a warning when latency is then not the target's.
+    """``backend`` emitting Q/DQ for quantization profile ``profile``; plus a warning that latency is then predicted, not timed.
 
     ONNX Runtime runs any Q/DQ graph exactly (Q/DQ semantics are defined by the
     ONNX spec), so with ``--profile tensorrt`` it scores the accuracy of exactly
@@ -90,9 +90,12 @@ def with_profile(backend: Backend, profile: str | None) -> tuple[Backend, str | 
             "use --backend onnxruntime to score another target's graph here"
         )
     replaced = OnnxRuntimeBackend(threads=backend.threads, profile=PROFILES[profile], precisions=backend.capabilities.precisions)
+    # Issue 10: the study then predicts the target's latency instead of timing it here (study._predicted).
     warning = (
-        f"--profile {profile} on {backend.name}: accuracy is exactly that of the {profile} Q/DQ graph, but latency is "
-        f"{backend.name}'s on that graph, an estimate only (not the target's); measure on the target to judge speed"
+        f"--profile {profile} on {backend.name}: accuracy is exactly that of the {profile} Q/DQ graph; latency is not "
+        f"timed here ({backend.name}'s speed on that graph says nothing about {profile}'s) but predicted: from "
+        "--latency-table if given, else estimated (MACs x precision weight); verify on the target with "
+        f"`sensisearch verify RUN_DIR --backend {profile}`"
     )
     return replaced, warning
 

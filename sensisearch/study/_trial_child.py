@@ -158,7 +158,8 @@ def build_reference_in_child(ctx: Any) -> None:
     When the build fails, each trial builds its own reference and reports the error.
     """
     pipeline = ctx.pipeline
-    if getattr(pipeline, "reference_dir", None) is None:
+    # Issue 10: trials with predicted latency are never timed, so they need no FP32 reference.
+    if getattr(pipeline, "reference_dir", None) is None or getattr(pipeline, "predictor", None) is not None:
         return
     pipeline.reference_dir()
     read_fd, write_fd = os.pipe()

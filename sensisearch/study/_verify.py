@@ -30,7 +30,7 @@ from sensisearch.study.settings import PATH_FIELDS, StudySettings, merge_setting
 if TYPE_CHECKING:
     import optuna
 
-    from sensisearch.backends.base import Runner
+    from sensisearch.backends.base import Backend, Runner
     from sensisearch.study._context import StudyContext
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,9 @@ def _overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> b
     return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
-def select_for_verification(recs: list[TrialRecord], max_band: int = MAX_NOISE_BAND) -> list[TrialRecord]:
+def select_for_verification(
+    recs: list[TrialRecord], max_band: int = MAX_NOISE_BAND, usable_file: str = "artifact",
+) -> list[TrialRecord]:
     """FP32, all-INT8, the in-study front and the trials within its noise band, FP32 first.
 
     Chosen on in-study figures, so verifying twice selects the same trials. The
@@ -100,7 +102,8 @@ def select_for_verification(recs: list[TrialRecord], max_band: int = MAX_NOISE_B
     overlaps a front member's, i.e. that noise alone may have kept off the front.
     """
     plain = [_in_study(r) for r in recs]
-    usable = [r for r in plain if r.state == "COMPLETE" and r.artifact and Path(r.artifact).is_file()]
+    # usable_file: "artifact" (timed as the study built it) or "deployable" (stage 2 builds it on another backend).
+    usable = [r for r in plain if r.state == "COMPLETE" and getattr(r, usable_file) and Path(getattr(r, usable_file)).is_file()]
     fp32 = baseline(usable, "fp32")
     if fp32 is None:
         return []
@@ -123,13 +126,28 @@ def select_for_verification(recs: list[TrialRecord], max_band: int = MAX_NOISE_B
     return list(chosen.values())
 
 
-def verify_study(ctx: StudyContext, study: optuna.Study, settings: VerifySettings, force: bool = True) -> VerifyResult | None:
+def verify_study(
+    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, force: bool = True, backend: Backend | None = None,
+) -> VerifyResult | None:
     """Run the tournament and store its figures in the study; None when there is nothing (new) to verify.
 
     ``force=False`` (after ``run``) skips the tournament when the same trials were verified already.
+    ``backend`` (stage 2, ``verify --backend B``): build every chosen trial's ``deployable.onnx``
+    with it into ``RUN_DIR/verify/<backend>/<trial>/`` and time those. Without it the study's
+    own artifacts are timed, which a study with predicted latency only does when this
+    backend is the target (else the tournament is skipped with one line saying what to run).
     """
+    from sensisearch.study._predicted import runs_on_target
+
+    if backend is None and not runs_on_target(ctx.pipeline.predictor, ctx.backend):
+        profile = ctx.backend.profile.name
+        log.warning(
+            "verify: skipped: this study's latency is predicted for %s, and %s here is not that target; on the target "
+            "run `sensisearch verify %s --backend %s`", profile, ctx.backend.name, ctx.out, profile,
+        )
+        return None
     recs = records(study)
-    chosen = select_for_verification(recs)
+    chosen = select_for_verification(recs, usable_file="artifact" if backend is None else "deployable")
     if len(chosen) < 2:
         log.warning("verify: needs the FP32 baseline and at least one other complete trial with its artifact")
         return None
@@ -141,7 +159,8 @@ def verify_study(ctx: StudyContext, study: optuna.Study, settings: VerifySetting
     runners: dict[str, Runner] = {}
     try:
         for r in chosen:
-            runners[str(r.number)] = ctx.backend.load(Path(r.artifact))  # type: ignore[arg-type]
+            artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
+            runners[str(r.number)] = (backend or ctx.backend).load(artifact)
         feeds = ctx.pipeline.timing_feeds()
         arms = {name: ctx.pipeline.arm(runner, feeds) for name, runner in runners.items()}
         log.info("verify: tournament of trials %s (reference: FP32 trial %d)", list(arms), fp32.number)
@@ -156,13 +175,56 @@ def verify_study(ctx: StudyContext, study: optuna.Study, settings: VerifySetting
     entries: dict[int, dict[str, Any]] = {}
     for r in chosen:
         paired: PairedLatency = timed[str(r.number)]
-        timing = {**paired.to_dict(), "median_ms": paired.median_ms_for(reference_ms), "facts": facts}
+        timing = {**paired.to_dict(), "median_ms": paired.median_ms_for(reference_ms), "facts": facts,
+                  "backend": (backend or ctx.backend).name}
         entries[r.number] = {"timing": timing, "drop_ci95": drops.get(r.number)}
         _add_to_trial_json(r, timing, drops.get(r.number))
     for key, value in verified_attrs(entries).items():
         study.set_user_attr(key, value)
+    _store_prediction_check(study, (backend or ctx.backend).name)
     first = timed[str(fp32.number)]
     return VerifyResult(tuple(r.number for r in chosen), fp32.number, first.seconds, first.rounds)
+
+
+def _build_on(ctx: StudyContext, backend: Backend, r: TrialRecord) -> Path:
+    """Stage 2: trial ``r``'s deployable ONNX built by ``backend`` into ``RUN_DIR/verify/<backend>/<trial>/``."""
+    from sensisearch.study.results import trial_file
+
+    deployable = trial_file(r.deployable, ctx.out, r.number)
+    assert deployable is not None
+    out_dir = ctx.out / "verify" / backend.name / f"{r.number:04d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built = backend.build(deployable, out_dir, trial_config=r.config, layer_names=ctx.info.layer_names)
+    log.info("verify: trial %d built by %s in %.1f s", r.number, backend.name, built.seconds)
+    return Path(built.artifact)
+
+
+def _store_prediction_check(study: optuna.Study, backend_name: str) -> None:
+    """Issue 10: how far the in-study speed-ups (predicted or paired) were from the verified ones, as a study attribute."""
+    from sensisearch.study._predicted import compare_predicted
+    from sensisearch.study._record import prediction_check_attrs
+
+    check = compare_predicted(records(study), backend_name)
+    if check is None:
+        return
+    log.info("verify: %s", check.summary())
+    for key, value in prediction_check_attrs(check.to_dict()).items():
+        study.set_user_attr(key, value)
+
+
+def verify_backend(ctx: StudyContext, name: str) -> Backend:
+    """Stage 2's backend ``name`` (onnxruntime, tensorrt, ...), emitting the study's quantization profile.
+
+    The same factory as ``run``: TensorRT here takes exactly the path ONNX Runtime does.
+    """
+    from sensisearch.backends.factory import choose_backend
+    from sensisearch.study._seeds import with_profile
+
+    choice = choose_backend(dataclasses.replace(ctx.backend_settings, name=name), ctx.out)
+    if not choice.can_run:
+        raise SensisearchError(f"--backend {name}: cannot run engines here ({choice.run_reason}); run verify on the target machine")
+    backend, _ = with_profile(choice.backend, ctx.backend.profile.name)
+    return backend
 
 
 def _drop_cis(study: optuna.Study, chosen: list[TrialRecord], fp32: TrialRecord, settings: VerifySettings) -> dict[int, list[float]]:
@@ -207,10 +269,24 @@ def save_run_settings(settings: StudySettings, out: Path) -> Path:
 
 
 def load_run_settings(run_dir: Path, storage: str | None = None, study_name: str | None = None) -> StudySettings:
-    """The settings ``run`` saved in ``run_dir``, with its output folder (and optionally storage) overridden."""
-    path = run_dir / SETTINGS_FILE
+    """The settings stored in ``run_dir``'s study (``sensisearch.study._worker.SETTINGS_ATTR``), with its output
+    folder (and optionally storage) overridden; ``RUN_DIR/settings.json`` only for runs made before settings
+    were stored in the study."""
+    from sensisearch.study._finished import open_finished_run, run_settings
+    from sensisearch.study._worker import SETTINGS_ATTR
+
     if not run_dir.is_dir():
         raise SensisearchError(f"{run_dir}: no such run folder; pass the --out folder of a `sensisearch run`")
+    if storage is not None or (run_dir / "study.db").is_file():
+        run = open_finished_run(run_dir, storage, study_name)
+        if run.study.user_attrs.get(SETTINGS_ATTR) is not None:
+            return run_settings(run, {}, {})
+    return _load_settings_file(run_dir, storage, study_name)
+
+
+def _load_settings_file(run_dir: Path, storage: str | None, study_name: str | None) -> StudySettings:
+    """The fallback for old runs: ``RUN_DIR/settings.json``."""
+    path = run_dir / SETTINGS_FILE
     if not path.is_file():
         raise SensisearchError(f"{path}: not found; run the study once with this version of `sensisearch run` to write it")
     try:

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import onnx
 
@@ -32,6 +32,9 @@ from sensisearch.quantize.graph import GraphIndex
 from sensisearch.quantize.placement import Placement, plan_placement, statistics_tensors
 from sensisearch.quantize.ranges import TensorRange
 from sensisearch.study.calibrate import CalibrationRanges
+
+if TYPE_CHECKING:
+    from sensisearch.latency import LatencyPredictor
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +278,11 @@ class TrialPipeline(ArtifactPipeline):
         latency_settings: LatencySettings,
         latency_batch: int = 1,
         timing: TimingPlan | None = None,
+        predictor: LatencyPredictor | None = None,
     ) -> None:
         super().__init__(model, info, backend, thresholds)
+        self.predictor = predictor
+        """Issue 10: when set, trials are not timed; their latency record comes from it (see ``_predicted``)."""
         self.evaluator = evaluator
         self.latency_settings = latency_settings
         self.latency_batch = latency_batch
@@ -359,6 +365,15 @@ class TrialPipeline(ArtifactPipeline):
         ms = paired.reference_median_ms if reference_ms is None else reference_ms
         return paired_latency_record(paired, ms, self.timing.objective, self.timing.batch, block)
 
+    def predicted_record(self, config: TrialConfig) -> dict[str, Any]:
+        """Issue 10: the trial's latency record from the predictor (no timing, no CI)."""
+        from sensisearch.study._predicted import predicted_latency_record
+
+        assert self.predictor is not None
+        batch = self.timing.batch if self.timing is not None else self.latency_batch
+        objective = self.timing.objective if self.timing is not None else "latency"
+        return predicted_latency_record(self.predictor, config.precisions, objective, batch)
+
     def run(self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None) -> TrialOutcome:
         """``reference_ms``: the study's FP32 reference latency (None: this trial's own paired FP32 median,
         which is how the FP32 baseline trial fixes it)."""
@@ -373,7 +388,12 @@ class TrialPipeline(ArtifactPipeline):
         facts: dict[str, Any] = {}
         with runner:
             with phases("latency"):
-                if self.timing is None:
+                if self.predictor is not None:
+                    # Issue 10: the target's latency is predicted, not timed here (see _predicted).
+                    predicted = self.predicted_record(config)
+                    latency = LatencyStats(predicted["median_ms"], predicted["median_ms"], predicted["median_ms"],
+                                           predicted["median_ms"], 0, predicted["batch_size"])
+                elif self.timing is None:
                     latency = runner.measure_latency(self.timing_feeds(), self.latency_settings)
                 else:
                     paired, block = self.time_paired(runner)
@@ -382,6 +402,8 @@ class TrialPipeline(ArtifactPipeline):
             with phases("evaluate"):
                 evaluation = self.evaluator.evaluate(runner)
         record = None
+        if self.predictor is not None:
+            record = predicted
         if paired is not None and self.timing is not None:
             reference_ms = paired.reference_median_ms if reference_ms is None else reference_ms
             record = paired_latency_record(paired, reference_ms, self.timing.objective, self.timing.batch, block)

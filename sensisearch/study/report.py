@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 from sensisearch.fileio import write_text_atomic
 from sensisearch.measure import PairedLatency, noise_summary
 from sensisearch.study._record import TrialRecord
+from sensisearch.study._predicted import partial_int8_verdict, prediction_lines
 from sensisearch.study.results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text
 
 if TYPE_CHECKING:
     from sensisearch.report import FloatLayerEvidence
+    from sensisearch.study._predicted import PredictionCheck
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class ReportContext:
     min_speedup: float = 1.0
     max_class_drop: float | None = None
     min_class_instances: int | None = None
+    # Issue 10 (lstudy): predicted latency and stage 2.
+    prediction_check: PredictionCheck | None = None
+    """Stage 2's predicted (or in-study) vs verified speed-ups, when ``verify`` ran."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +118,18 @@ def change_text(r: TrialRecord, fp32: TrialRecord | None) -> str:
     return text + (" (within noise)" if ci[0] <= 0.0 <= ci[1] else "")
 
 
+def _predicted_tag(r: TrialRecord) -> str:
+    """Issue 10: "estimated" or "predicted (table)": a predicted figure never reads as measured."""
+    return "estimated" if r.latency_source == "estimate" else "predicted (table)"
+
+
 def _speedup(r: TrialRecord, fp32: TrialRecord | None) -> str:
     if r.speedup is not None and r.speedup_ci95 is not None:
         lo, hi = r.speedup_ci95
-        return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (" verified" if r.is_verified else "")
+        backend = r.verified.get("backend") if r.is_verified else None
+        return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (f" verified{f' on {backend}' if backend else ''}" if r.is_verified else "")
+    if r.is_predicted and r.speedup is not None:
+        return f"{r.speedup:.2f}x {_predicted_tag(r)}, no CI"
     speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
     return f"{_fmt(speed)}x"
 
@@ -125,9 +138,14 @@ def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
     in_study = "-"
     if r.paired_speedup is not None and r.paired_ci is not None:
         in_study = f"{r.paired_speedup:.2f}x [{r.paired_ci[0]:.2f}, {r.paired_ci[1]:.2f}]"
+    elif r.is_predicted and r.predicted_speedup is not None:
+        in_study = f"{r.predicted_speedup:.2f}x {_predicted_tag(r)}"
+    median = _fmt(r.median_ms, 3)
+    if r.is_predicted and r.latency.get("unit", "ms") != "ms":
+        median += " cost"  # the estimate's unitless relative cost (FP32 = 1), not ms
     return FrontRow(
         trial=f"{r.number}" + (f" ({r.baseline})" if r.baseline else ""),
-        value=_fmt(r.value), change=change_text(r, fp32), median_ms=_fmt(r.median_ms, 3), p90_ms=_fmt(r.latency.get("p90_ms"), 3),
+        value=_fmt(r.value), change=change_text(r, fp32), median_ms=median, p90_ms=_fmt(r.latency.get("p90_ms"), 3),
         speedup=_speedup(r, fp32), layers=_layers(r), kernels=str(r.layer_precisions.get("int8", 0)), calibration=_calibration(r),
         in_study=in_study,
     )
@@ -156,6 +174,19 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     fp32, int8 = baseline(recs, "fp32"), baseline(recs, "int8")
     if fp32 is None or int8 is None or not fp32.median_ms or not int8.median_ms:
         return None, "The all-FP32 or all-INT8 baseline did not complete, so INT8's speed-up is unknown."
+    if int8.is_predicted and not int8.is_verified and int8.speedup is not None:
+        # Issue 10: the figure is a prediction for the target; the verdict speaks about it and says so.
+        label = int8.latency.get("label") or int8.latency_source
+        if int8.speedup > 1.0 + SPEEDUP_NOISE:
+            return True, (
+                f"All-INT8 is predicted to run {int8.speedup:.2f}x faster than FP32 on the target ({label}; no CI): "
+                "predicted, not measured, until `sensisearch verify RUN_DIR --backend <target>` runs there."
+            )
+        return False, (
+            f"**INT8 is predicted to bring no significant speed for this model on the target**: all-INT8 at "
+            f"{int8.speedup:.2f}x the speed of FP32 ({label}; predicted, not measured). The front below is therefore "
+            "not a speed/accuracy trade-off; verify on the target."
+        )
     if int8.speedup is not None and int8.speedup_ci95 is not None:
         if int8.speedup_ci95[0] > 1.0:
             return True, f"All-INT8 runs {speed_text(int8)} faster than FP32 on this backend (paired, interleaved timing)."
@@ -184,6 +215,20 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     )
 
 
+def _speed_evidence(recs: list[TrialRecord]) -> str:
+    """What the study's speed figures are: paired timing, or (issue 10) a predictor's, by its label."""
+    from sensisearch.study._predicted import COST_UNIT, predicted_unit, study_speed_label
+
+    label = study_speed_label(recs)
+    if label is None:
+        return ("; speed-ups are paired with FP32 (interleaved rounds, median ratio, bootstrap 95% CI); "
+                "ms figures are the study's FP32 reference latency over that speed-up")
+    unit = predicted_unit(recs)
+    scale = f"'median ms' is a {COST_UNIT} ('cost')" if unit != "ms" else "'median ms' is the table's predicted ms"
+    return (f"; speed figures are not timed here: {label}; they have no CI; {scale}; figures marked verified were "
+            "timed by `sensisearch verify`")
+
+
 def _float_layer_lines(r: TrialRecord) -> list[str]:
     """The winner's FP16/FP32 layers by name (a reviewer must not need config.json for them)."""
     lines = []
@@ -210,8 +255,7 @@ def write_report(
         f"- Backend: {backend}",
         f"- Metric: {metric} (points, higher is better); speed: "
         + (context.axis_label or f"latency, median ms per batch of {context.latency_batch}")
-        + "; speed-ups are paired with FP32 (interleaved rounds, median ratio, bootstrap 95% CI); "
-        "ms figures are the study's FP32 reference latency over that speed-up",
+        + _speed_evidence(recs),
         f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, budget {context.budget}",
         f"- Search: precisions {', '.join(context.precisions)}; calibration {', '.join(context.algorithms)}; samples {list(context.sample_counts)}",
     ]
@@ -240,8 +284,9 @@ def write_report(
             f"{row.speedup} | {row.in_study} | {row.kernels} |"
         )
     verdict, text = int8_speed_verdict(recs)
-    lines += ["", text, "", "## Pareto front", ""]
-    if verdict is False:
+    partial = partial_int8_verdict(recs)  # issue 10: the honest verdict on partial INT8
+    lines += ["", text, *(["", partial] if partial else []), "", "## Pareto front", ""]
+    if verdict is False or (partial and not verdict):
         lines += ["(Accuracy-only: INT8 is not faster here, see above.)", ""]
     lines += [
         "Drops are FP32 minus the trial, ± half the paired bootstrap 95% CI over images; \"within noise\": the CI holds 0.",
@@ -272,6 +317,7 @@ def write_report(
                 f"| {ref_row['name']} (n={ref_row['samples']}) | {_fmt(ref_row['value'])} | {signed_change(None if drop is None else -drop)} | {_fmt(ms, 3)} | "
                 f"{_fmt(speed)}x | {ref_row['layers_run'].get('int8', 0)} |"
             )
+    lines += prediction_lines(context.prediction_check)  # issue 10: stage 2, predicted vs measured
     lines += ["", "## Winner", ""]
     if choice.record is None:
         lines.append(f"No winner: {choice.reason}.")
@@ -282,7 +328,9 @@ def write_report(
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",
             f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, change vs FP32 {change_text(r, fp32)}; allowed loss {context.max_drop:g})",
-            f"- speed-up vs FP32 {speed_text(r)} (required: CI lower bound above {context.min_speedup:g})"
+            f"- speed-up vs FP32 {speed_text(r)} (required: "
+            + (f"predicted speed-up above {context.min_speedup:g}; unverified on the target)" if r.is_predicted and not r.is_verified
+               else f"CI lower bound above {context.min_speedup:g})")
             + (f"; in-study {r.paired_speedup:.2f}x" if r.is_verified and r.paired_speedup is not None else ""),
             f"- median {_fmt(r.median_ms, 3)} ms{' (verified)' if r.is_verified else ''}, "
             f"in-study {_fmt(r.in_study_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",

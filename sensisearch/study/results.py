@@ -67,6 +67,9 @@ NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this ba
 
 def speed_text(r: TrialRecord) -> str:
     """``1.96x (95% CI 1.90-2.02, verified)``: a trial's paired speed-up vs FP32 with its evidence."""
+    if r.speedup is not None and r.speedup_ci95 is None and r.is_predicted:
+        # Issue 10: a predicted figure has no CI; it says what it is instead.
+        return f"{r.speedup:.2f}x ({r.latency.get('label') or r.latency_source}, no CI)"
     if r.speedup is None or r.speedup_ci95 is None:
         return "no paired speed-up"
     lo, hi = r.speedup_ci95
@@ -106,6 +109,14 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         pool = [r for r in within if r.is_verified] if verified else within
         qualifying = [r for r in pool if _significant(r, min_speedup)]
         rule = f"whose {'verified' if verified else 'in-study'} speed-up CI lower bound exceeds {min_speedup:g}"
+    elif any(r.is_predicted for r in candidates):
+        # Issue 10: latency predicted (table or estimate), not measured: the winner is chosen on the
+        # predicted speed-up, and the reason says it is unverified until stage 2 runs on the target.
+        qualifying = [r for r in within if r.is_predicted and (r.speedup or 0.0) > min_speedup]
+        rule = (
+            f"whose predicted speed-up exceeds {min_speedup:g} (predicted, not measured: unverified until "
+            "`sensisearch verify RUN_DIR --backend <target>` runs on the target)"
+        )
     else:
         qualifying = [r for r in within if r.median_ms < fp32.median_ms]  # type: ignore[operator]
         rule = "faster than FP32 (unpaired timing: recorded before speed-up CIs)"
@@ -171,6 +182,9 @@ def export_winner(
         "speedup": record.speedup,
         "speedup_ci95": None if record.speedup_ci95 is None else list(record.speedup_ci95),
         "verified": record.is_verified,
+        # Issue 10: "verified", "paired", or "table"/"estimate" (predicted: unverified on the target; label says how).
+        "speedup_source": record.speedup_source,
+        "speedup_label": record.latency.get("label") if record.is_predicted and not record.is_verified else None,
         "drop_ci95": None if record.drop_ci is None else list(record.drop_ci),
         "layers_run": record.layer_precisions,
         "files": files,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,8 +25,15 @@ from sensisearch.study import _budget
 from sensisearch.study._context import StudyContext
 from sensisearch.study._isolation import RunTrial, trial_runner
 from sensisearch.study._measurement import accuracy_json, classes_to_skip, measured_fields, study_reference_ms, timing_plan
-from sensisearch.study._record import TrialRecord, WorstClass
+from sensisearch.study._record import TrialRecord, WorstClass, read_prediction_check
 from sensisearch.study._seeds import apply_sensitivity, enqueue_seeds, make_sampler, with_profile
+from sensisearch.study._predicted import (
+    PredictionCheck,
+    latency_predictor,
+    latency_source_identity,
+    partial_int8_verdict,
+    store_predicted_reference,
+)
 from sensisearch.study._worker import artifact_pruner, store_settings, worker_device, worker_host
 from sensisearch.study._identity import (
     StudyIdentity,
@@ -99,6 +107,8 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
             "run the study on the GPU machine, or use --backend onnxruntime here and `sensisearch build` there"
         )
     backend, profile_warning = with_profile(choice.backend, settings.profile)  # issue 10: --profile
+    # Issue 10: a foreign profile or --latency-table: trials take their latency from a predictor, untimed.
+    predictor = latency_predictor(settings, choice.backend.profile.name, backend, resolved.model, resolved.info)
     precisions = tuple(settings.precisions or backend.capabilities.precisions)
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
     if unsupported:
@@ -123,7 +133,7 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
     )
     timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
     evaluation.warnings.extend(timing_warnings)
-    identity = identity_of(settings, resolved.info, evaluation, backend, space)
+    identity = identity_of(settings, resolved.info, evaluation, backend, space, latency_source_identity(settings, predictor))
     check_out_identity(out, identity)
     check_stored_identity(storage, study_name, identity, storage_url)
     # Claimed before the long work, so a second run into this --out sees whose it is.
@@ -137,7 +147,7 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
         )
     pipeline = TrialPipeline(
         resolved.model, resolved.info, backend, evaluation.evaluator, calibration,
-        LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing,
+        LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing, predictor=predictor,
     )
     ctx = StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
@@ -310,6 +320,8 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             raise
         evaluation = outcome.evaluation
         measured = measured_fields(trial.study, outcome, baseline_name, trial_dir, ctx.settings)
+        if outcome.paired is None and outcome.latency_record and "source" in outcome.latency_record:
+            store_predicted_reference(trial.study, outcome.latency_record)  # issue 10: the predicted FP32 scale
         worst_class = None
         if evaluation.per_class is not None and ctx.settings.max_class_drop is not None:
             reference = evaluation.per_class if baseline_name == "fp32" else _fp32_per_class(trial.study)
@@ -574,6 +586,9 @@ class StudySummary:
     report: Path
     int8_faster: bool | None
     int8_verdict: str
+    partial_int8_verdict: str | None = None
+    """Issue 10: the sentence on partial-INT8 configurations slower than FP32, if they are."""
+    prediction_check: PredictionCheck | None = None
 
 
 def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
@@ -613,12 +628,14 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     )
     review = build_review(ctx, recs, front, choice, references)
     files = write_review(review, ctx.out)
+    check = read_prediction_check(study.user_attrs)  # issue 10: stage 2's predicted vs measured
+    context = dataclasses.replace(report_context(ctx, references), prediction_check=None if check is None else PredictionCheck.from_dict(check))
     report = write_report(
-        ctx.out, recs, front, choice, report_context(ctx, references),
+        ctx.out, recs, front, choice, context,
         review_markdown=review_markdown(files, ctx.out), float_evidence=review.float_layer_evidence,
     )
     verdict, text = int8_speed_verdict(recs)
-    return StudySummary(recs, front, choice, winner_dir, report, verdict, text)
+    return StudySummary(recs, front, choice, winner_dir, report, verdict, text, partial_int8_verdict(recs), context.prediction_check)
 
 
 def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> ReportContext:

@@ -18,7 +18,7 @@ from sensisearch.backends.factory import BackendSettings
 from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision
 
-PATH_FIELDS = ("model", "calib_data", "eval_data", "annotations", "out", "cache_dir")
+PATH_FIELDS = ("model", "calib_data", "eval_data", "annotations", "out", "cache_dir", "latency_table")
 LIST_FIELDS = ("precisions", "algorithms", "sample_counts", "percentiles", "mean", "std", "shapes")
 
 
@@ -109,6 +109,11 @@ class StudySettings:
     """``max_class_drop`` judges only classes with at least this many ground-truth instances."""
     drop_resamples: int = 200
     """Bootstrap resamples for a trial's accuracy-drop CI (the verify step uses 5x more)."""
+    # Issue 10 (lstudy): the target's latency, predicted away from the target.
+    latency_table: Path | None = None
+    """Per-layer latency table measured on the target (``sensisearch latency-table``): trials take their
+    latency from it instead of being timed here. None: timed here, or the labelled MAC estimate when
+    ``profile`` is another backend's."""
 
     @property
     def timing_seconds(self) -> float:

@@ -1,0 +1,131 @@
+"""Issue 10: trial latency predicted away from the target; stage 2 ``verify --backend``; the honest verdict."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import optuna
+import pytest
+from scipy.stats import spearmanr
+
+from sensisearch.cli import main
+from sensisearch.latency import ESTIMATE_LABEL, MacEstimate
+from sensisearch.model.analysis import analyze_model
+from sensisearch.study._predicted import partial_int8_verdict
+from sensisearch.study._record import TrialRecord
+from sensisearch.study.results import choose_winner
+from sensisearch.study.report import int8_speed_verdict
+
+STUDY = "digits_resnet"
+
+
+def _run_tensorrt_profile_study(out: Path) -> optuna.Study:
+    assert main([
+        "run", "--example", "digits", "--out", str(out), "--budget", "3", "--backend", "onnxruntime", "--profile", "tensorrt",
+        "--sample-counts", "128", "--eval-limit", "300",
+    ]) == 0
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def test_tensorrt_profile_study_predicts_latency_and_verify_measures_it(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    study = _run_tensorrt_profile_study(out)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 4  # FP32, all-INT8 and the searched ones
+
+    # Every trial's latency is the MAC estimate of its own configuration, computed here independently; nothing was timed.
+    info, model = analyze_model(Path(study.user_attrs["model_path"]))
+    estimate = MacEstimate.for_model(model, info)
+    for t in complete:
+        latency = t.user_attrs["latency"]
+        precisions = json.loads((out / "trials" / f"{t.number:04d}" / "trial.json").read_text())["config"]["precisions"]
+        assert latency["source"] == "estimate" and latency["label"] == ESTIMATE_LABEL
+        assert latency["speedup"] == pytest.approx(estimate.speedup(precisions), rel=1e-9)
+        assert t.values[1] == pytest.approx(1.0 / estimate.speedup(precisions), rel=1e-9)  # the objective: cost, FP32 = 1
+        assert "paired" not in t.user_attrs  # no paired timing
+    int8 = next(t for t in complete if t.user_attrs.get("baseline") == "int8")
+    assert int8.user_attrs["latency"]["speedup"] == pytest.approx(8.0)  # 4.0 / 0.5 per MAC, every layer INT8
+
+    report = (out / "report.md").read_text()
+    assert ESTIMATE_LABEL in report and "estimated, no CI" in report
+    assert "paired with FP32" not in report  # the paired-timing wording never describes a predicted figure
+    assert "predicted, not measured" in report  # the winner and the verdict say their speed is unverified
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert pareto and all(p["speedup_source"] == "estimate" and p["speedup_ci95"] is None for p in pareto)
+    assert "verified_trials" not in study.user_attrs  # the automatic tournament was skipped: this CPU is not the target
+
+    # Stage 2, from the settings stored in the study (settings.json is gone).
+    (out / "settings.json").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "sensisearch", "verify", str(out), "--backend", "onnxruntime", "--rounds", "30"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    verified = {int(n): e for n, e in study.user_attrs["verified_trials"].items()}
+    assert len(verified) >= 3
+    for number in verified:
+        assert (out / "verify" / "onnxruntime" / f"{number:04d}").is_dir()  # built from deployable.onnx here
+        assert verified[number]["timing"]["backend"] == "onnxruntime"
+    # The rank correlation the CLI prints is spearmanr over the stored predicted vs verified speed-ups (FP32 left out).
+    trials = {t.number: t for t in study.trials}
+    numbers = sorted(n for n in verified if trials[n].user_attrs.get("baseline") != "fp32")
+    predicted = [trials[n].user_attrs["latency"]["speedup"] for n in numbers]
+    measured = [verified[n]["timing"]["speedup"] for n in numbers]
+    expected = float(spearmanr(predicted, measured).statistic)
+    check = study.user_attrs["prediction_check"]
+    assert check["n"] == len(numbers) and check["spearman"] == pytest.approx(expected)
+    printed = re.search(r"Spearman rank correlation of predicted vs verified speed-up on onnxruntime: (-?[0-9.]+) over (\d+) trials", result.stdout)
+    assert printed is not None, result.stdout
+    assert float(printed.group(1)) == pytest.approx(expected, abs=0.005) and int(printed.group(2)) == len(numbers)
+    report = (out / "report.md").read_text()
+    assert "## Predicted vs measured speed-up" in report and "verified on onnxruntime" in report
+    assert "Predicted vs measured speed-up" in (out / "report.html").read_text()
+
+
+def _record(number: int, precisions: dict[str, str], speedup: float, ci: tuple[float, float] | None,
+            baseline: str | None = None, value: float = 90.0) -> TrialRecord:
+    paired = {} if ci is None else {"speedup": speedup, "speedup_ci95": list(ci), "median_ms": 1.0 / speedup}
+    latency = {"median_ms": 1.0 / speedup}
+    if ci is None:
+        latency.update(source="estimate", label=ESTIMATE_LABEL, unit="relative cost (FP32 = 1)", speedup=speedup)
+    return TrialRecord(number, state="COMPLETE", value=value, baseline=baseline, metric="top1", latency=latency,  # type: ignore[arg-type]
+                       paired=paired, config={"precisions": precisions})
+
+
+def test_partial_int8_verdict_counts_the_significantly_slower_ones() -> None:
+    layers = ["a", "b", "c"]
+    fp32 = _record(0, dict.fromkeys(layers, "fp32"), 1.0, (1.0, 1.0), "fp32")
+    int8 = _record(1, dict.fromkeys(layers, "int8"), 0.93, (0.90, 0.96), "int8")
+    partial = [
+        _record(2, {"a": "int8", "b": "fp32", "c": "fp32"}, 0.80, (0.78, 0.83)),
+        _record(3, {"a": "int8", "b": "int8", "c": "fp32"}, 0.97, (0.95, 0.99)),
+        _record(4, {"a": "fp32", "b": "int8", "c": "int8"}, 0.99, (0.96, 1.02)),  # CI reaches 1: not significant
+    ]
+    text = partial_int8_verdict([fp32, int8, *partial])
+    assert text is not None
+    assert "2 of 3 partial-INT8 configurations" in text and "significantly slower" in text
+    assert "typically 0.89x" in text and "0.80-0.97x" in text  # median and range of the two slower ones
+    assert "accuracy-only listing" in text
+    assert partial_int8_verdict([fp32, int8, partial[2]]) is None  # none significantly slower: no sentence
+
+
+def test_partial_int8_verdict_and_winner_with_predicted_latency() -> None:
+    layers = ["a", "b"]
+    fp32 = _record(0, dict.fromkeys(layers, "fp32"), 1.0, None, "fp32", value=90.0)
+    int8 = _record(1, dict.fromkeys(layers, "int8"), 8.0, None, "int8", value=85.0)
+    slow = _record(2, {"a": "int8", "b": "fp32"}, 0.9, None, value=89.8)
+    fast = _record(3, {"a": "fp32", "b": "int8"}, 2.0, None, value=89.5)
+    recs = [fp32, int8, slow, fast]
+    text = partial_int8_verdict(recs)
+    assert text is not None and "1 of 2" in text and "predicted slower" in text and ESTIMATE_LABEL in text
+    faster, verdict = int8_speed_verdict(recs)
+    assert faster is True and "predicted" in verdict and "paired" not in verdict
+    choice = choose_winner(recs, max_drop=1.0)
+    # all-INT8 loses 5 points; of the two within 1 point only trial 3 is predicted faster than FP32.
+    assert choice.record is fast and choice.qualified and "unverified" in choice.reason and "verify" in choice.reason
