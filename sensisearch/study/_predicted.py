@@ -41,30 +41,23 @@ COST_UNIT = "relative cost (FP32 = 1)"
 
 
 # --------------------------------------------------------------------------- which predictor
-def load_table(path: Path, model_sha256: str, layer_names: Sequence[str], profile: str) -> LatencyPredictor:
-    """``--latency-table FILE``, checked against this study's model, layers and quantization profile."""
+def load_table(path: Path, model: onnx.ModelProto, info: ModelInfo, profile: str) -> LatencyPredictor:
+    """``--latency-table FILE``, checked against this study's model, layers and quantization profile.
+
+    Bound to the study's model (not the path stored in the table), so a worker on
+    another host plans the same placements from its own copy.
+    """
+    from sensisearch.latency import load_latency_table
+
     if not Path(path).is_file():
         raise SensisearchError(f"--latency-table {path}: no such file; run `sensisearch latency-table` on the target first")
-    try:
-        from sensisearch.latency import load_latency_table  # type: ignore[attr-defined]
-    except ImportError:
-        raise SensisearchError(
-            f"--latency-table {path}: this version of sensisearch cannot read latency tables (no "
-            "sensisearch.latency.load_latency_table); leave the flag out to use the labelled MAC estimate"
-        ) from None
     table = load_latency_table(Path(path))
-    check = getattr(table, "check_matches", None)
-    if check is not None:
-        check(model_sha256, list(layer_names))
-    elif getattr(table, "model_sha256", model_sha256) != model_sha256:
-        raise SensisearchError(f"--latency-table {path}: measured for another model; run `sensisearch latency-table` for this one")
-    table_profile = getattr(table, "profile", profile)
-    if table_profile != profile:
+    if table.profile != profile:
         raise SensisearchError(
-            f"--latency-table {path}: measured for quantization profile {table_profile}, the study uses {profile}; "
-            f"pass --profile {table_profile} or measure a table for {profile}"
+            f"--latency-table {path}: measured for quantization profile {table.profile}, the study uses {profile}; "
+            f"pass --profile {table.profile} or measure a table for {profile}"
         )
-    return table  # type: ignore[no-any-return]
+    return table.bind(model, info)
 
 
 def latency_predictor(
@@ -77,7 +70,7 @@ def latency_predictor(
     MAC estimate when the profile is another backend's; else None.
     """
     if settings.latency_table is not None:
-        return load_table(settings.latency_table, info.sha256, info.layer_names, backend.profile.name)
+        return load_table(settings.latency_table, model, info, backend.profile.name)
     if settings.profile is not None and settings.profile != native_profile:
         return MacEstimate.for_model(model, info)
     return None
