@@ -108,6 +108,10 @@ class StudySettings:
     """``max_class_drop`` judges only classes with at least this many ground-truth instances."""
     drop_resamples: int = 200
     """Bootstrap resamples for a trial's accuracy-drop CI (the verify step uses 5x more)."""
+    # Issue 10, multi-fidelity (study/_fidelity.py): score a fixed subset first, stop clearly dominated trials.
+    fidelity_subset: float | None = None
+    """Images a searched trial scores first: a count (>= 1) or a fraction (< 1) of the evaluation set; 0: off;
+    None: a quarter of the images for detectors (when that is at least 16), off for classifiers."""
 
     @property
     def timing_seconds(self) -> float:
@@ -172,6 +176,9 @@ class StudySettings:
             raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials >= 0, or all")
         self.validate_measurement()
         validate_ranges(self)  # issue 9
+        from sensisearch.study._fidelity import validate_fidelity_settings  # issue 10, multi-fidelity
+
+        validate_fidelity_settings(self)
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
