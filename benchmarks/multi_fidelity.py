@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -81,9 +82,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sensisearch-multi-fidelity")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    for name in ("full", "subset-first"):  # fresh studies; the calibration and image caches are shared
-        for path in (args.out / name / "study.db", args.out / name / "study.json"):
-            path.unlink(missing_ok=True)
+    for name in ("full", "subset-first"):  # fresh studies; the calibration and image caches (out/cache) are shared
+        shutil.rmtree(args.out / name, ignore_errors=True)
     eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split")
     runs = [one_study(args, "full", 0, eval_dir, calib_dir), one_study(args, "subset-first", args.subset, eval_dir, calib_dir)]
 
