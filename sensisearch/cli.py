@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_flags(run)
     _add_worker_flags(run)
     _add_measurement_flags(run)
+    _add_fidelity_flags(run)
 
     wk = sub.add_parser(
         "worker", help="one more worker on a study: settings come from the study itself",
@@ -343,6 +344,20 @@ def _add_measurement_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--drop-resamples", type=int, help="bootstrap resamples of each trial's accuracy-drop CI (default 200)")
 
 
+# Issue 10, multi-fidelity: score a fixed subset first, stop clearly dominated trials.
+SETTING_FLAGS += ("fidelity_subset",)
+
+
+def _add_fidelity_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--fidelity-subset", type=float,
+        help="score each searched trial on this many evaluation images first (or this fraction, e.g. 0.25), the same "
+             "images for every trial, and stop it there (PRUNED, counted in --budget) when its drop CI lies above "
+             "--max-drop or a completed trial is surely faster and more accurate; complete trials are still scored on "
+             "every image. 0 turns it off (default: a quarter of the images for detectors, off for classifiers)",
+    )
+
+
 def _settings(args: argparse.Namespace) -> StudySettings:
     from sensisearch.study.settings import merge_settings, read_study_file
 
@@ -420,6 +435,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         def on_trial(event: TrialEvent) -> None:
             if event.state == "COMPLETE":
                 line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit_of_latency} ({event.seconds:.1f} s)"
+            elif event.state == "PRUNED" and event.error:  # issue 10: stopped early on the subset
+                line = f"[yellow]trial {event.number}[/]: {escape(str(event.error))} ({event.seconds:.1f} s)"
             else:
                 line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
             progress.console.print(line)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -55,6 +55,22 @@ class EvaluationResult:
         }
 
 
+@dataclass
+class PartialEvaluation:
+    """The first part of a staged evaluation (multi-fidelity): some images scored, the rest still to run.
+
+    :meth:`Evaluator.evaluate_rest` finishes it without running these images again,
+    and gives exactly what :meth:`Evaluator.evaluate` gives for all of them.
+    """
+
+    positions: np.ndarray
+    """Sorted positions (in the evaluator's image order) of the images evaluated so far."""
+    result: EvaluationResult
+    """Scores over these images only (``per_image`` in their order)."""
+    state: Any = None
+    """The evaluator's own record of these images (predictions, correctness), kept to finish the evaluation."""
+
+
 class Evaluator(abc.ABC):
     """Scores a runner. Higher metric values are better."""
 
@@ -62,6 +78,23 @@ class Evaluator(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self, runner: Runner) -> EvaluationResult: ...
+
+    # Multi-fidelity (issue 10): evaluate a fixed subset first, then, if the trial goes on, the rest.
+    def image_count(self) -> int | None:
+        """Images a staged evaluation can split; None when this evaluator scores only all at once (a user's function)."""
+        return None
+
+    def evaluate_part(self, runner: Runner, positions: Sequence[int]) -> PartialEvaluation:
+        """Score the images at ``positions`` only (see :class:`PartialEvaluation`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot evaluate a subset of its images")
+
+    def evaluate_rest(self, runner: Runner, part: PartialEvaluation) -> EvaluationResult:
+        """Score the images ``part`` has not, and return the result over all images, equal to :meth:`evaluate`'s."""
+        raise NotImplementedError(f"{type(self).__name__} cannot evaluate a subset of its images")
+
+    def per_image_subset(self, per_image: Any, positions: Sequence[int]) -> Any:
+        """A full evaluation's ``per_image`` restricted to the images at ``positions`` (as :meth:`evaluate_part` gives them)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot evaluate a subset of its images")
 
     @abc.abstractmethod
     def latency_feeds(self, batch_size: int) -> Mapping[str, np.ndarray]:

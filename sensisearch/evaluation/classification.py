@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from sensisearch.backends.base import Runner
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.base import EvaluationResult, Evaluator
+from sensisearch.evaluation.base import EvaluationResult, Evaluator, PartialEvaluation
 from sensisearch.evaluation.datasets import ImageArray, Preprocess
 
 
@@ -64,16 +64,18 @@ class ClassificationEvaluator(Evaluator):
             return spec.static_batch, True
         return self.batch_size, False
 
-    def evaluate(self, runner: Runner) -> EvaluationResult:
+    def _hits(self, runner: Runner, positions: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, float]:
+        """Top-1 and top-5 hits of the images at ``positions`` (all when None), in that order, and the seconds taken."""
         labels = self.data.labels
         assert labels is not None
+        inputs = self._inputs if positions is None else self._inputs[positions]
+        labels = labels if positions is None else labels[positions]
         batch, fixed = self._batch_size_for(runner)
-        correct1 = correct5 = 0
-        correct: list[np.ndarray] = []
+        top1: list[np.ndarray] = []
+        top5: list[np.ndarray] = []
         start = time.perf_counter()
-        num_classes = None
-        for begin in range(0, len(self._inputs), batch):
-            x = self._inputs[begin : begin + batch]
+        for begin in range(0, len(inputs), batch):
+            x = inputs[begin : begin + batch]
             real = x.shape[0]
             if fixed and real < batch:
                 x = np.concatenate([x, np.repeat(x[-1:], batch - real, axis=0)])  # outputs of the repeats are dropped
@@ -85,19 +87,49 @@ class ClassificationEvaluator(Evaluator):
                 raise SensisearchError(
                     f"--eval-data {self.data.source}: label {int(y.max())} but the model outputs {num_classes} classes"
                 )
-            hits1, hits5 = topk_hits(logits, y, 1), topk_hits(logits, y, 5)
-            correct1 += int(hits1.sum())
-            correct5 += int(hits5.sum())
-            correct.append(hits1 if self.metric == "top1" else hits5)
-        seconds = time.perf_counter() - start
-        n = len(self._inputs)
+            top1.append(topk_hits(logits, y, 1))
+            top5.append(topk_hits(logits, y, 5))
+        empty = np.zeros(0, dtype=bool)
+        hits1 = np.concatenate(top1) if top1 else empty
+        hits5 = np.concatenate(top5) if top5 else empty
+        return hits1, hits5, time.perf_counter() - start
+
+    def _result(self, hits1: np.ndarray, hits5: np.ndarray, seconds: float) -> EvaluationResult:
+        n = len(hits1)
         return EvaluationResult(
             metric=self.metric,
-            metrics={"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n},
+            metrics={"top1": 100.0 * int(hits1.sum()) / n, "top5": 100.0 * int(hits5.sum()) / n},
             count=n,
             timings={"inference": seconds},
-            per_image=np.concatenate(correct),
+            per_image=hits1 if self.metric == "top1" else hits5,
         )
+
+    def evaluate(self, runner: Runner) -> EvaluationResult:
+        return self._result(*self._hits(runner, None))
+
+    # ------------------------------------------------------------------ staged (multi-fidelity)
+    def image_count(self) -> int | None:
+        return len(self._inputs)
+
+    def evaluate_part(self, runner: Runner, positions: Sequence[int]) -> PartialEvaluation:
+        chosen = np.unique(np.asarray(positions, dtype=np.int64))
+        hits1, hits5, seconds = self._hits(runner, chosen)
+        return PartialEvaluation(chosen, self._result(hits1, hits5, seconds), (hits1, hits5, seconds))
+
+    def evaluate_rest(self, runner: Runner, part: PartialEvaluation) -> EvaluationResult:
+        # Each image's hit depends on its own logits only, so the two halves put back in
+        # dataset order are the full evaluation's (tests compare with `evaluate`).
+        done1, done5, done_seconds = part.state
+        rest = np.setdiff1d(np.arange(len(self._inputs)), part.positions)
+        hits1, hits5, seconds = self._hits(runner, rest)
+        all1 = np.empty(len(self._inputs), dtype=bool)
+        all5 = np.empty(len(self._inputs), dtype=bool)
+        all1[part.positions], all1[rest] = done1, hits1
+        all5[part.positions], all5[rest] = done5, hits5
+        return self._result(all1, all5, done_seconds + seconds)
+
+    def per_image_subset(self, per_image: Any, positions: Sequence[int]) -> np.ndarray:
+        return np.asarray(per_image)[np.unique(np.asarray(positions, dtype=np.int64))]
 
     def latency_feeds(self, batch_size: int) -> Mapping[str, np.ndarray]:
         reps = -(-batch_size // len(self._inputs))

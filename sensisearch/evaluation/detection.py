@@ -34,7 +34,7 @@ import numpy as np
 
 from sensisearch.backends.base import Runner
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.base import EvaluationResult, Evaluator
+from sensisearch.evaluation.base import EvaluationResult, Evaluator, PartialEvaluation
 from sensisearch.evaluation.letterbox import LETTERBOX_STYLES, PAD_VALUE, LetterboxStyle, scale_boxes_to_original
 from sensisearch.evaluation.nms import NmsSettings, yolov5_nms, yolov8_nms
 from sensisearch.evaluation.tensor_store import TensorStore
@@ -649,8 +649,9 @@ class CocoDetectionEvaluator(Evaluator):
         return self._category_ids
 
     # ------------------------------------------------------------------ evaluation
-    def predict(self, runner: Runner) -> DetectionPredictions:
-        """Run every image through the runner and post-process: detections in original pixels."""
+    def predict(self, runner: Runner, positions: Sequence[int] | None = None) -> DetectionPredictions:
+        """Run every image (or those at ``positions``, in that order) through the runner and post-process:
+        detections in original pixels."""
         input_name, output, batch = self._check_runner(runner)
         out_index = output.index
         decode = yolov8_nms if output.layout == "yolov8" else yolov5_nms
@@ -659,7 +660,8 @@ class CocoDetectionEvaluator(Evaluator):
         t_pre = time.perf_counter() - t0
         t_inf = t_nms = 0.0
         nms_settings = self.settings.nms()
-        n = len(store)
+        order = list(range(len(store))) if positions is None else [int(p) for p in positions]
+        n = len(order)
         detections: list[np.ndarray] = []
         buf = np.empty((batch, 3, *self.input_shape), dtype=np.float32)
         num_classes: int | None = None
@@ -667,7 +669,7 @@ class CocoDetectionEvaluator(Evaluator):
         start = 0
         while start < n:
             t0 = time.perf_counter()
-            idx = list(range(start, min(start + batch, n)))
+            idx = order[start : min(start + batch, n)]
             real = len(idx)
             if real < batch and full_batches:
                 idx += [idx[-1]] * (batch - real)  # static batch: pad with repeats, drop their outputs
@@ -709,7 +711,7 @@ class CocoDetectionEvaluator(Evaluator):
             t_nms += t3 - t2
             start += real
         return DetectionPredictions(
-            image_ids=list(self.image_ids),
+            image_ids=[self.image_ids[p] for p in order],
             detections=detections,
             timings={"preprocess": t_pre, "inference": t_inf, "nms": t_nms},
             num_classes=num_classes,
@@ -742,6 +744,41 @@ class CocoDetectionEvaluator(Evaluator):
 
     def evaluate(self, runner: Runner) -> EvaluationResult:
         return self.score(self.predict(runner))
+
+    # ------------------------------------------------------------------ staged (multi-fidelity)
+    def image_count(self) -> int | None:
+        return len(self.image_ids)
+
+    def evaluate_part(self, runner: Runner, positions: Sequence[int]) -> PartialEvaluation:
+        chosen = np.unique(np.asarray(positions, dtype=np.int64))
+        predictions = self.predict(runner, chosen.tolist())
+        return PartialEvaluation(chosen, self.score(predictions), predictions)
+
+    def evaluate_rest(self, runner: Runner, part: PartialEvaluation) -> EvaluationResult:
+        """Infer the other images only, then score all predictions together, in annotation order.
+
+        COCOeval matches each (image, class) on its own and accumulates over the
+        sorted image ids, so the merged predictions score exactly as one full
+        :meth:`evaluate` (tests compare them). The subset's COCOeval matching runs
+        again here (cheap next to inference); its inference does not.
+        """
+        done: DetectionPredictions = part.state
+        rest = np.setdiff1d(np.arange(len(self.image_ids)), part.positions)
+        more = self.predict(runner, rest.tolist())
+        by_position = dict(zip(part.positions.tolist(), done.detections))
+        by_position.update(zip(rest.tolist(), more.detections))
+        timings = {k: done.timings.get(k, 0.0) + more.timings.get(k, 0.0) for k in {*done.timings, *more.timings}}
+        merged = DetectionPredictions(
+            image_ids=list(self.image_ids),
+            detections=[by_position[p] for p in range(len(self.image_ids))],
+            timings=timings,
+            num_classes=done.num_classes or more.num_classes,
+        )
+        return self.score(merged)
+
+    def per_image_subset(self, per_image: Any, positions: Sequence[int]) -> DetectionMatches:
+        ids = [self.image_ids[int(p)] for p in positions]
+        return per_image.restricted_to(ids)
 
     def _class_name(self, category_id: int, category_ids: Sequence[int]) -> str:
         if self.class_names is not None and category_id in category_ids:

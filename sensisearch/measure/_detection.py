@@ -145,6 +145,30 @@ class DetectionMatches:
             gt_counts=np.asarray(gt_counts, dtype=np.int32),
         )
 
+    def restricted_to(self, image_ids: Sequence[int]) -> "DetectionMatches":
+        """The matches of the images ``image_ids`` only: what COCOeval over just those images gives.
+
+        COCOeval matches each (image, category) on its own, so dropping the other
+        images' rows keeps every remaining match; the order (category, image, rank) stays.
+        """
+        wanted = np.unique(np.asarray(image_ids, dtype=np.int64))
+        rows = np.searchsorted(self.image_ids, wanted)
+        if rows.size and (rows.max() >= len(self) or not np.array_equal(self.image_ids[rows], wanted)):
+            raise ValueError("restricted_to: some image ids are not among these matches")
+        new_row = np.full(len(self), -1, dtype=np.int64)
+        new_row[rows] = np.arange(rows.size)
+        keep = new_row[self.det_image] >= 0
+        return DetectionMatches(
+            image_ids=wanted,
+            category_ids=self.category_ids,
+            det_image=new_row[self.det_image[keep]].astype(np.int32),
+            det_category=self.det_category[keep],
+            det_score=self.det_score[keep],
+            det_matched=self.det_matched[keep],
+            det_ignore=self.det_ignore[keep],
+            gt_counts=self.gt_counts[rows],
+        )
+
     # ------------------------------------------------------------------ storage
     def to_bytes(self) -> bytes:
         buffer = io.BytesIO()

@@ -48,13 +48,19 @@ class TrialView:
     baseline: bool = False
     own_error: bool = False
     """FAILED by its own error (counts); a FAIL without one was interrupted or its worker died (re-queued)."""
+    stopped_early: bool = False
+    """PRUNED after its evaluation subset (issue 10, multi-fidelity): a searched configuration, so it counts."""
 
     @property
     def evaluated(self) -> bool:
         """Built and evaluated (or evaluating) its configuration: the trial a repeat refers to."""
         if self.role != EVALUATE:
             return False
-        return self.state in ("RUNNING", "COMPLETE") or (self.state == "FAIL" and self.own_error)
+        return (
+            self.state in ("RUNNING", "COMPLETE")
+            or (self.state == "FAIL" and self.own_error)
+            or (self.state == "PRUNED" and self.stopped_early)
+        )
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ def view_of(trial: FrozenTrial) -> TrialView:
     return TrialView(
         number=trial.number, state=trial.state.name, key=record.config_key, role=record.role,
         baseline=record.baseline is not None, own_error=record.error is not None,
+        stopped_early=record.stopped_early is not None,
     )
 
 

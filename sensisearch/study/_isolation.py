@@ -34,12 +34,14 @@ from sensisearch.errors import SensisearchError
 if TYPE_CHECKING:
     from sensisearch.quantize.config import TrialConfig
     from sensisearch.study._context import StudyContext
+    from sensisearch.study._fidelity import EarlyStopSnapshot
     from sensisearch.study.pipeline import TrialOutcome
     from sensisearch.study.settings import StudySettings
 
 log = logging.getLogger(__name__)
 
-RunTrial = Callable[["TrialConfig", Path, "float | None"], "TrialOutcome"]
+# (config, out_dir, reference_ms, early_stop snapshot or None) -> outcome: TrialPipeline.run's signature.
+RunTrial = Callable[["TrialConfig", Path, "float | None", "EarlyStopSnapshot | None"], "TrialOutcome"]
 
 CHILD_MODULE = "sensisearch.study._trial_child"
 STDERR_NAME = "stderr.log"
@@ -184,7 +186,9 @@ class IsolatedTrialRunner:
         return json.loads(line)
 
     # ------------------------------------------------------------ trials
-    def run(self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None) -> TrialOutcome:
+    def run(
+        self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None, early_stop: EarlyStopSnapshot | None = None
+    ) -> TrialOutcome:
         if self._server is None or self._server.poll() is not None:
             self.start()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,8 @@ class IsolatedTrialRunner:
         self._send({
             "config": config.to_dict(), "out_dir": str(out_dir), "stderr": str(stderr_path), "result": str(result_path),
             "reference_ms": reference_ms,
+            # Issue 10: the child cannot open the storage; what the early-stop decision needs comes along.
+            "early_stop": None if early_stop is None else early_stop.to_dict(),
         })
         phase = "build"
         deadline = time.monotonic() + self.isolation.build_timeout

@@ -123,6 +123,13 @@ class TrialRecord:
     """``effective_config_key`` of its configuration: equal keys build the same model."""
     role: str | None = _attr("role")
     """"evaluate", "duplicate", "over_budget" or "interrupted" (see ``study._budget``); None: undecided."""
+    # Issue 10, multi-fidelity (``study._fidelity``): subset first, stopped early when clearly out.
+    subset: dict[str, Any] | None = _attr("subset")
+    """Figures on the fixed evaluation subset scored first: images, of, value, FP32's value on them,
+    drop and its 95% CI (None when the point estimate already ruled a stop out), seconds
+    (``SubsetFigures.to_dict()``); None when evaluated all at once."""
+    stopped_early: str | None = _attr("stopped_early")
+    """Why the trial was stopped after the subset (state PRUNED, counted in the budget, never on the front)."""
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:

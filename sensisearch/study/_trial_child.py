@@ -5,7 +5,8 @@ Run as ``python -m sensisearch.study._trial_child`` by
 object per line. The first line on stdin is ``{"settings": StudySettings.to_dict()}``;
 the server prepares the study from it (model, backend, evaluator, calibration
 statistics from the on-disk cache) and answers ``{"ready": pid}``. Then, per line
-``{"config": ..., "out_dir": ..., "stderr": ..., "result": ...}`` it forks a child
+``{"config": ..., "out_dir": ..., "stderr": ..., "result": ..., "reference_ms": ..., "early_stop": ...}``
+it forks a child
 that runs the trial pipeline and answers, in any order::
 
     {"child": pid}                                     the server, after the fork
@@ -104,8 +105,13 @@ def run_child(ctx: Any, spec: dict[str, Any], message_fd: int) -> None:
         ctx.pipeline.backend = PhaseReportingBackend(ctx.pipeline.backend, lambda p: send(message_fd, {"phase": p}))
         send(message_fd, {"phase": "build"})
         config = TrialConfig.from_dict(spec["config"])
+        early_stop = None
+        if spec.get("early_stop") is not None:  # issue 10: subset first, stop when clearly out
+            from sensisearch.study._fidelity import EarlyStopSnapshot
+
+            early_stop = EarlyStopSnapshot.from_dict(spec["early_stop"])
         try:
-            outcome = ctx.pipeline.run(config, Path(spec["out_dir"]), spec.get("reference_ms"))
+            outcome = ctx.pipeline.run(config, Path(spec["out_dir"]), spec.get("reference_ms"), early_stop)
         except Exception as exc:  # reported to the parent, which fails the trial with it
             traceback.print_exc()
             text = str(exc) if isinstance(exc, SensisearchError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"

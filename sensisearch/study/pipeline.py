@@ -31,6 +31,7 @@ from sensisearch.quantize.emit import emit_deployable_onnx, save_model
 from sensisearch.quantize.graph import GraphIndex
 from sensisearch.quantize.placement import Placement, plan_placement, statistics_tensors
 from sensisearch.quantize.ranges import TensorRange
+from sensisearch.study import _fidelity
 from sensisearch.study.calibrate import CalibrationRanges
 
 if TYPE_CHECKING:
@@ -128,6 +129,10 @@ class TrialOutcome:
     """:func:`paired_latency_record` when paired, else ``latency.to_dict()``."""
     timing_facts: dict[str, Any] = field(default_factory=dict)
     """What else the timing depended on (GPU clocks, other GPU processes), where visible."""
+    # Issue 10, multi-fidelity: the subset scored first, and why the trial stopped there (if it did).
+    subset: _fidelity.SubsetFigures | None = None
+    early_stop: _fidelity.StopDecision | None = None
+    """Set when the trial was stopped after the subset: ``evaluation`` then covers the subset only."""
 
     @property
     def median_ms(self) -> float:
@@ -145,6 +150,8 @@ class TrialOutcome:
             "paired": None if self.paired is None else {**self.paired.to_dict(), "facts": self.timing_facts},
             "evaluation": self.evaluation.to_dict(),
             "timings": self.timings,
+            **({"subset": self.subset.to_dict()} if self.subset is not None else {}),
+            **({"stopped_early": self.early_stop.text} if self.early_stop is not None else {}),
         }
 
 
@@ -279,11 +286,14 @@ class TrialPipeline(ArtifactPipeline):
         latency_batch: int = 1,
         timing: TimingPlan | None = None,
         predictor: LatencyPredictor | None = None,
+        subset: _fidelity.SubsetPlan | None = None,
     ) -> None:
         super().__init__(model, info, backend, thresholds)
         self.predictor = predictor
         """Issue 10: when set, trials are not timed; their latency record comes from it (see ``_predicted``)."""
         self.evaluator = evaluator
+        self.subset = subset
+        """Issue 10: the fixed subset a searched trial scores first (None: every image at once)."""
         self.latency_settings = latency_settings
         self.latency_batch = latency_batch
         self.timing = timing
@@ -374,9 +384,13 @@ class TrialPipeline(ArtifactPipeline):
         objective = self.timing.objective if self.timing is not None else "latency"
         return predicted_latency_record(self.predictor, config.precisions, objective, batch)
 
-    def run(self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None) -> TrialOutcome:
+    def run(
+        self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None,
+        early_stop: _fidelity.EarlyStopSnapshot | None = None,
+    ) -> TrialOutcome:
         """``reference_ms``: the study's FP32 reference latency (None: this trial's own paired FP32 median,
-        which is how the FP32 baseline trial fixes it)."""
+        which is how the FP32 baseline trial fixes it). ``early_stop``: score the study's subset first and
+        stop after it when the trial is clearly out (issue 10; None, e.g. for baselines: every image at once)."""
         phases = Phases()
         deployable, ranges = self.emit(config, out_dir, phases)
         with phases("build"):
@@ -399,8 +413,17 @@ class TrialPipeline(ArtifactPipeline):
                     paired, block = self.time_paired(runner)
                     facts = runner.timing_facts()
                     latency = LatencyStats.from_samples(paired.candidate_times_ms, self.timing.batch)
+            staged: _fidelity.StagedEvaluation | None = None
             with phases("evaluate"):
-                evaluation = self.evaluator.evaluate(runner)
+                if early_stop is not None and self.subset is not None:
+                    # Timed above, before evaluation; a predicted speed-up has no CI, so it is its own bound.
+                    upper = predicted["speedup"] if self.predictor is not None else (
+                        None if paired is None else paired.speedup_ci95[1]
+                    )
+                    staged = _fidelity.evaluate_staged(self.evaluator, runner, self.subset, early_stop, upper)
+                    evaluation = staged.evaluation
+                else:
+                    evaluation = self.evaluator.evaluate(runner)
         record = None
         if self.predictor is not None:
             record = predicted
@@ -427,4 +450,6 @@ class TrialPipeline(ArtifactPipeline):
             paired=paired,
             latency_record=record,
             timing_facts=facts,
+            subset=None if staged is None else staged.subset,
+            early_stop=None if staged is None else staged.stop,
         )

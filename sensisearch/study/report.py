@@ -256,7 +256,9 @@ def write_report(
         f"- Metric: {metric} (points, higher is better); speed: "
         + (context.axis_label or f"latency, median ms per batch of {context.latency_batch}")
         + _speed_evidence(recs),
-        f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, budget {context.budget}",
+        f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, "
+        + (f"{sum(r.stopped_early is not None for r in recs)} stopped early on the subset, " if any(r.stopped_early for r in recs) else "")
+        + f"budget {context.budget}",
         f"- Search: precisions {', '.join(context.precisions)}; calibration {', '.join(context.algorithms)}; samples {list(context.sample_counts)}",
     ]
     for warning in context.warnings:
@@ -386,4 +388,9 @@ def write_report(
     failed = [r for r in recs if r.state == "FAIL"]
     if failed:
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.error}" for r in failed]
+    stopped = [r for r in recs if r.stopped_early is not None]  # issue 10, multi-fidelity
+    if stopped:
+        lines += ["", "## Stopped early on the subset", "",
+                  "Scored on the fixed evaluation subset only, then stopped (counted in the budget, never on the front):", ""]
+        lines += [f"- trial {r.number}: {r.stopped_early}" for r in stopped]
     return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

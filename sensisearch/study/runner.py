@@ -21,7 +21,7 @@ from sensisearch.backends.factory import choose_backend
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
-from sensisearch.study import _budget
+from sensisearch.study import _budget, _fidelity
 from sensisearch.study._context import StudyContext
 from sensisearch.study._isolation import RunTrial, trial_runner
 from sensisearch.study._measurement import accuracy_json, classes_to_skip, measured_fields, study_reference_ms, timing_plan
@@ -148,6 +148,7 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
     pipeline = TrialPipeline(
         resolved.model, resolved.info, backend, evaluation.evaluator, calibration,
         LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing, predictor=predictor,
+        subset=_fidelity.subset_plan(settings, evaluation.evaluator, evaluation.task),  # issue 10: subset first
     )
     ctx = StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
@@ -281,6 +282,8 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
     """``run_trial``: builds, times and evaluates one configuration (default: in this process)."""
     run_trial = run_trial or ctx.pipeline.run
     host, device = worker_host(), worker_device(ctx.backend.name)
+    # Issue 10, multi-fidelity: what a searched trial needs to stop after its subset, read from the storage here.
+    snapshots = None if ctx.pipeline.subset is None else _fidelity.SnapshotSource(ctx, ctx.pipeline.subset)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # The baseline mark was stored by enqueue_baselines.
@@ -304,8 +307,10 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             "backend": ctx.backend.describe(),
             "config": config.to_dict(),
         }
+        # Baselines are never stopped early: they evaluate every image at once.
+        snapshot = snapshots.snapshot(trial.study) if snapshots is not None and baseline_name is None else None
         try:
-            outcome = run_trial(config, trial_dir, study_reference_ms(trial.study))
+            outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
             check_metric_value(outcome.evaluation.value, outcome.evaluation.metric)
         except KeyboardInterrupt:
             requeue_interrupted(trial, config, baseline_name)
@@ -318,10 +323,19 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             _store(trial, failed)
             write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
             raise
+        if outcome.early_stop is not None:
+            # PRUNED, counted in the budget (role evaluate + stopped_early), kept off the front and the winner.
+            stopped = _fidelity.stopped_record(trial.number, outcome, config_key=effective_config_key(config),
+                                               role=_budget.EVALUATE, trial_json=str(trial_json), host=host, device=device)
+            _store(trial, stopped)
+            write_json_atomic(trial_json, {**header, "status": "stopped_early", **outcome.to_dict()})
+            raise optuna.TrialPruned(outcome.early_stop.text)
         evaluation = outcome.evaluation
         measured = measured_fields(trial.study, outcome, baseline_name, trial_dir, ctx.settings)
         if outcome.paired is None and outcome.latency_record and "source" in outcome.latency_record:
             store_predicted_reference(trial.study, outcome.latency_record)  # issue 10: the predicted FP32 scale
+        if outcome.subset is not None:
+            measured["subset"] = outcome.subset.to_dict()
         worst_class = None
         if evaluation.per_class is not None and ctx.settings.max_class_drop is not None:
             reference = evaluation.per_class if baseline_name == "fp32" else _fp32_per_class(trial.study)
@@ -405,6 +419,8 @@ def decide_trial(
     log.info("trial %d repeats trial %d's configuration: not evaluated again", trial.number, decision.of)
     if original.state == optuna.trial.TrialState.COMPLETE and original.values:
         return original.values[0], original.values[1]
+    if original.state == optuna.trial.TrialState.PRUNED:  # issue 10: stopped after its subset
+        raise optuna.TrialPruned(f"repeats trial {decision.of}, which was stopped early on the subset")
     raise optuna.TrialPruned(f"repeats trial {decision.of}, which failed")
 
 
@@ -572,7 +588,7 @@ def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) ->
         latency_ms=trial.values[1] if trial.values else None,
         best_value=best_value,
         best_latency_ms=best_latency,
-        error=TrialRecord.recorded_error(trial),
+        error=TrialRecord.recorded_error(trial) or TrialRecord.from_trial(trial).stopped_early,
         seconds=seconds,
     )
 

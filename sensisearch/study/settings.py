@@ -114,6 +114,10 @@ class StudySettings:
     """Per-layer latency table measured on the target (``sensisearch latency-table``): trials take their
     latency from it instead of being timed here. None: timed here, or the labelled MAC estimate when
     ``profile`` is another backend's."""
+    # Issue 10, multi-fidelity (study/_fidelity.py): score a fixed subset first, stop clearly dominated trials.
+    fidelity_subset: float | None = None
+    """Images a searched trial scores first: a count (>= 1) or a fraction (< 1) of the evaluation set; 0: off;
+    None: a quarter of the images for detectors (when that is at least 16), off for classifiers."""
 
     @property
     def timing_seconds(self) -> float:
@@ -178,6 +182,9 @@ class StudySettings:
             raise SensisearchError(f"--keep-artifacts {self.keep_artifacts}: give a number of trials >= 0, or all")
         self.validate_measurement()
         validate_ranges(self)  # issue 9
+        from sensisearch.study._fidelity import validate_fidelity_settings  # issue 10, multi-fidelity
+
+        validate_fidelity_settings(self)
 
     def backend_settings(self) -> BackendSettings:
         return BackendSettings(
