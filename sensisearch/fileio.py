@@ -62,3 +62,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """The JSON in ``path``; one line naming ``what`` (e.g. "latency table x.json") and ``fix`` when it cannot be read."""
+    from sensisearch.errors import SensisearchError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SensisearchError(f"{what}: not readable JSON ({exc.__class__.__name__}: {exc}); {fix}") from exc

@@ -131,7 +131,7 @@ def test_trtexec_profile_is_parsed_and_attributed_by_name(digits):
     "content, message",
     [
         (None, "does not exist"),
-        ("{not json", "is not JSON"),
+        ("{not json", "not readable JSON"),
         (json.dumps({"format": "other"}), "is not a sensisearch latency table"),
         (json.dumps({"format": "sensisearch-latency-table", "version": 99}), "format version 99"),
     ],

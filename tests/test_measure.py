@@ -364,3 +364,25 @@ def test_detection_paired_drop_of_a_model_against_itself_is_zero(yolo_scored) ->
     _, result = yolo_scored
     est = paired_bootstrap_drop(result.per_image, result.per_image, map50_95_points, n_resamples=20, seed=9)
     assert est.drop == 0.0 and est.ci95 == (0.0, 0.0) and est.within_noise
+
+
+def test_spearman_rho_equals_scipy_with_and_without_ties() -> None:
+    from scipy.stats import rankdata, spearmanr
+
+    from sensisearch.measure import average_ranks, spearman_rho
+
+    rng = np.random.default_rng(3)
+    for n in (3, 5, 12, 40):
+        a = rng.normal(size=n)
+        b = a + rng.normal(scale=0.7, size=n)
+        tied_a, tied_b = np.round(a, 0), np.round(b * 2, 0)  # many ties
+        for x, y in ((a, b), (tied_a, tied_b), (a, tied_b)):
+            assert np.array_equal(average_ranks(x), rankdata(x, method="average"))
+            expected = spearmanr(x, y).statistic
+            got = spearman_rho(list(x), list(y))
+            if np.isnan(expected):
+                assert got is None
+            else:
+                assert got == pytest.approx(float(expected), abs=1e-12)
+    assert spearman_rho([1.0, 2.0], [2.0, 1.0]) is None  # fewer than 3 pairs
+    assert spearman_rho([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # no spread

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
-from sensisearch.fileio import write_text_atomic
+from sensisearch.fileio import read_json, write_text_atomic
 from sensisearch.latency._predictor import SOURCE_TABLE
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.quantize.graph import GraphIndex, activation_epilogue
@@ -319,10 +319,7 @@ def load_latency_table(path: Path | str) -> LatencyTable:
     path = Path(path)
     if not path.is_file():
         raise SensisearchError(f"latency table {path} does not exist; make it with `sensisearch latency-table --out {path}`")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SensisearchError(f"latency table {path} is not JSON ({exc}); make it with `sensisearch latency-table`") from exc
+    data = read_json(path, f"latency table {path}", "make it with `sensisearch latency-table`")
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         raise SensisearchError(f"latency table {path} is not a sensisearch latency table; make it with `sensisearch latency-table`")
     if data.get("version") != TABLE_VERSION:

@@ -9,6 +9,7 @@
   re-accumulates COCO mAP exactly, with per-image bootstrap weights.
 - :class:`MachineLoad` / :func:`machine_identity` say what the machine was doing
   and what it is.
+- :func:`spearman_rho` ranks two paired samples alike or not (stage 2, sensitivity stability).
 """
 
 from sensisearch.measure._bootstrap import (
@@ -22,6 +23,7 @@ from sensisearch.measure._bootstrap import (
 from sensisearch.measure._detection import DetectionMatches, map50_95_points, map50_points
 from sensisearch.measure._machine import LoadMonitor, MachineIdentity, MachineLoad, machine_identity
 from sensisearch.measure._noise import noise_summary
+from sensisearch.measure._rank import average_ranks, spearman_rho
 from sensisearch.measure._timing import PairedLatency, PairedTimingSettings, paired_ratios, time_interleaved
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "PairedLatency",
     "PairedTimingSettings",
     "accuracy_points",
+    "average_ranks",
     "bootstrap_ci",
     "machine_identity",
     "map50_95_points",
@@ -41,6 +44,7 @@ __all__ = [
     "paired_bootstrap_drop",
     "paired_ratios",
     "resample_weights",
+    "spearman_rho",
     "time_interleaved",
     "within_noise",
 ]

@@ -236,15 +236,10 @@ class PredictionCheck:
 
 
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman's rho of two paired samples (scipy, average ranks for ties); None below 3 pairs or without spread."""
-    import math
+    """Spearman's rho of two paired samples (average ranks for ties); None below 3 pairs or without spread."""
+    from sensisearch.measure import spearman_rho
 
-    from scipy.stats import spearmanr
-
-    if len(a) < 3 or len(set(a)) < 2 or len(set(b)) < 2:
-        return None
-    rho = float(spearmanr(a, b).statistic)
-    return None if math.isnan(rho) else rho
+    return spearman_rho(a, b)
 
 
 def compare_predicted(recs: Sequence[TrialRecord], backend: str) -> PredictionCheck | None:

@@ -194,13 +194,14 @@ class SensitivityProfile:
 
 
 def spearman(a: Sequence[str], b: Sequence[str]) -> float:
-    """Spearman rank correlation of two rankings of the same names (scipy's, ties impossible)."""
-    from scipy.stats import spearmanr
+    """Spearman rank correlation of two rankings of the same names (no ties in a ranking)."""
+    from sensisearch.measure import spearman_rho
 
     if sorted(a) != sorted(b):
         raise ValueError("the two rankings name different layers")
     position = {name: i for i, name in enumerate(b)}
-    return float(spearmanr(list(range(len(a))), [position[n] for n in a]).statistic)
+    rho = spearman_rho(list(range(len(a))), [position[n] for n in a])
+    return 1.0 if rho is None else rho  # fewer than 3 names: the rankings agree or it means nothing
 
 
 # --------------------------------------------------------------------------- probes (real builds)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from sensisearch.backends.tensorrt.flavor import RTX_DEFAULT_TARGETS, RTX_UNSUPPORTED, MachineInfo
 from sensisearch.errors import SensisearchError
-from sensisearch.fileio import sha256_file, write_bytes_atomic
+from sensisearch.fileio import read_json, sha256_file, write_bytes_atomic
 
 SIDECAR_FORMAT = "sensisearch-tensorrt-plan"
 SIDECAR_VERSION = 1
@@ -40,10 +40,7 @@ def read_sidecar(plan: str | Path) -> dict[str, Any]:
     backend = "tensorrt"
     if not path.is_file():
         raise SensisearchError(f"{plan}: no sidecar {path.name} next to the plan, so it cannot be checked; {REBUILD.format(backend=backend)}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SensisearchError(f"{path}: unreadable sidecar ({exc.__class__.__name__}); {REBUILD.format(backend=backend)}") from exc
+    data = read_json(path, f"{path} (sidecar)", REBUILD.format(backend=backend))
     validate_sidecar(data, path)
     return data
 
