@@ -86,10 +86,10 @@ def test_config_key_is_injective_over_what_matters() -> None:
                         precisions,
                         algorithm if uses_int8 else None,
                         samples if uses_int8 else None,
-                        pct if uses_int8 and algorithm is CalibrationAlgorithm.PERCENTILE else None,
+                        pct if uses_int8 and algorithm in (CalibrationAlgorithm.PERCENTILE, CalibrationAlgorithm.MIXED) else None,
                     )
                     key = effective_config_key(_cfg(list(precisions), algorithm, samples, pct))
                     assert seen.setdefault(key, effective) == effective
     # 27 precision combinations: 8 without INT8 (fp16/fp32 only), 19 with INT8, each with
-    # 3 algorithms x 2 counts + percentile x 2 counts x 2 percentiles.
-    assert len(seen) == 8 + 19 * (3 * 2 + 2 * 2)
+    # 3 algorithms x 2 counts + (percentile, mixed) x 2 counts x 2 percentiles.
+    assert len(seen) == 8 + 19 * (3 * 2 + 2 * 2 * 2)
