@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--backend", help="stage 2: build the candidates' deployable.onnx with this backend (tensorrt on the target, "
                                       "onnxruntime, ...) into RUN_DIR/verify/<backend>/ and time them there; reports predicted "
                                       "vs measured speed-up (default: time the study's own artifacts)")
+    # Stage 2 runs on the target: its paths to the model and data may differ from the study machine's.
+    vf.add_argument("--model", type=Path, help="the model on this host (default: the path stored in the study)")
+    vf.add_argument("--eval-data", type=Path, help="evaluation data on this host")
+    vf.add_argument("--calib-data", type=Path, help="calibration data on this host")
+    vf.add_argument("--annotations", type=Path, help="COCO annotations on this host")
+    vf.add_argument("--cache-dir", type=Path, help="calibration/tensor cache on this host (default <out>/cache)")
     vf.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     dr = sub.add_parser(
@@ -477,7 +483,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 3:
         raise SensisearchError(f"--rounds {args.rounds}: use at least 3 rounds (a CI needs a spread)")
     started = time.monotonic()
-    ctx = prepare(load_run_settings(args.run_dir, args.storage, args.study_name))
+    overrides = {name: getattr(args, name) for name in ("model", "eval_data", "calib_data", "annotations", "cache_dir")}
+    ctx = prepare(load_run_settings(args.run_dir, args.storage, args.study_name, overrides), reviewing=True)
     study = open_study(ctx)
     _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds, backend=args.backend)
     summary = write_results(ctx, study)
@@ -627,7 +634,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         run = dataclasses.replace(run, out=args.out)
     flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}
     settings = run_settings(run, read_study_file(args.study_file) if args.study_file else {}, flags)
-    ctx = prepare(settings, calibrate=False)
+    ctx = prepare(settings, calibrate=False, reviewing=True)
     summary = write_results(ctx, run.study)
     _print_summary(ctx, summary, time.monotonic() - started)
     _print_disk(ctx, summary)

@@ -129,3 +129,42 @@ def test_partial_int8_verdict_and_winner_with_predicted_latency() -> None:
     choice = choose_winner(recs, max_drop=1.0)
     # all-INT8 loses 5 points; of the two within 1 point only trial 3 is predicted faster than FP32.
     assert choice.record is fast and choice.qualified and "unverified" in choice.reason and "verify" in choice.reason
+
+
+def test_stage_2_runs_on_another_machine_and_leaves_the_study_record(tmp_path: Path) -> None:
+    """`verify --backend` runs on the target, whose CPU is not the study machine's: the device may
+    differ there (and for `report`), the study's recorded identity stays as it was, and `run`
+    on a machine the study was not made on is still refused."""
+    out = tmp_path / "run"
+    assert main([
+        "run", "--example", "digits", "--out", str(out), "--budget", "1", "--backend", "onnxruntime", "--profile", "tensorrt",
+        "--sample-counts", "128", "--eval-limit", "200", "--no-verify",
+    ]) == 0
+    # As if the study had been made on another machine.
+    other = "Other CPU x64 x86_64"
+    study_file = out / "study.json"
+    recorded = json.loads(study_file.read_text())
+    recorded["identity"]["device"] = other
+    study_file.write_text(json.dumps(recorded))
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    study.set_user_attr("identity", {**study.user_attrs["identity"], "device": other})
+
+    verify = subprocess.run(
+        [sys.executable, "-m", "sensisearch", "verify", str(out), "--backend", "onnxruntime", "--rounds", "10"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert verify.returncode == 0, verify.stderr
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["verified_trials"]
+    assert json.loads(study_file.read_text())["identity"]["device"] == other
+    assert study.user_attrs["identity"]["device"] == other
+    report = subprocess.run([sys.executable, "-m", "sensisearch", "report", str(out)], capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "sensisearch", "run", "--example", "digits", "--out", str(out), "--budget", "2", "--backend",
+         "onnxruntime", "--profile", "tensorrt", "--sample-counts", "128", "--eval-limit", "200"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
+    assert other in resumed.stderr and "the machine" in resumed.stderr

@@ -43,6 +43,8 @@ class StudyContext:
     # Issue 9: the storage opened (and checked) before calibration, and the study's identity.
     storage: optuna.storages.BaseStorage | None = None
     identity: StudyIdentity | None = None
+    identity_may_differ: tuple[str, ...] = ()
+    """Identity fields this context may see differ from the study's (``prepare(reviewing=True)``)."""
 
     @property
     def trials_dir(self) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
@@ -79,16 +79,16 @@ class StudyIdentity:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-    def differences(self, recorded: Mapping[str, Any]) -> list[str]:
+    def differences(self, recorded: Mapping[str, Any], ignore: Collection[str] = ()) -> list[str]:
         """One phrase per identity field that differs from ``recorded`` (a stored :meth:`to_dict`).
 
         Fields the recorded identity does not have (written by an older
-        version) are not reported.
+        version) are not reported, nor the fields in ``ignore``.
         """
         current = self.to_dict()
         out: list[str] = []
         for name, value in current.items():
-            if name not in recorded:
+            if name not in recorded or name in ignore:
                 continue
             old = recorded[name]
             if old == value:
@@ -212,11 +212,16 @@ def check_out_owner(out: Path, study_name: str, model_sha256: str) -> None:
         raise SensisearchError(refusal([f"--model: {_short(old)} in the study, {_short(model_sha256)} now"], f"--out {out}"))
 
 
-def check_out_identity(out: Path, identity: StudyIdentity) -> None:
+REVIEW_MAY_DIFFER = ("device",)
+"""Identity fields a command that only reads a finished study (``verify``, ``report``) may see differ:
+stage 2 runs on the target, whose CPU is not the study machine's. Its figures say where they were timed."""
+
+
+def check_out_identity(out: Path, identity: StudyIdentity, ignore: Collection[str] = ()) -> None:
     recorded = read_study_file(out)
     if recorded is None:
         return
-    differences = identity.differences(recorded.get("identity") or {})
+    differences = identity.differences(recorded.get("identity") or {}, ignore)
     if differences:
         raise SensisearchError(refusal(differences, f"--out {out}"))
 

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
@@ -268,10 +268,12 @@ def save_run_settings(settings: StudySettings, out: Path) -> Path:
     return write_json_atomic(out / SETTINGS_FILE, data)
 
 
-def load_run_settings(run_dir: Path, storage: str | None = None, study_name: str | None = None) -> StudySettings:
+def load_run_settings(
+    run_dir: Path, storage: str | None = None, study_name: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> StudySettings:
     """The settings stored in ``run_dir``'s study (``sensisearch.study._worker.SETTINGS_ATTR``), with its output
-    folder (and optionally storage) overridden; ``RUN_DIR/settings.json`` only for runs made before settings
-    were stored in the study."""
+    folder (and optionally storage) overridden, and ``overrides`` (this host's paths, None: not given);
+    ``RUN_DIR/settings.json`` only for runs made before settings were stored in the study."""
     from sensisearch.study._finished import open_finished_run, run_settings
     from sensisearch.study._worker import SETTINGS_ATTR
 
@@ -280,7 +282,7 @@ def load_run_settings(run_dir: Path, storage: str | None = None, study_name: str
     if storage is not None or (run_dir / "study.db").is_file():
         run = open_finished_run(run_dir, storage, study_name)
         if run.study.user_attrs.get(SETTINGS_ATTR) is not None:
-            return run_settings(run, {}, {})
+            return run_settings(run, {}, dict(overrides or {}))
     return _load_settings_file(run_dir, storage, study_name)
 
 

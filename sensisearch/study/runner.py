@@ -36,6 +36,7 @@ from sensisearch.study._predicted import (
 )
 from sensisearch.study._worker import artifact_pruner, store_settings, worker_device, worker_host
 from sensisearch.study._identity import (
+    REVIEW_MAY_DIFFER,
     StudyIdentity,
     check_out_identity,
     check_out_owner,
@@ -81,14 +82,25 @@ class TrialEvent:
     seconds: float
 
 
-def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = None, calibrate: bool = True) -> StudyContext:
+def prepare(
+    settings: StudySettings, on_statistics: StatisticsProgress | None = None, calibrate: bool = True, reviewing: bool = False
+) -> StudyContext:
     """Load the model and data, pick the backend, collect calibration statistics (cached).
 
     ``on_statistics(seen, total)`` reports the statistics pass; ``calibrate=False``
     (rewriting results of a finished study) only reads cached statistics, never runs a pass.
+    ``reviewing`` (``verify``, ``report``: no trial runs): the study may have been made on
+    another machine (:data:`REVIEW_MAY_DIFFER`), and its recorded identity is left as it is.
     """
     resolved = resolve_inputs(settings)
     settings = resolved.settings
+    ignore: tuple[str, ...] = REVIEW_MAY_DIFFER if reviewing else ()
+    if reviewing and settings.latency_table is not None and not Path(settings.latency_table).is_file():
+        # Stage 2 on the target need not have the study machine's copy of the table: the
+        # trials' predictions are recorded; only the table's identity cannot be checked.
+        log.warning("latency table %s is not on this host: its identity is not checked", settings.latency_table)
+        settings = dataclasses.replace(settings, latency_table=None)
+        ignore = (*ignore, "timing")
     out = settings.out or Path("runs") / resolved.model_path.stem
     study_name = settings.study_name or resolved.model_path.stem
     # Issue 9: nothing is written into another study's --out, and the storage is
@@ -134,10 +146,11 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
     timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
     evaluation.warnings.extend(timing_warnings)
     identity = identity_of(settings, resolved.info, evaluation, backend, space, latency_source_identity(settings, predictor))
-    check_out_identity(out, identity)
-    check_stored_identity(storage, study_name, identity, storage_url)
-    # Claimed before the long work, so a second run into this --out sees whose it is.
-    write_study_file(out, identity, study_name, mask_url(storage_url))
+    check_out_identity(out, identity, ignore)
+    check_stored_identity(storage, study_name, identity, storage_url, ignore)
+    if not reviewing:
+        # Claimed before the long work, so a second run into this --out sees whose it is.
+        write_study_file(out, identity, study_name, mask_url(storage_url))
     if Precision.INT8 in precisions:
         assert calib_source is not None
         calibration = prepare_calibration(
@@ -155,7 +168,7 @@ def prepare(settings: StudySettings, on_statistics: StatisticsProgress | None = 
         backend_settings=backend_settings, backend=backend, evaluation=evaluation, space=space, pipeline=pipeline,
         calibration=calibration, storage_url=storage_url, study_name=study_name,
         model_warnings=tuple(resolved.warnings) + ((profile_warning,) if profile_warning else ()), backend_reason=choice.reason,
-        storage=storage, identity=identity,
+        storage=storage, identity=identity, identity_may_differ=ignore,
     )
     return apply_sensitivity(ctx)  # issue 10: sensitivity profile and compact space when the search uses them
 
@@ -191,8 +204,10 @@ def check_classifier_output(model: onnx.ModelProto, flag: str) -> None:
         )
 
 
-def check_stored_identity(storage: optuna.storages.BaseStorage, study_name: str, identity: StudyIdentity, storage_url: str) -> None:
-    """Refuse a run whose identity differs from the one the stored study recorded."""
+def check_stored_identity(
+    storage: optuna.storages.BaseStorage, study_name: str, identity: StudyIdentity, storage_url: str, ignore: Collection[str] = ()
+) -> None:
+    """Refuse a run whose identity differs from the one the stored study recorded (but for ``ignore``)."""
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:
@@ -201,7 +216,7 @@ def check_stored_identity(storage: optuna.storages.BaseStorage, study_name: str,
     recorded = attrs.get("identity")
     differences: list[str] = []
     if recorded is not None:
-        differences = identity.differences(recorded)
+        differences = identity.differences(recorded, ignore)
     elif attrs.get("model_sha256") not in (None, identity.model_sha256):
         differences = [f"--model: {str(attrs['model_sha256'])[:12]}… in the study, {identity.model_sha256[:12]}… now"]
     if differences:
@@ -222,7 +237,7 @@ def open_study(ctx: StudyContext) -> optuna.Study:
     except (ValueError, ImportError, optuna.exceptions.StorageInternalError) as exc:
         raise SensisearchError(f"--storage {masked}: cannot open the study ({str(exc).splitlines()[0]})") from exc
     identity = ctx.identity or identity_for(ctx)
-    check_stored_identity(storage, ctx.study_name, identity, ctx.storage_url)
+    check_stored_identity(storage, ctx.study_name, identity, ctx.storage_url, ctx.identity_may_differ)
     if study.user_attrs.get("identity") is None:
         study.set_user_attr("identity", identity.to_dict())
         study.set_user_attr("storage", masked)
@@ -231,7 +246,8 @@ def open_study(ctx: StudyContext) -> optuna.Study:
         study.set_user_attr("metric", ctx.evaluator.metric)
         study.set_user_attr("layers", list(ctx.space.layers))
         study.set_user_attr("backend", ctx.backend.describe())
-    write_study_file(ctx.out, identity, ctx.study_name, masked)
+    if not ctx.identity_may_differ:  # reviewing on another machine leaves the study's record as it is
+        write_study_file(ctx.out, identity, ctx.study_name, masked)
     # Issue 11: named objectives for optuna-dashboard, and the settings `sensisearch report` reloads.
     if study.metric_names is None:
         with warnings.catch_warnings():
