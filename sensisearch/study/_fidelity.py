@@ -145,7 +145,7 @@ class CompletedTrial:
 
     number: int
     speedup: float
-    """Its paired speed-up vs FP32 (higher is faster)."""
+    """Its in-study speed-up vs FP32, paired or predicted (higher is faster)."""
     value: float
     """Its metric on the full evaluation set (points)."""
 
@@ -258,8 +258,9 @@ class SnapshotSource:
             record = TrialRecord.from_trial(t)
             if record.baseline == "fp32" and fp32_value is None:
                 fp32_value = record.value
-            if record.feasible and record.value is not None and record.paired_speedup is not None:
-                completed.append(CompletedTrial(t.number, float(record.paired_speedup), float(record.value)))
+            # In-study speed-up: paired, or predicted when the study's latency is (issue 10, latency away from the target).
+            if record.feasible and record.value is not None and record.in_study_speedup is not None:
+                completed.append(CompletedTrial(t.number, float(record.in_study_speedup), float(record.value)))
         if fp32_value is None:
             return None
         settings = self.ctx.settings
