@@ -19,11 +19,9 @@ import random
 import tempfile
 from pathlib import Path
 
-from scipy.stats import spearmanr
-
 from sensisearch.latency import MacEstimate
 from sensisearch.latency._measure import measure_table, table_pipeline
-from sensisearch.measure import PairedTimingSettings, time_interleaved
+from sensisearch.measure import PairedTimingSettings, spearman_rho, time_interleaved
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.study.settings import StudySettings
 
@@ -88,9 +86,12 @@ def run(model: str, profile: str, n_random: int, seconds: float, repeats: int, t
             kernel_only.append(fp32_kernel_ms / table.kernel_ms(config.precisions))
             print(f"  {name:<28} {latency.speedup:8.2f}x [{lo:5.2f}, {hi:5.2f}] {predicted[-1]:6.2f}x {kernel_only[-1]:7.2f}x "
                   f"{estimated[-1]:7.2f}x")
-        print(f"  Spearman rank correlation with measured: table {spearmanr(measured, predicted).statistic:+.2f} (goal >= 0.9), "
-              f"kernel sum only {spearmanr(measured, kernel_only).statistic:+.2f}, "
-              f"MAC estimate {spearmanr(measured, estimated).statistic:+.2f}")
+        def rho(predictions: list[float]) -> str:
+            value = spearman_rho(measured, predictions)
+            return "n/a" if value is None else f"{value:+.2f}"
+
+        print(f"  Spearman rank correlation with measured: table {rho(predicted)} (goal >= 0.9), "
+              f"kernel sum only {rho(kernel_only)}, MAC estimate {rho(estimated)}")
         for runner in runners.values():
             runner.close()
 
