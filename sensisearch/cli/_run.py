@@ -1,0 +1,164 @@
+"""The commands that run trials or re-time them: ``run``, ``worker`` and ``verify``, with SIGTERM and progress."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sensisearch.cli._console import console
+from sensisearch.cli._parser import OVERRIDE_FLAGS, SETTING_FLAGS, settings_from_args
+from sensisearch.cli._summary import print_disk, print_summary
+from sensisearch.errors import SensisearchError
+
+if TYPE_CHECKING:
+    from sensisearch.study._context import StudyContext
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised inside the running trial like Ctrl-C, so the trial is failed and re-queued."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `sensisearch --help` and `doctor` stay fast without Optuna and ONNX.
+    from sensisearch.study.runner import TrialEvent, finished_count, open_study, prepare, run_study, write_results
+
+    from sensisearch.study._verify import save_run_settings
+
+    settings = settings_from_args(args)
+    # Issue 9: SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    if settings.storage:
+        # A wrong URL or password: one line now, before any calibration work.
+        from sensisearch.study._storage import open_storage
+
+        open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
+    with _statistics_progress() as on_statistics:
+        ctx = prepare(settings, on_statistics=on_statistics)
+    save_run_settings(ctx.settings, ctx.out)
+    backend = ctx.backend.describe()
+    console.print(f"backend [bold]{ctx.backend.name}[/] — {escape(ctx.backend_reason)}", highlight=False)
+    console.print(
+        escape(
+            f"{len(ctx.info.layers)} quantizable layers; task {ctx.task}, metric {ctx.evaluator.metric}; out {ctx.out}; "
+            + ", ".join(f"{k}={v}" for k, v in backend.items() if k != "name")
+        ),
+        highlight=False,
+    )
+    for warning in ctx.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    started = time.monotonic()
+    with Progress(
+        TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+    ) as progress:
+        task = progress.add_task("", total=settings.budget)  # searched configurations; baselines are extra
+        # Show progress of a resumed study from where it stands.
+        study = open_study(ctx)
+        progress.update(task, completed=min(finished_count(study), settings.budget))
+
+        # Issue 10: a predicted latency says so (the estimate is a unitless cost, not ms).
+        predictor = ctx.pipeline.predictor
+        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
+
+        def on_trial(event: TrialEvent) -> None:
+            if event.state == "COMPLETE":
+                line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit_of_latency} ({event.seconds:.1f} s)"
+            elif event.state == "PRUNED" and event.error:  # issue 10: stopped early on the subset
+                line = f"[yellow]trial {event.number}[/]: {escape(str(event.error))} ({event.seconds:.1f} s)"
+            else:
+                line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
+            progress.console.print(line)
+            best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} {unit_of_latency}"
+            progress.update(task, completed=min(event.finished, event.budget), description=best)
+
+        study = run_study(ctx, on_trial, study)
+    if settings.verify:
+        _verify(ctx, study, force=False)
+    summary = write_results(ctx, study)
+    print_summary(ctx, summary, time.monotonic() - started)
+    return 0
+
+
+def _verify(
+    ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None, backend: str | None = None,
+) -> None:
+    from sensisearch.study._verify import VerifySettings, verify_backend, verify_study
+
+    settings = VerifySettings.for_study(ctx.settings, seconds, rounds)
+    on = None if backend is None else verify_backend(ctx, backend)  # issue 10: stage 2 on the target
+    with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"):
+        result = verify_study(ctx, study, settings, force=force, backend=on)
+    if result is not None:
+        console.print(
+            f"verified trials {', '.join(map(str, result.trials))} in one tournament "
+            f"({result.rounds} rounds, {result.seconds:.1f} s; FP32 trial {result.reference_trial} the reference)",
+            highlight=False,
+        )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from sensisearch.study._verify import load_run_settings
+    from sensisearch.study.runner import open_study, prepare, write_results
+
+    if args.seconds is not None and args.seconds <= 0:
+        raise SensisearchError(f"--seconds {args.seconds}: must be positive")
+    if args.rounds is not None and args.rounds < 3:
+        raise SensisearchError(f"--rounds {args.rounds}: use at least 3 rounds (a CI needs a spread)")
+    started = time.monotonic()
+    overrides = {name: getattr(args, name) for name in ("model", "eval_data", "calib_data", "annotations", "cache_dir")}
+    ctx = prepare(load_run_settings(args.run_dir, args.storage, args.study_name, overrides), reviewing=True)
+    study = open_study(ctx)
+    _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds, backend=args.backend)
+    summary = write_results(ctx, study)
+    print_summary(ctx, summary, time.monotonic() - started)
+    print_disk(ctx, summary)
+    return 0
+
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """`run` with the settings stored in the study, this host's paths and worker flags applied."""
+    from sensisearch.study._worker import stored_settings
+
+    overrides = {name: getattr(args, name, None) for name in (*OVERRIDE_FLAGS, "isolation", "build_timeout", "eval_timeout", "keep_artifacts")}
+    settings = stored_settings(args.storage, args.study_name, overrides)
+    run_args = argparse.Namespace(study_file=None, **{name: None for name in SETTING_FLAGS})
+    for name, value in settings.to_dict().items():
+        if name in SETTING_FLAGS:
+            setattr(run_args, name, value)
+    run_args.storage = args.storage  # stored masked; this is the real one
+    run_args.keep_artifacts = "all" if settings.keep_artifacts is None else settings.keep_artifacts
+    console.print(f"worker on study [bold]{escape(args.study_name)}[/]", highlight=False)
+    return cmd_run(run_args)
+
+
+@contextlib.contextmanager
+def _statistics_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for the calibration statistics pass, shown only if a pass runs (not on a cache hit)."""
+    progress = Progress(
+        TextColumn("[bold]calibration statistics"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    task: list[Any] = []
+
+    def update(seen: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task("", total=total))
+        progress.update(task[0], completed=seen)
+
+    try:
+        yield update
+    finally:
+        if task:
+            progress.stop()

@@ -1,0 +1,68 @@
+"""A study's result on the terminal: the Pareto front, the verdicts, the winner, stage 2's prediction check, disk use."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from rich.markup import escape
+from rich.table import Table
+
+from sensisearch.cli._console import stdout
+
+if TYPE_CHECKING:
+    from sensisearch.study._context import StudyContext
+    from sensisearch.study.runner import StudySummary
+
+
+def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
+    from sensisearch.study.report import FRONT_COLUMNS, front_row, timing_noise_lines
+    from sensisearch.study.results import baseline
+
+    fp32 = baseline(summary.records, "fp32")
+    metric = ctx.evaluator.metric
+    axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.latency_batch}"
+    if ctx.pipeline.predictor is not None:  # issue 10: never "measured" for a predicted figure
+        axis = f"latency {ctx.pipeline.predictor.label}"
+    table = Table(title=f"Pareto front ({metric} vs {axis})")
+    for col in FRONT_COLUMNS:
+        table.add_column(col.format(metric=metric), justify="right", no_wrap=col != "calibration")
+    for r in summary.front:
+        table.add_row(*dataclasses.astuple(front_row(r, fp32)))
+    stdout.print(table)
+    stdout.print(escape(summary.int8_verdict.replace("**", "")))
+    if summary.partial_int8_verdict:  # issue 10: the honest verdict on partial INT8
+        stdout.print(escape(summary.partial_int8_verdict.replace("**", "")))
+    _print_prediction_check(summary)
+    for line in timing_noise_lines(summary.records):
+        stdout.print(escape(line))
+    choice = summary.winner
+    if choice.record is None:
+        stdout.print(f"[red]No winner:[/] {escape(choice.reason)}")
+    else:
+        tag = "[green]winner[/]" if choice.qualified else "[yellow]best-effort (no trial met the target)[/]"
+        stdout.print(f"{tag}: trial {choice.record.number} — {escape(choice.reason)} → {escape(str(summary.winner_dir))}")
+    stdout.print(
+        escape(f"report: {summary.report}   review: {ctx.out / 'report.html'}   pareto: {ctx.out / 'pareto.json'}   ({seconds:.0f} s)"),
+        highlight=False,
+    )
+
+
+def _print_prediction_check(summary: StudySummary) -> None:
+    """Issue 10: stage 2's rank correlation and each trial's in-study vs verified speed-up, side by side."""
+    check = summary.prediction_check
+    if check is None:
+        return
+    stdout.print(escape(check.summary()), highlight=False)
+    table = Table("trial", "in-study speed-up", "verified speed-up", title="predicted (in-study) vs measured (verified)")
+    for number, in_study, verified in check.rows:
+        table.add_row(str(number), f"{in_study:.2f}x", f"{verified:.2f}x")
+    stdout.print(table)
+
+
+
+def print_disk(ctx: StudyContext, summary: StudySummary) -> None:
+    from sensisearch.study._worker import append_disk_section
+
+    used = append_disk_section(summary.report, ctx.out, ctx.settings.keep_artifacts)
+    stdout.print(f"disk: {ctx.out} uses {used / 2**20:.1f} MiB")
