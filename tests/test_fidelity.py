@@ -211,3 +211,32 @@ def test_digits_study_stops_certainly_infeasible_trials_early(tmp_path: Path) ->
     assert "2 stopped early on the subset" in report
     assert all(f"- trial {n}: stopped early on the subset (infeasible" in report for n in stopped)
     assert all(TrialRecord.from_trial(t).stopped_early is None for t in trials if t.state.name == "COMPLETE")
+
+
+def test_snapshot_takes_predicted_speedups_when_the_study_predicts_latency() -> None:
+    """A --profile tensorrt study has no paired speed-up: the domination test uses the predicted one."""
+    from types import SimpleNamespace
+
+    from sensisearch.study import _accuracy
+    from sensisearch.study._fidelity import SnapshotSource, SubsetPlan
+    from sensisearch.study._record import fp32_per_image_attrs
+
+    resolved = resolve_inputs(StudySettings(example="digits"))
+    evaluator = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, Path("unused"), False).evaluator
+    fp32_correct = np.arange(evaluator.image_count()) % 10 != 0  # a real per-image Top-1 array: 90% correct
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for key, value in fp32_per_image_attrs(_accuracy.encode(fp32_correct)).items():
+        study.set_user_attr(key, value)
+    predicted = {"source": "estimate", "label": "estimated", "unit": "relative cost (FP32 = 1)", "median_ms": 0.4,
+                 "reference_ms": 1.0, "speedup": 2.5}
+    for number, (baseline, value, latency) in enumerate(
+        [("fp32", 90.0, {**predicted, "median_ms": 1.0, "speedup": 1.0}), (None, 89.5, predicted)]
+    ):
+        record = TrialRecord(number, baseline=baseline, metric="top1", latency=latency)  # type: ignore[arg-type]
+        study.add_trial(optuna.trial.create_trial(values=[value, latency["median_ms"]], user_attrs=record.to_attrs()))
+    positions = subset_positions(evaluator.image_count(), 100, seed=0)
+    ctx = SimpleNamespace(evaluator=evaluator, settings=StudySettings(example="digits", max_drop=1.0))
+    snapshot = SnapshotSource(ctx, SubsetPlan(positions, evaluator.image_count())).snapshot(study)  # type: ignore[arg-type]
+    assert snapshot is not None and snapshot.reference_value == 90.0
+    assert sorted((c.number, c.speedup) for c in snapshot.completed) == [(0, 1.0), (1, 2.5)]
+    assert np.array_equal(_accuracy.decode(snapshot.reference_subset), fp32_correct[positions])
