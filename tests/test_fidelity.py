@@ -82,8 +82,9 @@ def test_snapshot_round_trips_through_json() -> None:
 
 
 def test_subset_size_and_positions() -> None:
-    assert subset_size(None, "detection", 170) == 42  # a quarter by default for detectors
-    assert subset_size(None, "detection", 40) is None  # 10 images: too few for the default
+    assert subset_size(None, "detection", 170) is None  # off by default
+    assert subset_size(0, "detection", 170) is None
+    assert subset_size(0.25, "detection", 170) == 42
     assert subset_size(None, "classification", 2000) is None
     assert subset_size(0, "detection", 170) is None
     assert subset_size(0.1, "classification", 2000) == 200

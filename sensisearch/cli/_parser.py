@@ -326,7 +326,7 @@ def _add_fidelity_flags(run: argparse.ArgumentParser) -> None:
         help="score each searched trial on this many evaluation images first (or this fraction, e.g. 0.25), the same "
              "images for every trial, and stop it there (PRUNED, counted in --budget) when its drop CI lies above "
              "--max-drop or a completed trial is surely faster and more accurate; complete trials are still scored on "
-             "every image. 0 turns it off (default: a quarter of the images for detectors, off for classifiers)",
+             "every image. Off by default (0); e.g. 0.25 for a detector study whose proposals are often clearly infeasible",
     )
 
 

@@ -116,8 +116,8 @@ class StudySettings:
     ``profile`` is another backend's."""
     # Issue 10, multi-fidelity (study/_fidelity.py): score a fixed subset first, stop clearly dominated trials.
     fidelity_subset: float | None = None
-    """Images a searched trial scores first: a count (>= 1) or a fraction (< 1) of the evaluation set; 0: off;
-    None: a quarter of the images for detectors (when that is at least 16), off for classifiers."""
+    """Images a searched trial scores first: a count (>= 1) or a fraction (< 1) of the evaluation set;
+    None or 0: off (the default; see ``study/_fidelity.py`` for the measurement behind it)."""
 
     @property
     def timing_seconds(self) -> float:
