@@ -8,8 +8,8 @@ predicted latency(config) =
 The Q/DQ tensors and the boundaries come from :func:`~sensisearch.quantize.placement.plan_placement`
 for the table's quantization profile, the same placement the emitter writes, so the
 table never holds a second copy of where Q/DQ goes. A *precision boundary* is a Q/DQ
-tensor that is not produced by an INT8 layer (or its activation), or that a float
-op reads (``float_reader``): where the backend changes format (ONNX Runtime's
+tensor that is not produced by an INT8 layer (or its activation) or by an op of the
+placement's INT8 region (``Placement.region_outputs``), or that a float op reads (``float_reader``): where the backend changes format (ONNX Runtime's
 Reorder/Transpose nodes, TensorRT's "Reformatting CopyNode" layers). Their cost is
 not per tensor in the profiles (the layout nodes carry generated names), so it is
 one rate, fitted by least squares over the profiled configurations together with the
@@ -113,7 +113,8 @@ class ConfigProfile:
 def boundary_tensors(placement: Placement, model: onnx.ModelProto, index: GraphIndex | None = None) -> list[str]:
     """The placement's Q/DQ tensors where the precision changes (see the module docstring)."""
     index = index or GraphIndex(model)
-    produced_in_int8: set[str] = set()
+    # The INT8 region's ops (Concat, Add, MaxPool, Resize, SiLU... under a region profile) produce 8-bit data too.
+    produced_in_int8: set[str] = set(placement.region_outputs)
     for layer in placement.int8_layers:
         produced_in_int8.add(layer.output)
         epilogue = activation_epilogue(index, layer.output)

@@ -58,6 +58,9 @@ class Placement:
     """In graph order of the tensors."""
     profile: QuantizationProfile
     """The profile it was planned for; the emitter refuses another one."""
+    region_outputs: frozenset[str] = frozenset()
+    """Outputs of the INT8 region's nodes (``profile.quantize_regions``): tensors the backend produces in
+    8-bit, so their Q/DQ is fused, not a precision boundary (the latency table's boundary rule)."""
 
     @property
     def tensors(self) -> list[str]:
@@ -109,8 +112,9 @@ def plan_placement(
         reasons.setdefault(tensor, {})[reason] = None
 
     params_from: dict[str, str] = {}
+    region_outputs: frozenset[str] = frozenset()
     if profile.quantize_regions:
-        _plan_region(info, index, int8, profile, want, params_from)
+        region_outputs = _plan_region(info, index, int8, profile, want, params_from)
     else:
         _plan_layers(info, index, int8, int8_names, profile, want)
 
@@ -124,11 +128,13 @@ def plan_placement(
         )
         for t in sorted(consumers, key=lambda t: order.get(t, -1))
     )
-    return Placement(int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations, profile=profile)
+    return Placement(
+        int8_layers=tuple(int8), fp16_layers=tuple(fp16), activations=activations, profile=profile, region_outputs=region_outputs
+    )
 
 
-def _plan_region(info, index, int8, profile, want, params_from) -> None:
-    """Q/DQ for INT8 layers and the INT8 region around them (``profile.quantize_regions``)."""
+def _plan_region(info, index, int8, profile, want, params_from) -> frozenset[str]:
+    """Q/DQ for INT8 layers and the INT8 region around them (``profile.quantize_regions``); returns the region's outputs."""
     region = int8_region(
         index,
         info.layers,
@@ -171,6 +177,7 @@ def _plan_region(info, index, int8, profile, want, params_from) -> None:
             if ep.output in index.graph_outputs or not out_cons or not out_cons <= set(region.q_consumers.get(ep.output, ())):
                 continue
             want(layer.output, list(index.consumer_nodes(layer.output)), "layer_output")
+    return frozenset(out for ni in region.nodes for out in index.nodes[ni].output if out)
 
 
 def _plan_layers(info, index, int8, int8_names, profile, want) -> None:
