@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import argparse
+from typing import Callable, Sequence
 
 from rich.markup import escape
 
@@ -14,31 +15,22 @@ from sensisearch.cli._tools import cmd_build, cmd_doctor, cmd_evaluate, cmd_late
 from sensisearch.errors import SensisearchError
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "worker": cmd_worker, "verify": cmd_verify, "report": cmd_report, "export": cmd_export,
+    "evaluate": cmd_evaluate, "build": cmd_build, "doctor": cmd_doctor, "sensitivity": cmd_sensitivity,
+    "latency-table": cmd_latency_table,
+}
+"""Subcommand name -> its function (the parser in ``_parser`` defines the same names)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "worker":
-            return cmd_worker(args)
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        if args.command == "build":
-            return cmd_build(args)
-        if args.command == "doctor":
-            return cmd_doctor(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "sensitivity":
-            return cmd_sensitivity(args)
-        if args.command == "verify":
-            return cmd_verify(args)
-        if args.command == "latency-table":
-            return cmd_latency_table(args)
+        command = COMMANDS.get(args.command)
+        if command is not None:
+            return command(args)
     except SensisearchError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2

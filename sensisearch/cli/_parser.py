@@ -128,13 +128,18 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
                    help="keep the artifacts of the top K trials by metric, besides front, baselines and winner (default 10; all)")
 
 
-def _add_override_flags(p: argparse.ArgumentParser) -> None:
-    """Paths that differ on this host; everything else comes from the study."""
+def _add_host_path_flags(p: argparse.ArgumentParser) -> None:
+    """The model and data paths on this host, where they differ from the study machine's."""
     p.add_argument("--model", type=Path, help="the model on this host (default: the path stored in the study)")
     p.add_argument("--eval-data", type=Path, help="evaluation data on this host")
     p.add_argument("--calib-data", type=Path, help="calibration data on this host")
     p.add_argument("--annotations", type=Path, help="COCO annotations on this host")
     p.add_argument("--cache-dir", type=Path, help="calibration/tensor cache on this host (default <out>/cache)")
+
+
+def _add_override_flags(p: argparse.ArgumentParser) -> None:
+    """Paths that differ on this host; everything else comes from the study."""
+    _add_host_path_flags(p)
     p.add_argument("--out", type=Path, help="this host's output folder (default: the stored one)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -184,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_override_flags(wk)
     _add_worker_flags(wk)
 
-
     ev = sub.add_parser(
         "evaluate", help="score one model (FP32 ONNX or a trial's deployable ONNX)",
         description="Score one model (an FP32 ONNX or a trial's deployable ONNX) on the evaluation data, as a study would.",
@@ -224,12 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--backend", help="stage 2: build the candidates' deployable.onnx with this backend (tensorrt on the target, "
                                       "onnxruntime, ...) into RUN_DIR/verify/<backend>/ and time them there; reports predicted "
                                       "vs measured speed-up (default: time the study's own artifacts)")
-    # Stage 2 runs on the target: its paths to the model and data may differ from the study machine's.
-    vf.add_argument("--model", type=Path, help="the model on this host (default: the path stored in the study)")
-    vf.add_argument("--eval-data", type=Path, help="evaluation data on this host")
-    vf.add_argument("--calib-data", type=Path, help="calibration data on this host")
-    vf.add_argument("--annotations", type=Path, help="COCO annotations on this host")
-    vf.add_argument("--cache-dir", type=Path, help="calibration/tensor cache on this host (default <out>/cache)")
+    _add_host_path_flags(vf)  # stage 2 runs on the target: its model and data paths may differ
     vf.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     dr = sub.add_parser(
