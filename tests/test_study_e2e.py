@@ -57,8 +57,12 @@ def test_study_writes_every_output(digits_study: Path) -> None:
     baselines = [json.loads((t / "trial.json").read_text())["baseline"] for t in trials[:2]]
     assert baselines == ["fp32", "int8"]
     front = json.loads((out / "pareto.json").read_text())
-    assert len(front) >= 2
-    assert len({(p["value"], p["latency"]["median_ms"]) for p in front}) == len(front)
+    # How many trials the front holds depends on the measured speeds; that its members do not dominate
+    # one another does not.
+    points = [(p["value"], p["latency"]["median_ms"]) for p in front]
+    assert points and len(set(points)) == len(points)
+    for a in points:
+        assert not any(b != a and b[0] >= a[0] and b[1] <= a[1] for b in points), f"{a} is dominated within the front"
     with (out / "pareto.csv").open() as f:
         assert [int(row["trial"]) for row in csv.DictReader(f)] == [p["number"] for p in front]
     report = (out / "report.md").read_text()

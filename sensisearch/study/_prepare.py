@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Collection
 
@@ -136,9 +137,9 @@ def make_out_dir(out: Path) -> None:
     """Create ``--out`` and check it is writable, with one line when it is not."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sensisearch-write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of this process's own: two workers starting on one --out must not delete each other's.
+        with tempfile.TemporaryFile(dir=out, prefix=".sensisearch-write-check-"):
+            pass
     except OSError as exc:
         raise SensisearchError(f"--out {out}: cannot write there ({exc.strerror or type(exc).__name__}); pass a writable folder") from exc
 
