@@ -90,16 +90,12 @@ def fusion_groups(
         return set()
 
     for node in index.nodes:
-        if node.op_type not in joins or not is_standard(node):
-            continue
-        members: set[int] = set()
-        for name in node.input:
-            if name and not index.is_constant(name):
-                members |= producers(name, set())
-        if len(members) > 1:
-            union(sorted(members))
+        if node.op_type in joins and is_standard(node) and node.output and node.output[0]:
+            members = producers(node.output[0], set())  # the join's own output: the join branch above
+            if len(members) > 1:
+                union(sorted(members))
 
     grouped: dict[int, list[str]] = {}
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(layers):  # in graph order, so each group's first member decides its place
         grouped.setdefault(find(i), []).append(layer.name)
-    return tuple(tuple(g) for g in sorted(grouped.values(), key=lambda g: [l.name for l in layers].index(g[0])))
+    return tuple(tuple(g) for g in grouped.values())
