@@ -52,7 +52,7 @@ from sensisearch.quantize import (
     TENSORRT, Precision, TensorRange, TrialConfig, emit_deployable_onnx, plan_placement, save_model, statistics_tensors,
 )
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice
-from sensisearch.study.calibrate import CalibrationRanges
+from sensisearch.calibration.ranges import CalibrationRanges
 
 DATA = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[1] / "../shared/data"))
 
@@ -151,7 +151,7 @@ def main() -> None:
             ("entropy", CalibrationChoice(CalibrationAlgorithm.ENTROPY, samples)),
         ):
             variants[label] = table.ranges(tensors, choice)
-        # Issue 10: "mixed" (the study's rule, CLIPPING_ERROR_RATIO) and the same rule at other
+        # "mixed" (the study's rule, CLIPPING_ERROR_RATIO) and the same rule at other
         # error ratios, to show where the rule's margin comes from.
         variants["mixed 99.99"] = table.ranges(tensors, CalibrationChoice(CalibrationAlgorithm.MIXED, samples, 99.99))
         for error_ratio in (0.25, 0.9):

@@ -29,8 +29,8 @@ import onnxruntime as ort
 
 from sensisearch.backends.onnxruntime import OnnxRuntimeBackend, OnnxRuntimeRunner
 from sensisearch.evaluation.detection import CocoDetectionEvaluator
-from sensisearch.study.settings import StudySettings
-from sensisearch.study.tasks import build_evaluation, resolve_inputs
+from sensisearch.study import StudySettings
+from sensisearch.study import build_evaluation, resolve_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", ROOT.parent / "shared" / "data"))

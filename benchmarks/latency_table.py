@@ -1,4 +1,4 @@
-"""How well a per-layer latency table predicts real speed-ups (issue 10, deliverable 3).
+"""How well a per-layer latency table predicts real speed-ups.
 
 For digits and YOLOv5n, under the TensorRT and the onnxruntime-cpu Q/DQ profiles on
 ONNX Runtime (CPU): measure the table (``sensisearch latency-table``'s code), then time
@@ -20,10 +20,11 @@ import tempfile
 from pathlib import Path
 
 from sensisearch.latency import MacEstimate
-from sensisearch.latency._measure import measure_table, table_pipeline
+from sensisearch.latency import measure_table
+from sensisearch.study import table_pipeline
 from sensisearch.measure import PairedTimingSettings, spearman_rho, time_interleaved
 from sensisearch.quantize.config import Precision, TrialConfig
-from sensisearch.study.settings import StudySettings
+from sensisearch.study import StudySettings
 
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

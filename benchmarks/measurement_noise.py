@@ -34,9 +34,9 @@ import numpy as np
 import optuna
 
 from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
-from sensisearch.study._verify import load_run_settings
-from sensisearch.study.results import baseline, pareto_front, records
-from sensisearch.study.runner import open_study, prepare
+from sensisearch.study import load_run_settings
+from sensisearch.study import baseline, pareto_front, records
+from sensisearch.study import open_study, prepare
 
 
 def _spin() -> None:

@@ -1,4 +1,4 @@
-"""Multi-fidelity (issue 10): the same short YOLOv5n study with and without subset-first evaluation.
+"""Multi-fidelity: the same short YOLOv5n study with and without subset-first evaluation.
 
 YOLOv5n with the TensorRT quantization profile, its accuracy scored on ONNX Runtime
 (the Q/DQ graph TensorRT would get), calibration and evaluation from disjoint halves
@@ -31,9 +31,9 @@ import optuna
 
 from search_quality import split_coco  # the same calibration/evaluation split as the search benchmark
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision
-from sensisearch.study.results import pareto_front, records
-from sensisearch.study.runner import prepare, run_study
-from sensisearch.study.settings import StudySettings
+from sensisearch.study import pareto_front, records
+from sensisearch.study import prepare, run_study
+from sensisearch.study import StudySettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()

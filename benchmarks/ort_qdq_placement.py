@@ -358,7 +358,7 @@ def sensisearch_variant(src: Path, dst: Path, profile_name: str, calib: np.ndarr
         PROFILES, CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig, emit_deployable_onnx, plan_placement,
         statistics_tensors,
     )
-    from sensisearch.study.calibrate import CalibrationRanges
+    from sensisearch.calibration.ranges import CalibrationRanges
 
     info, model = analyze_model(src)
     profile = PROFILES[profile_name]

@@ -33,8 +33,8 @@ from pathlib import Path
 from sensisearch.backends.base import LatencySettings
 from sensisearch.measure import PairedLatency, PairedTimingSettings, noise_summary, time_interleaved
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.study.runner import prepare
-from sensisearch.study.settings import StudySettings
+from sensisearch.study import prepare
+from sensisearch.study import StudySettings
 
 
 def _spin() -> None:

@@ -1,4 +1,4 @@
-"""Does the sensitivity-seeded search beat random search? (issue 10)
+"""Does the sensitivity-seeded search beat random search?
 
 YOLOv5n with the TensorRT quantization profile, its accuracy scored by ONNX
 Runtime on exactly the Q/DQ graph TensorRT would get; calibration on one half of
@@ -39,11 +39,11 @@ from optuna._hypervolume import compute_hypervolume  # what optuna's plot_hyperv
 
 from sensisearch.latency import ESTIMATE_LABEL, estimated_cost, layer_macs
 from sensisearch.quantize.config import CalibrationAlgorithm, Precision, TrialConfig
-from sensisearch.quantize._groups import fusion_groups
-from sensisearch.study._seeds import compact_space, groups_space, head_rule_layers, make_sampler, seed_configs
-from sensisearch.study._sensitivity import score_config, sensitivity_profile
-from sensisearch.study.runner import prepare
-from sensisearch.study.settings import StudySettings
+from sensisearch.quantize import fusion_groups
+from sensisearch.study import compact_space, groups_space, head_rule_layers, make_sampler, seed_configs
+from sensisearch.study import score_config, sensitivity_profile
+from sensisearch.study import prepare
+from sensisearch.study import StudySettings
 
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

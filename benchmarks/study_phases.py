@@ -24,10 +24,10 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.study.references import quiet_quantizer
-from sensisearch.study.runner import prepare, run_study
+from sensisearch.study import quiet_quantizer
+from sensisearch.study import prepare, run_study
 from sensisearch.study import StudyContext
-from sensisearch.study.settings import StudySettings
+from sensisearch.study import StudySettings
 
 PHASES = ("thresholds", "emit", "build", "load", "latency", "evaluate")
 OWN = ("thresholds", "emit")

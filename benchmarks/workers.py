@@ -31,10 +31,10 @@ from pathlib import Path
 import optuna
 
 from sensisearch.quantize.config import Precision
-from sensisearch.study._isolation import IsolatedTrialRunner, IsolationSettings, child_settings
-from sensisearch.study._storage import open_storage
-from sensisearch.study.runner import prepare
-from sensisearch.study.settings import merge_settings
+from sensisearch.study import IsolatedTrialRunner, IsolationSettings, child_settings
+from sensisearch.study import open_storage
+from sensisearch.study import prepare
+from sensisearch.study import merge_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = ["--example", "digits", "--latency-seconds", "0.2", "--sample-counts", "64,128"]

@@ -197,8 +197,8 @@ def coco_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def coco_evaluator(yolo_model: Path, coco_dev: Path, coco_cache: Path):  # noqa: ANN201 - CocoDetectionEvaluator
     """The detector evaluator exactly as `sensisearch run` builds it from its flags."""
     from sensisearch.evaluation.detection import CocoDetectionEvaluator
-    from sensisearch.study.settings import StudySettings
-    from sensisearch.study.tasks import build_evaluation, resolve_inputs
+    from sensisearch.study.config._settings import StudySettings
+    from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
     settings = StudySettings(
         model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", cache_dir=coco_cache

@@ -561,8 +561,8 @@ def test_calibration_ranges_fill_clipped_min_and_round_trip():
     clipped to [-amax, 0] (the algorithm's clipping applies to the negative side too);
     ranges_to_dict/ranges_from_dict keep it and still read dicts written without it."""
     from sensisearch.quantize.ranges import TensorRange
-    from sensisearch.study.calibrate import CalibrationRanges
-    from sensisearch.study.pipeline import ranges_from_dict, ranges_to_dict
+    from sensisearch.calibration.ranges import CalibrationRanges
+    from sensisearch.quantize.ranges import ranges_from_dict, ranges_to_dict
 
     rng = np.random.default_rng(11)
     silu_like = rng.standard_normal(20000).astype(F32) * 3
@@ -665,8 +665,8 @@ def _rebinned(stats: TensorStatistics, factor: int) -> TensorStatistics:
 def yolo_statistics(yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TensorStatistics]:
     """Real YOLOv5n activation histograms (2 COCO images, the study's collector and calibration source)."""
     from sensisearch.quantize import statistics_tensors
-    from sensisearch.study.settings import StudySettings
-    from sensisearch.study.tasks import build_evaluation, resolve_inputs
+    from sensisearch.study.config._settings import StudySettings
+    from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
     cache = tmp_path_factory.mktemp("yolo-calib-cache")
     resolved = resolve_inputs(StudySettings(

@@ -27,9 +27,9 @@ from sensisearch.evaluation.letterbox import preprocess_bgr, scale_boxes_to_inpu
 from sensisearch.evaluation.nms import batched_nms, nms
 from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.model.tensor import TensorSpec
-from sensisearch.study.evaluate import evaluate_model
-from sensisearch.study.settings import StudySettings
-from sensisearch.study.tasks import EvaluationSetup, build_evaluation, resolve_inputs
+from sensisearch.study.run._evaluate import evaluate_model
+from sensisearch.study.config._settings import StudySettings
+from sensisearch.study.config._inputs import EvaluationSetup, build_evaluation, resolve_inputs
 
 # shared/data/README.md: YOLOv5n FP32 on coco-dev, pycocotools, val.py v7.0 settings (NMS IoU 0.6).
 REFERENCE = {  # subset: (mAP@[.5:.95], mAP@.5) in points

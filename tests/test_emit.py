@@ -97,7 +97,7 @@ def _minmax_ranges(model: onnx.ModelProto, info: ModelInfo, feeds_list: list[dic
         for t in tensors:
             amax[t] = max(amax[t], float(np.abs(values[t]).max()))
             amin[t] = min(amin[t], float(values[t].min()))
-    # min clipped to [-amax, 0] as the study does (sensisearch.study.calibrate)
+    # min clipped to [-amax, 0] as the study does (sensisearch.calibration.ranges)
     return {t: TensorRange(amax[t], amin[t] >= 0, min=min(0.0, max(amin[t], -amax[t]))) for t in tensors}
 
 
@@ -957,12 +957,12 @@ def test_trial_and_build_plan_placement_once(tmp_path: Path, monkeypatch) -> Non
     """A real trial of the digits example plans its Q/DQ placement exactly once (the range
     lookup and the emitter share it), and ``sensisearch build --config`` goes through the
     same pipeline: one plan, and the artifact the trial built."""
-    import sensisearch.study.pipeline as pipeline_module
+    import sensisearch.study.trial._pipeline as pipeline_module
     from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
-    from sensisearch.study.build import build_from_config
-    from sensisearch.study.pipeline import ranges_to_dict
-    from sensisearch.study.runner import prepare
-    from sensisearch.study.settings import StudySettings
+    from sensisearch.export._build import build_from_config
+    from sensisearch.quantize.ranges import ranges_to_dict
+    from sensisearch.study.run import prepare
+    from sensisearch.study.config._settings import StudySettings
 
     settings = StudySettings(
         example="digits", backend="onnxruntime", out=tmp_path / "run", sample_counts=[128], latency_seconds=0.05,

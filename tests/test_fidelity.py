@@ -19,8 +19,9 @@ from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
 from sensisearch.errors import SensisearchError
 from sensisearch.measure import DetectionMatches
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.study import TrialRecord, _budget
-from sensisearch.study._fidelity import (
+from sensisearch.study import TrialRecord
+from sensisearch.study.search import _budget
+from sensisearch.study.trial._fidelity import (
     DOMINATED,
     INFEASIBLE,
     CompletedTrial,
@@ -29,10 +30,17 @@ from sensisearch.study._fidelity import (
     subset_positions,
     subset_size,
 )
-from sensisearch.study.results import choose_winner, pareto_front, records
-from sensisearch.study.runner import enqueue_baselines, finished_count, open_study, prepare, run_study, write_results
-from sensisearch.study.settings import StudySettings, merge_settings
-from sensisearch.study.tasks import build_evaluation, resolve_inputs
+from sensisearch.study.store._results import choose_winner, pareto_front, records
+from sensisearch.study.run import (
+    enqueue_baselines,
+    finished_count,
+    open_study,
+    prepare,
+    run_study,
+)
+from sensisearch.study.review import write_results
+from sensisearch.study.config._settings import StudySettings, merge_settings
+from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
 
 # --------------------------------------------------------------------------- the decision
@@ -218,9 +226,9 @@ def test_snapshot_takes_predicted_speedups_when_the_study_predicts_latency() -> 
     """A --profile tensorrt study has no paired speed-up: the domination test uses the predicted one."""
     from types import SimpleNamespace
 
-    from sensisearch.study import _accuracy
-    from sensisearch.study._fidelity import SnapshotSource, SubsetPlan
-    from sensisearch.study._record import fp32_per_image_attrs
+    from sensisearch.study.trial import _accuracy
+    from sensisearch.study.trial._fidelity import SnapshotSource, SubsetPlan
+    from sensisearch.study.store._record import fp32_per_image_attrs
 
     resolved = resolve_inputs(StudySettings(example="digits"))
     evaluator = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, Path("unused"), False).evaluator

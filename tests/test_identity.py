@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.study._identity import StudyIdentity, effective_config_key
+from sensisearch.study.run._identity import StudyIdentity, effective_config_key
 
 LAYERS = ["conv_a", "conv_b", "fc"]
 

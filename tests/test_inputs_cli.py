@@ -148,7 +148,7 @@ def test_imagenet_preset_centre_crops_a_padded_classifier_folder(tmp_path: Path)
 
 def _study_flags(study: Path) -> list[str]:
     """``evaluate`` has no study-file argument: the TOML's keys as flags, read by the same code."""
-    from sensisearch.study.settings import read_study_file
+    from sensisearch.study.config._settings import read_study_file
 
     flags: list[str] = []
     for key, value in read_study_file(study).items():

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 from sensisearch.examples import load_example
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
 from sensisearch.study import TrialRecord, effective_config_key
-from sensisearch.study._budget import (
+from sensisearch.study.search._budget import (
     DUPLICATE,
     EVALUATE,
     OVER_BUDGET,

@@ -18,8 +18,8 @@ import pytest
 
 from sensisearch.cli import main
 from sensisearch.quantize.config import Precision
-from sensisearch.study._context import StudyContext
-from sensisearch.study._isolation import (
+from sensisearch.study.run._context import StudyContext
+from sensisearch.study.trial._isolation import (
     IsolatedTrialRunner,
     IsolationSettings,
     TrialProcessError,
@@ -27,9 +27,9 @@ from sensisearch.study._isolation import (
     signal_reason,
     stderr_tail,
 )
-from sensisearch.study._record import TrialRecord
-from sensisearch.study.runner import prepare
-from sensisearch.study.settings import merge_settings
+from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.run import prepare
+from sensisearch.study.config._settings import merge_settings
 
 TESTS = Path(__file__).resolve().parent
 BACKEND = "isolation_backends:MisbehavingBackend"
@@ -185,7 +185,7 @@ def test_fp32_reference_is_built_in_a_child_and_adopted(tmp_path: Path) -> None:
     """The trial server never builds an engine itself (a TensorRT build initialises CUDA, and a
     process that initialised CUDA must not fork): a forked child builds the FP32 reference, the
     server keeps its path, and the artifact is the same as one built in this process."""
-    from sensisearch.study._trial_child import build_reference_in_child
+    from sensisearch.study.run._trial_server import build_reference_in_child
 
     settings = merge_settings({}, {"example": "digits", "out": tmp_path / "run", "sample_counts": [64], "eval_limit": 100}, None)
     ctx = prepare(settings)

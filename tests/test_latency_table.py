@@ -15,10 +15,11 @@ from sensisearch.errors import SensisearchError
 from sensisearch.latency import LatencyPredictor, LatencyTable, load_latency_table
 from sensisearch.latency._table import fit_overhead
 from sensisearch.latency._attribution import NameAttribution
-from sensisearch.latency._measure import end_to_end_ms, measure_table, table_pipeline
+from sensisearch.latency._measure import end_to_end_ms, measure_table
+from sensisearch.study.run import table_pipeline
 from sensisearch.latency._profile_tensorrt import attribute_tensorrt, parse_trtexec_profile
 from sensisearch.quantize.config import Precision, TrialConfig
-from sensisearch.study.settings import StudySettings
+from sensisearch.study.config._settings import StudySettings
 
 DATA = Path(__file__).parent / "data"
 REPEATS = 25

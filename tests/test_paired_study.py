@@ -22,13 +22,13 @@ from sensisearch.examples import load_example
 from sensisearch.measure import DetectionMatches, PairedTimingSettings, accuracy_points, resample_weights, time_interleaved
 from sensisearch.model.analysis import analyze_model
 from sensisearch.model.tensor import TensorSpec
-from sensisearch.study import _accuracy
-from sensisearch.study._measurement import classes_to_skip, opt_batch
-from sensisearch.study._record import TrialRecord
-from sensisearch.study._verify import select_for_verification
-from sensisearch.study.pipeline import TimingPlan, TrialPipeline
-from sensisearch.study.results import NOT_SIGNIFICANT, choose_winner, records
-from sensisearch.study.runner import worst_class_drop
+from sensisearch.study.trial import _accuracy
+from sensisearch.study.trial._measurement import classes_to_skip, opt_batch
+from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.review._verify import select_for_verification
+from sensisearch.study.trial._pipeline import TimingPlan, TrialPipeline
+from sensisearch.study.store._results import NOT_SIGNIFICANT, choose_winner, records
+from sensisearch.study.run import worst_class_drop
 
 
 # --------------------------------------------------------------------------- a drifting fake GPU-like runner
@@ -219,7 +219,7 @@ def test_candidate_whose_ci_reaches_one_is_never_the_winner() -> None:
 
 def test_verified_figures_replace_in_study_ones_and_only_verified_trials_win() -> None:
     study = _paired_study([("fp32", 93.7, 1.0, 0.99, 1.01), ("int8", 93.5, 1.5, 1.4, 1.6), (None, 93.6, 1.45, 1.4, 1.5)])
-    from sensisearch.study._record import verified_attrs
+    from sensisearch.study.store._record import verified_attrs
 
     # The tournament finds all-INT8 not significantly faster and verifies only trials 0 and 1.
     entries = {0: {"timing": {**_paired(1.0, 1.0, 1.0, 10.0), "median_ms": 10.0}, "drop_ci95": None},

@@ -16,10 +16,10 @@ from scipy.stats import spearmanr
 from sensisearch.cli import main
 from sensisearch.latency import ESTIMATE_LABEL, MacEstimate
 from sensisearch.model.analysis import analyze_model
-from sensisearch.study._predicted import partial_int8_verdict
-from sensisearch.study._record import TrialRecord
-from sensisearch.study.results import choose_winner
-from sensisearch.study.report import int8_speed_verdict
+from sensisearch.study.trial._predicted import partial_int8_verdict
+from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.store._results import choose_winner
+from sensisearch.study.review._report import int8_speed_verdict
 
 STUDY = "digits_resnet"
 

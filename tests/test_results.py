@@ -6,8 +6,8 @@ import numpy as np
 import optuna
 import pytest
 
-from sensisearch.study.results import choose_winner, pareto_front, records
-from sensisearch.study.settings import merge_settings
+from sensisearch.study.store._results import choose_winner, pareto_front, records
+from sensisearch.study.config._settings import merge_settings
 from sensisearch.errors import SensisearchError
 
 
@@ -66,7 +66,7 @@ def test_settings_flags_override_file_and_validate(tmp_path) -> None:
 def test_bundled_study_files_parse(tmp_path) -> None:
     from pathlib import Path
 
-    from sensisearch.study.settings import read_study_file
+    from sensisearch.study.config._settings import read_study_file
 
     studies = Path(__file__).resolve().parents[1] / "studies"
     files = sorted(studies.glob("*.toml"))
@@ -81,7 +81,7 @@ def test_bundled_study_files_parse(tmp_path) -> None:
 
 
 def test_report_says_plainly_when_int8_is_not_faster() -> None:
-    from sensisearch.study.report import int8_speed_verdict
+    from sensisearch.study.review._report import int8_speed_verdict
 
     slow = records(_study([(99.0, 10.0), (98.0, 10.2)], {0: "fp32", 1: "int8"}))
     verdict, text = int8_speed_verdict(slow)

@@ -262,8 +262,8 @@ def _emit_deployable(out_dir: Path, precisions: list[str]) -> tuple[Path, dict, 
     """
     from sensisearch.examples.digits import MODEL_PATH
     from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-    from sensisearch.study.runner import prepare
-    from sensisearch.study.settings import StudySettings
+    from sensisearch.study.run import prepare
+    from sensisearch.study.config._settings import StudySettings
 
     ctx = prepare(StudySettings(example="digits", out=out_dir / "study", sample_counts=[64], precisions=list(Precision)))
     layers = list(ctx.space.layers)

@@ -29,8 +29,8 @@ from test_review import _chromium, _console_lines, _has_colour, _weight_types, n
 from sensisearch.cli import PIPED_WIDTH, build_parser, main, make_console
 from sensisearch.export import DEPLOYABLE_FILE
 from sensisearch.report import PARETO_DIV, PRECISION_COLOURS, SensitivityRow
-from sensisearch.study._record import TrialRecord
-from sensisearch.study._review import float_layer_evidence, speedup_of
+from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.review._review import float_layer_evidence, speedup_of
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_DROP = "0.1"

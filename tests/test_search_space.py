@@ -14,8 +14,8 @@ from sensisearch.examples import load_example
 from sensisearch.model.analysis import analyze_model
 from sensisearch.quantize import TENSORRT, ONNXRUNTIME_CPU, GraphIndex, fusion_groups
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.study._seeds import groups_space, seed_configs
-from sensisearch.study.space import GROUP_PREFIX, SearchSpace
+from sensisearch.study.search._seeds import groups_space, seed_configs
+from sensisearch.study.search._space import GROUP_PREFIX, SearchSpace
 
 from conftest import require_shared
 

@@ -15,8 +15,8 @@ from sensisearch.cli import main
 from sensisearch.errors import SensisearchError
 from sensisearch.model.analysis import analyze_model
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
-from sensisearch.study._seeds import SEEDS_ENQUEUED_ATTR, head_rule_layers, seed_configs
-from sensisearch.study._sensitivity import (
+from sensisearch.study.search._seeds import SEEDS_ENQUEUED_ATTR, head_rule_layers, seed_configs
+from sensisearch.study.search._sensitivity import (
     LayerProbe,
     SensitivityProfile,
     output_distortion,
@@ -24,7 +24,7 @@ from sensisearch.study._sensitivity import (
     sensitivity_profile,
     spearman,
 )
-from sensisearch.study.settings import StudySettings, merge_settings
+from sensisearch.study.config._settings import StudySettings, merge_settings
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -98,7 +98,7 @@ def test_search_settings_are_validated() -> None:
 
 # --------------------------------------------------------------------------- digits: real probes
 def _digits_ctx(out: Path, seed: int, eval_limit: int | None):  # noqa: ANN202 - StudyContext
-    from sensisearch.study.runner import prepare
+    from sensisearch.study.run import prepare
 
     return prepare(StudySettings(
         example="digits", out=out, seed=seed, eval_limit=eval_limit, sample_counts=[128],
@@ -149,7 +149,7 @@ def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], 
     data = json.loads((tmp_path / "sensitivity.json").read_text())
     assert SensitivityProfile.from_dict(data).ranking == first.ranking
     # The review reads the same file: its "all but this layer INT8" drop is what that model measures.
-    from sensisearch.study._review import read_sensitivity
+    from sensisearch.study.review._review import read_sensitivity
 
     rows = {r.layer: r for r in read_sensitivity(tmp_path)}
     top = first.layers[0]

@@ -19,7 +19,7 @@ from sensisearch.evaluation.classification import ClassificationEvaluator
 from sensisearch.evaluation.datasets import Preprocess, load_images
 from sensisearch.examples import load_example
 from sensisearch.study import TrialRecord
-from sensisearch.study.runner import finished_count
+from sensisearch.study.run import finished_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def test_all_int8_baseline_runs_integer_kernels(digits_study: Path) -> None:
 def test_report_speed_verdict_follows_the_recorded_baseline_latencies(digits_study: Path) -> None:
     """The report's INT8 verdict is the one the stored paired speed-up implies: faster only when the
     lower bound of all-INT8's (verified) speed-up CI exceeds 1."""
-    from sensisearch.study.results import baseline, records
+    from sensisearch.study.store._results import baseline, records
 
     study = optuna.load_study(study_name="digits_resnet", storage=f"sqlite:///{digits_study / 'study.db'}")
     fp32_trial = next(t for t in study.trials if t.user_attrs.get("baseline") == "fp32")

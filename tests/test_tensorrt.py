@@ -147,8 +147,8 @@ def digits_built(flavor: TensorRTFlavor, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def yolo_built(flavor: TensorRTFlavor, yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from sensisearch.study.settings import StudySettings
-    from sensisearch.study.tasks import build_evaluation, resolve_inputs
+    from sensisearch.study.config._settings import StudySettings
+    from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
     # Calibration batches as a detector study makes them (first 2 images, letterboxed).
     cache = tmp_path_factory.mktemp("trt-yolo-cache")

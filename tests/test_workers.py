@@ -22,9 +22,9 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from sensisearch.quantize.config import TrialConfig
-from sensisearch.study._identity import effective_config_key
-from sensisearch.study._record import TrialRecord
-from sensisearch.study._worker import SETTINGS_ATTR, prune_artifacts, trials_to_keep
+from sensisearch.study.run._identity import effective_config_key
+from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.store._worker import SETTINGS_ATTR, prune_artifacts, trials_to_keep
 from test_isolation import _alive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def _fresh_database(server) -> str:  # noqa: ANN001 - conftest.PostgresServer
 
 
 def _load(url: str, name: str) -> optuna.Study:
-    from sensisearch.study._storage import open_storage
+    from sensisearch.study.store._storage import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(url, 30))
 

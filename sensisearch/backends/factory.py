@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sensisearch.backends.base import Backend
 from sensisearch.errors import SensisearchError
+from sensisearch.quantize.profiles import PROFILES
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-rtx")
 # Tests only: ``module:Class`` of a backend that replaces any --backend, built as
@@ -103,3 +104,32 @@ def _test_backend(spec: str, settings: BackendSettings) -> Backend:
 
 def make_backend(settings: BackendSettings, out: Path | None = None) -> Backend:
     return choose_backend(settings, out).backend
+
+
+def with_profile(backend: Backend, profile: str | None) -> tuple[Backend, str | None]:
+    """``backend`` emitting Q/DQ for quantization profile ``profile``; plus a warning that latency is then predicted, not timed.
+
+    ONNX Runtime runs any Q/DQ graph exactly (Q/DQ semantics are defined by the
+    ONNX spec), so with ``--profile tensorrt`` it scores the accuracy of exactly
+    the graph TensorRT would get; its *speed* on that graph says nothing about
+    TensorRT's. A TensorRT backend only takes its own profile (it rejects the
+    uint8 / non-zero zero points of the ONNX Runtime one).
+    """
+    if profile is None or profile == backend.profile.name:
+        return backend, None
+    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
+
+    if not isinstance(backend, OnnxRuntimeBackend):
+        raise SensisearchError(
+            f"--profile {profile}: backend {backend.name} only builds its own profile ({backend.profile.name}); "
+            "use --backend onnxruntime to score another target's graph here"
+        )
+    replaced = OnnxRuntimeBackend(threads=backend.threads, profile=PROFILES[profile], precisions=backend.capabilities.precisions)
+    # The study then predicts the target's latency instead of timing it here (a foreign profile's speed means nothing).
+    warning = (
+        f"--profile {profile} on {backend.name}: accuracy is exactly that of the {profile} Q/DQ graph; latency is not "
+        f"timed here ({backend.name}'s speed on that graph says nothing about {profile}'s) but predicted: from "
+        "--latency-table if given, else estimated (MACs x precision weight); verify on the target with "
+        f"`sensisearch verify RUN_DIR --backend {profile}`"
+    )
+    return replaced, warning

@@ -20,7 +20,7 @@ Implementation notes (see /work/shared/docs/field-notes.md section 3):
   It is NOT ONNX Runtime's entropy variant (signed histogram, symmetric windows,
   smoothing; with ORT's default 128 bins it degenerates to min-max).
 
-  Checked against TensorRT's published algorithm (issue 10): on real YOLOv5n
+  Checked against TensorRT's published algorithm: on real YOLOv5n
   histograms it picks the same candidate bin as a line-by-line port of
   pytorch-quantization's ``_compute_amax_entropy`` (tests/test_calibration.py),
   and finds the known optimum of a constructed histogram. The empty-bin eps
@@ -35,7 +35,7 @@ Implementation notes (see /work/shared/docs/field-notes.md section 3):
   min-max vs 0.6 for ours and for pytorch-quantization's).
 * ``mse_amax`` follows pytorch-quantization's ``_compute_amax_mse`` (bin centres
   fake-quantized with 127 levels, weighted squared error).
-* ``mixed_amax`` (issue 10, "percentile where a tensor needs clipping, min-max
+* ``mixed_amax`` ("percentile where a tensor needs clipping, min-max
   elsewhere"): per tensor, the percentile amax when :func:`needs_clipping` (that
   amax at least halves the MSE criterion's error against min-max), else min-max.
 

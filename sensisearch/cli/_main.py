@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         storage = getattr(args, "storage", None)
         if storage:
-            from sensisearch.study._storage import mask_url
+            from sensisearch.study import mask_url
 
             message = message.replace(storage, mask_url(storage))
         console.print(

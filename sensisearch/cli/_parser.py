@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from sensisearch.study.settings import StudySettings
+    from sensisearch.study import StudySettings
 
 
 def _csv(kind: type) -> Callable[[str], list[Any]]:
@@ -44,7 +44,7 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_input_flags(p: argparse.ArgumentParser) -> None:
-    """Issue 13: how images become the model's input (values checked by StudySettings.validate, as in a study file)."""
+    """How images become the model's input (values checked by StudySettings.validate, as in a study file)."""
     p.add_argument("--preprocess", help="yolo (letterbox), imagenet (resize shorter side, centre crop, ImageNet mean/std) "
                                         "or raw (resize only); default: yolo for detectors, raw otherwise")
     p.add_argument("--channel-order", help="rgb (default) or bgr: the channel order the model takes")
@@ -53,7 +53,7 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    """Issue 10: the quantization profile and the sensitivity-guided search."""
+    """The quantization profile and the sensitivity-guided search."""
     p.add_argument("--profile", choices=["tensorrt", "onnxruntime-cpu"],
                    help="Q/DQ profile of the deployable ONNX (default: the backend's own); with --backend onnxruntime, "
                         "--profile tensorrt scores exactly TensorRT's graph (its latency is then only an estimate)")
@@ -92,7 +92,7 @@ def _add_sensitivity_parser(sub: Any) -> None:
 
 
 def _add_latency_table_parser(sub: Any) -> None:
-    """Issue 10: the per-layer latency table measured once on the target."""
+    """The per-layer latency table measured once on the target."""
     lt = sub.add_parser(
         "latency-table", help="measure a per-layer latency table (per precision, plus precision-boundary cost) with the backend's profiler",
         description="Profiles all-FP32, all-INT8, two complementary INT8/FP32 checkerboards and all-INT8 but the first / last "
@@ -119,7 +119,7 @@ def _keep_count(text: str) -> int | str:
 
 
 def _add_worker_flags(p: argparse.ArgumentParser) -> None:
-    """Issue 12: trial isolation and disk flags (run and worker)."""
+    """Trial isolation and disk flags (run and worker)."""
     p.add_argument("--isolation", choices=["process", "none"],
                    help="process (default): each trial's build, timing and evaluation in a child process; none: in the worker")
     p.add_argument("--build-timeout", type=float, help="seconds a trial may take until its engine is loaded (default 1800)")
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_review_commands(sub: argparse._SubParsersAction) -> None:
-    """``report`` and ``export``: read a finished run, never run a trial (issue 11)."""
+    """``report`` and ``export``: read a finished run, never run a trial."""
     rp = sub.add_parser(
         "report", help="rewrite pareto, winner/, report.md and report.html of a run without running trials",
         description="Rewrite pareto.json/.csv, winner/, report.md, report.html, pareto.png and precision_map.png "
@@ -281,16 +281,16 @@ SETTING_FLAGS = (
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
-    "profile", "sampler", "search", "top_k",  # issue 10
-    "latency_table",  # issue 10 (lstudy)
-    "isolation", "build_timeout", "eval_timeout", "keep_artifacts",  # issue 12
+    "profile", "sampler", "search", "top_k",
+    "latency_table",
+    "isolation", "build_timeout", "eval_timeout", "keep_artifacts",
 )
-SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")  # issue 13
+SETTING_FLAGS += ("preprocess", "channel_order", "layout", "letterbox")
 # What `worker` and `report` take from the command line; the rest comes from the study.
 OVERRIDE_FLAGS = ("model", "eval_data", "calib_data", "annotations", "cache_dir", "out", "threads")
 
 
-# Issue 8: paired timing, verification, the winner rule and accuracy CIs.
+# Paired timing, verification, the winner rule and accuracy CIs.
 MEASUREMENT_FLAGS = (
     "objective", "throughput_batch", "timing_target_ci", "timing_max_seconds", "verify", "verify_seconds",
     "min_speedup", "min_class_instances", "drop_resamples",
@@ -315,7 +315,7 @@ def _add_measurement_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--drop-resamples", type=int, help="bootstrap resamples of each trial's accuracy-drop CI (default 200)")
 
 
-# Issue 10, multi-fidelity: score a fixed subset first, stop clearly dominated trials.
+# Multi-fidelity: score a fixed subset first, stop clearly dominated trials.
 SETTING_FLAGS += ("fidelity_subset",)
 
 
@@ -330,7 +330,7 @@ def _add_fidelity_flags(run: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> StudySettings:
-    from sensisearch.study.settings import merge_settings, read_study_file
+    from sensisearch.study import merge_settings, read_study_file
 
     flags = {name: getattr(args, name, None) for name in SETTING_FLAGS}
     study_file = getattr(args, "study_file", None)

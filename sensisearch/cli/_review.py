@@ -1,4 +1,4 @@
-"""The commands that read a finished run and never run a trial: ``report`` and ``export`` (issue 11)."""
+"""The commands that read a finished run and never run a trial: ``report`` and ``export``."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from sensisearch.errors import SensisearchError
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Rewrite a run's results from its storage: settings from the study, no trial, no calibration, no build."""
-    from sensisearch.study._finished import open_finished_run, run_settings
-    from sensisearch.study.runner import prepare, write_results
-    from sensisearch.study.settings import read_study_file
+    from sensisearch.study import open_finished_run, run_settings
+    from sensisearch.study import prepare, write_results
+    from sensisearch.study import read_study_file
 
     started = time.monotonic()
     run_dir = args.run_dir or args.out
@@ -37,7 +37,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sensisearch.study._finished import export_run_trial, open_finished_run
+    from sensisearch.study import export_run_trial, open_finished_run
 
     run = open_finished_run(args.run_dir, args.storage, args.study_name)
     exported = export_run_trial(run, args.trial, args.format, args.out, args.model, args.shapes, args.max_batch)

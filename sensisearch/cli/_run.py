@@ -17,7 +17,7 @@ from sensisearch.cli._summary import print_disk, print_summary
 from sensisearch.errors import SensisearchError
 
 if TYPE_CHECKING:
-    from sensisearch.study._context import StudyContext
+    from sensisearch.study import StudyContext
 
 
 class Terminated(KeyboardInterrupt):
@@ -30,16 +30,16 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: `sensisearch --help` and `doctor` stay fast without Optuna and ONNX.
-    from sensisearch.study.runner import TrialEvent, finished_count, open_study, prepare, run_study, write_results
+    from sensisearch.study import TrialEvent, finished_count, open_study, prepare, run_study, write_results
 
-    from sensisearch.study._verify import save_run_settings
+    from sensisearch.study import save_run_settings
 
     settings = settings_from_args(args)
-    # Issue 9: SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
+    # SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
     signal.signal(signal.SIGTERM, _raise_terminated)
     if settings.storage:
         # A wrong URL or password: one line now, before any calibration work.
-        from sensisearch.study._storage import open_storage
+        from sensisearch.study import open_storage
 
         open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
     with _statistics_progress() as on_statistics:
@@ -66,14 +66,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         study = open_study(ctx)
         progress.update(task, completed=min(finished_count(study), settings.budget))
 
-        # Issue 10: a predicted latency says so (the estimate is a unitless cost, not ms).
+        # A predicted latency says so (the estimate is a unitless cost, not ms).
         predictor = ctx.pipeline.predictor
         unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
 
         def on_trial(event: TrialEvent) -> None:
             if event.state == "COMPLETE":
                 line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit_of_latency} ({event.seconds:.1f} s)"
-            elif event.state == "PRUNED" and event.error:  # issue 10: stopped early on the subset
+            elif event.state == "PRUNED" and event.error:  # stopped early on the subset
                 line = f"[yellow]trial {event.number}[/]: {escape(str(event.error))} ({event.seconds:.1f} s)"
             else:
                 line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
@@ -92,10 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _verify(
     ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None, backend: str | None = None,
 ) -> None:
-    from sensisearch.study._verify import VerifySettings, verify_backend, verify_study
+    from sensisearch.study import VerifySettings, verify_backend, verify_study
 
     settings = VerifySettings.for_study(ctx.settings, seconds, rounds)
-    on = None if backend is None else verify_backend(ctx, backend)  # issue 10: stage 2 on the target
+    on = None if backend is None else verify_backend(ctx, backend)  # stage 2 on the target
     with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"):
         result = verify_study(ctx, study, settings, force=force, backend=on)
     if result is not None:
@@ -107,8 +107,8 @@ def _verify(
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from sensisearch.study._verify import load_run_settings
-    from sensisearch.study.runner import open_study, prepare, write_results
+    from sensisearch.study import load_run_settings
+    from sensisearch.study import open_study, prepare, write_results
 
     if args.seconds is not None and args.seconds <= 0:
         raise SensisearchError(f"--seconds {args.seconds}: must be positive")
@@ -128,7 +128,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """`run` with the settings stored in the study, this host's paths and worker flags applied."""
-    from sensisearch.study._worker import stored_settings
+    from sensisearch.study import stored_settings
 
     overrides = {name: getattr(args, name, None) for name in (*OVERRIDE_FLAGS, "isolation", "build_timeout", "eval_timeout", "keep_artifacts")}
     settings = stored_settings(args.storage, args.study_name, overrides)

@@ -11,18 +11,18 @@ from rich.table import Table
 from sensisearch.cli._console import stdout
 
 if TYPE_CHECKING:
-    from sensisearch.study._context import StudyContext
-    from sensisearch.study.runner import StudySummary
+    from sensisearch.study import StudyContext
+    from sensisearch.study import StudySummary
 
 
 def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
-    from sensisearch.study.report import FRONT_COLUMNS, front_row, timing_noise_lines
-    from sensisearch.study.results import baseline
+    from sensisearch.study import FRONT_COLUMNS, front_row, timing_noise_lines
+    from sensisearch.study import baseline
 
     fp32 = baseline(summary.records, "fp32")
     metric = ctx.evaluator.metric
     axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.latency_batch}"
-    if ctx.pipeline.predictor is not None:  # issue 10: never "measured" for a predicted figure
+    if ctx.pipeline.predictor is not None:  # never "measured" for a predicted figure
         axis = f"latency {ctx.pipeline.predictor.label}"
     table = Table(title=f"Pareto front ({metric} vs {axis})")
     for col in FRONT_COLUMNS:
@@ -31,7 +31,7 @@ def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> N
         table.add_row(*dataclasses.astuple(front_row(r, fp32)))
     stdout.print(table)
     stdout.print(escape(summary.int8_verdict.replace("**", "")))
-    if summary.partial_int8_verdict:  # issue 10: the honest verdict on partial INT8
+    if summary.partial_int8_verdict:  # the honest verdict on partial INT8
         stdout.print(escape(summary.partial_int8_verdict.replace("**", "")))
     _print_prediction_check(summary)
     for line in timing_noise_lines(summary.records):
@@ -49,7 +49,7 @@ def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> N
 
 
 def _print_prediction_check(summary: StudySummary) -> None:
-    """Issue 10: stage 2's rank correlation and each trial's in-study vs verified speed-up, side by side."""
+    """Stage 2's rank correlation and each trial's in-study vs verified speed-up, side by side."""
     check = summary.prediction_check
     if check is None:
         return
@@ -62,7 +62,7 @@ def _print_prediction_check(summary: StudySummary) -> None:
 
 
 def print_disk(ctx: StudyContext, summary: StudySummary) -> None:
-    from sensisearch.study._worker import append_disk_section
+    from sensisearch.study import append_disk_section
 
     used = append_disk_section(summary.report, ctx.out, ctx.settings.keep_artifacts)
     stdout.print(f"disk: {ctx.out} uses {used / 2**20:.1f} MiB")

@@ -16,7 +16,7 @@ from sensisearch.errors import SensisearchError
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from sensisearch.study.evaluate import evaluate_model
+    from sensisearch.study import evaluate_model
 
     settings = settings_from_args(args)
     result = evaluate_model(settings)
@@ -36,7 +36,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from sensisearch.backends.factory import BackendSettings, choose_backend
-    from sensisearch.study.build import build_from_config
+    from sensisearch.export import build_from_config
 
     settings = BackendSettings(
         name=args.backend, threads=args.threads, shapes=None if args.shapes is None else tuple(args.shapes),
@@ -52,8 +52,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from sensisearch.study._sensitivity import sensitivity_profile
-    from sensisearch.study.runner import open_study, prepare
+    from sensisearch.study import sensitivity_profile
+    from sensisearch.study import open_study, prepare
 
     ctx = prepare(settings_from_args(args))
     for warning in ctx.warnings:
@@ -88,25 +88,15 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_latency_table(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from sensisearch.latency._measure import measure_table, table_pipeline
-    from sensisearch.measure._machine import machine_identity
     import numpy as np
 
-    if args.repeats < 1:
-        raise SensisearchError(f"--repeats {args.repeats}: give at least 1 profiled run per configuration")
-    if args.out.is_dir() or args.out.suffix.lower() != ".json":
-        raise SensisearchError(f"--out {args.out}: give the table's .json file path")
+    from sensisearch.study import measure_latency_table
+
     settings = settings_from_args(args)
-    cache_dir = args.cache_dir or args.out.parent / ".sensisearch-cache"
-    pipeline, calibration, feeds, model_path = table_pipeline(settings, cache_dir, args.profile, settings.threads)
-    device = args.device or machine_identity().cpu_model
-    with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
-        with console.status(f"profiling {len(pipeline.info.layers)} layers x 6 configurations, {args.repeats} runs each, then timing them"):
-            table = measure_table(pipeline, calibration, feeds, Path(tmp), model_path=model_path, repeats=args.repeats, device=device)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    table.save(args.out)
+    with console.status(f"profiling the model's layers x 6 configurations, {args.repeats} runs each, then timing them"):
+        table, model_path = measure_latency_table(
+            settings, args.out, args.profile, args.repeats, device=args.device, cache_dir=args.cache_dir
+        )
     fp32 = {n: "fp32" for n in table.layers}
     int8 = {n: "int8" for n in table.layers}
     title = (f"Latency table: {model_path.name}, profile {table.profile} on {table.backend} ({table.device}), "

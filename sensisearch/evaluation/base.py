@@ -79,7 +79,7 @@ class Evaluator(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, runner: Runner) -> EvaluationResult: ...
 
-    # Multi-fidelity (issue 10): evaluate a fixed subset first, then, if the trial goes on, the rest.
+    # Multi-fidelity: evaluate a fixed subset first, then, if the trial goes on, the rest.
     def image_count(self) -> int | None:
         """Images a staged evaluation can split; None when this evaluator scores only all at once (a user's function)."""
         return None

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.evaluation.image_files import IMAGE_SUFFIXES
 from sensisearch.evaluation.preprocess import InputGeometry, Preprocess
 from sensisearch.fileio import sha256_file
 from sensisearch.model.tensor import TensorSpec
@@ -32,7 +33,6 @@ __all__ = ["IMAGE_SUFFIXES", "ImageArray", "Preprocess", "load_idx_dir", "load_i
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm"})
 
 
 @dataclass

@@ -35,7 +35,13 @@ import numpy as np
 from sensisearch.backends.base import Runner
 from sensisearch.errors import SensisearchError
 from sensisearch.evaluation.base import EvaluationResult, Evaluator, PartialEvaluation
-from sensisearch.evaluation.letterbox import LETTERBOX_STYLES, PAD_VALUE, LetterboxStyle, scale_boxes_to_original
+from sensisearch.evaluation.image_files import IMAGE_SUFFIXES
+from sensisearch.evaluation.letterbox import (
+    LETTERBOX_STYLES,
+    PAD_VALUE,
+    LetterboxStyle,
+    scale_boxes_to_original,
+)
 from sensisearch.evaluation.nms import NmsSettings, yolov5_nms, yolov8_nms
 from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.measure import DetectionMatches
@@ -43,7 +49,6 @@ from sensisearch.model.tensor import TensorSpec
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 METRICS = ("mAP50-95", "mAP50")
 YOLO_STRIDE_SETS = ((8, 16, 32), (8, 16, 32, 64))  # P5 and P6 models; YOLOv5 has 3 anchors per cell, v8 one
 DEFAULT_DYNAMIC_BATCH = 8

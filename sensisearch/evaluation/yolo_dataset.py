@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.detection import IMAGE_SUFFIXES
+from sensisearch.evaluation.image_files import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

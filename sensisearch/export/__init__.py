@@ -8,6 +8,7 @@
   :func:`polygraphy_script`.
 """
 
+from sensisearch.export._build import build_from_config, read_config
 from sensisearch.export._export import (
     CONFIG_FILE,
     DEPLOYABLE_FILE,
@@ -31,6 +32,8 @@ from sensisearch.export._formats import (
 )
 
 __all__ = [
+    "build_from_config",
+    "read_config",
     "CONFIG_FILE",
     "DEPLOYABLE_FILE",
     "ExportFormat",

@@ -1,10 +1,11 @@
-"""Latency without timing the target (issue 10).
+"""Latency without timing the target.
 
 :class:`LatencyPredictor` is what the study asks of a latency it cannot time:
 a measured per-layer table (``sensisearch latency-table``), or the documented
 :class:`MacEstimate`, which is labelled "estimated" wherever it appears.
 """
 
+from sensisearch.latency._measure import measure_table
 from sensisearch.latency._estimate import ESTIMATE_LABEL, PRECISION_COST, estimated_cost, layer_macs
 from sensisearch.latency._predictor import (
     SOURCE_ESTIMATE,
@@ -25,6 +26,7 @@ from sensisearch.latency._table import (
 )
 
 __all__ = [
+    "measure_table",
     "ESTIMATE_LABEL",
     "PRECISION_COST",
     "SOURCE_ESTIMATE",

@@ -14,7 +14,7 @@ from sensisearch.latency._table import ConfigProfile, LatencyTable, boundary_cou
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 
 if TYPE_CHECKING:
-    from sensisearch.study.pipeline import ArtifactPipeline
+    from sensisearch.artifact import ArtifactPipeline
 
 log = logging.getLogger(__name__)
 
@@ -138,44 +138,3 @@ def measure_table(
         record["predicted_ms"] = table.predict(config.precisions)
         record["predicted_kernel_ms"] = table.kernel_ms(config.precisions)
     return table
-
-
-CALIBRATION_SAMPLES = 8
-"""Profiling needs valid Q/DQ scales, not good ones: min-max over a few samples."""
-
-
-def table_pipeline(
-    settings, cache_dir: Path, profile: str | None, threads: int | None = None  # noqa: ANN001 - StudySettings
-) -> tuple[ArtifactPipeline, CalibrationChoice, dict[str, np.ndarray], Path]:
-    """The study's model, pipeline and min-max ranges over a few ``--calib-data`` samples, plus one real input batch."""
-    from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
-    from sensisearch.errors import SensisearchError
-    from sensisearch.quantize.config import CalibrationAlgorithm
-    from sensisearch.quantize.profiles import PROFILES
-    from sensisearch.study.calibrate import prepare_calibration
-    from sensisearch.study.pipeline import ArtifactPipeline
-    from sensisearch.study.tasks import calibration_source, resolve_inputs
-
-    resolved = resolve_inputs(settings)
-    settings = resolved.settings
-    if settings.calib_data is None:
-        raise SensisearchError("latency-table needs --calib-data (a few real inputs to calibrate and profile), or --example digits")
-    spec = resolved.input_spec
-    source = calibration_source(settings, resolved.model, spec)
-    samples = min(CALIBRATION_SAMPLES, source.size)
-    calibration = prepare_calibration(
-        resolved.model_path, resolved.model, resolved.info, source, [samples], seed=0, cache_dir=cache_dir, threads=threads,
-    )
-    if settings.backend in (None, "onnxruntime"):
-        backend = OnnxRuntimeBackend(threads=threads, profile=PROFILES[profile or "onnxruntime-cpu"])
-    else:  # the target itself (TensorRT on the GPU machine): its own profile only
-        from sensisearch.backends.factory import choose_backend
-        from sensisearch.study._seeds import with_profile
-
-        choice = choose_backend(settings.backend_settings(), cache_dir)
-        if not choice.can_run:
-            raise SensisearchError(f"--backend {settings.backend}: cannot run engines here ({choice.run_reason}); measure the table on the target")
-        backend, _ = with_profile(choice.backend, profile)
-    pipeline = ArtifactPipeline(resolved.model, resolved.info, backend, calibration)
-    batch = next(iter(source.batches(list(range(source.size))[:1], spec.static_batch or 1)))
-    return pipeline, CalibrationChoice(CalibrationAlgorithm.MINMAX, samples), {spec.name: np.ascontiguousarray(batch)}, resolved.model_path

@@ -1,6 +1,6 @@
 """What the study asks of latency that is not timed here: one small interface.
 
-Issue 10: the target's latency, measured away from the target. A study whose
+The target's latency, measured away from the target. A study whose
 quantization profile is another backend's (``--profile tensorrt`` on ONNX
 Runtime) cannot time that target, so a trial's speed comes from a
 :class:`LatencyPredictor` instead of paired timing:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,25 @@ class TensorRange:
         if self.min is None:
             return -self.amax
         return min(0.0, max(float(self.min), -self.amax))
+
+
+def ranges_to_dict(ranges: dict[str, TensorRange]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, r in ranges.items():
+        entry: dict[str, Any] = {"amax": r.amax, "nonnegative": r.nonnegative}
+        if r.min is not None:
+            entry["min"] = r.min
+        out[name] = entry
+    return out
+
+
+def ranges_from_dict(data: dict[str, Any]) -> dict[str, TensorRange]:
+    """Inverse of :func:`ranges_to_dict`; dicts written before ``min`` existed give ``min=None``."""
+    return {
+        name: TensorRange(
+            amax=float(v["amax"]),
+            nonnegative=bool(v["nonnegative"]),
+            min=None if v.get("min") is None else float(v["min"]),
+        )
+        for name, v in data.items()
+    }

@@ -131,7 +131,7 @@ class ReviewData:
     machine; values may be nested mappings."""
     noise: str = ""
     """One line on measurement noise, e.g. the speed-up a repeated FP32 run shows."""
-    # Issue 10: the honest verdict and stage 2 (predicted vs measured).
+    # The honest verdict and stage 2 (predicted vs measured).
     verdicts: Sequence[str] = ()
     """Sentences on INT8's speed here (e.g. partial INT8 slower than FP32), shown under the winner."""
     prediction_summary: str = ""

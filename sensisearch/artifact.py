@@ -1,0 +1,116 @@
+"""A configuration's deployable ONNX and backend artifact: placement -> ranges -> Q/DQ + Cast ONNX -> build.
+
+The Q/DQ placement is planned once per configuration and handed to both the range
+lookup and the emitter. :class:`ArtifactPipeline` is shared by a study's trials, the
+sensitivity probes, the latency table and ``sensisearch build --config`` (with the
+recorded ranges), so a configuration always turns into the same artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import onnx
+
+from sensisearch.backends.base import Backend, BuildResult
+from sensisearch.calibration.ranges import CalibrationRanges
+from sensisearch.model.analysis import ModelInfo
+from sensisearch.quantize.config import TrialConfig
+from sensisearch.quantize.emit import emit_deployable_onnx, save_model
+from sensisearch.quantize.graph import GraphIndex
+from sensisearch.quantize.placement import Placement, plan_placement, statistics_tensors
+from sensisearch.quantize.ranges import TensorRange
+
+DEPLOYABLE_NAME = "deployable.onnx"
+
+
+class Phases:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class ArtifactPipeline:
+    """A configuration's deployable ONNX and backend artifact, from calibrated ranges.
+
+    ``thresholds`` (the study's cached statistics) is only needed when the ranges
+    are not given, i.e. not for ``sensisearch build --config``.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, info: ModelInfo, backend: Backend, thresholds: CalibrationRanges | None = None
+    ) -> None:
+        self.model = model
+        self.info = info
+        self.backend = backend
+        self.thresholds = thresholds
+        self.index = GraphIndex(model)  # the same graph every trial: index it once
+
+    def plan(self, config: TrialConfig) -> Placement:
+        """Where Q/DQ goes for ``config`` on this backend (once per trial)."""
+        return plan_placement(self.info, self.model, config, self.backend.profile, self.index)
+
+    def ranges_for(
+        self, config: TrialConfig, every_tensor: bool = False, placement: Placement | None = None
+    ) -> dict[str, TensorRange]:
+        """Ranges ``placement`` (planned for ``config`` if not given) needs; empty without INT8.
+
+        ``every_tensor`` gives the ranges of every tensor any profile may
+        quantize: what a config.json records so another backend can rebuild it.
+        """
+        if not config.uses_int8:
+            return {}
+        if self.thresholds is None:
+            raise RuntimeError("INT8 layers need calibration statistics, but none were collected")
+        if every_tensor:
+            tensors = statistics_tensors(self.model, self.info, self.index)
+        else:
+            tensors = (placement or self.plan(config)).threshold_tensors
+        return self.thresholds.ranges(tensors, config.calibration)
+
+    @staticmethod
+    def missing_ranges(placement: Placement, ranges: Mapping[str, TensorRange]) -> list[str]:
+        """Tensors of ``placement`` whose Q/DQ needs a range that ``ranges`` lacks."""
+        return [t for t in placement.threshold_tensors if t not in ranges]
+
+    def emit(
+        self,
+        config: TrialConfig,
+        out_dir: Path,
+        phases: Phases | None = None,
+        ranges: Mapping[str, TensorRange] | None = None,
+        placement: Placement | None = None,
+    ) -> tuple[Path, dict[str, TensorRange]]:
+        """Write ``out_dir/deployable.onnx``; ``ranges`` (e.g. from a config.json) skip calibration.
+
+        ``placement`` is planned here when not given. Returns the path and the ranges used.
+        """
+        phases = phases or Phases()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with phases("thresholds"):
+            placement = placement or self.plan(config)
+            ranges = dict(ranges) if ranges is not None else self.ranges_for(config, placement=placement)
+            missing = self.missing_ranges(placement, ranges)
+            if missing:
+                raise RuntimeError(f"no calibrated range for {len(missing)} tensors (first: {missing[0]})")
+        with phases("emit"):
+            deployable = emit_deployable_onnx(self.model, self.info, placement, ranges, self.backend.profile)
+            path = out_dir / DEPLOYABLE_NAME
+            save_model(deployable, path)
+        return path, ranges
+
+    def build(self, deployable: Path, out_dir: Path, config: TrialConfig) -> BuildResult:
+        """Compile ``deployable`` with the backend (artifact written into ``out_dir``)."""
+        return self.backend.build(deployable, out_dir, trial_config=config.to_dict(), layer_names=self.info.layer_names)

@@ -1,0 +1,32 @@
+"""What a finished study tells a reviewer: the verified front, the winner, report.md/html, PNGs, references."""
+
+from sensisearch.study.review._references import quiet_quantizer
+from sensisearch.study.review._report import FRONT_COLUMNS, ReportContext, front_row, timing_noise_lines
+from sensisearch.study.review._results_writer import StudySummary, report_context, write_results
+from sensisearch.study.review._verify import (
+    VerifyResult,
+    VerifySettings,
+    load_run_settings,
+    save_run_settings,
+    select_for_verification,
+    verify_backend,
+    verify_study,
+)
+
+__all__ = [
+    "FRONT_COLUMNS",
+    "ReportContext",
+    "StudySummary",
+    "VerifyResult",
+    "VerifySettings",
+    "front_row",
+    "load_run_settings",
+    "quiet_quantizer",
+    "report_context",
+    "save_run_settings",
+    "select_for_verification",
+    "timing_noise_lines",
+    "verify_backend",
+    "verify_study",
+    "write_results",
+]

@@ -1,0 +1,308 @@
+"""The verified front: re-time FP32, all-INT8, the front and its noise band in one tournament.
+
+In-study speed-ups are each paired with FP32 and drift-free, but every trial got
+a few seconds of timing at a different moment. After the last trial (and with
+``sensisearch verify RUN_DIR``) the trials that decide the result are timed
+again together, interleaved in shuffled rounds with FP32 as the reference arm,
+with more rounds; drop CIs are recomputed with more resamples. The figures are
+stored in the study (:func:`sensisearch.study.store._record.verified_attrs`) and the
+front, winner and report use them, marked "verified", beside the in-study ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from sensisearch.errors import SensisearchError
+from sensisearch.fileio import write_json_atomic
+from sensisearch.measure import PairedLatency, PairedTimingSettings, time_interleaved
+from sensisearch.study.trial import _accuracy
+from sensisearch.study.store._record import (
+    TrialRecord,
+    read_fp32_per_image,
+    read_reference_ms,
+    read_verified,
+    verified_attrs,
+)
+from sensisearch.study.trial._pipeline import runs_per_round
+from sensisearch.study.store._results import baseline, pareto_front, records
+from sensisearch.study.config._settings import PATH_FIELDS, StudySettings, merge_settings
+
+if TYPE_CHECKING:
+    import optuna
+
+    from sensisearch.backends.base import Backend, Runner
+    from sensisearch.study.run._context import StudyContext
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "settings.json"
+MAX_NOISE_BAND = 12
+"""At most this many off-front trials join the tournament (closest to the front first): every
+extra arm takes a share of the rounds."""
+
+DROP_RESAMPLE_FACTOR = 2.5
+"""Verify recomputes drop CIs with this many times the in-study resamples (detectors: ~13 ms per
+COCO re-accumulation on 170 images, so 500 resamples x 2 models is ~13 s per verified trial)."""
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    seconds: float = 30.0
+    """Cap on the tournament's timed rounds."""
+    rounds: int | None = None
+    """Exactly this many rounds (overrides the CI target; ``seconds`` still caps)."""
+    target_ci_width: float = 0.02
+    drop_resamples: int = 500
+    seed: int = 0
+
+    @classmethod
+    def for_study(cls, settings: StudySettings, seconds: float | None = None, rounds: int | None = None) -> VerifySettings:
+        """The tournament for a study: its ``--verify-seconds``, a CI target at most 2%, and
+        :data:`DROP_RESAMPLE_FACTOR` times the in-study bootstrap resamples."""
+        return cls(
+            seconds=seconds or settings.verify_seconds, rounds=rounds, target_ci_width=min(0.02, settings.timing_target_ci),
+            drop_resamples=int(DROP_RESAMPLE_FACTOR * settings.drop_resamples), seed=settings.seed,
+        )
+
+    def timing(self) -> PairedTimingSettings:
+        if self.rounds is not None:
+            return PairedTimingSettings(
+                min_rounds=self.rounds, max_rounds=self.rounds, max_seconds=self.seconds,
+                target_ci_width=self.target_ci_width, n_resamples=2000, seed=self.seed,
+            )
+        return PairedTimingSettings(
+            warmup_runs=10, min_rounds=40, max_rounds=20000, max_seconds=self.seconds,
+            target_ci_width=self.target_ci_width, check_every=20, n_resamples=2000, seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    trials: tuple[int, ...]
+    reference_trial: int
+    seconds: float
+    rounds: int
+
+
+def _in_study(r: TrialRecord) -> TrialRecord:
+    return dataclasses.replace(r, verified={}, verified_drop_ci95=None)
+
+
+def _overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+def select_for_verification(
+    recs: list[TrialRecord], max_band: int = MAX_NOISE_BAND, usable_file: str = "artifact",
+) -> list[TrialRecord]:
+    """FP32, all-INT8, the in-study front and the trials within its noise band, FP32 first.
+
+    Chosen on in-study figures, so verifying twice selects the same trials. The
+    noise band: complete feasible trials off the front whose in-study speed-up CI
+    overlaps a front member's, i.e. that noise alone may have kept off the front.
+    """
+    plain = [_in_study(r) for r in recs]
+    # usable_file: "artifact" (timed as the study built it) or "deployable" (stage 2 builds it on another backend).
+    usable = [r for r in plain if r.state == "COMPLETE" and getattr(r, usable_file) and Path(getattr(r, usable_file)).is_file()]
+    fp32 = baseline(usable, "fp32")
+    if fp32 is None:
+        return []
+    chosen: dict[int, TrialRecord] = {fp32.number: fp32}
+    int8 = baseline(usable, "int8")
+    if int8 is not None:
+        chosen[int8.number] = int8
+    front = [r for r in pareto_front(usable) if r.artifact]
+    for r in front:
+        chosen.setdefault(r.number, r)
+    band = [
+        r for r in usable
+        if r.number not in chosen and r.feasible and r.value is not None
+        and any(_overlaps(r.paired_ci, m.paired_ci) for m in front)
+    ]
+    # Closest to the front first: the smallest gap in speed-up to any front member.
+    band.sort(key=lambda r: min(abs((r.paired_speedup or 0.0) - (m.paired_speedup or 0.0)) for m in front))
+    for r in band[:max_band]:
+        chosen[r.number] = r
+    return list(chosen.values())
+
+
+def verify_study(
+    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, force: bool = True, backend: Backend | None = None,
+) -> VerifyResult | None:
+    """Run the tournament and store its figures in the study; None when there is nothing (new) to verify.
+
+    ``force=False`` (after ``run``) skips the tournament when the same trials were verified already.
+    ``backend`` (stage 2, ``verify --backend B``): build every chosen trial's ``deployable.onnx``
+    with it into ``RUN_DIR/verify/<backend>/<trial>/`` and time those. Without it the study's
+    own artifacts are timed, which a study with predicted latency only does when this
+    backend is the target (else the tournament is skipped with one line saying what to run).
+    """
+    from sensisearch.study.trial._predicted import runs_on_target
+
+    if backend is None and not runs_on_target(ctx.pipeline.predictor, ctx.backend):
+        profile = ctx.backend.profile.name
+        log.warning(
+            "verify: skipped: this study's latency is predicted for %s, and %s here is not that target; on the target "
+            "run `sensisearch verify %s --backend %s`", profile, ctx.backend.name, ctx.out, profile,
+        )
+        return None
+    recs = records(study)
+    chosen = select_for_verification(recs, usable_file="artifact" if backend is None else "deployable")
+    if len(chosen) < 2:
+        log.warning("verify: needs the FP32 baseline and at least one other complete trial with its artifact")
+        return None
+    previous = read_verified(study.user_attrs)
+    if not force and set(previous) == {r.number for r in chosen}:
+        log.info("verify: trials %s were verified already", sorted(previous))
+        return None
+    fp32 = chosen[0]
+    runners: dict[str, Runner] = {}
+    try:
+        for r in chosen:
+            artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
+            runners[str(r.number)] = (backend or ctx.backend).load(artifact)
+        feeds = ctx.pipeline.timing_feeds()
+        arms = {name: ctx.pipeline.arm(runner, feeds) for name, runner in runners.items()}
+        log.info("verify: tournament of trials %s (reference: FP32 trial %d)", list(arms), fp32.number)
+        timing = dataclasses.replace(settings.timing(), runs_per_round=runs_per_round(arms))
+        timed = time_interleaved(arms, str(fp32.number), timing)
+        facts = runners[str(fp32.number)].timing_facts()
+    finally:
+        for runner in runners.values():
+            runner.close()
+    reference_ms = read_reference_ms(study.user_attrs) or timed[str(fp32.number)].reference_median_ms
+    drops = _drop_cis(study, chosen, fp32, settings)
+    entries: dict[int, dict[str, Any]] = {}
+    for r in chosen:
+        paired: PairedLatency = timed[str(r.number)]
+        timing = {**paired.to_dict(), "median_ms": paired.median_ms_for(reference_ms), "facts": facts,
+                  "backend": (backend or ctx.backend).name}
+        entries[r.number] = {"timing": timing, "drop_ci95": drops.get(r.number)}
+        _add_to_trial_json(r, timing, drops.get(r.number))
+    for key, value in verified_attrs(entries).items():
+        study.set_user_attr(key, value)
+    _store_prediction_check(study, (backend or ctx.backend).name)
+    first = timed[str(fp32.number)]
+    return VerifyResult(tuple(r.number for r in chosen), fp32.number, first.seconds, first.rounds)
+
+
+def _build_on(ctx: StudyContext, backend: Backend, r: TrialRecord) -> Path:
+    """Stage 2: trial ``r``'s deployable ONNX built by ``backend`` into ``RUN_DIR/verify/<backend>/<trial>/``."""
+    from sensisearch.study.store._results import trial_file
+
+    deployable = trial_file(r.deployable, ctx.out, r.number)
+    assert deployable is not None
+    out_dir = ctx.out / "verify" / backend.name / f"{r.number:04d}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built = backend.build(deployable, out_dir, trial_config=r.config, layer_names=ctx.info.layer_names)
+    log.info("verify: trial %d built by %s in %.1f s", r.number, backend.name, built.seconds)
+    return Path(built.artifact)
+
+
+def _store_prediction_check(study: optuna.Study, backend_name: str) -> None:
+    """How far the in-study speed-ups (predicted or paired) were from the verified ones, as a study attribute."""
+    from sensisearch.study.trial._predicted import compare_predicted
+    from sensisearch.study.store._record import prediction_check_attrs
+
+    check = compare_predicted(records(study), backend_name)
+    if check is None:
+        return
+    log.info("verify: %s", check.summary())
+    for key, value in prediction_check_attrs(check.to_dict()).items():
+        study.set_user_attr(key, value)
+
+
+def verify_backend(ctx: StudyContext, name: str) -> Backend:
+    """Stage 2's backend ``name`` (onnxruntime, tensorrt, ...), emitting the study's quantization profile.
+
+    The same factory as ``run``: TensorRT here takes exactly the path ONNX Runtime does.
+    """
+    from sensisearch.backends.factory import choose_backend
+    from sensisearch.backends.factory import with_profile
+
+    choice = choose_backend(dataclasses.replace(ctx.backend_settings, name=name), ctx.out)
+    if not choice.can_run:
+        raise SensisearchError(f"--backend {name}: cannot run engines here ({choice.run_reason}); run verify on the target machine")
+    backend, _ = with_profile(choice.backend, ctx.backend.profile.name)
+    return backend
+
+
+def _drop_cis(study: optuna.Study, chosen: list[TrialRecord], fp32: TrialRecord, settings: VerifySettings) -> dict[int, list[float]]:
+    """Drop CIs with ``settings.drop_resamples`` resamples for every chosen trial with per-image results."""
+    encoded = read_fp32_per_image(study.user_attrs)
+    if encoded is not None:
+        reference = _accuracy.decode(encoded)
+    elif fp32.per_image and Path(fp32.per_image).is_file():
+        reference = _accuracy.load_per_image(Path(fp32.per_image))
+    else:
+        return {}
+    out: dict[int, list[float]] = {}
+    for r in chosen:
+        if not r.per_image or not Path(r.per_image).is_file() or r.metric is None:
+            continue
+        estimate = _accuracy.drop_estimate(reference, _accuracy.load_per_image(Path(r.per_image)), r.metric, settings.drop_resamples, settings.seed)
+        if estimate is not None:
+            out[r.number] = [estimate.ci95[0], estimate.ci95[1]]
+    return out
+
+
+def _add_to_trial_json(r: TrialRecord, timing: dict[str, Any], drop_ci95: list[float] | None) -> None:
+    if not r.trial_json or not Path(r.trial_json).is_file():
+        return
+    data = json.loads(Path(r.trial_json).read_text())
+    data["verified"] = {
+        "median_ms": timing["median_ms"], "speedup": timing["speedup"], "speedup_ci95": timing["speedup_ci95"],
+        "candidate_median_ms": timing["candidate_median_ms"], "reference_median_ms": timing["reference_median_ms"],
+        "rounds": timing["rounds"], "drop_ci95": drop_ci95,
+    }
+    write_json_atomic(Path(r.trial_json), data)
+
+
+# --------------------------------------------------------------------------- run settings for `verify RUN_DIR`
+def save_run_settings(settings: StudySettings, out: Path) -> Path:
+    """``out/settings.json``: what ``sensisearch verify RUN_DIR`` needs to reopen the study (absolute paths)."""
+    data = settings.to_dict()
+    for name in PATH_FIELDS:
+        if data.get(name) is not None:
+            data[name] = str(Path(data[name]).resolve())
+    return write_json_atomic(out / SETTINGS_FILE, data)
+
+
+def load_run_settings(
+    run_dir: Path, storage: str | None = None, study_name: str | None = None, overrides: Mapping[str, Any] | None = None
+) -> StudySettings:
+    """The settings stored in ``run_dir``'s study (``sensisearch.study.store._worker.SETTINGS_ATTR``), with its output
+    folder (and optionally storage) overridden, and ``overrides`` (this host's paths, None: not given);
+    ``RUN_DIR/settings.json`` only for runs made before settings were stored in the study."""
+    from sensisearch.study.store._finished import open_finished_run, run_settings
+    from sensisearch.study.store._worker import SETTINGS_ATTR
+
+    if not run_dir.is_dir():
+        raise SensisearchError(f"{run_dir}: no such run folder; pass the --out folder of a `sensisearch run`")
+    if storage is not None or (run_dir / "study.db").is_file():
+        run = open_finished_run(run_dir, storage, study_name)
+        if run.study.user_attrs.get(SETTINGS_ATTR) is not None:
+            return run_settings(run, {}, dict(overrides or {}))
+    return _load_settings_file(run_dir, storage, study_name)
+
+
+def _load_settings_file(run_dir: Path, storage: str | None, study_name: str | None) -> StudySettings:
+    """The fallback for old runs: ``RUN_DIR/settings.json``."""
+    path = run_dir / SETTINGS_FILE
+    if not path.is_file():
+        raise SensisearchError(f"{path}: not found; run the study once with this version of `sensisearch run` to write it")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SensisearchError(f"{path}: not valid JSON ({exc}); re-run `sensisearch run` to rewrite it") from exc
+    known = {f.name for f in dataclasses.fields(StudySettings)}
+    values = {k: v for k, v in data.items() if k in known and v is not None}
+    # Without a storage of its own the study lives in RUN_DIR/study.db (prepare's default for --out).
+    flags: dict[str, Any] = {"out": run_dir, "storage": storage, "study_name": study_name}
+    return merge_settings(values, flags, None)

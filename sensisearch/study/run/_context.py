@@ -1,0 +1,64 @@
+"""Everything a study resolved once from its settings, shared by the runner, results and references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
+    import optuna
+
+    from sensisearch.backends.base import Backend
+    from sensisearch.backends.factory import BackendSettings
+    from sensisearch.evaluation.base import Evaluator
+    from sensisearch.model.analysis import ModelInfo
+    from sensisearch.study.run._identity import StudyIdentity
+    from sensisearch.calibration.ranges import CalibrationRanges
+    from sensisearch.study.trial._pipeline import TrialPipeline
+    from sensisearch.study.config._settings import StudySettings
+    from sensisearch.study.search._space import SearchSpace
+    from sensisearch.study.config._inputs import EvaluationSetup
+
+
+@dataclass
+class StudyContext:
+    settings: StudySettings
+    """The flags / study file, with an example's files and preprocessing filled in."""
+    out: Path
+    model_path: Path
+    model: onnx.ModelProto
+    info: ModelInfo
+    backend_settings: BackendSettings
+    backend: Backend
+    evaluation: EvaluationSetup
+    space: SearchSpace
+    pipeline: TrialPipeline
+    calibration: CalibrationRanges | None
+    storage_url: str
+    study_name: str
+    model_warnings: tuple[str, ...] = ()
+    backend_reason: str = ""
+    # The storage opened (and checked) before calibration, and the study's identity.
+    storage: optuna.storages.BaseStorage | None = None
+    identity: StudyIdentity | None = None
+    identity_may_differ: tuple[str, ...] = ()
+    """Identity fields this context may see differ from the study's (``prepare(reviewing=True)``)."""
+
+    @property
+    def trials_dir(self) -> Path:
+        return self.out / "trials"
+
+    @property
+    def evaluator(self) -> Evaluator:
+        return self.evaluation.evaluator
+
+    @property
+    def task(self) -> str:
+        return self.evaluation.task
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about the inputs (shown by the CLI and in the report)."""
+        return [*self.evaluation.warnings, *self.model_warnings]

@@ -1,0 +1,255 @@
+"""Study results: Pareto front, winner export, report files.
+
+Everything here reads the Optuna storage only, so results can be rewritten at
+any time (after a crash, or by another worker): re-running ``sensisearch run``
+with the same budget rewrites them without running a trial.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from sensisearch.fileio import write_json_atomic, write_text_atomic
+from sensisearch.study.store._record import TrialRecord
+
+log = logging.getLogger(__name__)
+
+# All-INT8 must beat FP32 by more than latency noise to count as a speed-up.
+SPEEDUP_NOISE = 0.05
+
+
+def records(study: optuna.Study) -> list[TrialRecord]:
+    """Every trial's record, with the verify tournament's figures where it ran."""
+    attrs = study.user_attrs
+    return [TrialRecord.from_trial(t, attrs) for t in study.get_trials(deepcopy=False)]
+
+
+def pareto_front(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Non-dominated feasible complete trials (max value, min latency), sorted by latency.
+
+    Computed here rather than with ``study.best_trials`` so the same rule
+    applies to records read back from any storage.
+    """
+    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    front = []
+    for r in done:
+        dominated = any(
+            o.value >= r.value and o.median_ms <= r.median_ms and (o.value > r.value or o.median_ms < r.median_ms)  # type: ignore[operator]
+            for o in done
+        )
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: (r.median_ms, -(r.value or 0.0)))
+
+
+def baseline(recs: list[TrialRecord], name: str) -> TrialRecord | None:
+    return next((r for r in recs if r.baseline == name and r.state == "COMPLETE"), None)
+
+
+@dataclass
+class WinnerChoice:
+    record: TrialRecord | None
+    qualified: bool
+    reason: str
+
+
+NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this backend for this model"
+
+
+def speed_text(r: TrialRecord) -> str:
+    """``1.96x (95% CI 1.90-2.02, verified)``: a trial's paired speed-up vs FP32 with its evidence."""
+    if r.speedup is not None and r.speedup_ci95 is None and r.is_predicted:
+        # A predicted figure has no CI; it says what it is instead.
+        return f"{r.speedup:.2f}x ({r.latency.get('label') or r.latency_source}, no CI)"
+    if r.speedup is None or r.speedup_ci95 is None:
+        return "no paired speed-up"
+    lo, hi = r.speedup_ci95
+    return f"{r.speedup:.2f}x (95% CI {lo:.2f}-{hi:.2f}, {'verified' if r.is_verified else 'in-study'})"
+
+
+def _significant(r: TrialRecord, min_speedup: float) -> bool:
+    ci = r.speedup_ci95
+    return ci is not None and ci[0] > min_speedup
+
+
+def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float = 1.0) -> WinnerChoice:
+    """The fastest feasible trial within ``max_drop`` points of FP32 that is *significantly* faster than FP32.
+
+    Significantly: the lower bound of its paired speed-up's 95% CI exceeds
+    ``min_speedup`` (verified figures when the verify tournament ran; then only
+    verified trials can win). A configuration no faster than FP32 is no winner,
+    however accurate: FP32 itself is the better choice. Studies recorded before
+    paired timing (no CI anywhere) fall back to "median below FP32's". When
+    nothing qualifies, the most accurate non-baseline trial is exported as
+    best-effort, and the reason says why, with the numbers.
+    """
+    fp32 = baseline(recs, "fp32")
+    candidates = [
+        r for r in recs
+        if r.state == "COMPLETE" and r.feasible and r.baseline != "fp32" and r.value is not None and r.median_ms is not None
+    ]
+    if not candidates:
+        return WinnerChoice(None, False, "no trial other than the FP32 baseline completed")
+    if fp32 is None or fp32.value is None or fp32.median_ms is None:
+        best = max(candidates, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
+        return WinnerChoice(best, False, "the FP32 baseline did not complete, so no accuracy drop can be judged; best-effort: the most accurate trial")
+    within = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
+    paired = any(r.speedup_ci95 is not None for r in recs)
+    verified = any(r.is_verified for r in candidates)
+    if paired:
+        pool = [r for r in within if r.is_verified] if verified else within
+        qualifying = [r for r in pool if _significant(r, min_speedup)]
+        rule = f"whose {'verified' if verified else 'in-study'} speed-up CI lower bound exceeds {min_speedup:g}"
+    elif any(r.is_predicted for r in candidates):
+        # Latency predicted (table or estimate), not measured: the winner is chosen on the
+        # predicted speed-up, and the reason says it is unverified until stage 2 runs on the target.
+        qualifying = [r for r in within if r.is_predicted and (r.speedup or 0.0) > min_speedup]
+        rule = (
+            f"whose predicted speed-up exceeds {min_speedup:g} (predicted, not measured: unverified until "
+            "`sensisearch verify RUN_DIR --backend <target>` runs on the target)"
+        )
+    else:
+        qualifying = [r for r in within if r.median_ms < fp32.median_ms]  # type: ignore[operator]
+        rule = "faster than FP32 (unpaired timing: recorded before speed-up CIs)"
+    if qualifying:
+        best = min(qualifying, key=lambda r: (r.median_ms, -r.value))  # type: ignore[arg-type, return-value]
+        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32 {rule}: {speed_text(best)}")
+    pool = [r for r in candidates if r.baseline is None] or candidates
+    best = max(pool, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
+    if within and paired:
+        int8 = baseline(recs, "int8")
+        fastest = max(within, key=lambda r: (r.speedup_ci95 or (0.0, 0.0))[0])
+        numbers = [f"all-INT8 {speed_text(int8)}" if int8 is not None else "all-INT8 did not complete"]
+        numbers.append(
+            f"the best candidate within {max_drop:g} points, trial {fastest.number}: {speed_text(fastest)}, "
+            f"drop {fp32.value - fastest.value:.2f}"  # type: ignore[operator]
+        )
+        reason = (
+            f"{NOT_SIGNIFICANT} (speed-up CI lower bound above {min_speedup:g} required; {'; '.join(numbers)}); "
+            "best-effort export of the most accurate non-baseline trial (FP32 itself is the better choice here)"
+        )
+    elif within:
+        reason = (
+            f"no trial within {max_drop:g} points of FP32 is faster than FP32 on this backend; "
+            "best-effort export of the most accurate non-baseline trial (FP32 itself is the better choice here)"
+        )
+    else:
+        reason = f"no trial stays within {max_drop:g} points of FP32; best-effort export of the most accurate non-baseline trial"
+    return WinnerChoice(best, False, reason)
+
+
+def export_winner(
+    choice: WinnerChoice, recs: list[TrialRecord], out: Path, model_path: Path, model_sha256: str,
+    backend: dict[str, Any], max_drop: float, thresholds: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path | None:
+    if choice.record is None:
+        return None
+    record = choice.record
+    winner_dir = out / "winner"
+    tmp_dir = out / "winner.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    files = {}
+    for key, recorded in (("artifact", record.artifact), ("deployable_onnx", record.deployable)):
+        src = trial_file(recorded, out, record.number)
+        if src and src.is_file():
+            shutil.copy2(src, tmp_dir / Path(src).name)
+            files[key] = Path(src).name
+    fp32 = baseline(recs, "fp32")
+    config = {
+        "status": "qualified" if choice.qualified else "best-effort",
+        "reason": choice.reason,
+        "trial": record.number,
+        "model": {"path": str(model_path.resolve()), "sha256": model_sha256},
+        "backend": backend,
+        "config": record.config,
+        "metric": record.metric,
+        "value": record.value,
+        "fp32_value": None if fp32 is None else fp32.value,
+        "max_drop": max_drop,
+        "latency": record.latency,
+        "median_ms": record.median_ms,
+        "speedup": record.speedup,
+        "speedup_ci95": None if record.speedup_ci95 is None else list(record.speedup_ci95),
+        "verified": record.is_verified,
+        # "verified", "paired", or "table"/"estimate" (predicted: unverified on the target; label says how).
+        "speedup_source": record.speedup_source,
+        "speedup_label": record.latency.get("label") if record.is_predicted and not record.is_verified else None,
+        "drop_ci95": None if record.drop_ci is None else list(record.drop_ci),
+        "layers_run": record.layer_precisions,
+        "files": files,
+        # Calibrated ranges of every tensor any backend may quantize: `sensisearch
+        # build --config` rebuilds this configuration from this file alone.
+        "thresholds": thresholds or {},
+        **(extra or {}),
+    }
+    write_json_atomic(tmp_dir / "config.json", config)
+    # Replace the previous winner in one step, so a crash leaves one complete folder.
+    old = out / "winner.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if winner_dir.exists():
+        os.replace(winner_dir, old)
+    os.replace(tmp_dir, winner_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return winner_dir
+
+
+def trial_file(recorded: str | None, out: Path, number: int) -> Path | None:
+    """A file a trial recorded, as an absolute path.
+
+    Trials store paths as the run gave them, relative to the directory it was
+    started from; a later ``sensisearch report`` may run elsewhere, so a relative
+    path that does not exist from here is looked up in the trial's own folder.
+    """
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_absolute() or path.exists():
+        return path.resolve()
+    return (out / "trials" / f"{number:04d}" / path.name).resolve()
+
+
+def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -> None:
+    entries = []
+    for r in front:
+        entry = r.to_dict(reference)
+        # Absolute, so pareto.json means the same from any directory.
+        for key in ("artifact", "deployable_onnx"):
+            entry[key] = None if entry[key] is None else str(trial_file(entry[key], out, r.number))
+        entries.append(entry)
+    write_json_atomic(out / "pareto.json", entries)
+    # Built in memory, then written atomically like every other result file.
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([
+        "trial", "baseline", "metric", "value", "drop", "median_ms", "p90_ms", "runs",
+        "int8_layers", "fp16_layers", "fp32_layers", "int8_kernels", "algorithm", "samples", "percentile", "artifact",
+        "speedup", "speedup_ci_lo", "speedup_ci_hi", "verified", "in_study_ms", "drop_ci_lo", "drop_ci_hi",
+    ])
+    for r in front:
+        req = r.requested_counts()
+        cal = r.config.get("calibration", {})
+        writer.writerow([
+            r.number, r.baseline or "", r.metric, f"{r.value:.4f}",
+            "" if reference is None else f"{reference - r.value:.4f}",  # type: ignore[operator]
+            f"{r.median_ms if r.median_ms is not None else float('nan'):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
+            r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
+            cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
+            cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
+            str(trial_file(r.artifact, out, r.number) or ""),
+            "" if r.speedup is None else f"{r.speedup:.4f}",
+            "" if r.speedup_ci95 is None else f"{r.speedup_ci95[0]:.4f}", "" if r.speedup_ci95 is None else f"{r.speedup_ci95[1]:.4f}",
+            int(r.is_verified), "" if r.in_study_ms is None else f"{r.in_study_ms:.4f}",
+            "" if r.drop_ci is None else f"{r.drop_ci[0]:.4f}", "" if r.drop_ci is None else f"{r.drop_ci[1]:.4f}",
+        ])
+    write_text_atomic(out / "pareto.csv", buffer.getvalue())

@@ -1,0 +1,340 @@
+"""One trial, start to finish: placement -> thresholds -> deployable ONNX -> build -> latency -> accuracy.
+
+:class:`TrialPipeline` is :class:`sensisearch.artifact.ArtifactPipeline` (the
+artifact a configuration turns into, shared with ``sensisearch build --config``) plus
+the paired timing against the FP32 reference and the accuracy evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import onnx
+
+from sensisearch.backends.base import Backend, BuildResult, LatencySettings, LatencyStats, Runner
+from sensisearch.evaluation.base import EvaluationResult, Evaluator
+from sensisearch.measure import PairedLatency, PairedTimingSettings, time_interleaved
+from sensisearch.model.analysis import ModelInfo
+from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.emit import save_model
+from sensisearch.quantize.ranges import TensorRange
+from sensisearch.artifact import DEPLOYABLE_NAME, ArtifactPipeline, Phases
+from sensisearch.calibration.ranges import CalibrationRanges
+from sensisearch.quantize.ranges import ranges_to_dict
+from sensisearch.study.trial import _fidelity
+
+if TYPE_CHECKING:
+    from sensisearch.latency import LatencyPredictor
+
+log = logging.getLogger(__name__)
+
+REFERENCE_ARM = "fp32"
+CANDIDATE_ARM = "candidate"
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    """How every trial is timed: interleaved with the FP32 reference, at the objective's batch."""
+
+    objective: str = "latency"
+    """"latency": time per batch at the latency batch; "throughput": images/s at a larger batch."""
+    batch: int = 1
+    settings: PairedTimingSettings = field(default_factory=PairedTimingSettings)
+
+    @property
+    def axis_label(self) -> str:
+        """What the front's speed axis measured, in words."""
+        if self.objective == "throughput":
+            return f"throughput, images/s at batch {self.batch} (shown as ms per batch of {self.batch})"
+        return f"latency, median ms per batch of {self.batch}"
+
+
+MIN_ROUND_MS = 2.0
+"""Each arm's share of a round lasts at least this long: sub-millisecond models run a block of
+runs per round. On this 2-core machine single ~0.3 ms runs of the digits model gave per-round
+ratio IQRs of 20-30% (scheduler jitter is charged whole to one run); blocks average it out."""
+MAX_RUNS_PER_ROUND = 50
+
+
+def runs_per_round(arms: Mapping[str, Callable[[], object]], target_ms: float = MIN_ROUND_MS) -> int:
+    """Runs per round so the fastest arm's block lasts about ``target_ms`` (1 for models slower than that)."""
+    fastest = float("inf")
+    for arm in arms.values():
+        samples = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            result = arm()
+            elapsed = (time.perf_counter() - t0) * 1e3
+            samples.append(result if type(result) is float else elapsed)
+        fastest = min(fastest, sorted(samples)[2])
+    return int(min(MAX_RUNS_PER_ROUND, max(1, math.ceil(target_ms / max(fastest, 1e-6)))))
+
+
+def paired_latency_record(
+    paired: PairedLatency, reference_ms: float, objective: str, batch: int, block: int = 1
+) -> dict[str, Any]:
+    """The trial's ``latency``: drift-free figures from the paired speed-up and the study's FP32 reference.
+
+    ``median_ms`` (what the front minimises) is ``reference_ms / speedup``; ``p90_ms``
+    keeps the candidate's own p90/median spread on that scale. The raw medians of
+    both arms are kept beside them, but they drift with the machine.
+    """
+    median_ms = paired.median_ms_for(reference_ms)
+    return {
+        "median_ms": median_ms,
+        "p90_ms": median_ms * paired.candidate_p90_ms / paired.candidate_median_ms,
+        "runs": paired.rounds * block,
+        "rounds": paired.rounds,
+        "runs_per_round": block,
+        "batch_size": batch,
+        "objective": objective,
+        "reference_ms": reference_ms,
+        "images_per_second": batch * 1e3 / median_ms,
+        "speedup": paired.speedup,
+        "speedup_ci95": list(paired.speedup_ci95),
+        "ratio_iqr": paired.ratio_iqr,
+        "candidate_median_ms": paired.candidate_median_ms,
+        "reference_median_ms": paired.reference_median_ms,
+        "stopped_by": paired.stopped_by,
+        "load": None if paired.load is None else paired.load.to_dict(),
+    }
+
+
+@dataclass
+class TrialOutcome:
+    config: TrialConfig
+    deployable: Path
+    build: BuildResult
+    latency: LatencyStats
+    evaluation: EvaluationResult
+    timings: dict[str, float] = field(default_factory=dict)
+    ranges: dict[str, TensorRange] = field(default_factory=dict)
+    """Calibrated range of every tensor any backend profile may quantize, so the
+    configuration can be rebuilt for another backend without calibration data."""
+    paired: PairedLatency | None = None
+    """The candidate timed interleaved with the FP32 reference (None: unpaired timing)."""
+    latency_record: dict[str, Any] | None = None
+    """:func:`paired_latency_record` when paired, else ``latency.to_dict()``."""
+    timing_facts: dict[str, Any] = field(default_factory=dict)
+    """What else the timing depended on (GPU clocks, other GPU processes), where visible."""
+    # Multi-fidelity: the subset scored first, and why the trial stopped there (if it did).
+    subset: _fidelity.SubsetFigures | None = None
+    early_stop: _fidelity.StopDecision | None = None
+    """Set when the trial was stopped after the subset: ``evaluation`` then covers the subset only."""
+
+    @property
+    def median_ms(self) -> float:
+        """Optuna's second objective: the drift-free figure when paired."""
+        return float(self.latency_record["median_ms"]) if self.latency_record else self.latency.median_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "thresholds": ranges_to_dict(self.ranges),
+            "deployable_onnx": str(self.deployable),
+            "artifact": str(self.build.artifact),
+            "build": {"seconds": self.build.seconds, "layer_precisions": dict(self.build.layer_precisions), **dict(self.build.details)},
+            "latency": self.latency_record or self.latency.to_dict(),
+            "paired": None if self.paired is None else {**self.paired.to_dict(), "facts": self.timing_facts},
+            "evaluation": self.evaluation.to_dict(),
+            "timings": self.timings,
+            **({"subset": self.subset.to_dict()} if self.subset is not None else {}),
+            **({"stopped_early": self.early_stop.text} if self.early_stop is not None else {}),
+        }
+
+
+class TrialPipeline(ArtifactPipeline):
+    """One study trial: :class:`ArtifactPipeline` plus latency and accuracy.
+
+    With a :class:`TimingPlan`, every candidate is timed against the FP32 model,
+    built once per worker and kept loaded beside it (same process, same session
+    options, same input), in interleaved rounds: drift on a shared machine cancels
+    in the per-round ratio. Without one, latency is timed alone (``latency_settings``).
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        info: ModelInfo,
+        backend: Backend,
+        evaluator: Evaluator,
+        thresholds: CalibrationRanges | None,
+        latency_settings: LatencySettings,
+        latency_batch: int = 1,
+        timing: TimingPlan | None = None,
+        predictor: LatencyPredictor | None = None,
+        subset: _fidelity.SubsetPlan | None = None,
+    ) -> None:
+        super().__init__(model, info, backend, thresholds)
+        self.predictor = predictor
+        """When set, trials are not timed; their latency record comes from it (see ``_predicted``)."""
+        self.evaluator = evaluator
+        self.subset = subset
+        """The fixed subset a searched trial scores first (None: every image at once)."""
+        self.latency_settings = latency_settings
+        self.latency_batch = latency_batch
+        self.timing = timing
+        self._reference: Runner | None = None
+        self._reference_artifact: Path | None = None
+        self._reference_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._reference_owner: int | None = None
+
+    def reference_artifact(self) -> Path:
+        """The FP32 model's built artifact, built once per worker.
+
+        The trial server builds it before forking, so every trial child loads it
+        instead of building it again (that build was most of the isolation overhead).
+        """
+        if self._reference_artifact is None:
+            out_dir = self.reference_dir()
+            config = TrialConfig.uniform(self.info.layer_names, Precision.FP32)
+            # The all-FP32 deployable is an unmodified copy of the model (emit_deployable_onnx),
+            # so it is saved as is: no placement to plan for the reference.
+            deployable = save_model(self.model, out_dir / DEPLOYABLE_NAME)
+            self._reference_artifact = self.build(deployable, out_dir, config).artifact
+        return self._reference_artifact
+
+    def reference_dir(self) -> Path:
+        """The folder the FP32 reference is built into, made (and later deleted) by the calling process."""
+        if self._reference_dir is None:
+            self._reference_dir = tempfile.TemporaryDirectory(prefix="sensisearch-fp32-")
+            self._reference_owner = os.getpid()
+        return Path(self._reference_dir.name)
+
+    def adopt_reference(self, artifact: Path) -> None:
+        """Use ``artifact`` (built in :meth:`reference_dir` by a forked child) as the FP32 reference."""
+        if not Path(artifact).is_file():
+            raise RuntimeError(f"the FP32 reference {artifact} was not built")
+        self._reference_artifact = Path(artifact)
+
+    def reference_runner(self) -> Runner:
+        """The FP32 model's artifact, loaded on first use and kept loaded for this worker's lifetime."""
+        if self._reference is None:
+            self._reference = self.backend.load(self.reference_artifact())
+        return self._reference
+
+    def close(self) -> None:
+        if self._reference is not None:
+            self._reference.close()
+            self._reference = None
+        # Only the process that built the reference deletes it: a forked trial child shares its parent's.
+        if self._reference_dir is not None and self._reference_owner == os.getpid():
+            self._reference_dir.cleanup()
+            self._reference_dir = None
+            self._reference_artifact = None
+
+    def timing_feeds(self) -> Mapping[str, Any]:
+        batch = self.timing.batch if self.timing is not None else self.latency_batch
+        return self.evaluator.latency_feeds(batch)
+
+    def arm(self, runner: Runner, feeds: Mapping[str, Any]) -> Callable[[], object]:
+        """The callable that times one run of ``runner`` for this plan's objective."""
+        if self.timing is not None and self.timing.objective == "throughput":
+            return runner.throughput_arm(feeds)
+        return runner.timing_arm(feeds)
+
+    def time_paired(self, runner: Runner) -> tuple[PairedLatency, int]:
+        """``runner`` interleaved with the FP32 reference on the same input, until the CI target or the cap.
+
+        Returns the candidate's :class:`PairedLatency` and the runs per round used."""
+        assert self.timing is not None
+        feeds = self.timing_feeds()
+        arms = {REFERENCE_ARM: self.arm(self.reference_runner(), feeds), CANDIDATE_ARM: self.arm(runner, feeds)}
+        settings = dataclasses.replace(self.timing.settings, runs_per_round=runs_per_round(arms))
+        return time_interleaved(arms, REFERENCE_ARM, settings)[CANDIDATE_ARM], settings.runs_per_round
+
+    def latency_of(self, runner: Runner, reference_ms: float | None = None) -> dict[str, Any]:
+        """A latency record for any loaded artifact (e.g. a reference quantizer's): paired with FP32 when
+        the study times that way, so its speed-up is comparable with the trials'."""
+        if self.timing is None:
+            return runner.measure_latency(self.timing_feeds(), self.latency_settings).to_dict()
+        paired, block = self.time_paired(runner)
+        ms = paired.reference_median_ms if reference_ms is None else reference_ms
+        return paired_latency_record(paired, ms, self.timing.objective, self.timing.batch, block)
+
+    def predicted_record(self, config: TrialConfig) -> dict[str, Any]:
+        """The trial's latency record from the predictor (no timing, no CI)."""
+        from sensisearch.study.trial._predicted import predicted_latency_record
+
+        assert self.predictor is not None
+        batch = self.timing.batch if self.timing is not None else self.latency_batch
+        objective = self.timing.objective if self.timing is not None else "latency"
+        return predicted_latency_record(self.predictor, config.precisions, objective, batch)
+
+    def run(
+        self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None,
+        early_stop: _fidelity.EarlyStopSnapshot | None = None,
+    ) -> TrialOutcome:
+        """``reference_ms``: the study's FP32 reference latency (None: this trial's own paired FP32 median,
+        which is how the FP32 baseline trial fixes it). ``early_stop``: score the study's subset first and
+        stop after it when the trial is clearly out (None, e.g. for baselines: every image at once)."""
+        phases = Phases()
+        deployable, ranges = self.emit(config, out_dir, phases)
+        with phases("build"):
+            build = self.build(deployable, out_dir, config)
+        with phases("load"):
+            runner = self.backend.load(build.artifact)
+        paired: PairedLatency | None = None
+        block = 1
+        facts: dict[str, Any] = {}
+        with runner:
+            with phases("latency"):
+                if self.predictor is not None:
+                    # The target's latency is predicted, not timed here (see _predicted).
+                    predicted = self.predicted_record(config)
+                    latency = LatencyStats(predicted["median_ms"], predicted["median_ms"], predicted["median_ms"],
+                                           predicted["median_ms"], 0, predicted["batch_size"])
+                elif self.timing is None:
+                    latency = runner.measure_latency(self.timing_feeds(), self.latency_settings)
+                else:
+                    paired, block = self.time_paired(runner)
+                    facts = runner.timing_facts()
+                    latency = LatencyStats.from_samples(paired.candidate_times_ms, self.timing.batch)
+            staged: _fidelity.StagedEvaluation | None = None
+            with phases("evaluate"):
+                if early_stop is not None and self.subset is not None:
+                    # Timed above, before evaluation; a predicted speed-up has no CI, so it is its own bound.
+                    upper = predicted["speedup"] if self.predictor is not None else (
+                        None if paired is None else paired.speedup_ci95[1]
+                    )
+                    staged = _fidelity.evaluate_staged(self.evaluator, runner, self.subset, early_stop, upper)
+                    evaluation = staged.evaluation
+                else:
+                    evaluation = self.evaluator.evaluate(runner)
+        record = None
+        if self.predictor is not None:
+            record = predicted
+        if paired is not None and self.timing is not None:
+            reference_ms = paired.reference_median_ms if reference_ms is None else reference_ms
+            record = paired_latency_record(paired, reference_ms, self.timing.objective, self.timing.batch, block)
+        requested = {p.value: len(config.layers_with(p)) for p in Precision}
+        log.info(
+            "%s=%.3f median=%.3fms%s (layers asked %s, ran %s)",
+            evaluation.metric, evaluation.value, latency.median_ms if record is None else record["median_ms"],
+            "" if paired is None else f" speed-up {paired.speedup:.3f}x [{paired.speedup_ci95[0]:.3f}, {paired.speedup_ci95[1]:.3f}]",
+            requested, dict(build.layer_precisions),
+        )
+        return TrialOutcome(
+            config=config,
+            deployable=deployable,
+            build=build,
+            latency=latency,
+            evaluation=evaluation,
+            timings=phases.seconds,
+            # Every tensor's range, not only this placement's: the record then rebuilds the configuration for
+            # any backend, and results rewritten from the records (`report`, another worker) match the study's.
+            ranges=self.ranges_for(config, every_tensor=True) if config.uses_int8 else ranges,
+            paired=paired,
+            latency_record=record,
+            timing_facts=facts,
+            subset=None if staged is None else staged.subset,
+            early_stop=None if staged is None else staged.stop,
+        )
