@@ -98,7 +98,7 @@ def main() -> None:
     layers = list(ctx.space.layers)
     macs = layer_macs(ctx.model, ctx.info)
     started = time.monotonic()
-    profile, cached = sensitivity_profile(ctx)
+    profile, cached = sensitivity_profile(ctx.sensitivity_inputs())
     probes = 2 + len(ctx.space.algorithms) + 2 * len(layers)
     print(f"sensitivity: {probes} probe evaluations, {'cached' if cached else f'{time.monotonic() - started:.0f} s'}; "
           f"calibration {profile.calibration}; top-8 {profile.ranking[:8]}")

@@ -224,8 +224,6 @@ def test_digits_study_stops_certainly_infeasible_trials_early(tmp_path: Path) ->
 
 def test_snapshot_takes_predicted_speedups_when_the_study_predicts_latency() -> None:
     """A --profile tensorrt study has no paired speed-up: the domination test uses the predicted one."""
-    from types import SimpleNamespace
-
     from sensisearch.study.trial import _accuracy
     from sensisearch.study.trial._fidelity import SnapshotSource, SubsetPlan
     from sensisearch.study.store._record import fp32_per_image_attrs
@@ -244,8 +242,10 @@ def test_snapshot_takes_predicted_speedups_when_the_study_predicts_latency() -> 
         record = TrialRecord(number, baseline=baseline, metric="top1", latency=latency)  # type: ignore[arg-type]
         study.add_trial(optuna.trial.create_trial(values=[value, latency["median_ms"]], user_attrs=record.to_attrs()))
     positions = subset_positions(evaluator.image_count(), 100, seed=0)
-    ctx = SimpleNamespace(evaluator=evaluator, settings=StudySettings(example="digits", max_drop=1.0))
-    snapshot = SnapshotSource(ctx, SubsetPlan(positions, evaluator.image_count())).snapshot(study)  # type: ignore[arg-type]
+    settings = StudySettings(example="digits", max_drop=1.0)
+    source = SnapshotSource(evaluator, SubsetPlan(positions, evaluator.image_count()), settings.max_drop,
+                            settings.drop_resamples, settings.seed)
+    snapshot = source.snapshot(study)
     assert snapshot is not None and snapshot.reference_value == 90.0
     assert sorted((c.number, c.speedup) for c in snapshot.completed) == [(0, 1.0), (1, 2.5)]
     assert np.array_equal(_accuracy.decode(snapshot.reference_subset), fp32_correct[positions])

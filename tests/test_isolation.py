@@ -19,11 +19,11 @@ import pytest
 from sensisearch.cli import main
 from sensisearch.quantize.config import Precision
 from sensisearch.study.run._context import StudyContext
+from sensisearch.study.run import child_settings
 from sensisearch.study.trial._isolation import (
     IsolatedTrialRunner,
     IsolationSettings,
     TrialProcessError,
-    child_settings,
     signal_reason,
     stderr_tail,
 )

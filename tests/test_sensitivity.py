@@ -111,7 +111,7 @@ def digits_profiles(tmp_path_factory: pytest.TempPathFactory) -> list[Sensitivit
     profiles = []
     for seed in (0, 1):
         ctx = _digits_ctx(tmp_path_factory.mktemp(f"sens{seed}"), seed, eval_limit=1000)
-        profiles.append(sensitivity_profile(ctx)[0])
+        profiles.append(sensitivity_profile(ctx.sensitivity_inputs())[0])
     return profiles
 
 
@@ -142,9 +142,9 @@ def test_top_layer_is_the_one_whose_int8_hurts_most_measured_directly(
 
 def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], tmp_path: Path) -> None:
     ctx = _digits_ctx(tmp_path, seed=0, eval_limit=200)
-    first, cached = sensitivity_profile(ctx)
+    first, cached = sensitivity_profile(ctx.sensitivity_inputs())
     assert not cached
-    again, cached = sensitivity_profile(ctx)
+    again, cached = sensitivity_profile(ctx.sensitivity_inputs())
     assert cached and again.to_dict() == first.to_dict()
     data = json.loads((tmp_path / "sensitivity.json").read_text())
     assert SensitivityProfile.from_dict(data).ranking == first.ranking
@@ -164,7 +164,7 @@ def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], 
     other_out.mkdir()
     (other_out / "sensitivity.json").write_text((tmp_path / "sensitivity.json").read_text())
     other = _digits_ctx(other_out, seed=0, eval_limit=300)
-    _, cached = sensitivity_profile(other)
+    _, cached = sensitivity_profile(other.sensitivity_inputs())
     assert not cached
 
 

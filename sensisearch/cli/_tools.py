@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,7 +11,6 @@ from rich.table import Table
 
 from sensisearch.cli._console import console, stdout
 from sensisearch.cli._parser import settings_from_args
-from sensisearch.errors import SensisearchError
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -64,7 +62,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("", total=probes - 1)
         profile, cached = sensitivity_profile(
-            ctx, study, refresh=args.refresh,
+            ctx.sensitivity_inputs(), study, refresh=args.refresh,
             on_probe=lambda name, value: progress.update(task, advance=1, description=escape(f"{name}: {value:.2f}")),
         )
     if args.json:

@@ -52,6 +52,7 @@ from sensisearch.study.run import (
     StudyContext,
     StudyIdentity,
     TrialEvent,
+    child_settings,
     effective_config_key,
     evaluate_model,
     finished_count,
@@ -96,7 +97,6 @@ from sensisearch.study.trial import (
     TimingPlan,
     TrialOutcome,
     TrialPipeline,
-    child_settings,
 )
 
 __all__ = [

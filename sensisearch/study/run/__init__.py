@@ -26,6 +26,7 @@ from sensisearch.study.run._prepare import (
     make_out_dir,
     prepare,
 )
+from sensisearch.study.run._trial_runner import child_settings, trial_runner
 from sensisearch.study.run._run_loop import (
     FINISHED_STATES,
     TrialEvent,
@@ -44,6 +45,7 @@ __all__ = [
     "TrialEvent",
     "baseline_names",
     "check_classifier_output",
+    "child_settings",
     "check_metric_value",
     "check_stored_identity",
     "check_task_settings",
@@ -63,5 +65,6 @@ __all__ = [
     "requeue_interrupted",
     "run_study",
     "table_pipeline",
+    "trial_runner",
     "worst_class_drop",
 ]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from sensisearch.study.search._sensitivity import SensitivityInputs
 
 if TYPE_CHECKING:
     import onnx
@@ -62,3 +64,28 @@ class StudyContext:
     def warnings(self) -> list[str]:
         """What the user should know about the inputs (shown by the CLI and in the report)."""
         return [*self.evaluation.warnings, *self.model_warnings]
+
+    def sensitivity_key(self) -> dict[str, Any]:
+        """What the sensitivity probes' scores depend on: a cached profile is reused only when all of it matches."""
+        settings = self.settings
+        calib = self.evaluation.calibration
+        return {
+            "model_sha256": self.info.sha256,
+            "eval_data": str(settings.eval_data) if settings.eval_data else settings.example,
+            "annotations": str(settings.annotations) if settings.annotations else None,
+            "eval_limit": settings.eval_limit,
+            "calib_data": None if calib is None else calib.fingerprint,
+            "seed": settings.seed,
+            "metric": self.evaluator.metric,
+            "profile": self.backend.profile.name,
+            "algorithms": [a.value for a in self.space.algorithms],
+            "samples": self.space.default_calibration.samples,
+        }
+
+    def sensitivity_inputs(self) -> SensitivityInputs:
+        """The parts of this study the sensitivity probes use."""
+        return SensitivityInputs(
+            pipeline=self.pipeline, space=self.space, calibration=self.calibration, out=self.out,
+            key=self.sensitivity_key(), latency_batch=self.settings.latency_batch,
+            classification=self.task == "classification",
+        )

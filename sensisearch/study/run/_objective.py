@@ -30,7 +30,9 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
     run_trial = run_trial or ctx.pipeline.run
     host, device = worker_host(), worker_device(ctx.backend.name)
     # Multi-fidelity: what a searched trial needs to stop after its subset, read from the storage here.
-    snapshots = None if ctx.pipeline.subset is None else _fidelity.SnapshotSource(ctx, ctx.pipeline.subset)
+    snapshots = None if ctx.pipeline.subset is None else _fidelity.SnapshotSource(
+        ctx.evaluator, ctx.pipeline.subset, ctx.settings.max_drop, ctx.settings.drop_resamples, ctx.settings.seed
+    )
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # The baseline mark was stored by enqueue_baselines.

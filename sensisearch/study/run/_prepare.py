@@ -18,7 +18,7 @@ from sensisearch.quantize.config import CalibrationChoice, Precision
 from sensisearch.study.trial import _fidelity
 from sensisearch.study.run._context import StudyContext
 from sensisearch.study.trial._measurement import timing_plan
-from sensisearch.study.search._seeds import apply_sensitivity
+from sensisearch.study.run._seeding import apply_sensitivity
 from sensisearch.backends.factory import with_profile
 from sensisearch.study.trial._predicted import latency_predictor, latency_source_identity
 from sensisearch.study.run._identity import (

@@ -14,11 +14,12 @@ from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import Precision
 from sensisearch.study.search import _budget
 from sensisearch.study.run._context import StudyContext
-from sensisearch.study.trial._isolation import trial_runner
+from sensisearch.study.run._trial_runner import trial_runner
 from sensisearch.study.run._objective import make_objective
 from sensisearch.study.run._prepare import check_stored_identity
 from sensisearch.study.store._record import TrialRecord
-from sensisearch.study.search._seeds import enqueue_seeds, make_sampler
+from sensisearch.study.run._seeding import enqueue_seeds
+from sensisearch.study.search._seeds import make_sampler
 from sensisearch.study.store._worker import artifact_pruner, store_settings
 from sensisearch.study.run._identity import identity_for, write_study_file
 from sensisearch.study.store._storage import mask_url, open_storage
@@ -76,7 +77,7 @@ def open_study(ctx: StudyContext) -> optuna.Study:
             study.set_metric_names([ctx.evaluator.metric, "latency_ms"])
     # The latest run's settings (a resume may raise --budget): what `sensisearch worker` on another
     # host starts from and what `report` rewrites the results with.
-    store_settings(study, ctx)
+    store_settings(study, ctx.settings, ctx.out)
     return study
 
 
@@ -150,7 +151,7 @@ def run_study(
         if finished_count(study) >= budget and not _budget.missing_baselines(study, baseline_names(ctx)):
             study.stop()
 
-    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [watch, artifact_pruner(ctx)]
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [watch, artifact_pruner(ctx.trials_dir, ctx.settings.keep_artifacts, ctx.settings.max_drop)]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
     # Every trial's build, timing and evaluation in a child process (unless --isolation none).

@@ -19,16 +19,13 @@ import optuna
 from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
 from sensisearch.quantize.graph import GraphIndex, activation_epilogue, feeds_layers
-from sensisearch.quantize.profiles import PROFILES
 from sensisearch.study.config._settings import SAMPLERS
 from sensisearch.study.search._budget import TrialSeededSampler
-from sensisearch.study.store._record import TrialRecord
 
 if TYPE_CHECKING:
     import onnx
 
     from sensisearch.model.analysis import ModelInfo
-    from sensisearch.study.run._context import StudyContext
     from sensisearch.study.config._settings import StudySettings
     from sensisearch.study.search._space import SearchSpace
 
@@ -128,50 +125,3 @@ def compact_space(space: SearchSpace, ranking: Sequence[str], k: int) -> SearchS
 def groups_space(space: SearchSpace, groups: Sequence[Sequence[str]]) -> SearchSpace:
     """One parameter per fusion group (``--search groups``); every layer free through its group."""
     return dataclasses.replace(space, groups=tuple(tuple(g) for g in groups), free_layers=None)
-
-
-def apply_sensitivity(ctx: StudyContext) -> StudyContext:
-    """The groups space for ``--search groups``; measure (or load) the sensitivity profile when the search uses it; the compact space for ``--search topk``."""
-    if ctx.settings.search == "groups":
-        from sensisearch.quantize._groups import fusion_groups
-
-        groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
-        log.info("--search groups: %d layers in %d fusion groups (profile %s)", len(ctx.info.layers), len(groups), ctx.backend.profile.name)
-        ctx.space = groups_space(ctx.space, groups)
-    if not uses_sensitivity(ctx.settings):
-        return ctx
-    from sensisearch.study.search._sensitivity import sensitivity_profile
-
-    profile, cached = sensitivity_profile(ctx)
-    log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
-    if ctx.settings.search == "topk":
-        ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.top_k)
-    return ctx
-
-
-def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
-    """Enqueue the sensitivity seeds once per study (a resumed run or another worker does not repeat them).
-
-    Returns the names enqueued now (empty when they were already, or the sampler is not ``seeded``).
-    """
-    if ctx.settings.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
-        return []
-    from sensisearch.study.search._sensitivity import sensitivity_profile
-
-    profile, _ = sensitivity_profile(ctx, study)
-    float_precision = Precision.FP16 if Precision.FP16 in ctx.space.precisions else Precision.FP32
-    seeds = seed_configs(
-        ctx.space.layers, profile.ranking, profile.calibration_choice,
-        head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index), float_precision=float_precision,
-        groups=ctx.space.groups,
-    )
-    names = []
-    for name, config in seeds:
-        if not ctx.space.expresses(config):
-            log.info("seed %s: outside the search space (compact or groups), skipped", name)
-            continue
-        # skip_if_exists: two workers racing here still queue each configuration once.
-        study.enqueue_trial(ctx.space.params_for(config), user_attrs=TrialRecord(0, seed=name).to_attrs(), skip_if_exists=True)
-        names.append(name)
-    study.set_user_attr(SEEDS_ENQUEUED_ATTR, names)
-    return names

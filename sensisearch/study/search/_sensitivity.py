@@ -38,8 +38,9 @@ from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfi
 if TYPE_CHECKING:
     import optuna
 
+    from sensisearch.calibration.ranges import CalibrationRanges
     from sensisearch.evaluation.base import EvaluationResult
-    from sensisearch.study.run._context import StudyContext
+    from sensisearch.study.search._space import SearchSpace
     from sensisearch.study.trial._pipeline import TrialPipeline
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,27 @@ NEEDS_CLIPPING_BELOW = 0.5
 """A tensor "needs clipping" when some algorithm's amax is below this fraction of
 its min-max amax: min-max would then spend more than half of the INT8 levels on
 outliers."""
+
+
+@dataclass(frozen=True)
+class SensitivityInputs:
+    """What the probes need from a prepared study, and nothing more.
+
+    ``key`` is everything the probe scores depend on beyond these parts (data,
+    evaluation subset, seed): a cached profile is reused only when it matches.
+    """
+
+    pipeline: TrialPipeline
+    """The study's own pipeline: a probe is exactly the deployable graph a trial would build."""
+    space: SearchSpace
+    calibration: CalibrationRanges | None
+    out: Path
+    """Where ``sensitivity.json`` and the probes' scratch folder go."""
+    key: Mapping[str, Any]
+    latency_batch: int = 1
+    """The batch to fall back on when the evaluator cannot give :data:`PROBE_BATCH` inputs."""
+    classification: bool = False
+    """A classifier's metric moves in steps of one image (the ranking's resolution)."""
 
 
 # --------------------------------------------------------------------------- pure ranking
@@ -228,50 +250,34 @@ def score_config(
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _probe_feeds(ctx: StudyContext) -> Mapping[str, np.ndarray]:
+def _probe_feeds(inputs: SensitivityInputs) -> Mapping[str, np.ndarray]:
+    info, evaluator = inputs.pipeline.info, inputs.pipeline.evaluator
     # A static-batch model (YOLOv5 exports) only takes its own batch size.
-    batch = ctx.info.inputs[0].shape[0] if ctx.info.inputs and ctx.info.inputs[0].shape else None
+    batch = info.inputs[0].shape[0] if info.inputs and info.inputs[0].shape else None
     try:
-        return ctx.evaluator.latency_feeds(PROBE_BATCH if batch is None else int(batch))
+        return evaluator.latency_feeds(PROBE_BATCH if batch is None else int(batch))
     except Exception:  # an evaluator that cannot give that batch: its latency batch then
-        return ctx.evaluator.latency_feeds(ctx.settings.latency_batch)
+        return evaluator.latency_feeds(inputs.latency_batch)
 
 
 def tensor_sensitivity(
-    ctx: StudyContext, samples: int, percentiles: Sequence[float] = DEFAULT_SPREAD_PERCENTILES
+    inputs: SensitivityInputs, samples: int, percentiles: Sequence[float] = DEFAULT_SPREAD_PERCENTILES
 ) -> list[TensorSensitivity]:
     """Per tensor any profile may quantize: its amax under each algorithm at ``samples`` calibration samples."""
     from sensisearch.quantize.placement import statistics_tensors
 
-    if ctx.calibration is None:
+    if inputs.calibration is None:
         return []
-    table = ctx.calibration.table
+    table = inputs.calibration.table
     resolved = table.resolve_samples(samples)
-    names = statistics_tensors(ctx.model, ctx.info, ctx.pipeline.index)
+    pipeline = inputs.pipeline
+    names = statistics_tensors(pipeline.model, pipeline.info, pipeline.index)
     stats = {name: table.statistics(name, resolved) for name in names}
     rows = []
-    for t in threshold_spread(stats, ctx.space.algorithms, percentiles):
+    for t in threshold_spread(stats, inputs.space.algorithms, percentiles):
         label, ratio = t.strongest_clipping
         rows.append(TensorSensitivity(t.tensor, dict(t.amax), label, ratio, ratio < NEEDS_CLIPPING_BELOW))
     return rows
-
-
-def profile_key(ctx: StudyContext) -> dict[str, Any]:
-    """What the probe scores depend on: a cached profile is reused only when all of it matches."""
-    settings = ctx.settings
-    calib = ctx.evaluation.calibration
-    return {
-        "model_sha256": ctx.info.sha256,
-        "eval_data": str(settings.eval_data) if settings.eval_data else settings.example,
-        "annotations": str(settings.annotations) if settings.annotations else None,
-        "eval_limit": settings.eval_limit,
-        "calib_data": None if calib is None else calib.fingerprint,
-        "seed": settings.seed,
-        "metric": ctx.evaluator.metric,
-        "profile": ctx.backend.profile.name,
-        "algorithms": [a.value for a in ctx.space.algorithms],
-        "samples": ctx.space.default_calibration.samples,
-    }
 
 
 def _label(choice: CalibrationChoice) -> str:
@@ -281,26 +287,27 @@ def _label(choice: CalibrationChoice) -> str:
 
 
 def measure_sensitivity(
-    ctx: StudyContext, on_probe: Callable[[str, float], None] | None = None
+    inputs: SensitivityInputs, on_probe: Callable[[str, float], None] | None = None
 ) -> SensitivityProfile:
     """Run every probe (2 per layer, plus FP32 and all-INT8 per calibration algorithm)."""
-    if Precision.INT8 not in ctx.space.precisions or ctx.calibration is None:
+    space, pipeline = inputs.space, inputs.pipeline
+    if Precision.INT8 not in space.precisions or inputs.calibration is None:
         from sensisearch.errors import SensisearchError
 
         raise SensisearchError("sensitivity needs INT8 in --precisions and calibration data (--calib-data DIR)")
-    work = ctx.out / "sensitivity-work"
-    layers = list(ctx.space.layers)
-    samples = ctx.space.default_calibration.samples
+    work = inputs.out / "sensitivity-work"
+    layers = list(space.layers)
+    samples = space.default_calibration.samples
 
     counts: list[int] = []
-    feeds = _probe_feeds(ctx)
+    feeds = _probe_feeds(inputs)
     reference: list[np.ndarray] = []
 
     def score(name: str, config: TrialConfig) -> tuple[float, float]:
-        result, outputs = score_config(ctx.pipeline, config, work, feeds)
+        result, outputs = score_config(pipeline, config, work, feeds)
         counts.append(result.count)
         distortion = output_distortion(outputs, reference) if reference else 0.0
-        log.info("probe %s: %s %.3f, output distortion %.3g", name, ctx.evaluator.metric, result.value, distortion)
+        log.info("probe %s: %s %.3f, output distortion %.3g", name, pipeline.evaluator.metric, result.value, distortion)
         if on_probe is not None:
             on_probe(name, result.value)
         if not reference:
@@ -313,10 +320,10 @@ def measure_sensitivity(
     calibration_scores: dict[str, float] = {}
     best: tuple[float, CalibrationChoice] | None = None
     # A clip the search space offers, so seeds built on this choice can be enqueued.
-    percentile = ctx.space.default_calibration.percentile
-    if ctx.space.percentiles and percentile not in ctx.space.percentiles:
-        percentile = ctx.space.percentiles[len(ctx.space.percentiles) // 2]
-    for algorithm in ctx.space.algorithms:
+    percentile = space.default_calibration.percentile
+    if space.percentiles and percentile not in space.percentiles:
+        percentile = space.percentiles[len(space.percentiles) // 2]
+    for algorithm in space.algorithms:
         choice = CalibrationChoice(algorithm, samples, percentile)
         value, _ = score(f"all-int8 {_label(choice)}", TrialConfig.uniform(layers, Precision.INT8, choice))
         calibration_scores[_label(choice)] = value
@@ -333,14 +340,14 @@ def measure_sensitivity(
         probes.append(LayerProbe(layer, only_int8=only_int8, all_but=all_but, distortion=distortion))
     shutil.rmtree(work, ignore_errors=True)
     return SensitivityProfile(
-        key=profile_key(ctx),
-        metric=ctx.evaluator.metric,
+        key=dict(inputs.key),
+        metric=pipeline.evaluator.metric,
         calibration=choice.to_dict(),
         fp32=fp32,
         all_int8=all_int8,
         # A classifier's metric moves in steps of one image; mAP is continuous.
-        layers=rank_layers(probes, fp32, all_int8, resolution=100.0 / max(counts[0], 1) if ctx.task == "classification" else 0.0),
-        tensors=tensor_sensitivity(ctx, samples),
+        layers=rank_layers(probes, fp32, all_int8, resolution=100.0 / max(counts[0], 1) if inputs.classification else 0.0),
+        tensors=tensor_sensitivity(inputs, samples),
         calibration_scores=calibration_scores,
         eval_count=counts[0],
     )
@@ -363,7 +370,7 @@ def load_cached(path: Path, key: Mapping[str, Any]) -> SensitivityProfile | None
 
 
 def sensitivity_profile(
-    ctx: StudyContext,
+    inputs: SensitivityInputs,
     study: optuna.Study | None = None,
     refresh: bool = False,
     on_probe: Callable[[str, float], None] | None = None,
@@ -373,13 +380,12 @@ def sensitivity_profile(
     Written to ``<out>/sensitivity.json`` and, when ``study`` is given, stored as
     its ``sensitivity`` user attribute too (so every worker of a shared storage sees it).
     """
-    path = ctx.out / SENSITIVITY_FILE
-    key = profile_key(ctx)
-    cached = None if refresh else load_cached(path, key)
+    path = inputs.out / SENSITIVITY_FILE
+    cached = None if refresh else load_cached(path, inputs.key)
     if cached is not None:
         profile, from_cache = cached, True
     else:
-        profile, from_cache = measure_sensitivity(ctx, on_probe), False
+        profile, from_cache = measure_sensitivity(inputs, on_probe), False
         write_json_atomic(path, profile.to_dict())
     if study is not None and study.user_attrs.get(STUDY_ATTR, {}).get("key") != profile.to_dict()["key"]:
         study.set_user_attr(STUDY_ATTR, profile.to_dict())

@@ -31,7 +31,6 @@ from sensisearch.study.config._settings import PATH_FIELDS, StudySettings, merge
 if TYPE_CHECKING:
     import optuna
 
-    from sensisearch.study.run._context import StudyContext
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,8 @@ def settings_to_store(settings: StudySettings, out: Path) -> dict[str, Any]:
     return values
 
 
-def store_settings(study: optuna.Study, ctx: StudyContext) -> None:
-    study.set_user_attr(SETTINGS_ATTR, settings_to_store(ctx.settings, ctx.out))
+def store_settings(study: optuna.Study, settings: StudySettings, out: Path) -> None:
+    study.set_user_attr(SETTINGS_ATTR, settings_to_store(settings, out))
 
 
 def stored_settings(storage_url: str, study_name: str, overrides: dict[str, Any], heartbeat_seconds: int = 30) -> StudySettings:
@@ -184,11 +183,13 @@ def prune_artifacts(trials_dir: Path, recs: list[TrialRecord], keep: int | None,
     return freed
 
 
-def artifact_pruner(ctx: StudyContext) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
+def artifact_pruner(
+    trials_dir: Path, keep: int | None, max_drop: float
+) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     """An Optuna callback: prune after every finished trial."""
 
     def prune(study: optuna.Study, _: optuna.trial.FrozenTrial) -> None:
-        prune_artifacts(ctx.trials_dir, records(study), ctx.settings.keep_artifacts, ctx.settings.max_drop)
+        prune_artifacts(trials_dir, records(study), keep, max_drop)
 
     return prune
 

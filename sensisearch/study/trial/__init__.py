@@ -1,6 +1,6 @@
 """One trial: its artifact, paired timing, staged accuracy, predicted latency, and the process it runs in."""
 
-from sensisearch.study.trial._isolation import IsolatedTrialRunner, IsolationSettings, child_settings
+from sensisearch.study.trial._isolation import IsolatedTrialRunner, IsolationSettings
 from sensisearch.study.trial._pipeline import TimingPlan, TrialOutcome, TrialPipeline
 
 __all__ = [
@@ -9,5 +9,4 @@ __all__ = [
     "TimingPlan",
     "TrialOutcome",
     "TrialPipeline",
-    "child_settings",
 ]

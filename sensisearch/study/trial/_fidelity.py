@@ -35,7 +35,6 @@ propose. (Random search ignores it; NSGA-II uses complete trials only.)
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 
     from sensisearch.backends.base import Runner
     from sensisearch.evaluation.base import EvaluationResult, Evaluator
-    from sensisearch.study.run._context import StudyContext
     from sensisearch.study.trial._pipeline import TrialOutcome
     from sensisearch.study.config._settings import StudySettings
 
@@ -209,9 +207,12 @@ class EarlyStopSnapshot:
 class SnapshotSource:
     """Builds each searched trial's :class:`EarlyStopSnapshot` in the worker (one per objective, no global state)."""
 
-    def __init__(self, ctx: StudyContext, plan: SubsetPlan) -> None:
-        self.ctx = ctx
+    def __init__(self, evaluator: Evaluator, plan: SubsetPlan, max_drop: float, resamples: int, seed: int) -> None:
+        self.evaluator = evaluator
         self.plan = plan
+        self.max_drop = max_drop
+        self.resamples = resamples
+        self.seed = seed
         self._encoded_fp32: str | None = None
         self._subset_fp32: str | None = None
 
@@ -219,7 +220,7 @@ class SnapshotSource:
         # FP32's results never change once stored: restrict them to the subset once.
         if encoded != self._encoded_fp32:
             full = _accuracy.decode(encoded)
-            self._subset_fp32 = _accuracy.encode(self.ctx.evaluator.per_image_subset(full, self.plan.positions))
+            self._subset_fp32 = _accuracy.encode(self.evaluator.per_image_subset(full, self.plan.positions))
             self._encoded_fp32 = encoded
         assert self._subset_fp32 is not None
         return self._subset_fp32
@@ -242,9 +243,8 @@ class SnapshotSource:
                 completed.append(CompletedTrial(t.number, float(record.in_study_speedup), float(record.value)))
         if fp32_value is None:
             return None
-        settings = self.ctx.settings
         return EarlyStopSnapshot(
-            self._reference_subset(encoded), fp32_value, tuple(completed), settings.max_drop, settings.drop_resamples, settings.seed,
+            self._reference_subset(encoded), fp32_value, tuple(completed), self.max_drop, self.resamples, self.seed,
         )
 
 

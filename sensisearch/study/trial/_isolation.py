@@ -15,7 +15,6 @@ study goes on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -27,13 +26,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 from sensisearch.errors import SensisearchError
 
 if TYPE_CHECKING:
     from sensisearch.quantize.config import TrialConfig
-    from sensisearch.study.run._context import StudyContext
     from sensisearch.study.trial._fidelity import EarlyStopSnapshot
     from sensisearch.study.trial._pipeline import TrialOutcome
     from sensisearch.study.config._settings import StudySettings
@@ -261,18 +259,3 @@ class IsolatedTrialRunner:
     def _with_tail(reason: str, stderr_path: Path) -> str:
         tail = stderr_tail(stderr_path)
         return f"{reason}; stderr: {tail}" if tail else reason
-
-
-def child_settings(ctx: StudyContext) -> StudySettings:
-    """The settings the trial server prepares from: the worker's, with its output folder fixed."""
-    return dataclasses.replace(ctx.settings, out=ctx.out.resolve())
-
-
-@contextlib.contextmanager
-def trial_runner(ctx: StudyContext) -> Iterator[RunTrial]:
-    """``run(config, out_dir) -> TrialOutcome`` as ``--isolation`` says: in a child process, or in this one."""
-    if ctx.settings.isolation == "none":
-        yield ctx.pipeline.run
-        return
-    with IsolatedTrialRunner(child_settings(ctx), IsolationSettings.from_settings(ctx.settings), ctx.out) as runner:
-        yield runner.run
