@@ -957,7 +957,7 @@ def test_trial_and_build_plan_placement_once(tmp_path: Path, monkeypatch) -> Non
     """A real trial of the digits example plans its Q/DQ placement exactly once (the range
     lookup and the emitter share it), and ``sensisearch build --config`` goes through the
     same pipeline: one plan, and the artifact the trial built."""
-    import sensisearch.study.trial._pipeline as pipeline_module
+    import sensisearch.artifact as pipeline_module
     from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
     from sensisearch.export._build import build_from_config
     from sensisearch.quantize.ranges import ranges_to_dict
