@@ -147,10 +147,11 @@ def report(name: str, condition: str, out: Path, rounds: int, elapsed: float, lo
         print(f"  {label:>9} {role:>12} {r.speedup:>7.3f}x [{lo:.3f}, {hi:.3f}] {tag} {r.paired_speedup or float('nan'):>7.3f}x "
               f"{remeasured:>10.3f}x {100 * diff:>+6.1f}%")
     print(f"  worst |reported - re-measured| / re-measured: {100 * worst:.1f}% (goal: within 5%)")
-    calibration = winner.config.get("calibration", {})
+    calibration = None if winner.config is None else winner.config.calibration
     return {"trial": winner.number, "qualified": winner_cfg["status"] == "qualified",
-            "int8_layers": sorted(k for k, v in winner.config.get("precisions", {}).items() if v == "int8"),
-            "calibration": (calibration.get("algorithm"), calibration.get("samples")), "worst": worst}
+            "int8_layers": sorted(k for k, v in winner.precisions.items() if v == "int8"),
+            "calibration": (None, None) if calibration is None else (calibration.algorithm.value, calibration.samples),
+            "worst": worst}
 
 
 def yolo_args(data: Path, work: Path, budget: int, eval_limit: int, verify_seconds: float) -> list[str]:

@@ -190,7 +190,7 @@ def test_digits_study_stops_certainly_infeasible_trials_early(tmp_path: Path) ->
     trials = study.get_trials(deepcopy=False)
     recs = records(study)
     searched = [r for r in recs if r.baseline is None]
-    assert [r.config["precisions"] for r in searched] == [{k: v.value for k, v in c.precisions.items()} for c in configs]
+    assert [r.precisions for r in searched] == [{k: v.value for k, v in c.precisions.items()} for c in configs]
     assert finished_count(study) == 2  # both stopped trials count against --budget 2, and nothing else ran
     fp32 = next(r for r in recs if r.baseline == "fp32")
     for record in searched:
@@ -200,13 +200,13 @@ def test_digits_study_stops_certainly_infeasible_trials_early(tmp_path: Path) ->
         subset = record.subset
         assert subset is not None and subset["images"] == 200 and subset["of"] == 2000
         assert subset["drop_ci95"][0] > max_drop
-        assert record.paired.get("speedup") is not None  # timed before the subset was scored
+        assert record.paired is not None and record.paired.speedup is not None  # timed before the subset was scored
         trial_dir = ctx.trials_dir / f"{record.number:04d}"
         assert json.loads((trial_dir / "trial.json").read_text())["status"] == "stopped_early"
         assert not (trial_dir / "deployable.onnx").exists()  # artifacts pruned like any trial not kept
 
         # Independent check that the stop was right: a plain full evaluation of the same configuration.
-        outcome = ctx.pipeline.run(TrialConfig.from_dict(record.config), tmp_path / f"check-{record.number}")
+        outcome = ctx.pipeline.run(record.config, tmp_path / f"check-{record.number}")
         assert fp32.value - outcome.evaluation.value > max_drop
         on_subset = 100.0 * outcome.evaluation.per_image[ctx.pipeline.subset.positions].mean()
         assert subset["value"] == pytest.approx(on_subset, abs=1e-9)

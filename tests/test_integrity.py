@@ -361,8 +361,8 @@ def test_two_processes_on_one_storage_evaluate_exactly_the_budget(tmp_path: Path
     assert len(evaluated_keys) == len(set(evaluated_keys)), "a configuration was evaluated twice"
     # the keys recorded are the configurations' own keys (independent recomputation)
     for r in records:
-        if r.role == EVALUATE and r.config:
-            assert r.config_key == effective_config_key(TrialConfig.from_dict(r.config))
+        if r.role == EVALUATE and r.config is not None:
+            assert r.config_key == effective_config_key(r.config)
     for r in records:
         if r.role == DUPLICATE:
             original = records[r.duplicate_of]

@@ -24,7 +24,9 @@ from sensisearch.model.analysis import analyze_model
 from sensisearch.model.tensor import TensorSpec
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.trial._measurement import classes_to_skip, opt_batch
+from sensisearch.quantize.config import TrialConfig
 from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.store._timing import PairedTiming, Verification
 from sensisearch.study.review._verify import select_for_verification
 from sensisearch.study.trial._pipeline import TimingPlan, TrialPipeline
 from sensisearch.study.store._results import NOT_SIGNIFICANT, choose_winner, records
@@ -184,7 +186,7 @@ def _paired_study(rows: list[tuple[str | None, float, float, float, float]]) -> 
     for name, value, speedup, lo, hi in rows:
         ms = 10.0 / speedup
         record = TrialRecord(0, baseline=name, metric="top1", latency={"median_ms": ms, "p90_ms": ms},
-                             config={"precisions": {}, "calibration": {}}, paired=_paired(speedup, lo, hi, ms))
+                             config=TrialConfig({}), paired=PairedTiming.from_dict(_paired(speedup, lo, hi, ms)))
         study.add_trial(optuna.trial.create_trial(values=[value, ms], user_attrs=record.to_attrs()))
     return study
 
@@ -222,8 +224,8 @@ def test_verified_figures_replace_in_study_ones_and_only_verified_trials_win() -
     from sensisearch.study.store._record import verified_attrs
 
     # The tournament finds all-INT8 not significantly faster and verifies only trials 0 and 1.
-    entries = {0: {"timing": {**_paired(1.0, 1.0, 1.0, 10.0), "median_ms": 10.0}, "drop_ci95": None},
-               1: {"timing": {**_paired(1.03, 0.98, 1.07, 9.7), "median_ms": 9.7}, "drop_ci95": [-0.1, 0.5]}}
+    entries = {0: Verification.from_dict({"timing": {**_paired(1.0, 1.0, 1.0, 10.0), "median_ms": 10.0}, "drop_ci95": None}),
+               1: Verification.from_dict({"timing": {**_paired(1.03, 0.98, 1.07, 9.7), "median_ms": 9.7}, "drop_ci95": [-0.1, 0.5]})}
     for key, value in verified_attrs(entries).items():
         study.set_user_attr(key, value)
     recs = records(study)
@@ -319,7 +321,7 @@ def test_verify_command_retimes_and_rewrites_results(unverified_study: Path) -> 
     assert fp32.speedup == 1.0 and fp32.median_ms == pytest.approx(study.user_attrs["reference_ms"])
     for r in verified:
         assert r.median_ms == pytest.approx(study.user_attrs["reference_ms"] / r.speedup)
-        assert r.verified["rounds"] >= 3
+        assert r.verified is not None and r.verified.rounds >= 3
         trial_json = json.loads(Path(r.trial_json).read_text())
         assert trial_json["verified"]["speedup"] == r.speedup
         assert trial_json["latency"]["speedup"] == r.paired_speedup  # the in-study figure stays

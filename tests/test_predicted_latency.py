@@ -17,7 +17,9 @@ from sensisearch.cli import main
 from sensisearch.latency import ESTIMATE_LABEL, MacEstimate
 from sensisearch.model.analysis import analyze_model
 from sensisearch.study.trial._predicted import partial_int8_verdict
+from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.store._results import choose_winner
 from sensisearch.study.review._report import int8_speed_verdict
 
@@ -90,12 +92,14 @@ def test_tensorrt_profile_study_predicts_latency_and_verify_measures_it(tmp_path
 
 def _record(number: int, precisions: dict[str, str], speedup: float, ci: tuple[float, float] | None,
             baseline: str | None = None, value: float = 90.0) -> TrialRecord:
-    paired = {} if ci is None else {"speedup": speedup, "speedup_ci95": list(ci), "median_ms": 1.0 / speedup}
+    paired = None if ci is None else PairedTiming(
+        speedup, ci, 0.1, 1.0 / speedup, 1.0, 1.0 / speedup, 1.0, 30, 1.0, "ci", (), median_ms=1.0 / speedup
+    )
     latency = {"median_ms": 1.0 / speedup}
     if ci is None:
         latency.update(source="estimate", label=ESTIMATE_LABEL, unit="relative cost (FP32 = 1)", speedup=speedup)
     return TrialRecord(number, state="COMPLETE", value=value, baseline=baseline, metric="top1", latency=latency,  # type: ignore[arg-type]
-                       paired=paired, config={"precisions": precisions})
+                       paired=paired, config=TrialConfig({k: Precision(v) for k, v in precisions.items()}))
 
 
 def test_partial_int8_verdict_counts_the_significantly_slower_ones() -> None:

@@ -9,12 +9,13 @@ import pytest
 from sensisearch.study.store._results import choose_winner, pareto_front, records
 from sensisearch.study.config._settings import merge_settings
 from sensisearch.errors import SensisearchError
+from sensisearch.quantize.config import TrialConfig
 
 
 def _study(points: list[tuple[float, float]], baselines: dict[int, str] | None = None) -> optuna.Study:
     study = optuna.create_study(directions=["maximize", "minimize"])
     for i, (acc, ms) in enumerate(points):
-        attrs = {"latency": {"median_ms": ms, "p90_ms": ms}, "metric": "top1", "config": {"precisions": {}, "calibration": {}}}
+        attrs = {"latency": {"median_ms": ms, "p90_ms": ms}, "metric": "top1", "config": {"precisions": {}, "calibration": {"algorithm": "minmax", "samples": 64, "percentile": 99.99}}}
         if baselines and i in baselines:
             attrs["baseline"] = baselines[i]
         study.add_trial(optuna.trial.create_trial(values=[acc, ms], user_attrs=attrs))
@@ -32,7 +33,7 @@ def test_pareto_front_equals_optuna_best_trials() -> None:
 
 def test_infeasible_trials_never_enter_front_or_win() -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
-    base = {"config": {"precisions": {}, "calibration": {}}, "metric": "top1"}
+    base = {"config": {"precisions": {}, "calibration": {"algorithm": "minmax", "samples": 64, "percentile": 99.99}}, "metric": "top1"}
     study.add_trial(optuna.trial.create_trial(values=[99.0, 10.0], user_attrs={**base, "baseline": "fp32", "latency": {"median_ms": 10.0}}))
     # Fastest and accurate, but violates a constraint (e.g. a class collapsed).
     study.add_trial(optuna.trial.create_trial(
@@ -109,7 +110,7 @@ def test_trial_record_round_trips_through_real_storage(tmp_path) -> None:  # noq
     written = TrialRecord(
         0, baseline="int8", metric="top1", metrics={"top1": 91.5, "top5": 99.0},
         latency={"median_ms": 1.25, "p90_ms": 1.5, "mean_ms": 1.3, "min_ms": 1.1, "runs": 40, "batch_size": 1},
-        config={"precisions": {"conv1": "int8"}, "calibration": {"algorithm": "minmax", "samples": 64, "percentile": 99.99}},
+        config=TrialConfig.from_dict({"precisions": {"conv1": "int8"}, "calibration": {"algorithm": "minmax", "samples": 64, "percentile": 99.99}}),
         artifact="a.onnx", deployable="d.onnx", trial_json="t.json", layer_precisions={"int8": 1, "fp32": 0},
         timings={"build": 0.5}, per_class={"cat": 50.0}, worst_class={"name": "cat", "drop": 2.0},
     )
@@ -121,7 +122,7 @@ def test_trial_record_round_trips_through_real_storage(tmp_path) -> None:  # noq
     assert new == TrialRecord(**{**written.__dict__, "state": "COMPLETE", "value": 91.5})
     assert new.median_ms == 1.25 and new.requested_counts() == {"int8": 1, "fp16": 0, "fp32": 0}
     assert old.state == "FAIL" and old.error == "boom" and old.value is None
-    assert (old.baseline, old.metric, old.latency, old.config, old.per_class, old.worst_class) == (None, None, {}, {}, None, None)
+    assert (old.baseline, old.metric, old.latency, old.config, old.per_class, old.worst_class) == (None, None, {}, None, None, None)
     assert old.median_ms is None and TrialRecord.recorded_error(reloaded.trials[1]) == "boom"
     # Unset fields are not written, so a failed record stores only what it knows.
     assert TrialRecord(3, error="x", baseline="fp32").to_attrs() == {"baseline": "fp32", "error": "x"}

@@ -29,7 +29,9 @@ from test_review import _chromium, _console_lines, _has_colour, _weight_types, n
 from sensisearch.cli import PIPED_WIDTH, build_parser, main, make_console
 from sensisearch.export import DEPLOYABLE_FILE
 from sensisearch.report import PARETO_DIV, PRECISION_COLOURS, SensitivityRow
+from sensisearch.quantize.config import TrialConfig
 from sensisearch.study.store._record import TrialRecord
+from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.review._review import float_layer_evidence, speedup_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +90,7 @@ def test_pngs_are_not_blank(study_dir: Path) -> None:
 
 def test_report_md_names_the_winners_float_layers_with_evidence(study_dir: Path) -> None:
     winner = _winner(study_dir)
-    floats = [name for name, p in winner.config["precisions"].items() if p != "int8"]
+    floats = [name for name, p in winner.precisions.items() if p != "int8"]
     report = (study_dir / "report.md").read_text()
     section = report.split("## What each precision choice did", 1)[1]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
@@ -210,8 +212,8 @@ def exported(study_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_export_onnx_tensor_types_match_the_trial(exported: tuple[TrialRecord, Path]) -> None:
     record, out = exported
     model = onnx.load(out / DEPLOYABLE_FILE)
-    assert {layer: _weight_types(model, layer) for layer in record.config["precisions"]} == record.config["precisions"]
-    assert json.loads((out / "config.json").read_text()) == record.config
+    assert {layer: _weight_types(model, layer) for layer in record.precisions} == record.precisions
+    assert record.config is not None and json.loads((out / "config.json").read_text()) == record.config.to_dict()
 
 
 def test_export_trtexec_names_the_deployable(exported: tuple[TrialRecord, Path]) -> None:
@@ -224,7 +226,7 @@ def test_export_trtexec_names_the_deployable(exported: tuple[TrialRecord, Path])
 
 def test_export_exclude_lists_are_the_trials_float_layers(exported: tuple[TrialRecord, Path]) -> None:
     record, out = exported
-    floats = [name for name, p in record.config["precisions"].items() if p in ("fp16", "fp32")]
+    floats = [name for name, p in record.precisions.items() if p in ("fp16", "fp32")]
     assert json.loads((out / "modelopt.json").read_text())["nodes_to_exclude"] == floats
     assert (out / "modelopt.txt").read_text().split() == floats
     assert json.loads((out / "onnxruntime.json").read_text())["nodes_to_exclude"] == floats
@@ -305,9 +307,14 @@ def test_evaluate_per_class_shows_instance_counts(yolo_model: Path, coco_dev: Pa
 # --------------------------------------------------------------------------- evidence and speed (pure)
 
 
+def paired_timing(speedup: float, lo: float, hi: float) -> PairedTiming:
+    """An in-study paired timing with the given speed-up and CI (the other figures do not matter here)."""
+    return PairedTiming(speedup, (lo, hi), 0.1, 1.0 / speedup, 1.0, 1.0 / speedup, 1.0, 30, 1.0, "ci", (), facts={})
+
+
 def _rec(number: int, value: float, precisions: dict[str, str], baseline: str | None = None, **kw) -> TrialRecord:
     return TrialRecord(number, state="COMPLETE", value=value, baseline=baseline, latency={"median_ms": 1.0},
-                       config={"precisions": precisions, "calibration": {"algorithm": "minmax", "samples": 64}}, **kw)
+                       config=TrialConfig.from_dict({"precisions": precisions, "calibration": {"algorithm": "minmax", "samples": 64}}), **kw)
 
 
 def test_evidence_prefers_profile_then_identical_trial_then_nearest_then_all_int8() -> None:
@@ -332,7 +339,7 @@ def test_speedup_paired_when_measured_else_unpaired_ratio() -> None:
     fp32 = _rec(0, 90.0, {"a": "fp32"}, "fp32")
     plain = TrialRecord(1, state="COMPLETE", value=89.0, latency={"median_ms": 0.25})
     paired = TrialRecord(2, state="COMPLETE", value=89.0, latency={"median_ms": 0.25},
-                         paired={"speedup": 3.2, "speedup_ci95": [3.0, 3.4]})
+                         paired=paired_timing(3.2, 3.0, 3.4))
     assert speedup_of(plain, fp32) == (4.0, None, False)
     assert speedup_of(paired, fp32) == (3.2, (3.0, 3.4), True)
     assert speedup_of(fp32, fp32) == (1.0, None, False)

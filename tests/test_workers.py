@@ -21,7 +21,6 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from sensisearch.quantize.config import TrialConfig
 from sensisearch.study.run._identity import effective_config_key
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.store._worker import SETTINGS_ATTR, prune_artifacts, trials_to_keep
@@ -152,7 +151,7 @@ def test_three_workers_reach_exactly_the_budget_of_distinct_configurations(three
     study = _load(three_workers["url"], three_workers["name"])  # type: ignore[arg-type]
     counted = _counted(study)
     assert len(counted) == three_workers["budget"]
-    keys = {effective_config_key(TrialConfig.from_dict(TrialRecord.from_trial(t).config)) for t in counted}
+    keys = {effective_config_key(TrialRecord.from_trial(t).config) for t in counted}
     assert len(keys) == len(counted)
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sensisearch.fileio import write_text_atomic
-from sensisearch.measure import PairedLatency, noise_summary
+from sensisearch.measure import noise_summary
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.trial._predicted import partial_int8_verdict, prediction_lines
 from sensisearch.study.store._results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text
 
 if TYPE_CHECKING:
     from sensisearch.report import FloatLayerEvidence
-    from sensisearch.study.trial._predicted import PredictionCheck
+    from sensisearch.study.store._timing import PredictionCheck
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,7 @@ def _layers(r: TrialRecord) -> str:
 
 
 def _calibration(r: TrialRecord) -> str:
-    cal = r.config.get("calibration", {})
-    if not r.requested_counts()["int8"]:
-        return "-"
-    text = f"{cal.get('algorithm')} n={cal.get('samples')}"
-    if cal.get("algorithm") == "percentile":
-        text += f" p={cal.get('percentile')}"
-    return text
+    return r.calibration_text or "-"
 
 
 def change_text(r: TrialRecord, fp32: TrialRecord | None) -> str:
@@ -126,7 +120,7 @@ def _predicted_tag(r: TrialRecord) -> str:
 def _speedup(r: TrialRecord, fp32: TrialRecord | None) -> str:
     if r.speedup is not None and r.speedup_ci95 is not None:
         lo, hi = r.speedup_ci95
-        backend = r.verified.get("backend") if r.is_verified else None
+        backend = None if r.verified is None else r.verified.backend
         return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (f" verified{f' on {backend}' if backend else ''}" if r.is_verified else "")
     if r.is_predicted and r.speedup is not None:
         return f"{r.speedup:.2f}x {_predicted_tag(r)}, no CI"
@@ -155,10 +149,10 @@ def timing_noise_lines(recs: list[TrialRecord]) -> list[str]:
     """One line on how noisy the study's timing was (and one for the verify tournament, if it ran)."""
     done = [r for r in recs if r.state == "COMPLETE"]
     lines = []
-    in_study = [PairedLatency.from_dict(r.paired) for r in done if r.paired]
+    in_study = [r.paired for r in done if r.paired is not None]
     if in_study:
         lines.append(f"Timing noise (in-study, each trial paired with FP32): {noise_summary(in_study)}.")
-    verified = [PairedLatency.from_dict(r.verified) for r in done if r.verified and r.baseline != "fp32"]
+    verified = [r.verified for r in done if r.verified is not None and r.baseline != "fp32"]
     if verified:
         lines.append(f"Timing noise (verify tournament): {noise_summary(verified)}.")
     return lines
@@ -233,7 +227,7 @@ def _float_layer_lines(r: TrialRecord) -> list[str]:
     """The winner's FP16/FP32 layers by name (a reviewer must not need config.json for them)."""
     lines = []
     for precision in ("fp16", "fp32"):
-        names = [name for name, p in r.config.get("precisions", {}).items() if p == precision]
+        names = [name for name, p in r.precisions.items() if p == precision]
         if names:
             lines.append(f"- {precision.upper()} layers ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
     return lines

@@ -10,10 +10,11 @@ from typing import Any
 
 import optuna
 
-from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.config import Precision
 from sensisearch.study.run._context import StudyContext
 from sensisearch.study.store._record import TrialRecord, read_prediction_check
-from sensisearch.study.trial._predicted import PredictionCheck, partial_int8_verdict
+from sensisearch.study.store._timing import PredictionCheck
+from sensisearch.study.trial._predicted import partial_int8_verdict
 from sensisearch.quantize.ranges import ranges_to_dict
 from sensisearch.report import review_markdown, write_review
 from sensisearch.study.review._review import build_review, recorded_thresholds
@@ -60,8 +61,8 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     write_pareto(front, None if fp32 is None else fp32.value, ctx.out)
     choice = choose_winner(recs, ctx.settings.max_drop, ctx.settings.min_speedup)
     thresholds = None
-    if choice.record is not None and choice.record.config:
-        winner_config = TrialConfig.from_dict(choice.record.config)
+    if choice.record is not None and choice.record.config is not None:
+        winner_config = choice.record.config
         if ctx.calibration is not None or not winner_config.uses_int8:
             thresholds = ranges_to_dict(ctx.pipeline.ranges_for(winner_config, every_tensor=True))
         else:  # `sensisearch report` without cached statistics: the ranges the trial itself recorded
@@ -82,7 +83,7 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     review = build_review(ctx, recs, front, choice, references)
     files = write_review(review, ctx.out)
     check = read_prediction_check(study.user_attrs)  # stage 2's predicted vs measured
-    context = dataclasses.replace(report_context(ctx, references), prediction_check=None if check is None else PredictionCheck.from_dict(check))
+    context = dataclasses.replace(report_context(ctx, references), prediction_check=check)
     report = write_report(
         ctx.out, recs, front, choice, context,
         review_markdown=review_markdown(files, ctx.out), float_evidence=review.float_layer_evidence,

@@ -67,18 +67,8 @@ def speedup_of(record: TrialRecord, fp32: TrialRecord | None) -> tuple[float | N
 # --------------------------------------------------------------------------- evidence
 
 
-def _calibration_text(config: Mapping[str, Any]) -> str:
-    if not any(p == "int8" for p in config.get("precisions", {}).values()):
-        return ""
-    cal = config.get("calibration", {})
-    text = f"{cal.get('algorithm')} n={cal.get('samples')}"
-    if cal.get("algorithm") == "percentile":
-        text += f" p={cal.get('percentile')}"
-    return text
-
-
-def _same_calibration(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    return _calibration_text(a) == _calibration_text(b) or not _calibration_text(a) or not _calibration_text(b)
+def _same_calibration(a: TrialRecord, b: TrialRecord) -> bool:
+    return a.calibration_text == b.calibration_text or not a.calibration_text or not b.calibration_text
 
 
 def _change_words(change: float) -> str:
@@ -122,8 +112,8 @@ def float_layer_evidence(
     profile = {row.layer: row for row in sensitivity}
     fp32 = baseline(list(recs), "fp32")
     int8 = baseline(list(recs), "int8")
-    mine = winner.config.get("precisions", {})
-    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None and r.number != winner.number and r.config]
+    mine = winner.precisions
+    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None and r.number != winner.number and r.precisions]
     out: list[FloatLayerEvidence] = []
     for layer, precision in mine.items():
         if precision == "int8":
@@ -144,15 +134,15 @@ def float_layer_evidence(
 def _trial_evidence(
     layer: str, winner: TrialRecord, done: Sequence[TrialRecord], fp32: TrialRecord | None, int8: TrialRecord | None
 ) -> str:
-    mine = winner.config.get("precisions", {})
+    mine = winner.precisions
     assert winner.value is not None
     scored: list[tuple[int, TrialRecord]] = []
     for r in done:
-        theirs = r.config.get("precisions", {})
+        theirs = r.precisions
         if theirs.get(layer) != "int8" or set(theirs) != set(mine):
             continue
         others = sum(theirs[name] != p for name, p in mine.items() if name != layer)
-        if not _same_calibration(r.config, winner.config):
+        if not _same_calibration(r, winner):
             others += 1  # a different calibration is one more difference
         scored.append((others, r))
     identical = [r for d, r in scored if d == 0]
@@ -204,9 +194,9 @@ def _points(
             kind=PointKind.BASELINE if r.baseline else PointKind.SEARCHED, label=r.baseline or "",
             drop_ci95=None if r.drop_ci95 is None else (float(r.drop_ci95[0]), float(r.drop_ci95[1])),
             speedup_ci95=speed_ci, on_front=r.number in on_front, is_winner=r.number == winner, feasible=r.feasible,
-            precisions={k: v for k, v in r.config.get("precisions", {}).items() if k in known},
-            calibration=_calibration_text(r.config),
-            latencies_ms=tuple(r.timing.get("candidate_times_ms", ())),
+            precisions={k: v for k, v in r.precisions.items() if k in known},
+            calibration=r.calibration_text,
+            latencies_ms=() if r.timing is None else r.timing.candidate_times_ms,
         ))
     # Reference quantizers are not trials: numbered below zero so they never clash with one.
     scored = [row for row in references if "error" not in row and row.get("value") is not None]
@@ -229,6 +219,10 @@ def _speed_axis(points: Sequence[ReviewPoint], paired: int) -> str:
     return MIXED_AXIS if paired else UNPAIRED_AXIS
 
 
+def _verified_backend(r: TrialRecord) -> str:
+    return (None if r.verified is None else r.verified.backend) or "the backend"
+
+
 def predicted_note(recs: list[TrialRecord], label: str, out: Path) -> str:
     """What report.html says about predicted speed figures, the partial-INT8 verdict, and stage 2."""
     from sensisearch.study.trial._predicted import partial_int8_verdict
@@ -236,7 +230,7 @@ def predicted_note(recs: list[TrialRecord], label: str, out: Path) -> str:
     verified = [r for r in recs if r.is_verified]
     text = f"Speed figures are not timed on the target: {label}; they have no CI."
     if verified:
-        text += f" Figures marked verified were timed by `sensisearch verify` on {verified[0].verified.get('backend', 'the backend')}."
+        text += f" Figures marked verified were timed by `sensisearch verify` on {_verified_backend(verified[0])}."
     else:
         text += f" Unverified until `sensisearch verify {out} --backend <target>` runs on the target."
     partial = partial_int8_verdict(recs)
@@ -365,13 +359,12 @@ def build_review(
 
 def _stage2_fields(ctx: StudyContext, recs: Sequence[TrialRecord], predicted: bool) -> dict[str, Any]:
     """The partial-INT8 verdict (when ``noise`` does not carry it) and stage 2's comparison."""
-    from sensisearch.study.trial._predicted import PredictionCheck, partial_int8_verdict
+    from sensisearch.study.trial._predicted import partial_int8_verdict
     from sensisearch.study.store._record import read_prediction_check
 
     partial = None if predicted else partial_int8_verdict(list(recs))
     study = ctx.storage and _study_attrs(ctx)
-    stored = read_prediction_check(study or {})
-    check = None if stored is None else PredictionCheck.from_dict(stored)
+    check = read_prediction_check(study or {})
     return {
         "verdicts": (partial,) if partial else (),
         "prediction_summary": "" if check is None else check.summary() + ".",

@@ -29,6 +29,7 @@ from sensisearch.study.store._record import (
     read_verified,
     verified_attrs,
 )
+from sensisearch.study.store._timing import PairedTiming, Verification
 from sensisearch.study.trial._pipeline import runs_per_round
 from sensisearch.study.store._results import baseline, pareto_front, records
 from sensisearch.study.config._settings import PATH_FIELDS, StudySettings, merge_settings
@@ -91,7 +92,7 @@ class VerifyResult:
 
 
 def _in_study(r: TrialRecord) -> TrialRecord:
-    return dataclasses.replace(r, verified={}, verified_drop_ci95=None)
+    return dataclasses.replace(r, verified=None, verified_drop_ci95=None)
 
 
 def _overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
@@ -178,13 +179,13 @@ def verify_study(
             runner.close()
     reference_ms = read_reference_ms(study.user_attrs) or timed[str(fp32.number)].reference_median_ms
     drops = _drop_cis(study, chosen, fp32, settings)
-    entries: dict[int, dict[str, Any]] = {}
+    entries: dict[int, Verification] = {}
     for r in chosen:
         paired: PairedLatency = timed[str(r.number)]
-        timing = {**paired.to_dict(), "median_ms": paired.median_ms_for(reference_ms), "facts": facts,
-                  "backend": (backend or ctx.backend).name}
-        entries[r.number] = {"timing": timing, "drop_ci95": drops.get(r.number)}
-        _add_to_trial_json(r, timing, drops.get(r.number))
+        timing = PairedTiming.of(paired, facts, median_ms=paired.median_ms_for(reference_ms), backend=(backend or ctx.backend).name)
+        drop = drops.get(r.number)
+        entries[r.number] = Verification(timing, None if drop is None else (drop[0], drop[1]))
+        _add_to_trial_json(r, timing, drop)
     for key, value in verified_attrs(entries).items():
         study.set_user_attr(key, value)
     _store_prediction_check(study, (backend or ctx.backend).name)
@@ -200,7 +201,9 @@ def _build_on(ctx: StudyContext, backend: Backend, r: TrialRecord) -> Path:
     assert deployable is not None
     out_dir = ctx.out / "verify" / backend.name / f"{r.number:04d}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    built = backend.build(deployable, out_dir, trial_config=r.config, layer_names=ctx.info.layer_names)
+    built = backend.build(
+        deployable, out_dir, trial_config=None if r.config is None else r.config.to_dict(), layer_names=ctx.info.layer_names
+    )
     log.info("verify: trial %d built by %s in %.1f s", r.number, backend.name, built.seconds)
     return Path(built.artifact)
 
@@ -214,7 +217,7 @@ def _store_prediction_check(study: optuna.Study, backend_name: str) -> None:
     if check is None:
         return
     log.info("verify: %s", check.summary())
-    for key, value in prediction_check_attrs(check.to_dict()).items():
+    for key, value in prediction_check_attrs(check).items():
         study.set_user_attr(key, value)
 
 
@@ -252,14 +255,14 @@ def _drop_cis(study: optuna.Study, chosen: list[TrialRecord], fp32: TrialRecord,
     return out
 
 
-def _add_to_trial_json(r: TrialRecord, timing: dict[str, Any], drop_ci95: list[float] | None) -> None:
+def _add_to_trial_json(r: TrialRecord, timing: PairedTiming, drop_ci95: list[float] | None) -> None:
     if not r.trial_json or not Path(r.trial_json).is_file():
         return
     data = json.loads(Path(r.trial_json).read_text())
     data["verified"] = {
-        "median_ms": timing["median_ms"], "speedup": timing["speedup"], "speedup_ci95": timing["speedup_ci95"],
-        "candidate_median_ms": timing["candidate_median_ms"], "reference_median_ms": timing["reference_median_ms"],
-        "rounds": timing["rounds"], "drop_ci95": drop_ci95,
+        "median_ms": timing.median_ms, "speedup": timing.speedup, "speedup_ci95": list(timing.speedup_ci95),
+        "candidate_median_ms": timing.candidate_median_ms, "reference_median_ms": timing.reference_median_ms,
+        "rounds": timing.rounds, "drop_ci95": drop_ci95,
     }
     write_json_atomic(Path(r.trial_json), data)
 

@@ -67,7 +67,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             raise
         except Exception as exc:
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
-            failed = TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), trial_json=str(trial_json), error=error,
+            failed = TrialRecord(trial.number, baseline=baseline_name, config=config, trial_json=str(trial_json), error=error,
                                  config_key=effective_config_key(config), role=_budget.EVALUATE, host=host, device=device)
             _store(trial, failed)
             write_json_atomic(trial_json, {**header, "status": "failed", "error": error, "traceback": traceback.format_exc()})
@@ -101,7 +101,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             metric=evaluation.metric,
             metrics=dict(evaluation.metrics),
             latency=outcome.latency_record or outcome.latency.to_dict(),  # type: ignore[typeddict-item]
-            config=config.to_dict(),
+            config=config,
             artifact=str(outcome.build.artifact),
             deployable=str(outcome.deployable),
             trial_json=str(trial_json),
@@ -125,7 +125,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
 def requeue_interrupted(trial: optuna.Trial, config: TrialConfig, baseline_name: str | None) -> None:
     """Ctrl-C or SIGTERM: the trial fails without an error of its own, so it does not
     count, and is queued again so the next run (or another worker) evaluates it."""
-    _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(),
+    _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config,
                               config_key=effective_config_key(config), role=_budget.INTERRUPTED))
     trial.study.enqueue_trial(dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None)
 
@@ -163,7 +163,7 @@ def decide_trial(
         raise optuna.TrialPruned(f"budget of {ctx.settings.budget} distinct configurations reached")
     assert decision.of is not None
     original = trial.study.get_trials(deepcopy=False)[decision.of]
-    _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), config_key=key,
+    _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config, config_key=key,
                               role=_budget.DUPLICATE, duplicate_of=decision.of))
     log.info("trial %d repeats trial %d's configuration: not evaluated again", trial.number, decision.of)
     if original.state == optuna.trial.TrialState.COMPLETE and original.values:

@@ -117,7 +117,7 @@ def export_run_trial(
     folder = out_dir or run.out / "export" / f"trial-{record.number:04d}"
     exported = export_trial(
         deployable,  # type: ignore[arg-type]
-        record.config, folder, formats=formats, fp32_model=fp32, shapes=parse_shapes(shapes) if shapes else None,
+        {} if record.config is None else record.config.to_dict(), folder, formats=formats, fp32_model=fp32, shapes=parse_shapes(shapes) if shapes else None,
         max_batch=max_batch,
     )
     log.info("trial %d exported to %s", record.number, folder)

@@ -16,6 +16,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, TypedDict
 
+from sensisearch.quantize.config import TrialConfig
+from sensisearch.study.store._timing import PREDICTED_SOURCES, PairedTiming, PredictionCheck, Verification
+
 if TYPE_CHECKING:
     import optuna
 
@@ -23,15 +26,16 @@ if TYPE_CHECKING:
 _BASELINE_ATTR = "baseline"
 _ERROR_ATTR = "error"
 _KEY = "attr"  # dataclass field metadata: the user-attribute key of a stored field
+# Field metadata of a typed part: its class, which has ``to_dict`` and ``from_dict``.
+_CODEC = "codec"
 # Study user attributes (one per study, shared by all workers).
 _REFERENCE_MS_STUDY_ATTR = "reference_ms"
 _FP32_PER_IMAGE_STUDY_ATTR = "fp32_per_image"
 # Optuna refuses to update a finished trial, so the verify tournament's figures
-# live in one study attribute: {trial number: {"timing": ..., "drop_ci95": ...}}.
+# live in one study attribute: {trial number: Verification.to_dict()}.
 _VERIFIED_STUDY_ATTR = "verified_trials"
-# Stage 2's predicted (or in-study) vs verified speed-ups (``_predicted.PredictionCheck.to_dict()``).
+# Stage 2's predicted (or in-study) vs verified speed-ups (``PredictionCheck.to_dict()``).
 _PREDICTION_CHECK_STUDY_ATTR = "prediction_check"
-_PREDICTED_SOURCES = ("table", "estimate")
 
 
 class LatencyRecord(TypedDict, total=False):
@@ -64,11 +68,25 @@ class WorstClass(TypedDict):
     drop: float
 
 
-def _attr(key: str, default: Any = None) -> Any:
-    """A field stored under user attribute ``key``; mutable defaults are copied per record."""
+def _attr(key: str, default: Any = None, codec: type | None = None) -> Any:
+    """A field stored under user attribute ``key``; mutable defaults are copied per record.
+
+    With ``codec`` the field holds that class (default None) and is stored as its ``to_dict()``.
+    """
+    metadata = {_KEY: key} if codec is None else {_KEY: key, _CODEC: codec}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={_KEY: key})
-    return field(default=default, metadata={_KEY: key})
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _stored(f: dataclasses.Field[Any], value: Any) -> Any:
+    codec = f.metadata.get(_CODEC)
+    return value.to_dict() if codec is not None else copy.deepcopy(value)
+
+
+def _loaded(f: dataclasses.Field[Any], raw: Any) -> Any:
+    codec = f.metadata.get(_CODEC)
+    return codec.from_dict(raw) if codec is not None else copy.deepcopy(raw)
 
 
 @dataclass(frozen=True)
@@ -84,8 +102,8 @@ class TrialRecord:
     metric: str | None = _attr("metric")
     metrics: dict[str, float] = _attr("metrics", {})
     latency: LatencyRecord = _attr("latency", {})
-    config: dict[str, Any] = _attr("config", {})
-    """``TrialConfig.to_dict()``."""
+    config: TrialConfig | None = _attr("config", None, TrialConfig)
+    """What the trial asked for; None for a trial that recorded none (a failure, an older version)."""
     artifact: str | None = _attr("artifact")
     deployable: str | None = _attr("deployable")
     trial_json: str | None = _attr("trial_json")
@@ -97,10 +115,10 @@ class TrialRecord:
     error: str | None = _attr(_ERROR_ATTR)
     # Fields shared by the measurement, integrity, worker and review features:
     # declared here once so each of them reads and writes the same keys.
-    paired: dict[str, Any] = _attr("paired", {})
-    """In-study paired timing against FP32 (``sensisearch.measure.PairedLatency.to_dict()``)."""
-    verified: dict[str, Any] = _attr("verified", {})
-    """The same figures from the verify tournament (``PairedLatency.to_dict()``), when it ran."""
+    paired: PairedTiming | None = _attr("paired", None, PairedTiming)
+    """In-study paired timing against FP32 (with the runner's timing facts); None: not timed paired."""
+    verified: PairedTiming | None = _attr("verified", None, PairedTiming)
+    """The same figures from the verify tournament (plus ``median_ms`` and ``backend``), when it ran."""
     drop_ci95: list[float] | None = _attr("drop_ci95")
     """Paired bootstrap 95% CI over images of the metric drop vs FP32, in points ([lo, hi])."""
     per_class_instances: dict[str, int] | None = _attr("per_class_instances")
@@ -142,16 +160,18 @@ class TrialRecord:
             value = getattr(self, f.name)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if value != default:
-                attrs[key] = copy.deepcopy(value)
+                attrs[key] = _stored(f, value)
         return attrs
 
     @classmethod
     def from_attrs(cls, number: int, attrs: Mapping[str, Any], **trial_fields: Any) -> TrialRecord:
         """A record from stored user attributes (missing ones give the defaults); ``trial_fields``: state, value, feasible."""
+        # An empty typed part ({}) is what older versions wrote for "none": it reads as None.
         stored = {
-            f.name: copy.deepcopy(attrs[f.metadata[_KEY]])
+            f.name: _loaded(f, attrs[f.metadata[_KEY]])
             for f in dataclasses.fields(cls)
             if _KEY in f.metadata and attrs.get(f.metadata[_KEY]) is not None
+            and not (_CODEC in f.metadata and not attrs[f.metadata[_KEY]])
         }
         return cls(number=number, **trial_fields, **stored)
 
@@ -169,12 +189,10 @@ class TrialRecord:
         entry = read_verified(study_attrs or {}).get(trial.number)
         return record if entry is None else record.with_verification(entry)
 
-    def with_verification(self, entry: Mapping[str, Any]) -> TrialRecord:
+    def with_verification(self, entry: Verification) -> TrialRecord:
         """This record with a verify-tournament entry (see :func:`verified_attrs`)."""
-        drop = entry.get("drop_ci95")
-        return dataclasses.replace(
-            self, verified=copy.deepcopy(dict(entry["timing"])), verified_drop_ci95=None if drop is None else list(drop)
-        )
+        drop = entry.drop_ci95
+        return dataclasses.replace(self, verified=entry.timing, verified_drop_ci95=None if drop is None else list(drop))
 
     @staticmethod
     def baseline_attrs(name: str) -> dict[str, Any]:
@@ -195,8 +213,8 @@ class TrialRecord:
     @property
     def median_ms(self) -> float | None:
         """The latency the front and the winner use: verified when the tournament ran, else in-study."""
-        if self.verified.get("median_ms") is not None:
-            return float(self.verified["median_ms"])
+        if self.verified is not None and self.verified.median_ms is not None:
+            return float(self.verified.median_ms)
         return self.latency.get("median_ms")
 
     @property
@@ -211,25 +229,25 @@ class TrialRecord:
         return None if ci is None else (float(ci[0]), float(ci[1]))
 
     @property
-    def timing(self) -> dict[str, Any]:
+    def timing(self) -> PairedTiming | None:
         """The best timing evidence: the verify tournament's figures, else the in-study paired ones."""
-        return self.verified or self.paired
+        return self.verified if self.verified is not None else self.paired
 
     @property
     def speedup(self) -> float | None:
         """Speed-up vs FP32: verified when available, else paired, else predicted (no CI; see :attr:`speedup_source`)."""
-        value = self.timing.get("speedup")
-        return value if value is not None else self.predicted_speedup
+        timing = self.timing
+        return timing.speedup if timing is not None else self.predicted_speedup
 
     # Latency predicted (latency table or MAC estimate) instead of timed.
     @property
     def latency_source(self) -> str:
         """"table" or "estimate" (predicted), "paired" (timed with FP32), or "unpaired" (older studies)."""
-        return str(self.latency.get("source") or ("paired" if self.paired else "unpaired"))
+        return str(self.latency.get("source") or ("paired" if self.paired is not None else "unpaired"))
 
     @property
     def is_predicted(self) -> bool:
-        return self.latency_source in _PREDICTED_SOURCES
+        return self.latency_source in PREDICTED_SOURCES
 
     @property
     def predicted_speedup(self) -> float | None:
@@ -250,35 +268,50 @@ class TrialRecord:
 
     @property
     def speedup_ci95(self) -> tuple[float, float] | None:
-        ci = self.timing.get("speedup_ci95")
-        return None if ci is None else (float(ci[0]), float(ci[1]))
+        timing = self.timing
+        return None if timing is None else timing.speedup_ci95
 
     @property
     def paired_speedup(self) -> float | None:
         """The in-study paired speed-up (not the verified one)."""
-        return self.paired.get("speedup")
+        return None if self.paired is None else self.paired.speedup
 
     @property
     def paired_ci(self) -> tuple[float, float] | None:
-        ci = self.paired.get("speedup_ci95")
-        return None if ci is None else (float(ci[0]), float(ci[1]))
+        return None if self.paired is None else self.paired.speedup_ci95
 
     @property
     def is_verified(self) -> bool:
-        return bool(self.verified)
+        return self.verified is not None
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        """Layer -> "int8"/"fp16"/"fp32" as the configuration asked, in graph order ({} without a configuration)."""
+        return {} if self.config is None else {name: p.value for name, p in self.config.precisions.items()}
 
     def requested_counts(self) -> dict[str, int]:
         """Layers per precision the configuration asked for (``layer_precisions`` is what ran)."""
         counts = {"int8": 0, "fp16": 0, "fp32": 0}
-        for p in self.config.get("precisions", {}).values():
+        for p in self.precisions.values():
             counts[p] = counts.get(p, 0) + 1
         return counts
+
+    @property
+    def calibration_text(self) -> str:
+        """``entropy n=256`` (``percentile n=256 p=99.99``) when the configuration uses INT8, else ""."""
+        if self.config is None or not self.config.uses_int8:
+            return ""
+        cal = self.config.calibration
+        text = f"{cal.algorithm.value} n={cal.samples}"
+        if cal.algorithm.value == "percentile":
+            text += f" p={cal.percentile}"
+        return text
 
     def to_dict(self, reference: float | None) -> dict[str, Any]:
         """One ``pareto.json`` entry; ``reference`` is the FP32 value the drop is measured from."""
         ci = self.drop_ci
-        paired = {k: v for k, v in self.paired.items() if k != "candidate_times_ms"}
-        verified = {k: v for k, v in self.verified.items() if k != "candidate_times_ms"}
+        paired = {} if self.paired is None else self.paired.summary_dict()
+        verified = {} if self.verified is None else self.verified.summary_dict()
         return {
             "number": self.number,
             "baseline": self.baseline,
@@ -292,10 +325,10 @@ class TrialRecord:
             "speedup": self.speedup,
             # "verified", "paired", or a predictor's source; its label says what a predicted figure is.
             "speedup_source": self.speedup_source,
-            "speedup_label": self.latency.get("label") if self.speedup_source in _PREDICTED_SOURCES else None,
+            "speedup_label": self.latency.get("label") if self.speedup_source in PREDICTED_SOURCES else None,
             "speedup_ci95": None if self.speedup_ci95 is None else list(self.speedup_ci95),
             "latency": {**self.latency, "paired": paired, **({"verified": verified} if verified else {})},
-            "config": self.config,
+            "config": {} if self.config is None else self.config.to_dict(),
             "artifact": self.artifact,
             "deployable_onnx": self.deployable,
             "layers_requested": self.requested_counts(),
@@ -323,21 +356,20 @@ def read_fp32_per_image(study_attrs: Mapping[str, Any]) -> str | None:
     return study_attrs.get(_FP32_PER_IMAGE_STUDY_ATTR)
 
 
-def verified_attrs(entries: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
-    """The study attribute of the verify tournament: per trial ``{"timing": PairedLatency dict + median_ms,
-    "drop_ci95": [lo, hi] or None}``, plus the set of trials it covered."""
-    return {_VERIFIED_STUDY_ATTR: {str(n): dict(e) for n, e in entries.items()}}
+def verified_attrs(entries: Mapping[int, Verification]) -> dict[str, Any]:
+    """The study attribute of the verify tournament: one :class:`Verification` per trial it covered."""
+    return {_VERIFIED_STUDY_ATTR: {str(n): e.to_dict() for n, e in entries.items()}}
 
 
-def read_verified(study_attrs: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-    return {int(n): dict(e) for n, e in (study_attrs.get(_VERIFIED_STUDY_ATTR) or {}).items()}
+def read_verified(study_attrs: Mapping[str, Any]) -> dict[int, Verification]:
+    return {int(n): Verification.from_dict(e) for n, e in (study_attrs.get(_VERIFIED_STUDY_ATTR) or {}).items()}
 
 
-def prediction_check_attrs(check: Mapping[str, Any]) -> dict[str, Any]:
-    """The study attribute of stage 2's comparison (``_predicted.PredictionCheck.to_dict()``)."""
-    return {_PREDICTION_CHECK_STUDY_ATTR: dict(check)}
+def prediction_check_attrs(check: PredictionCheck) -> dict[str, Any]:
+    """The study attribute of stage 2's comparison."""
+    return {_PREDICTION_CHECK_STUDY_ATTR: check.to_dict()}
 
 
-def read_prediction_check(study_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+def read_prediction_check(study_attrs: Mapping[str, Any]) -> PredictionCheck | None:
     value = study_attrs.get(_PREDICTION_CHECK_STUDY_ATTR)
-    return None if value is None else dict(value)
+    return None if value is None else PredictionCheck.from_dict(value)

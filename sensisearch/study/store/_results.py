@@ -172,7 +172,7 @@ def export_winner(
         "trial": record.number,
         "model": {"path": str(model_path.resolve()), "sha256": model_sha256},
         "backend": backend,
-        "config": record.config,
+        "config": {} if record.config is None else record.config.to_dict(),
         "metric": record.metric,
         "value": record.value,
         "fp32_value": None if fp32 is None else fp32.value,
@@ -238,14 +238,14 @@ def write_pareto(front: list[TrialRecord], reference: float | None, out: Path) -
     ])
     for r in front:
         req = r.requested_counts()
-        cal = r.config.get("calibration", {})
+        cal = None if r.config is None else r.config.calibration
         writer.writerow([
             r.number, r.baseline or "", r.metric, f"{r.value:.4f}",
             "" if reference is None else f"{reference - r.value:.4f}",  # type: ignore[operator]
             f"{r.median_ms if r.median_ms is not None else float('nan'):.4f}", f"{r.latency.get('p90_ms', float('nan')):.4f}",
             r.latency.get("runs", ""), req["int8"], req["fp16"], req["fp32"], r.layer_precisions.get("int8", ""),
-            cal.get("algorithm", "") if req["int8"] else "", cal.get("samples", "") if req["int8"] else "",
-            cal.get("percentile", "") if req["int8"] and cal.get("algorithm") == "percentile" else "",
+            cal.algorithm.value if req["int8"] and cal else "", cal.samples if req["int8"] and cal else "",
+            cal.percentile if req["int8"] and cal and cal.algorithm.value == "percentile" else "",
             str(trial_file(r.artifact, out, r.number) or ""),
             "" if r.speedup is None else f"{r.speedup:.4f}",
             "" if r.speedup_ci95 is None else f"{r.speedup_ci95[0]:.4f}", "" if r.speedup_ci95 is None else f"{r.speedup_ci95[1]:.4f}",

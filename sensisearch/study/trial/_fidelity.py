@@ -44,6 +44,7 @@ import numpy as np
 from sensisearch.errors import SensisearchError
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.store._record import TrialRecord, read_fp32_per_image
+from sensisearch.study.store._timing import PairedTiming
 
 if TYPE_CHECKING:
     import optuna
@@ -323,11 +324,11 @@ def stopped_record(
     assert outcome.early_stop is not None
     return TrialRecord(
         number,
-        config=outcome.config.to_dict(),
+        config=outcome.config,
         config_key=config_key,
         role=role,
         latency=outcome.latency_record or outcome.latency.to_dict(),  # type: ignore[arg-type]
-        paired={} if outcome.paired is None else {**outcome.paired.to_dict(), "facts": outcome.timing_facts},
+        paired=None if outcome.paired is None else PairedTiming.of(outcome.paired, outcome.timing_facts),
         artifact=str(outcome.build.artifact),
         deployable=str(outcome.deployable),
         trial_json=trial_json,

@@ -20,6 +20,7 @@ from sensisearch.study.store._record import (
     read_reference_ms,
     reference_ms_attrs,
 )
+from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.trial._pipeline import TimingPlan
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def measured_fields(
     also fixes the study's reference latency and FP32 per-image results (study attributes)."""
     fields: dict[str, Any] = {}
     if outcome.paired is not None:
-        fields["paired"] = {**outcome.paired.to_dict(), "facts": outcome.timing_facts}
+        fields["paired"] = PairedTiming.of(outcome.paired, outcome.timing_facts)
         if baseline == "fp32" and study_reference_ms(study) is None and outcome.latency_record:
             for key, value in reference_ms_attrs(outcome.latency_record["reference_ms"]).items():
                 study.set_user_attr(key, value)

@@ -29,6 +29,7 @@ from sensisearch.quantize.ranges import TensorRange
 from sensisearch.artifact import DEPLOYABLE_NAME, ArtifactPipeline, Phases
 from sensisearch.calibration.ranges import CalibrationRanges
 from sensisearch.quantize.ranges import ranges_to_dict
+from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.trial import _fidelity
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class TrialOutcome:
             "artifact": str(self.build.artifact),
             "build": {"seconds": self.build.seconds, "layer_precisions": dict(self.build.layer_precisions), **dict(self.build.details)},
             "latency": self.latency_record or self.latency.to_dict(),
-            "paired": None if self.paired is None else {**self.paired.to_dict(), "facts": self.timing_facts},
+            "paired": None if self.paired is None else PairedTiming.of(self.paired, self.timing_facts).to_dict(),
             "evaluation": self.evaluation.to_dict(),
             "timings": self.timings,
             **({"subset": self.subset.to_dict()} if self.subset is not None else {}),

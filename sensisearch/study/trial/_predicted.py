@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from sensisearch.errors import SensisearchError
-from sensisearch.latency import SOURCE_ESTIMATE, SOURCE_PAIRED, SOURCE_TABLE, LatencyPredictor, MacEstimate
+from sensisearch.latency import SOURCE_PAIRED, SOURCE_TABLE, LatencyPredictor, MacEstimate
 from sensisearch.quantize.config import Precision
+from sensisearch.study.store._timing import PredictionCheck
 
 if TYPE_CHECKING:
     import onnx
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREDICTED_SOURCES = (SOURCE_TABLE, SOURCE_ESTIMATE)
 COST_UNIT = "relative cost (FP32 = 1)"
 """The unit of an estimate's ``median_ms``: the MAC estimate over all-FP32's, unitless."""
 
@@ -149,11 +148,11 @@ def store_predicted_reference(study: optuna.Study, record: Mapping[str, Any]) ->
 def speed_label(r: TrialRecord) -> str:
     """What a trial's speed figure is, in words: ``verified on B``, ``paired``, or the predictor's label."""
     if r.is_verified:
-        backend = r.verified.get("backend")
+        backend = None if r.verified is None else r.verified.backend
         return f"verified on {backend}" if backend else "verified"
     if r.is_predicted:
         return str(r.latency.get("label") or r.latency_source)
-    return "in-study" if r.paired else "unpaired"
+    return "in-study" if r.paired is not None else "unpaired"
 
 
 def study_speed_label(recs: Sequence[TrialRecord]) -> str | None:
@@ -201,40 +200,6 @@ def partial_int8_verdict(recs: Sequence[TrialRecord]) -> str | None:
 
 
 # --------------------------------------------------------------------------- stage 2: predicted vs measured
-@dataclass(frozen=True)
-class PredictionCheck:
-    """How far the in-study speed-ups (predicted or paired) were from the verified ones."""
-
-    backend: str
-    source: str
-    """The in-study figures' source: "table", "estimate" or "paired"."""
-    spearman: float | None
-    """Rank correlation over ``rows`` (None with fewer than 3 trials, or no spread)."""
-    rows: tuple[tuple[int, float, float], ...]
-    """(trial, in-study speed-up, verified speed-up), FP32 (the reference arm) left out."""
-
-    @property
-    def n(self) -> int:
-        return len(self.rows)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend, "source": self.source, "spearman": self.spearman, "n": self.n,
-            "trials": [{"number": n, "in_study_speedup": a, "verified_speedup": b} for n, a, b in self.rows],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PredictionCheck:
-        rows = tuple((int(t["number"]), float(t["in_study_speedup"]), float(t["verified_speedup"])) for t in data.get("trials", []))
-        spearman = data.get("spearman")
-        return cls(str(data.get("backend", "")), str(data.get("source", "")), None if spearman is None else float(spearman), rows)
-
-    def summary(self) -> str:
-        what = "predicted" if self.source in PREDICTED_SOURCES else "in-study paired"
-        rho = "n/a (needs 3 trials with a spread)" if self.spearman is None else f"{self.spearman:.2f}"
-        return f"Spearman rank correlation of {what} vs verified speed-up on {self.backend}: {rho} over {self.n} trials"
-
-
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman's rho of two paired samples (average ranks for ties); None below 3 pairs or without spread."""
     from sensisearch.measure import spearman_rho
@@ -248,7 +213,7 @@ def compare_predicted(recs: Sequence[TrialRecord], backend: str) -> PredictionCh
     for r in recs:
         if not r.is_verified or r.baseline == "fp32":
             continue
-        in_study, verified = r.in_study_speedup, r.verified.get("speedup")
+        in_study, verified = r.in_study_speedup, None if r.verified is None else r.verified.speedup
         if in_study is not None and verified is not None:
             rows.append((r.number, float(in_study), float(verified)))
     if not rows:

@@ -1,0 +1,121 @@
+"""The timing evidence a study stores, typed: in-study paired timing, the verify tournament, stage 2's check.
+
+Each class reads exactly the JSON earlier versions wrote (``from_dict``) and writes
+it back key for key, in the same order (``to_dict``), so a stored study reads back
+identically and the files written from it stay byte-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from sensisearch.latency import SOURCE_ESTIMATE, SOURCE_TABLE
+from sensisearch.measure import PairedLatency
+
+PREDICTED_SOURCES = (SOURCE_TABLE, SOURCE_ESTIMATE)
+"""Latency sources that are a predictor's figure, not a timing."""
+
+
+@dataclass(frozen=True)
+class PairedTiming(PairedLatency):
+    """A :class:`PairedLatency` as stored: a trial's ``paired`` attribute, or a verify-tournament entry's ``timing``.
+
+    A subclass rather than a wrapper so readers use the measurement's own names
+    (``speedup``, ``speedup_ci95``, ``candidate_times_ms``) without a second hop.
+    """
+
+    median_ms: float | None = None
+    """Verify tournament only: the study's FP32 reference latency over the verified speed-up."""
+    facts: dict[str, Any] | None = None
+    """What else the timing depended on (GPU clocks, other GPU processes), as the runner reported it;
+    free-form per backend. None: not stored (never omitted by this version)."""
+    backend: str | None = None
+    """Verify tournament only: the backend that timed it (stage 2 may time on another backend)."""
+
+    @classmethod
+    def of(
+        cls, paired: PairedLatency, facts: Mapping[str, Any] | None, *, median_ms: float | None = None,
+        backend: str | None = None,
+    ) -> PairedTiming:
+        """``paired`` with what is stored beside it."""
+        base = {f.name: getattr(paired, f.name) for f in dataclasses.fields(PairedLatency)}
+        return cls(**base, median_ms=median_ms, facts=None if facts is None else dict(facts), backend=backend)
+
+    def to_dict(self) -> dict[str, Any]:
+        # Key order is what the writers produced: the measurement, then median_ms, facts, backend.
+        data = super().to_dict()
+        if self.median_ms is not None:
+            data["median_ms"] = self.median_ms
+        if self.facts is not None:
+            data["facts"] = copy.deepcopy(self.facts)
+        if self.backend is not None:
+            data["backend"] = self.backend
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PairedTiming:
+        median_ms = data.get("median_ms")
+        facts = data.get("facts")
+        backend = data.get("backend")
+        return cls.of(
+            PairedLatency.from_dict(data), None if facts is None else copy.deepcopy(dict(facts)),
+            median_ms=None if median_ms is None else float(median_ms), backend=None if backend is None else str(backend),
+        )
+
+    def summary_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the per-round times: what ``pareto.json`` shows."""
+        return {k: v for k, v in self.to_dict().items() if k != "candidate_times_ms"}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """One trial's entry in the verify tournament's study attribute."""
+
+    timing: PairedTiming
+    drop_ci95: tuple[float, float] | None = None
+    """The verify step's drop CI (more resamples than in-study), in points; None when not computed."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"timing": self.timing.to_dict(), "drop_ci95": None if self.drop_ci95 is None else list(self.drop_ci95)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Verification:
+        drop = data.get("drop_ci95")
+        return cls(PairedTiming.from_dict(data["timing"]), None if drop is None else (float(drop[0]), float(drop[1])))
+
+
+@dataclass(frozen=True)
+class PredictionCheck:
+    """How far the in-study speed-ups (predicted or paired) were from the verified ones (stage 2)."""
+
+    backend: str
+    source: str
+    """The in-study figures' source: "table", "estimate" or "paired"."""
+    spearman: float | None
+    """Rank correlation over ``rows`` (None with fewer than 3 trials, or no spread)."""
+    rows: tuple[tuple[int, float, float], ...]
+    """(trial, in-study speed-up, verified speed-up), FP32 (the reference arm) left out."""
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend, "source": self.source, "spearman": self.spearman, "n": self.n,
+            "trials": [{"number": n, "in_study_speedup": a, "verified_speedup": b} for n, a, b in self.rows],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PredictionCheck:
+        rows = tuple((int(t["number"]), float(t["in_study_speedup"]), float(t["verified_speedup"])) for t in data.get("trials", []))
+        spearman = data.get("spearman")
+        return cls(str(data.get("backend", "")), str(data.get("source", "")), None if spearman is None else float(spearman), rows)
+
+    def summary(self) -> str:
+        what = "predicted" if self.source in PREDICTED_SOURCES else "in-study paired"
+        rho = "n/a (needs 3 trials with a spread)" if self.spearman is None else f"{self.spearman:.2f}"
+        return f"Spearman rank correlation of {what} vs verified speed-up on {self.backend}: {rho} over {self.n} trials"
