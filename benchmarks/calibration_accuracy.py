@@ -94,7 +94,7 @@ def exact_histograms(model_path: Path, tensors: list[str], batches: list[np.ndar
         values.update({t: x for t in tensors if t in graph_inputs})
         for t in tensors:
             running[t] = update_statistics(running[t], values[t])
-        if ort_collector is not None and not args.quick:
+        if ort_collector is not None:  # only called without --quick
             ort_collector.collect({t: values[t] for t in tensors})
     out = {}
     for t, s in running.items():
@@ -171,7 +171,7 @@ def main() -> None:
             )
             edge = {t: max(entropy_amax(s.counts, s.bin_width, observed_max=s.amax) - 0.5 * s.bin_width, 0.0) for t, s in statistics.items()}
             variants["entropy, pytorch-quantization edge i*w"] = _symmetric_ranges(edge, statistics)
-        if ort_collector is not None and not args.quick:
+        if ort_collector is not None:  # only called without --quick
             thresholds = ort_collector.compute_collection_result()
             ort_amax = {t: max(abs(float(v[0])), abs(float(v[1]))) for t, v in thresholds.items()}
             variants["ORT EntropyCalibrater (defaults)"] = _symmetric_ranges(ort_amax, statistics)
