@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from sensisearch.examples import load_example
+from sensisearch.onnx_compat import make_model
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -27,7 +28,7 @@ def _no_layer_model(path: Path) -> Path:
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 32, 32])],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(make_model(graph, opset=13), path)
     return path
 
 
