@@ -50,22 +50,43 @@ def _loads(ir_version: int) -> tuple[bool, str]:
     return True, ""
 
 
+# An IR no onnxruntime release loads: the refusal names the release's limit.
+_UNLOADABLE_IR = 10_000
+
+
 @functools.cache
-def max_ir_version() -> int:
-    """Highest ONNX IR version that both the installed onnx and onnxruntime handle."""
-    newest = onnx.IR_VERSION
-    ok, message = _loads(newest)
-    if ok:
-        return newest
-    # ORT names its limit in the refusal; fall back to trying lower versions when a
-    # release words it differently.
+def onnxruntime_max_ir_version() -> int:
+    """Highest ONNX IR version the installed onnxruntime loads."""
+    ok, message = _loads(_UNLOADABLE_IR)
     match = _MAX_IR_RE.search(message)
-    if match and _PROBE_FLOOR <= int(match.group(1)) < newest and _loads(int(match.group(1)))[0]:
+    if not ok and match and _loads(int(match.group(1)))[0]:
         found = int(match.group(1))
     else:
-        found = next((ir for ir in range(newest - 1, _PROBE_FLOOR - 1, -1) if _loads(ir)[0]), _PROBE_FLOOR)
-    log.debug("onnx writes IR %d, onnxruntime loads up to IR %d", newest, found)
+        # A release that words its refusal differently: try downwards from what onnx knows.
+        found = next((ir for ir in range(onnx.IR_VERSION, _PROBE_FLOOR - 1, -1) if _loads(ir)[0]), _PROBE_FLOOR)
+    log.debug("onnxruntime loads up to IR %d (onnx writes IR %d)", found, onnx.IR_VERSION)
     return found
+
+
+def max_ir_version() -> int:
+    """Highest ONNX IR version that both the installed onnx and onnxruntime handle."""
+    return min(onnx.IR_VERSION, onnxruntime_max_ir_version())
+
+
+def check_loadable_ir(model: onnx.ModelProto, source: str) -> None:
+    """One line when onnxruntime cannot load ``model`` for its IR version.
+
+    Calibration statistics are always collected with onnxruntime, whatever the
+    backend, so a model it refuses cannot be searched at all.
+    """
+    limit = onnxruntime_max_ir_version()
+    if model.ir_version > limit:
+        import onnxruntime as ort
+
+        raise SensisearchError(
+            f"{source}: ONNX IR version {model.ir_version} is newer than onnxruntime {ort.__version__} loads "
+            f"(at most IR {limit}); upgrade onnxruntime, or re-export the model with an onnx release that writes IR {limit}"
+        )
 
 
 def ir_version_for(opset_imports: Iterable[onnx.OperatorSetIdProto]) -> int:
