@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from sensisearch.examples import load_example
@@ -62,6 +63,7 @@ def test_each_bad_input_is_one_line_and_nonzero(tmp_path: Path) -> None:
         assert must_name in error_lines[0], (args, error_lines)
 
 
+@pytest.mark.slow  # a real two-trial study first
 def test_failed_start_keeps_an_existing_study(tmp_path: Path) -> None:
     """A bad re-run must not touch the study already on disk."""
     out = tmp_path / "out"

@@ -30,6 +30,9 @@ from sensisearch.study.pipeline import TimingPlan, TrialPipeline
 from sensisearch.study.results import NOT_SIGNIFICANT, choose_winner, records
 from sensisearch.study.runner import worst_class_drop
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 
 # --------------------------------------------------------------------------- a drifting fake GPU-like runner
 class SimulatedMachine:

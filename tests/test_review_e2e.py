@@ -32,6 +32,9 @@ from sensisearch.report import PARETO_DIV, PRECISION_COLOURS, SensitivityRow
 from sensisearch.study._record import TrialRecord
 from sensisearch.study._review import float_layer_evidence, speedup_of
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_DROP = "0.1"
 
