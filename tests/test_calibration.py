@@ -35,6 +35,7 @@ from sensisearch.calibration import (
     update_statistics,
 )
 from sensisearch.errors import SensisearchError
+from sensisearch.onnx_compat import make_model
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice
 
 F32 = np.float32
@@ -192,8 +193,7 @@ def _conv_model(path: Path, batch: int | str = "N", seed: int = 0) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2, 8, 8])],
         [w1, b1, w2],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+    model = make_model(graph, opset=17, ir_version=8)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path

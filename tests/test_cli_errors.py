@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from sensisearch.examples import load_example
+from sensisearch.onnx_compat import make_model
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -27,7 +31,7 @@ def _no_layer_model(path: Path) -> Path:
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 32, 32])],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(make_model(graph, opset=13), path)
     return path
 
 
@@ -59,6 +63,7 @@ def test_each_bad_input_is_one_line_and_nonzero(tmp_path: Path) -> None:
         assert must_name in error_lines[0], (args, error_lines)
 
 
+@pytest.mark.slow  # a real two-trial study first
 def test_failed_start_keeps_an_existing_study(tmp_path: Path) -> None:
     """A bad re-run must not touch the study already on disk."""
     out = tmp_path / "out"
@@ -70,3 +75,63 @@ def test_failed_start_keeps_an_existing_study(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert (out / "study.db").read_bytes() == db
     assert (out / "winner" / "config.json").is_file()
+
+
+def _damaged_files(tmp: Path) -> list[tuple[list[str], str, str]]:
+    """(flags, file the line must name, words it must say) for files that are empty, cut or corrupt."""
+    example = load_example("digits")
+    inputs = np.random.default_rng(0).random((8, 1, 32, 32), dtype=np.float32)
+    np.save(tmp / "ok.npy", inputs)
+    whole_npy = (tmp / "ok.npy").read_bytes()
+    (tmp / "empty.npy").write_bytes(b"")
+    (tmp / "cut.npy").write_bytes(whole_npy[: len(whole_npy) // 2])
+    np.savez(tmp / "ok.npz", input=inputs)
+    whole_npz = (tmp / "ok.npz").read_bytes()
+    (tmp / "empty.npz").write_bytes(b"")
+    (tmp / "cut.npz").write_bytes(whole_npz[: len(whole_npz) // 2])
+    # Directory intact, member data flipped: only reading the array (its CRC) finds it.
+    flipped = bytearray(whole_npz)
+    flipped[200:260] = bytes(255 - b for b in flipped[200:260])
+    (tmp / "crc.npz").write_bytes(bytes(flipped))
+    np.savez_compressed(tmp / "packed.npz", input=inputs)
+    packed = bytearray((tmp / "packed.npz").read_bytes())
+    packed[100:200] = bytes(range(100))
+    (tmp / "inflate.npz").write_bytes(bytes(packed))
+    with zipfile.ZipFile(tmp / "raw.npz", "w") as archive:  # a member without the .npy header
+        archive.writestr("input.npy", b"not an array")
+    model_bytes = example.model.read_bytes()
+    (tmp / "cut.onnx").write_bytes(model_bytes[: len(model_bytes) // 2])
+    newer = onnx.load(str(example.model))
+    newer.ir_version = 99
+    onnx.save(newer, tmp / "ir99.onnx")
+    (tmp / "images").mkdir()
+    (tmp / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp / "idx").mkdir()
+    (tmp / "idx" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(bytes(4000))[:60])
+    (tmp / "no-images").mkdir()
+    (tmp / "no-images" / "notes.txt").write_text("no images here")
+    calib = ["--example", "digits", "--calib-data"]
+    return [
+        ([*calib, str(tmp / "empty.npy")], "empty.npy", "numpy.save"),
+        ([*calib, str(tmp / "cut.npy")], "cut.npy", "numpy.save"),
+        ([*calib, str(tmp / "empty.npz")], "empty.npz", "numpy.savez"),
+        ([*calib, str(tmp / "cut.npz")], "cut.npz", "numpy.savez"),
+        ([*calib, str(tmp / "crc.npz")], "crc.npz", "numpy.savez"),
+        ([*calib, str(tmp / "inflate.npz")], "inflate.npz", "numpy.savez"),
+        ([*calib, str(tmp / "raw.npz")], "raw.npz", "numpy.savez"),
+        ([*calib, str(tmp / "images")], "broken.png", "cannot decode"),
+        ([*calib, str(tmp / "no-images")], "no-images", "no images"),
+        (["--example", "digits", "--eval-data", str(tmp / "idx")], "t10k-images-idx3-ubyte.gz", "idx"),
+        (["--model", str(tmp / "cut.onnx"), "--eval-data", str(example.eval_data)], "cut.onnx", "not an ONNX model"),
+        (["--model", str(tmp / "ir99.onnx"), "--eval-data", str(example.eval_data)], "ir99.onnx", "IR version 99"),
+    ]
+
+
+def test_each_damaged_file_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    for args, must_name, must_say in _damaged_files(tmp_path):
+        result = _cli("run", *args, "--budget", "1", "--out", str(tmp_path / "out"), cwd=tmp_path)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error:"), (args, result.stderr)
+        assert "internal error" not in lines[0], (args, lines)
+        assert must_name in lines[0] and must_say in lines[0], (args, lines)

@@ -11,6 +11,9 @@ import pytest
 
 from sensisearch.cli import main
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 EVAL_IMAGES = 40
 
 

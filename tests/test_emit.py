@@ -24,6 +24,7 @@ from conftest import require_shared
 
 from sensisearch.backends.onnxruntime import count_kernels
 from sensisearch.model import ModelInfo, analyze_model
+from sensisearch.onnx_compat import make_model
 from sensisearch.op_types import REGION_OP_TYPES
 from sensisearch.quantize import (
     ONNXRUNTIME_CPU,
@@ -163,7 +164,7 @@ def _resnet(path: Path, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = make_model(graph, opset=13)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
     return path
@@ -542,7 +543,7 @@ def test_count_kernels_unit() -> None:
         numpy_helper.from_array(np.zeros((1, 1, 1, 1), np.float16), "w16"),
     ]
     graph = helper.make_graph(nodes, "g", [], [], initializer=inits)
-    assert count_kernels(helper.make_model(graph)) == {"int8": 3, "fp16": 1, "fp32": 1}
+    assert count_kernels(make_model(graph)) == {"int8": 3, "fp16": 1, "fp32": 1}
 
 
 def test_onnxruntime_integer_kernels(resnet, mnist) -> None:

@@ -22,6 +22,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from sensisearch.examples import load_example
+from sensisearch.onnx_compat import make_model
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
 from sensisearch.study import TrialRecord, effective_config_key
 from sensisearch.study.search._budget import (
@@ -158,7 +159,7 @@ def _image_output_model(path: Path) -> Path:
         [conv], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 32, 32])], [w],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(make_model(graph, opset=13), path)
     return path
 
 

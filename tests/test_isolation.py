@@ -31,6 +31,9 @@ from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.run import prepare
 from sensisearch.study.config._settings import merge_settings
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).resolve().parent
 BACKEND = "isolation_backends:MisbehavingBackend"
 # Long enough for a normal digits trial on a busy shared machine; the hang tests wait this long.

@@ -15,6 +15,7 @@ from conftest import require_shared
 
 from sensisearch.errors import SensisearchError
 from sensisearch.model import analyze_model, load_onnx
+from sensisearch.onnx_compat import make_model
 from sensisearch.quantize import GraphIndex, int8_region, statistics_tensors
 
 
@@ -43,8 +44,7 @@ def _small_model(path: Path, named: bool = True) -> Path:
         [helper.make_tensor_value_info("m", TensorProto.FLOAT, None), helper.make_tensor_value_info("rr", TensorProto.FLOAT, None)],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 3  # IR 3 lists initializers as graph inputs too
+    model = make_model(graph, opset=13, ir_version=3)  # IR 3 lists initializers as graph inputs too
     model.graph.input.extend([helper.make_tensor_value_info(i.name, TensorProto.FLOAT, list(i.dims)) for i in inits])
     helper.set_model_props(model, {"stride": "8"})
     onnx.save(model, path)
@@ -113,7 +113,7 @@ def test_no_quantizable_layer(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 4])],
     )
     path = tmp_path / "noq.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(make_model(graph, opset=13), path)
     with pytest.raises(SensisearchError, match="no quantizable layer"):
         analyze_model(path)
 
@@ -185,7 +185,7 @@ def _region_model(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), helper.make_tensor_value_info("z", TensorProto.INT64, None)],
         inits,
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(make_model(graph, opset=13), path)
     return path
 
 

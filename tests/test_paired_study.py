@@ -32,6 +32,9 @@ from sensisearch.study.trial._pipeline import TimingPlan, TrialPipeline
 from sensisearch.study.store._results import NOT_SIGNIFICANT, choose_winner, records
 from sensisearch.study.run import worst_class_drop
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 
 # --------------------------------------------------------------------------- a drifting fake GPU-like runner
 class SimulatedMachine:

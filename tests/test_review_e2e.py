@@ -34,6 +34,9 @@ from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.review._review import float_layer_evidence, speedup_of
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_DROP = "0.1"
 

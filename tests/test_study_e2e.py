@@ -21,6 +21,9 @@ from sensisearch.examples import load_example
 from sensisearch.study import TrialRecord
 from sensisearch.study.run import finished_count
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 

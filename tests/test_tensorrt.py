@@ -56,6 +56,7 @@ from sensisearch.doctor import doctor_report, format_doctor
 from sensisearch.errors import SensisearchError
 from sensisearch.examples.digits import CALIB_PATH, EVAL_PATH, MODEL_PATH
 from sensisearch.model import ModelInfo, analyze_model
+from sensisearch.onnx_compat import make_model
 from sensisearch.quantize import (
     TENSORRT,
     Precision,
@@ -343,7 +344,7 @@ def _bad_model(path: Path, kind: str) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
         [w, numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zp, "z")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    onnx.save(make_model(graph, opset=13), path)
     return path
 
 
@@ -384,7 +385,7 @@ def test_int8_inside_fp16_region(flavor: TensorRTFlavor, tmp_path: Path) -> None
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model = make_model(graph, opset=19)
     onnx.checker.check_model(model, full_check=True)
     path = tmp_path / "int8h.onnx"
     onnx.save(model, path)

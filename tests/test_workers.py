@@ -26,6 +26,9 @@ from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.store._worker import SETTINGS_ATTR, prune_artifacts, trials_to_keep
 from test_isolation import _alive
 
+# Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 # Small and quick: 300 evaluation images, one calibration count, short timing.

@@ -193,7 +193,14 @@ def collect_statistics(
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.intra_op_num_threads = int(intra_op_threads)
-    session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several types for a graph it cannot load
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SensisearchError(
+            f"{model_path}: ONNX Runtime cannot load the model for calibration ({first_line}); "
+            "check that the model runs in onnxruntime"
+        ) from None
     static_batch = _static_batch(session)
     fetch = [t for t in tensors if t not in from_feed]
 

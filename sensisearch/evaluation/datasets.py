@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.evaluation._arrays import npz_keys, read_npz
 from sensisearch.evaluation.image_files import IMAGE_SUFFIXES
 from sensisearch.evaluation.preprocess import InputGeometry, Preprocess
 from sensisearch.fileio import sha256_file
@@ -84,17 +86,15 @@ def load_npz(path: Path, flag: str = "") -> ImageArray:
     """An .npz of uint8 ``images`` (and optional ``labels``). Input-keyed float
     .npz files are :func:`sensisearch.evaluation.tensors.load_input_npz`'s."""
     where = f"{flag} {path}".strip()
-    try:
-        with np.load(path) as data:
-            if "images" not in data:
-                raise SensisearchError(
-                    f"{where}: .npz has neither an 'images' array nor arrays named after the model inputs "
-                    f"(keys: {sorted(data.keys())}); save images= and labels=, or one float array per input name"
-                )
-            images = data["images"]
-            labels = data["labels"].astype(np.int64) if "labels" in data else None
-    except (OSError, ValueError) as exc:
-        raise SensisearchError(f"{path}: not a readable .npz file ({exc})") from exc
+    keys = npz_keys(path, where)
+    if "images" not in keys:
+        raise SensisearchError(
+            f"{where}: .npz has neither an 'images' array nor arrays named after the model inputs "
+            f"(keys: {sorted(keys)}); save images= and labels=, or one float array per input name"
+        )
+    arrays = read_npz(path, where, ["images", "labels"])
+    images = arrays["images"]
+    labels = arrays["labels"].astype(np.int64) if "labels" in arrays else None
     if images.dtype != np.uint8:
         raise SensisearchError(f"{path}: 'images' must be uint8 pixels 0..255, got {images.dtype}")
     images = _as_nhwc(images, path)
@@ -105,8 +105,14 @@ def load_npz(path: Path, flag: str = "") -> ImageArray:
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # a cut or corrupt .gz fails only while reading
+        raise SensisearchError(
+            f"{path}: cannot read the idx file ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+            "download or decompress it again"
+        ) from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise SensisearchError(f"{path}: not an idx file of unsigned bytes")
     ndim = raw[3]

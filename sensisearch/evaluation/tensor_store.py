@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.evaluation._arrays import DAMAGED_FILE_ERRORS
 from sensisearch.evaluation.letterbox import PAD_VALUE, LetterboxMeta, LetterboxStyle, load_letterboxed
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class TensorStore:
             images = np.load(data_path, mmap_mode="r")
             with np.load(meta_path) as meta:
                 orig_shapes, gains, pads = meta["orig_shapes"], meta["gains"], meta["pads"]
-        except (OSError, ValueError, KeyError) as exc:
+        except (*DAMAGED_FILE_ERRORS, KeyError) as exc:  # a cache cut short by a kill is rebuilt, not fatal
             log.warning("ignoring unreadable tensor cache %s: %s", data_path, exc)
             return None
         if images.shape != (len(paths), 3, *input_shape) or images.dtype != np.uint8 or len(orig_shapes) != len(paths):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.evaluation._arrays import npz_keys, read_npy, read_npz
 from sensisearch.fileio import sha256_file
 
 if TYPE_CHECKING:
@@ -107,13 +107,6 @@ def _existing_file(path: Path, flag: str) -> tuple[Path, str]:
     return path, where
 
 
-def _load_npy(path: Path, where: str) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SensisearchError(f"{where}: not a readable .npy array ({' '.join(str(exc).split())}); save it with numpy.save") from exc
-
-
 def load_npy(path: Path, inputs: Sequence["TensorSpec"], flag: str = "") -> TensorData:
     """A ``.npy`` of preprocessed samples ``[N, ...]`` for a single-input model (memory-mapped)."""
     path, where = _existing_file(path, flag)
@@ -123,18 +116,9 @@ def load_npy(path: Path, inputs: Sequence["TensorSpec"], flag: str = "") -> Tens
             f"{where}: an .npy feeds one input but the model has {len(inputs)} ({names}); "
             "save an .npz with one array per input name"
         )
-    array = _load_npy(path, where)
+    array = read_npy(path, where)
     _check_array(array, inputs[0], where, "the array")
     return TensorData({inputs[0].name: array}, path, sha256_file(path))
-
-
-def npz_keys(path: Path, where: str) -> list[str]:
-    """The array names in an .npz, without reading the arrays."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return list(data.files)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise SensisearchError(f"{where}: not a readable .npz file ({' '.join(str(exc).split())})") from exc
 
 
 def load_input_npz(path: Path, inputs: Sequence["TensorSpec"], flag: str = "") -> TensorData:
@@ -151,8 +135,7 @@ def load_input_npz(path: Path, inputs: Sequence["TensorSpec"], flag: str = "") -
     extra = sorted(set(keys) - set(names))
     if extra:
         log.warning("%s: ignoring arrays that are not model inputs: %s", where, ", ".join(extra))
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {n: data[n] for n in names}
+    arrays = read_npz(path, where, names)
     for spec in inputs:
         _check_array(arrays[spec.name], spec, where, f"'{spec.name}'")
     counts = {n: int(a.shape[0]) for n, a in arrays.items()}

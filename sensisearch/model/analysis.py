@@ -27,6 +27,7 @@ from onnx import external_data_helper, helper
 
 from sensisearch.errors import SensisearchError
 from sensisearch.model.tensor import TensorSpec
+from sensisearch.onnx_compat import check_loadable_ir
 from sensisearch.op_types import DEFAULT_DOMAINS, LAYER_OP_TYPES, is_standard
 
 
@@ -115,6 +116,7 @@ def _load_bytes(path: Path) -> tuple[bytes, onnx.ModelProto]:
     # Protobuf happily parses many non-ONNX byte strings into a nearly empty message.
     if model.ir_version <= 0 or not model.HasField("graph") or len(model.graph.node) == 0 or not model.opset_import:
         raise SensisearchError(f"{path}: not an ONNX model (no graph, IR version or opset); export the model to ONNX first")
+    check_loadable_ir(model, str(path))
     try:
         if any(
             t.data_location == onnx.TensorProto.EXTERNAL for t in external_data_helper._get_all_tensors(model)

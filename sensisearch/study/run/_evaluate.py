@@ -10,6 +10,7 @@ import onnx
 
 from sensisearch.backends.factory import make_backend
 from sensisearch.errors import SensisearchError
+from sensisearch.onnx_compat import check_loadable_ir
 from sensisearch.study.config._settings import StudySettings
 from sensisearch.study.config._inputs import build_evaluation, with_example
 
@@ -30,6 +31,8 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:
         raise SensisearchError(f"--model {model_path}: not an ONNX file ({type(exc).__name__})") from exc
+    # Evaluation runs on onnxruntime-based backends here: a model it cannot load is one line, not a crash.
+    check_loadable_ir(model, f"--model {model_path}")
     backend = make_backend(settings.backend_settings())
     out = settings.cache_dir or Path("runs") / "cache"
     with tempfile.TemporaryDirectory(prefix="sensisearch-eval-") as tmp:
