@@ -208,3 +208,51 @@ def test_an_outcome_file_naming_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TrialProcessError, match="not a trial outcome"):
         load_outcome(path)
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------- chaos
+
+@pytest.mark.slow
+def test_chaos_kill_9_at_random_moments_then_rerun_reaches_exactly_the_budget(tmp_path: Path) -> None:
+    """Budget 20, SIGKILL at 10 seeded random moments (statistics, baselines, trials, verify), the same command again each time."""
+    import hashlib
+    import json
+    import random
+
+    rng = random.Random(20)
+    out = tmp_path / "study"
+    argv = ["run", "--example", "digits", "--budget", "20", "--out", str(out), "--latency-seconds", "0.05", "--sample-counts", "64",
+            "--eval-limit", "300", "--isolation", "none", "--verify-seconds", "2", "--cache-dir", str(tmp_path / "cache")]
+    first_written: dict[Path, str] = {}
+
+    def remember() -> None:
+        for path in sorted((out / "trials").glob("*/trial.json")) if (out / "trials").is_dir() else []:
+            text = path.read_bytes()
+            try:
+                status = json.loads(text).get("status")
+            except ValueError:
+                continue
+            if status in ("complete", "failed", "stopped_early"):
+                first_written.setdefault(path, hashlib.sha256(text).hexdigest())
+
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, "-m", "sensisearch", *argv], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=_env())
+        time.sleep(rng.uniform(2.0, 25.0))  # from the statistics pass to the verify tournament
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        remember()
+    done = _cli(*argv, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr
+    remember()
+    trials = _trials(out)
+    views = [view_of(t) for t in trials]
+    assert not [t.number for t in trials if t.state.name == "RUNNING"]
+    assert counted_trials(views) == 20
+    keys = [v.key for v in views if v.evaluated and not v.baseline]
+    assert len(keys) == len(set(keys)) == 20
+    for path, digest in first_written.items():
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} changed after it was first written"
+    rebuilt = _cli("report", str(out), "--out", str(tmp_path / "rebuilt"), cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert (tmp_path / "rebuilt" / "pareto.json").read_bytes() == (out / "pareto.json").read_bytes()
