@@ -30,8 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import PostgresServer, postgres_bin_dir  # noqa: E402 - the tests' throwaway server
 
-from sensisearch.study import TrialRecord, open_storage  # noqa: E402
-from sensisearch.study.search._budget import EVALUATE, counted_trials, view_of  # noqa: E402
+from sensisearch.study import TrialRecord, finished_count, open_storage  # noqa: E402
 
 DIGITS = ["--example", "digits", "--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300"]
 
@@ -112,8 +111,7 @@ def main() -> int:
         next_kill = time.monotonic() + args.kill_every
         while time.monotonic() - started < args.minutes * 60:
             study = _study(url, name)
-            trials = study.get_trials(deepcopy=False) if study else []
-            counted = counted_trials([view_of(t) for t in trials])
+            counted = finished_count(study) if study else 0
             figures.samples.append((time.monotonic() - started, counted))
             if all(w.proc is not None and w.proc.poll() is not None for w in workers) and counted >= args.trials:
                 break
@@ -134,14 +132,15 @@ def main() -> int:
     study = _study(url, name)
     trials = study.get_trials(deepcopy=False) if study else []
     # A soak stopped mid-study leaves its own last kills RUNNING: fail what has no live owner, as a restart would.
-    from sensisearch.study.store._owner import fail_dead_owner_trials
+    from sensisearch.study import fail_dead_owner_trials
 
     if study is not None:
         fail_dead_owner_trials(study)
         trials = study.get_trials(deepcopy=False)
-    views = [view_of(t) for t in trials]
-    counted = counted_trials(views)
-    keys = [v.key for v in views if v.evaluated and v.state != "RUNNING"]
+    records = [TrialRecord.from_trial(t) for t in trials]
+    counted = finished_count(study) if study else 0
+    keys = [r.config_key for r in records if r.role == "evaluate" and (r.state == "COMPLETE" or (r.state == "FAIL" and r.error)
+                                                                        or (r.state == "PRUNED" and r.stopped_early))]
     retries = sum(1 for t in trials if "failed_trial" in t.system_attrs)
     running = [t.number for t in trials if t.state.name == "RUNNING"]
     environmental = sum(1 for t in trials if TrialRecord.from_trial(t).environmental)
@@ -150,12 +149,12 @@ def main() -> int:
         "no RUNNING trial left": not running,
         "no configuration evaluated twice": len(keys) == len(set(keys)),
         "exactly the budget counted" if complete else "no more than the budget counted": counted == args.trials if complete else counted <= args.trials,
-        "every evaluated trial has a role": all(v.role is not None for v in views if v.state in ("COMPLETE",)),
+        "every complete trial has a role": all(r.role is not None for r in records if r.state == "COMPLETE"),
     }
     print(f"{counted}/{args.trials} configurations in {minutes:.1f} min: {counted / minutes:.2f} trials per minute "
           f"({args.workers} workers, {figures.kills} kills, {sum(w.starts for w in workers) - len(workers)} restarts)")
     print(f"retries (trials re-queued after a dead worker or an interruption): {retries}; environmental failures: {environmental}; "
-          f"roles: {sum(1 for v in views if v.role == EVALUATE)} evaluate of {len(views)} trials")
+          f"roles: {sum(1 for r in records if r.role == 'evaluate')} evaluate of {len(records)} trials")
     for what, held in invariants.items():
         print(f"  {'ok  ' if held else 'FAIL'} {what}")
     print(f"logs: {work}")

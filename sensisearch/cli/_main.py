@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, the traceback only with -v
         if getattr(args, "verbose", False):
             console.print_exception()
-        from sensisearch.study.config._faults import classify
+        from sensisearch.study import classify_fault as classify
 
         out = getattr(args, "out", None)
         fault = classify(exc, out)

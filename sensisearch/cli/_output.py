@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from sensisearch.progress import LOGGER_NAME
-from sensisearch.study.config._stop import StopFlag, StopRequested
+from sensisearch.study import StopFlag, StopRequested
 
 # Writes of at most PIPE_BUF bytes to a pipe that select() reports writable do not block.
 _CHUNK = 4096
