@@ -125,7 +125,7 @@ def test_a_worker_whose_output_pipe_nobody_reads_still_finishes(tmp_path: Path) 
     log = tmp_path / "run.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sensisearch", "run", "--example", "digits", "--budget", "3", "--out", str(out), *FAST,
-         "--isolation", "none", "--log-file", str(log)],
+         "--isolation", "none", "-v", "--log-file", str(log)],  # -v: far more output than the pipe holds
         cwd=tmp_path, stdout=write_end, stderr=write_end, env=_env(),
     )
     os.close(write_end)
