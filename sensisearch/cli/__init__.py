@@ -10,7 +10,8 @@ from sensisearch.cli._console import PIPED_WIDTH, console, make_console, stdout
 from sensisearch.cli._main import main
 from sensisearch.cli._parser import MEASUREMENT_FLAGS, OVERRIDE_FLAGS, SETTING_FLAGS, build_parser
 from sensisearch.cli._review import cmd_export, cmd_report
-from sensisearch.cli._run import Terminated, cmd_run, cmd_verify, cmd_worker
+from sensisearch.cli._output import StopSignals
+from sensisearch.cli._run import cmd_run, cmd_verify, cmd_worker
 from sensisearch.cli._tools import cmd_build, cmd_doctor, cmd_evaluate, cmd_latency_table, cmd_sensitivity
 
 __all__ = [
@@ -18,7 +19,7 @@ __all__ = [
     "OVERRIDE_FLAGS",
     "PIPED_WIDTH",
     "SETTING_FLAGS",
-    "Terminated",
+    "StopSignals",
     "build_parser",
     "cmd_build",
     "cmd_doctor",

@@ -11,7 +11,7 @@ from rich.markup import escape
 from sensisearch.cli._console import console, setup_logging
 from sensisearch.cli._parser import build_parser
 from sensisearch.cli._review import cmd_export, cmd_report
-from sensisearch.cli._run import Terminated, cmd_run, cmd_verify, cmd_worker
+from sensisearch.cli._run import cmd_run, cmd_verify, cmd_worker
 from sensisearch.cli._tools import cmd_build, cmd_doctor, cmd_evaluate, cmd_latency_table, cmd_sensitivity
 from sensisearch.errors import SensisearchError
 
@@ -39,13 +39,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        what = getattr(exc, "reason", "interrupted")
         console.print(f"[yellow]{what}[/]: finished trials are in the study, the running one is queued again; "
                       "re-run the same command to resume")
-        return 143 if isinstance(exc, Terminated) else 130
+        return 143 if "SIGTERM" in what else 130
     except Exception as exc:  # the last line of defence: one line, the traceback only with -v
         if getattr(args, "verbose", False):
             console.print_exception()
+        from sensisearch.study import classify_fault as classify
+
+        out = getattr(args, "out", None)
+        fault = classify(exc, out)
+        if fault is not None:  # disk full, storage commit failed: what to free or fix, not "internal error"
+            console.print(f"[red]error:[/] {escape(_masked(fault.line, args))}", highlight=False, soft_wrap=True)
+            return 2
         message = " ".join(str(exc).split())
         storage = getattr(args, "storage", None)
         if storage:
@@ -59,3 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _masked(message: str, args: argparse.Namespace) -> str:
+    storage = getattr(args, "storage", None)
+    if storage:
+        from sensisearch.study import mask_url
+
+        return message.replace(storage, mask_url(storage))
+    return message

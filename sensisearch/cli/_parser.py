@@ -126,6 +126,7 @@ def _add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-timeout", type=float, help="seconds a trial may take for timing and evaluation (default 3600)")
     p.add_argument("--keep-artifacts", type=_keep_count,
                    help="keep the artifacts of the top K trials by metric, besides front, baselines and winner (default 10; all)")
+    p.add_argument("--log-file", type=Path, help="also write every line (phases, progress with ETA, trials) to this file")
 
 
 def _add_host_path_flags(p: argparse.ArgumentParser) -> None:

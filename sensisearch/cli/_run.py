@@ -4,46 +4,54 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from sensisearch.cli._console import console
+from sensisearch.cli._console import console, stdout
+from sensisearch.cli._output import StopSignals, route_output
 from sensisearch.cli._parser import OVERRIDE_FLAGS, SETTING_FLAGS, settings_from_args
 from sensisearch.cli._summary import print_disk, print_summary
 from sensisearch.errors import SensisearchError
+from sensisearch.progress import PhaseProgress
 
 if TYPE_CHECKING:
     from sensisearch.study import StudyContext
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised inside the running trial like Ctrl-C, so the trial is failed and re-queued."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    # SIGTERM and Ctrl-C set a flag; the running trial is failed and re-queued, the exit is one line.
+    signals = StopSignals().install()
+    log = route_output([console, stdout], getattr(args, "log_file", None))
+    try:
+        return _run(args, signals)
+    finally:
+        signals.restore()
+        if log is not None:
+            log.close()
+
+
+def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     # Imported here, not at the top: `sensisearch --help` and `doctor` stay fast without Optuna and ONNX.
     from sensisearch.study import TrialEvent, finished_count, open_study, prepare, run_study, write_results
 
     from sensisearch.study import save_run_settings
 
     settings = settings_from_args(args)
-    # SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
-    signal.signal(signal.SIGTERM, _raise_terminated)
     if settings.storage:
         # A wrong URL or password: one line now, before any calibration work.
         from sensisearch.study import open_storage
 
         open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
-    with _statistics_progress() as on_statistics:
+    preparing = PhaseProgress("prepare (model, backend, calibration statistics, sensitivity)")
+    preparing.start()
+    with _statistics_progress() as on_statistics, signals.flag.interruptible():
         ctx = prepare(settings, on_statistics=on_statistics)
+    signals.flag.check()  # a signal whose exception was lost inside prepare
+    preparing.end()
+    ctx.stop = signals.flag
     save_run_settings(ctx.settings, ctx.out)
     backend = ctx.backend.describe()
     console.print(f"backend [bold]{ctx.backend.name}[/] — {escape(ctx.backend_reason)}", highlight=False)
@@ -70,8 +78,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         predictor = ctx.pipeline.predictor
         unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
 
+        trials = PhaseProgress("trials", "configurations")
+        trials.start(f"budget {settings.budget}")
+
         def on_trial(event: TrialEvent) -> None:
-            if event.state == "COMPLETE":
+            if event.note is not None:  # not evaluated: over budget, a repeat, or queued again
+                line = f"trial {event.number}: {escape(event.note)}"
+            elif event.state == "COMPLETE":
                 line = f"trial {event.number}: {ctx.evaluator.metric} {event.value:.2f}, {event.latency_ms:.3f} {unit_of_latency} ({event.seconds:.1f} s)"
             elif event.state == "PRUNED" and event.error:  # stopped early on the subset
                 line = f"[yellow]trial {event.number}[/]: {escape(str(event.error))} ({event.seconds:.1f} s)"
@@ -80,10 +93,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.console.print(line)
             best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} {unit_of_latency}"
             progress.update(task, completed=min(event.finished, event.budget), description=best)
+            trials.step(min(event.finished, event.budget), event.budget)
 
         study = run_study(ctx, on_trial, study)
+        trials.end(f"{min(finished_count(study), settings.budget)}/{settings.budget}")
     if settings.verify:
-        _verify(ctx, study, force=False)
+        verifying = PhaseProgress("verify")
+        verifying.start()
+        with signals.flag.interruptible():
+            _verify(ctx, study, force=False)
+        signals.flag.check()
+        verifying.end()
     summary = write_results(ctx, study)
     print_summary(ctx, summary, time.monotonic() - started)
     return 0
@@ -138,6 +158,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             setattr(run_args, name, value)
     run_args.storage = args.storage  # stored masked; this is the real one
     run_args.keep_artifacts = "all" if settings.keep_artifacts is None else settings.keep_artifacts
+    run_args.log_file = getattr(args, "log_file", None)
     console.print(f"worker on study [bold]{escape(args.study_name)}[/]", highlight=False)
     return cmd_run(run_args)
 
@@ -151,11 +172,15 @@ def _statistics_progress() -> Iterator[Callable[[int, int], None]]:
     )
     task: list[Any] = []
 
+    lines = PhaseProgress("calibration statistics", "samples")
+
     def update(seen: int, total: int) -> None:
         if not task:
             progress.start()
             task.append(progress.add_task("", total=total))
+            lines.start(f"{total} samples")
         progress.update(task[0], completed=seen)
+        lines.step(seen, total, force=seen >= total)
 
     try:
         yield update

@@ -9,9 +9,16 @@ from sensisearch.study.config._inputs import (
     resolve_inputs,
     with_example,
 )
+from sensisearch.study.config._faults import EnvironmentalFailure, Fault, classify as classify_fault
+from sensisearch.study.config._stop import StopFlag, StopRequested
 from sensisearch.study.config._settings import SAMPLERS, SEARCHES, StudySettings, merge_settings, read_study_file
 
 __all__ = [
+    "EnvironmentalFailure",
+    "Fault",
+    "StopFlag",
+    "StopRequested",
+    "classify_fault",
     "SAMPLERS",
     "SEARCHES",
     "EvaluationSetup",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sensisearch.study.config._stop import StopFlag
 from sensisearch.study.search._sensitivity import SensitivityInputs
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ class StudyContext:
     storage: optuna.storages.BaseStorage | None = None
     identity: StudyIdentity | None = None
     identity_may_differ: tuple[str, ...] = ()
+    stop: StopFlag = field(default_factory=StopFlag)
+    """Set by a signal; the run loop, the waits and the trial runner stop at their next check."""
     """Identity fields this context may see differ from the study's (``prepare(reviewing=True)``)."""
 
     @property

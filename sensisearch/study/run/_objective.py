@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import traceback
@@ -12,7 +13,9 @@ import optuna
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.study.config._faults import EnvironmentalFailure, check_free_space, classify, classify_text, trial_bytes_estimate
 from sensisearch.study.search import _budget
+from sensisearch.study.store._owner import claim
 from sensisearch.study.trial import _fidelity
 from sensisearch.study.run._context import StudyContext
 from sensisearch.study.trial._isolation import RunTrial
@@ -34,20 +37,27 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
         ctx.evaluator, ctx.pipeline.subset, ctx.settings.max_drop, ctx.settings.drop_resamples, ctx.settings.seed
     )
 
+    model_bytes = ctx.model_path.stat().st_size if ctx.model_path.is_file() else 0
+
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        # First: this process owns the trial, so a re-run on this host fails it at once if we die.
+        claim(trial)
         # The baseline mark was stored by enqueue_baselines.
         baseline_name = TrialRecord.from_attrs(trial.number, trial.user_attrs).baseline
         config = proposed_config(ctx, trial, baseline_name)
         try:
+            ctx.stop.check()
             repeat = decide_trial(ctx, trial, config, baseline_name)
         except KeyboardInterrupt:
             # Interrupted while waiting for the budget decision: queued again like a running trial.
             requeue_interrupted(trial, config, baseline_name)
             raise
+        except EnvironmentalFailure as exc:  # gave up waiting for another worker's trial
+            fail_environmental(trial, config, baseline_name, str(exc))
+            raise
         if repeat is not None:
             return repeat
         trial_dir = ctx.trials_dir / f"{trial.number:04d}"
-        trial_dir.mkdir(parents=True, exist_ok=True)
         trial_json = trial_dir / "trial.json"
         header = {
             "number": trial.number,
@@ -56,16 +66,32 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             "backend": ctx.backend.describe(),
             "config": config.to_dict(),
         }
-        # Baselines are never stopped early: they evaluate every image at once.
-        snapshot = snapshots.snapshot(trial.study) if snapshots is not None and baseline_name is None else None
         try:
-            outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
+            check_free_space(ctx.out, trial_bytes_estimate(ctx.trials_dir, model_bytes))
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            # Baselines are never stopped early: they evaluate every image at once.
+            snapshot = snapshots.snapshot(trial.study) if snapshots is not None and baseline_name is None else None
+            if ctx.settings.isolation == "none":
+                # Computed here, checking no flag: a signal may raise inside it.
+                with ctx.stop.interruptible():
+                    outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
+            else:
+                outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
+            ctx.stop.check()
             check_metric_value(outcome.evaluation.value, outcome.evaluation.metric)
         except KeyboardInterrupt:
             requeue_interrupted(trial, config, baseline_name)
-            write_json_atomic(trial_json, {**header, "status": "interrupted"})
+            with contextlib.suppress(OSError):
+                write_json_atomic(trial_json, {**header, "status": "interrupted"})
             raise
         except Exception as exc:
+            fault = classify(exc, ctx.out) or classify_text(str(exc), ctx.out)
+            if fault is not None:
+                # The machine failed, not the configuration: not counted, queued again, the study stops.
+                fail_environmental(trial, config, baseline_name, fault.line)
+                with contextlib.suppress(OSError):
+                    write_json_atomic(trial_json, {**header, "status": "environmental", "error": fault.line})
+                raise EnvironmentalFailure(fault.line) from exc
             error = f"{type(exc).__name__}: {' '.join(str(exc).split())}" if not isinstance(exc, SensisearchError) else str(exc)
             failed = TrialRecord(trial.number, baseline=baseline_name, config=config, trial_json=str(trial_json), error=error,
                                  config_key=effective_config_key(config), role=_budget.EVALUATE, host=host, device=device)
@@ -130,6 +156,16 @@ def requeue_interrupted(trial: optuna.Trial, config: TrialConfig, baseline_name:
     trial.study.enqueue_trial(dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None)
 
 
+def fail_environmental(trial: optuna.Trial, config: TrialConfig, baseline_name: str | None, reason: str) -> None:
+    """Record why the machine failed the trial and queue it again; best effort, since the storage
+    itself may be what failed (then the trial stays RUNNING and its dead owner is failed on the next start)."""
+    with contextlib.suppress(Exception):
+        _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(),
+                                  config_key=effective_config_key(config), role=_budget.INTERRUPTED, environmental=reason))
+        trial.study.enqueue_trial(dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None)
+        trial.study.stop()
+
+
 def proposed_config(ctx: StudyContext, trial: optuna.Trial, baseline_name: str | None) -> TrialConfig:
     """The trial's configuration: a baseline's is fixed, a searched one comes from the sampler."""
     if baseline_name is None:
@@ -153,7 +189,10 @@ def decide_trial(
     trial.set_user_attr(TrialRecord.attr_key("config_key"), key)
     # A re-queued trial carries the attributes of the one it replaces: decide afresh.
     trial.set_user_attr(TrialRecord.attr_key("role"), None)
-    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.budget)
+    # No trial may run longer than its two timeouts; past that (and the heartbeat grace) the one waited for is stuck.
+    max_wait = ctx.settings.build_timeout + ctx.settings.eval_timeout + 2 * ctx.settings.heartbeat_seconds
+    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.budget,
+                                      stop=ctx.stop, max_wait_seconds=max_wait)
     if decision.action == _budget.EVALUATE:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.EVALUATE)
         return None

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 
 from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import Precision
+from sensisearch.study.config._faults import EnvironmentalFailure, classify
 from sensisearch.study.search import _budget
+from sensisearch.study.store._owner import fail_dead_owner_trials
 from sensisearch.study.run._context import StudyContext
 from sensisearch.study.run._trial_runner import trial_runner
 from sensisearch.study.run._objective import make_objective
@@ -44,6 +47,8 @@ class TrialEvent:
     best_latency_ms: float | None
     error: str | None
     seconds: float
+    note: str | None = None
+    """What a trial that was not evaluated is: "over budget, not evaluated", "repeats trial 3, not evaluated"."""
 
 def open_study(ctx: StudyContext) -> optuna.Study:
     # Seeded per trial number: a resumed study or a second worker continues the
@@ -124,7 +129,9 @@ def run_study(
     ``study``: an already opened study (see :func:`open_study`), to avoid opening the storage twice.
     """
     study = study or open_study(ctx)
-    # Trials of a worker that died are failed (and re-queued) before counting.
+    # Trials of a worker that died are failed (and re-queued) before counting: at once when
+    # it ran on this host (its process is gone), after the heartbeat grace on another host.
+    fail_dead_owner_trials(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
@@ -136,6 +143,9 @@ def run_study(
     def watch(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         # Counts the trials of every worker sharing the storage, so N workers stop together.
         record = TrialRecord.from_trial(trial)
+        if record.environmental is not None:
+            guard.environmental = record.environmental
+            study.stop()
         if record.baseline == "fp32" and trial.state == optuna.trial.TrialState.FAIL and record.error is not None:
             guard.reference_error = f"trial {trial.number}: {record.error}"
             study.stop()
@@ -150,23 +160,55 @@ def run_study(
             study.stop()
         if finished_count(study) >= budget and not _budget.missing_baselines(study, baseline_names(ctx)):
             study.stop()
+        ctx.stop.check()  # a signal between trials: stop before the next one starts
 
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [watch, artifact_pruner(ctx.trials_dir, ctx.settings.keep_artifacts, ctx.settings.max_drop)]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
     # Every trial's build, timing and evaluation in a child process (unless --isolation none).
-    with trial_runner(ctx) as run_trial:
+    with trial_runner(ctx) as run_trial, _environmental_errors(ctx, guard):
         objective = make_objective(ctx, run_trial)
-        if finished_count(study) < budget or _budget.missing_baselines(study, baseline_names(ctx)):
-            study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
-        else:
-            log.info("study '%s' already has %d finished trials (budget %d)", ctx.study_name, finished_count(study), budget)
-        _raise_if_reference_failed(study, guard)
-        if guard.exhausted:
-            log.warning("%s; stopping with %d of %d trials", _budget.EXHAUSTED_MESSAGE, finished_count(study), budget)
-        complete_baselines(ctx, study, objective, callbacks)
+        # A trial RUNNING without a live owner is never left behind: each pass fails such trials
+        # and queues them again, and the study is done only when a pass finds none.
+        for _ in range(_MAX_PASSES):
+            if finished_count(study) < budget or _budget.missing_baselines(study, baseline_names(ctx)):
+                study.optimize(objective, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
+            else:
+                log.info("study '%s' already has %d finished trials (budget %d)", ctx.study_name, finished_count(study), budget)
+            ctx.stop.check()
+            _raise_if_environmental(guard)
+            _raise_if_reference_failed(study, guard)
+            if guard.exhausted:
+                log.warning("%s; stopping with %d of %d trials", _budget.EXHAUSTED_MESSAGE, finished_count(study), budget)
+            complete_baselines(ctx, study, objective, callbacks)
+            _raise_if_environmental(guard)
+            if not fail_dead_owner_trials(study) or guard.exhausted:
+                break
     _raise_if_reference_failed(study, guard)
     return study
+
+
+# Passes of the run loop over trials re-queued from dead workers (each pass runs them all).
+_MAX_PASSES = 5
+
+
+@contextlib.contextmanager
+def _environmental_errors(ctx: StudyContext, guard: _RunGuard) -> Iterator[None]:
+    """A storage commit that fails (disk full, connection lost) leaves Optuna's loop: one line, not a traceback."""
+    try:
+        yield
+    except (KeyboardInterrupt, SensisearchError):
+        raise
+    except Exception as exc:
+        fault = classify(exc, ctx.out)
+        if fault is None:
+            raise
+        raise EnvironmentalFailure(fault.line) from exc
+
+
+def _raise_if_environmental(guard: _RunGuard) -> None:
+    if guard.environmental is not None:
+        raise EnvironmentalFailure(guard.environmental)
 
 
 @dataclass
@@ -178,6 +220,7 @@ class _RunGuard:
     duplicates_in_a_row: int = 0
     undecided_failures: int = 0
     stuck_error: str | None = None
+    environmental: str | None = None
 
 
 def _raise_if_reference_failed(study: optuna.Study, guard: _RunGuard) -> None:
@@ -209,7 +252,10 @@ def complete_baselines(
     queued or lost one is run here. A baseline a live worker runs is waited for.
     """
     names = baseline_names(ctx)
+    started = time.monotonic()
+    max_wait = ctx.settings.build_timeout + ctx.settings.eval_timeout + 2 * ctx.settings.heartbeat_seconds
     while missing := _budget.missing_baselines(study, names):
+        ctx.stop.check()
         if "absent" in missing.values():
             enqueue_baselines(ctx, study)
         if any(state in ("waiting", "absent") for state in missing.values()):
@@ -217,10 +263,19 @@ def complete_baselines(
             study.optimize(objective, n_trials=1, callbacks=callbacks, catch=(Exception,), gc_after_trial=False)
             continue
         log.info("waiting for baselines another worker runs (or its heartbeat to go stale): %s", ", ".join(missing))
+        if time.monotonic() - started > max_wait:
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                       if TrialRecord.from_trial(t).baseline in missing]
+            raise _budget.WaitGaveUp(
+                f"waited {time.monotonic() - started:.0f} s for the {', '.join(missing)} baseline "
+                f"({'; '.join(_budget.whose(study, n) for n in running) or 'no running trial'}); "
+                "stop or restart that worker, then re-run the same command"
+            )
+        fail_dead_owner_trials(study)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        time.sleep(min(1.0, ctx.settings.heartbeat_seconds / 2))
+        ctx.stop.wait(min(1.0, ctx.settings.heartbeat_seconds / 2))
 
 
 def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) -> TrialEvent:
@@ -229,6 +284,7 @@ def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) ->
     if complete:
         best = max(complete, key=lambda t: (t.values[0], -t.values[1]))
         best_value, best_latency = best.values[0], best.values[1]
+    record = TrialRecord.from_trial(trial)
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete and trial.datetime_start else 0.0
     return TrialEvent(
         number=trial.number,
@@ -239,6 +295,19 @@ def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) ->
         latency_ms=trial.values[1] if trial.values else None,
         best_value=best_value,
         best_latency_ms=best_latency,
-        error=TrialRecord.recorded_error(trial) or TrialRecord.from_trial(trial).stopped_early,
+        error=TrialRecord.recorded_error(trial) or record.environmental or record.stopped_early,
         seconds=seconds,
+        note=_note(record),
     )
+
+
+def _note(record: TrialRecord) -> str | None:
+    if record.role == _budget.OVER_BUDGET:
+        return "over budget, not evaluated"
+    if record.role == _budget.DUPLICATE:
+        return f"repeats trial {record.duplicate_of}, not evaluated again"
+    if record.environmental is not None:
+        return f"not counted, queued again: {record.environmental}"
+    if record.role == _budget.INTERRUPTED:
+        return "interrupted, queued again"
+    return None

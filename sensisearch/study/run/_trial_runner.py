@@ -24,5 +24,5 @@ def trial_runner(ctx: StudyContext) -> Iterator[RunTrial]:
     if ctx.settings.isolation == "none":
         yield ctx.pipeline.run
         return
-    with IsolatedTrialRunner(child_settings(ctx), IsolationSettings.from_settings(ctx.settings), ctx.out) as runner:
+    with IsolatedTrialRunner(child_settings(ctx), IsolationSettings.from_settings(ctx.settings), ctx.out, ctx.stop) as runner:
         yield runner.run

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import optuna
 
+from sensisearch.study.config._faults import EnvironmentalFailure
+from sensisearch.study.config._stop import StopFlag
+from sensisearch.study.store._owner import fail_dead_owner_trials, owner_of
 from sensisearch.study.store._record import TrialRecord
 
 if TYPE_CHECKING:
@@ -144,6 +147,7 @@ def view_of(trial: FrozenTrial) -> TrialView:
     record = TrialRecord.from_trial(trial)
     return TrialView(
         number=trial.number, state=trial.state.name, key=record.config_key, role=record.role,
+        # An environmental failure (disk, storage) records its reason apart from ``error``: never counted.
         baseline=record.baseline is not None, own_error=record.error is not None,
         stopped_early=record.stopped_early is not None,
     )
@@ -159,21 +163,53 @@ MAX_CONSECUTIVE_DUPLICATES = 40
 EXHAUSTED_MESSAGE = "the search space has no configuration left that the study has not evaluated"
 
 
-def await_decision(study: Study, number: int, key: str, baseline: bool, budget: int) -> Decision:
+class WaitGaveUp(EnvironmentalFailure):
+    """A trial waited longer than any trial may run for a lower-numbered one: its worker is stuck or gone."""
+
+
+def await_decision(
+    study: Study, number: int, key: str, baseline: bool, budget: int,
+    stop: StopFlag | None = None, max_wait_seconds: float | None = None,
+) -> Decision:
     """:func:`decide` against the storage, waiting while it says WAIT.
 
     A lower-numbered trial on a dead worker stays RUNNING until its heartbeat is
-    stale: failing stale trials here (what Optuna does before every trial) ends the wait.
+    stale: failing trials of dead workers on this host and stale trials here (what
+    Optuna does before every trial) ends the wait. ``stop`` ends it on a signal;
+    after ``max_wait_seconds`` it gives up with :class:`WaitGaveUp`, naming whose trial
+    it waited for (a worker that is alive but stuck keeps its heartbeat going).
     """
+    started = time.monotonic()
     while True:
+        if stop is not None:
+            stop.check()
         views = [view_of(t) for t in study.get_trials(deepcopy=False)]
         decision = decide(number, key, baseline, views, budget)
         if decision.action != WAIT:
             return decision
+        waited = time.monotonic() - started
+        if max_wait_seconds is not None and waited > max_wait_seconds:
+            raise WaitGaveUp(f"trial {number} waited {waited:.0f} s for trial {decision.of} ({whose(study, decision.of)}); "
+                             "stop or restart that worker, then re-run the same command")
+        fail_dead_owner_trials(study)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        time.sleep(WAIT_SECONDS)
+        if stop is not None:
+            stop.wait(WAIT_SECONDS)
+        else:
+            time.sleep(WAIT_SECONDS)
+
+
+def whose(study: Study, number: int | None) -> str:
+    """"the fp32 baseline of pid 123 on host-a": the trial and the worker that owns it, for a give-up line."""
+    if number is None:
+        return "an unknown trial"
+    trial = study.get_trials(deepcopy=False)[number]
+    record = TrialRecord.from_trial(trial)
+    what = f"the {record.baseline} baseline" if record.baseline else "a searched configuration"
+    owner = owner_of(trial)
+    return what + ("" if owner is None else f" of pid {owner.pid} on {owner.host}")
 
 
 def missing_baselines(study: Study, names: Sequence[str]) -> dict[str, str]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sensisearch.progress import PhaseProgress
 from sensisearch.calibration.spread import DEFAULT_SPREAD_PERCENTILES, threshold_spread
 from sensisearch.fileio import write_json_atomic
 from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
@@ -301,6 +302,10 @@ def measure_sensitivity(
 
     counts: list[int] = []
     feeds = _probe_feeds(inputs)
+    # Probes can take many minutes on a large model: a log gets a line with the ETA every half minute.
+    progress = PhaseProgress("sensitivity probes", "probes")
+    total_probes = 1 + len(space.algorithms) + 2 * len(layers)
+    progress.start(f"{total_probes} probes")
     reference: list[np.ndarray] = []
 
     def score(name: str, config: TrialConfig) -> tuple[float, float]:
@@ -310,6 +315,7 @@ def measure_sensitivity(
         log.info("probe %s: %s %.3f, output distortion %.3g", name, pipeline.evaluator.metric, result.value, distortion)
         if on_probe is not None:
             on_probe(name, result.value)
+        progress.step(len(counts), total_probes)
         if not reference:
             reference.extend(outputs)
         return result.value, distortion
@@ -339,6 +345,7 @@ def measure_sensitivity(
         all_but, _ = score(f"all but {layer}", TrialConfig(but, choice))
         probes.append(LayerProbe(layer, only_int8=only_int8, all_but=all_but, distortion=distortion))
     shutil.rmtree(work, ignore_errors=True)
+    progress.end()
     return SensitivityProfile(
         key=dict(inputs.key),
         metric=pipeline.evaluator.metric,

@@ -147,6 +147,9 @@ class TrialRecord:
     drop and its 95% CI (None when the point estimate already ruled a stop out), seconds
     (``SubsetFigures.to_dict()``); None when evaluated all at once."""
     stopped_early: str | None = _attr("stopped_early")
+    environmental: str | None = _attr("environmental")
+    """Why the machine failed this trial (disk full, storage lost, library missing): not its own error, so
+    it is not counted against the budget and is queued again (see ``study.config._faults``)."""
     """Why the trial was stopped after the subset (state PRUNED, counted in the budget, never on the front)."""
 
     # ------------------------------------------------------------------ storage

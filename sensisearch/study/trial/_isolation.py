@@ -15,6 +15,8 @@ study goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from sensisearch.errors import SensisearchError
 
 if TYPE_CHECKING:
+    from sensisearch.study.config._stop import StopFlag
     from sensisearch.quantize.config import TrialConfig
     from sensisearch.study.trial._fidelity import EarlyStopSnapshot
     from sensisearch.study.trial._pipeline import TrialOutcome
@@ -44,12 +47,47 @@ RunTrial = Callable[["TrialConfig", Path, "float | None", "EarlyStopSnapshot | N
 CHILD_MODULE = "sensisearch.study.run._trial_server"
 STDERR_NAME = "stderr.log"
 _RESULT_NAME = ".outcome.pickle"
+# How often the wait for the trial server looks at the stop flag.
+_STOP_POLL_SECONDS = 0.25
+# What the trial's outcome file may hold: the outcome's own classes and numpy's arrays, nothing
+# else. --out may be on a shared file system, writable by others than this worker: an
+# unrestricted unpickle would run whatever code such a file names.
+_OUTCOME_MODULES = ("sensisearch.",)
+_OUTCOME_GLOBALS = {
+    ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("pathlib", "PosixPath"), ("pathlib", "Path"), ("pathlib._local", "PosixPath"), ("copyreg", "_reconstructor"),
+    ("builtins", "object"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("collections", "OrderedDict"),
+}
 SERVER_LOG_NAME = "trial-server.log"
 # How much of the child's stderr a failed trial's reason quotes (one line in the storage).
 STDERR_TAIL_LINES = 5
 STDERR_TAIL_BYTES = 4096
 # After SIGKILL the kernel reaps within milliseconds; this only bounds a wedged server.
 _REAP_SECONDS = 30.0
+
+
+class _OutcomeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _OUTCOME_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith(_OUTCOME_MODULES):
+            # Only data: a dataclass or an enum of ours, never a function a pickle could call.
+            found = super().find_class(module, name)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a trial outcome")
+
+
+def load_outcome(path: Path) -> TrialOutcome:
+    """The child's outcome, refusing any class that is not part of one (see ``_OUTCOME_GLOBALS``)."""
+    try:
+        with open(path, "rb") as fh:
+            return _OutcomeUnpickler(fh).load()  # type: ignore[no-any-return]
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise TrialProcessError(f"{path}: not a trial outcome ({exc}); is something else writing into --out?") from exc
 
 
 class TrialProcessError(SensisearchError):
@@ -107,8 +145,9 @@ class IsolatedTrialRunner:
     next trial.
     """
 
-    def __init__(self, settings: StudySettings, isolation: IsolationSettings, log_dir: Path) -> None:
+    def __init__(self, settings: StudySettings, isolation: IsolationSettings, log_dir: Path, stop: StopFlag | None = None) -> None:
         self.settings = settings
+        self.stop = stop
         self.isolation = isolation
         self.log_dir = log_dir
         self.last_child_pid: int | None = None
@@ -200,14 +239,28 @@ class IsolatedTrialRunner:
             "early_stop": None if early_stop is None else early_stop.to_dict(),
         })
         phase = "build"
-        deadline = time.monotonic() + self.isolation.build_timeout
+        started = time.monotonic()
+        # The whole trial's wall-clock limit, kept here in the parent: what the child reports
+        # (a phase, a heartbeat) is no proof that it progresses, so nothing it sends extends this.
+        trial_deadline = started + self.isolation.build_timeout + self.isolation.eval_timeout
+        deadline = started + self.isolation.build_timeout
         child: int | None = None
         error: str | None = None
         timed_out: str | None = None
         code: int | None = None
         try:
             while code is None:
-                message = self._receive(deadline)
+                # Short waits, so a stop request is seen within a fraction of a second.
+                message = self._receive(min(deadline, time.monotonic() + _STOP_POLL_SECONDS))
+                if message is None and time.monotonic() < deadline:
+                    if self.stop is not None and self.stop.is_set() and timed_out is None:
+                        if child is not None:
+                            kill_group(child)
+                            self._drain_exit(deadline=time.monotonic() + _REAP_SECONDS)
+                        else:
+                            self.close()
+                        self.stop.check()
+                    continue
                 if message is None:
                     if timed_out is not None:  # killed, yet no exit report: the server is wedged
                         break
@@ -222,7 +275,7 @@ class IsolatedTrialRunner:
                     child = self.last_child_pid = int(message["child"])
                 elif "phase" in message:
                     if message["phase"] == "evaluate" and phase != "evaluate" and timed_out is None:
-                        deadline = time.monotonic() + self.isolation.eval_timeout
+                        deadline = min(time.monotonic() + self.isolation.eval_timeout, trial_deadline)
                     phase = message["phase"]
                 elif "error" in message:
                     error = str(message["error"])
@@ -241,9 +294,10 @@ class IsolatedTrialRunner:
             reason = f"{timed_out} timed out after {limit:g} s ({_TIMEOUT_FLAG[timed_out]}); its process group was killed"
             raise TrialProcessError(self._with_tail(reason, stderr_path))
         if code == 0 and result_path.is_file():
-            with open(result_path, "rb") as fh:
-                outcome: TrialOutcome = pickle.load(fh)
-            result_path.unlink()
+            try:
+                outcome: TrialOutcome = load_outcome(result_path)
+            finally:
+                result_path.unlink(missing_ok=True)
             if stderr_path.is_file() and stderr_path.stat().st_size == 0:
                 stderr_path.unlink()  # nothing to say: no empty file per trial
             return outcome
@@ -254,6 +308,17 @@ class IsolatedTrialRunner:
         else:
             reason = f"trial process exited with code {code} during {phase}"
         raise TrialProcessError(self._with_tail(reason, stderr_path))
+
+    def _drain_exit(self, deadline: float) -> None:
+        """After killing the child for a stop: read up to the server's exit report, so the protocol stays in step."""
+        try:
+            while (message := self._receive(deadline)) is not None:
+                if "exit" in message:
+                    return
+        except EOFError:
+            self.close()
+            return
+        self.close()  # no report in time: the server is wedged, start a fresh one next time
 
     @staticmethod
     def _with_tail(reason: str, stderr_path: Path) -> str:
