@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "sensisearch"
 STUDY_LAYERS = ("config", "store", "trial", "search", "run", "review")
 """The study's subpackages, lowest first: each may import only those before it."""

@@ -34,7 +34,7 @@ from sensisearch.study.config._settings import merge_settings
 # Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
+from conftest import TESTS
 BACKEND = "isolation_backends:MisbehavingBackend"
 # Long enough for a normal digits trial on a busy shared machine; the hang tests wait this long.
 TIMEOUT = 12
