@@ -426,7 +426,8 @@ def apply_bias_shifts(
     * no bias (Conv, ConvTranspose, Gemm): one is added, int32 with scale
       activation scale x weight scale as the emitter would write it under
       ``profile.quantize_bias`` (Conv and Gemm), float otherwise;
-    * MatMul: the constant of a directly following ``Add`` (its bias) is moved;
+    * MatMul: the constant of the ``Add`` reading its output (its bias; through an
+      output Q/DQ pair) is moved;
       a MatMul without one is left as is (logged), since a new Add between the
       MatMul and its output Q/DQ would stop the integer-kernel fusion.
     """
@@ -470,7 +471,9 @@ def _add_bias(out, node, step, profile, names, producers, inits) -> None:  # noq
         raise SensisearchError(f"bias correction: {node.name!r} has no weight input")
     s_x = _dq_scale(producers.get(node.input[0]), inits)
     s_w = _dq_scale(producers.get(node.input[1]), inits)
-    if profile.quantize_bias and node.op_type in ("Conv", "Gemm") and s_x is not None and s_w is not None and s_x.ndim == 0:
+    beta = float(next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0))
+    emitter_int32 = profile.quantize_bias and node.op_type in ("Conv", "Gemm") and beta == 1.0  # the emitter's rule
+    if emitter_int32 and s_x is not None and s_w is not None and s_x.ndim == 0:
         # As the emitter writes an int32 bias: scale = activation scale x weight scale per channel.
         b_scale = (np.float32(s_x) * np.broadcast_to(s_w.astype(np.float32), step.shape)).astype(np.float32)
         b_q = np.clip(np.rint(step / b_scale), -_INT32_MAX, _INT32_MAX).astype(np.int32)
@@ -498,7 +501,15 @@ def _add_bias(out, node, step, profile, names, producers, inits) -> None:  # noq
 
 
 def _shift_matmul_add(out, node, shift, names, inits) -> None:  # noqa: ANN001
-    readers = [(n, i) for n in out.graph.node for i, name in enumerate(n.input) if name == node.output[0]]
+    """Move the constant of the Add that reads the MatMul's output (through its output Q/DQ, if any)."""
+
+    def readers_of(tensor: str) -> list[tuple[onnx.NodeProto, int]]:
+        return [(n, i) for n in out.graph.node for i, name in enumerate(n.input) if name == tensor]
+
+    readers = readers_of(node.output[0])
+    for op in ("QuantizeLinear", "DequantizeLinear"):  # an output Q/DQ pair (ONNX Runtime profile) sits in between
+        if len(readers) == 1 and readers[0][0].op_type == op and readers[0][1] == 0:
+            readers = readers_of(readers[0][0].output[0])
     if len(readers) == 1 and readers[0][0].op_type == "Add":
         add, i = readers[0]
         other = add.input[1 - i]
