@@ -273,3 +273,27 @@ def test_digits_all_int8_channel_mean_error_shrinks(digits, profile, algorithm) 
     assert errors["after"].sum() < 0.5 * errors["before"].sum()
     if profile.quantize_bias:  # the int32 biases keep ONNX Runtime's integer-kernel fusion
         assert _integer_kernels(corrected) == _integer_kernels(deployable) > 0
+
+
+def test_digits_shift_depends_only_on_the_layer_and_is_cached(digits) -> None:
+    """A layer's shift is the same in an all-INT8 and a mixed deployable (TensorRT profile: each layer's
+    input Q/DQ has its own threshold), so a cache filled by one trial serves the next without a pass."""
+    info, model, calib, table, tensors = digits
+    ranges = _ranges(table, tensors, CalibrationAlgorithm.MINMAX)
+
+    def deployable(config: TrialConfig) -> onnx.ModelProto:
+        return emit_deployable_onnx(model, info, plan_placement(info, model, config, TENSORRT), ranges, TENSORRT)
+
+    def feeds():
+        return ({"input": calib[i:i + 64]} for i in range(0, 128, 64))
+
+    cache: dict[str, np.ndarray] = {}
+    everything = bias_shifts(deployable(TrialConfig.uniform(info.layer_names, Precision.INT8)), model, info.layers, feeds(), cache=cache)
+    assert len(cache) == len(info.layers)
+    mixed = TrialConfig({n: Precision.INT8 if i % 2 else Precision.FP32 for i, n in enumerate(info.layer_names)})
+    fresh = bias_shifts(deployable(mixed), model, info.layers, feeds())
+    assert set(fresh) == set(mixed.layers_with(Precision.INT8))
+    for name, shift in fresh.items():
+        np.testing.assert_array_equal(shift, everything[name])
+    cached = bias_shifts(deployable(mixed), model, info.layers, iter(()), cache=cache)  # no data: all from the cache
+    assert {n: s.tobytes() for n, s in cached.items()} == {n: s.tobytes() for n, s in fresh.items()}

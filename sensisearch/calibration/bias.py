@@ -40,10 +40,11 @@ Pieces:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, MutableMapping, Sequence
 
 import numpy as np
 import onnx
@@ -168,6 +169,18 @@ class QuantizedLayer:
 
     def op(self, threads: int = 1) -> LayerOp:
         return LayerOp(self.op_type, self.attributes, self.opset, threads)
+
+    def fingerprint(self) -> str:
+        """Hex digest of everything the layer's shift depends on besides the data: name,
+        op and attributes, FP32 and deployed weight and bias, and the input Q/DQ."""
+        h = hashlib.sha256(f"{self.name}|{self.op_type}|{sorted(self.attributes.items())!r}|{self.channel_axis}".encode())
+        arrays = [self.weight, self.deployed_weight, self.bias, self.deployed_bias]
+        if self.input_quant is not None:
+            q = self.input_quant
+            arrays += [q.scale, q.zero_point, np.array([q.qmin, q.qmax, -1 if q.axis is None else q.axis])]
+        for a in arrays:
+            h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(np.asarray(a).dtype).encode())
+        return h.hexdigest()
 
 
 @dataclass
@@ -335,6 +348,7 @@ def bias_shifts(
     batches: Iterable[Mapping[str, np.ndarray]],
     max_samples: int = BIAS_CORRECTION_SAMPLES,
     threads: int = 0,
+    cache: MutableMapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-channel bias shift of every INT8 layer of ``deployable`` (see the module docstring).
 
@@ -344,35 +358,47 @@ def bias_shifts(
     ``max_samples`` samples were seen (a batch is used whole). One FP32 pass
     exposes every INT8 layer's input; each batch is dropped once every layer has
     used it, so memory stays at one batch of activations.
+
+    ``cache`` (optional, e.g. one dict per study and calibration data): shifts by
+    :meth:`QuantizedLayer.fingerprint`. A layer's shift depends only on its own
+    quantization (input Q/DQ, int8 weight, deployed bias), not on the precision of
+    the other layers, so trials that share a calibration choice reuse it; the
+    FP32 pass runs only for layers not in the cache (not at all if none).
     """
     qlayers = quantized_layers(deployable, fp32_model, layers)
-    if not qlayers:
-        return {}
+    keys = {name: ql.fingerprint() for name, ql in qlayers.items()}
+    shifts: dict[str, np.ndarray] = {}
+    if cache is not None:
+        shifts = {name: cache[key] for name, key in keys.items() if key in cache}
+    todo = {name: ql for name, ql in qlayers.items() if name not in shifts}
+    if not todo:
+        return shifts
     by_name = {l.name: l for l in layers}
     graph_inputs = {i.name for i in fp32_model.graph.input}
-    inputs_of = {name: by_name[name].activation_input for name in qlayers}
+    inputs_of = {name: by_name[name].activation_input for name in todo}
     fetch = sorted({t for t in inputs_of.values() if t not in graph_inputs})
-    session = _probe_session(fp32_model, fetch, threads)
-    ops = {name: ql.op(threads or 1) for name, ql in qlayers.items()}
-    sums = {name: _ShiftSum() for name in qlayers}
+    session = _probe_session(fp32_model, fetch, threads) if fetch else None
+    ops = {name: ql.op(threads or 1) for name, ql in todo.items()}
+    sums = {name: _ShiftSum() for name in todo}
     seen = 0
     started = time.perf_counter()
     for feed in batches:
         if seen >= max_samples:
             break
-        values = dict(zip(fetch, session.run(fetch, dict(feed)))) if fetch else {}
+        values = dict(zip(fetch, session.run(fetch, dict(feed)))) if session is not None else {}
         values.update({k: np.asarray(v) for k, v in feed.items() if k in graph_inputs})
-        for name, ql in qlayers.items():
+        for name, ql in todo.items():
             sums[name].add(_output_difference(ql, ops[name], values[inputs_of[name]]), ql.channel_axis)
         seen += int(np.shape(next(iter(feed.values())))[0])
     if seen == 0:
         raise SensisearchError("bias correction: no calibration samples were provided")
-    shifts = {}
-    for name, ql in qlayers.items():
+    for name, ql in todo.items():
         mean = sums[name].mean()
         shifts[name] = (mean + _bias_difference(ql, mean.size)).astype(np.float32)
-    logger.info("bias correction: shifts of %d INT8 layers over %d samples in %.1f s",
-                len(shifts), seen, time.perf_counter() - started)
+        if cache is not None:
+            cache[keys[name]] = shifts[name]
+    logger.info("bias correction: shifts of %d INT8 layers over %d samples in %.1f s (%d from the cache)",
+                len(todo), seen, time.perf_counter() - started, len(shifts) - len(todo))
     return shifts
 
 
