@@ -29,11 +29,23 @@ import onnxruntime as ort
 
 from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
 from sensisearch.calibration import collect_statistics
-from sensisearch.calibration.bias import BIAS_CORRECTION_SAMPLES, apply_bias_shifts, bias_shifts
+from sensisearch.calibration.bias import (
+    BIAS_CORRECTION_SAMPLES,
+    apply_bias_shifts,
+    bias_shifts,
+)
 from sensisearch.evaluation.detection import CocoDetectionEvaluator
 from sensisearch.evaluation.tensor_store import TensorStore
 from sensisearch.model.analysis import analyze_model
-from sensisearch.quantize import TENSORRT, Precision, TrialConfig, emit_deployable_onnx, plan_placement, save_model, statistics_tensors
+from sensisearch.quantize import (
+    TENSORRT,
+    Precision,
+    TrialConfig,
+    emit_deployable_onnx,
+    plan_placement,
+    save_model,
+    statistics_tensors,
+)
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice
 from sensisearch.study.calibrate import CalibrationRanges
 
@@ -90,7 +102,7 @@ def main() -> None:
         t0 = time.perf_counter()
         by_count = collect_statistics(model_path, tensors, ({"images": b} for b in batches), [len(batches)], intra_op_threads=args.threads or 0)
         samples = max(by_count)
-        print(f"statistics of {len(tensors)} tensors over {samples} train2017 images: {time.perf_counter() - t0:.1f} s")
+        print(f"statistics of {len(tensors)} tensors over {samples} train2017 images: {time.perf_counter() - t0:.1f} s", flush=True)
         table = CalibrationRanges(by_count)
 
         evaluator = CocoDetectionEvaluator(
@@ -119,12 +131,14 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             corrected = apply_bias_shifts(deployable, shifts, TENSORRT)
             print(f"{algorithm.value}: bias shifts of {len(shifts)} layers over {min(args.bc_samples, len(batches))} images "
-                  f"in {seconds:.1f} s; median max|shift| {np.median([np.abs(s).max() for s in shifts.values()]):.4f}")
+                  f"in {seconds:.1f} s; median max|shift| {np.median([np.abs(s).max() for s in shifts.values()]):.4f}", flush=True)
             for label, m in ((algorithm.value, deployable), (f"{algorithm.value} + bias correction", corrected)):
                 path = save_model(m, tmp_dir / "deployable.onnx")
                 with backend.load(path) as runner:
                     metrics = evaluator.evaluate(runner).metrics
                 rows.append((label, metrics, mean_error(m)))
+                print(f"  {label}: mAP50-95 {metrics['mAP50-95']:.2f} (FP32 {fp32['mAP50-95']:.2f}), "
+                      f"channel-mean err {rows[-1][2]:.4f}", flush=True)
 
     print(f"\nYOLOv5n all-INT8, TensorRT profile, ONNX Runtime CPU; calibrate {samples} train2017 "
           f"(bias shifts: first {min(args.bc_samples, samples)}), evaluate {len(val_ids)} val2017")

@@ -112,7 +112,7 @@ def _corrected_means_conv(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     x = rng.gamma(1.5, 0.5, size=(12, 3, 9, 9)).astype(np.float32)
     w = (rng.standard_normal((5, 3, 3, 3)) * 0.3).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
-    w_scale, w_deq = _per_channel_weight(w, 0)
+    _, w_deq = _per_channel_weight(w, 0)
     amax = float(np.quantile(x, 0.98))
     xq = FakeQuant(np.array(amax / 127, np.float32), np.array(0, np.int8), -128, 127)
     layer = QuantizedLayer(

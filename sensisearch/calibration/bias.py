@@ -43,8 +43,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, MutableMapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -325,7 +326,7 @@ def quantized_layers(
 
 
 # --------------------------------------------------------------------------- calibration pass
-def _probe_session(fp32_model: onnx.ModelProto, tensors: Sequence[str], threads: int):  # noqa: ANN202
+def _probe_session(fp32_model: onnx.ModelProto, tensors: Sequence[str], threads: int) -> Any:
     """ORT session of the FP32 model with ``tensors`` exposed as outputs (name-only ValueInfo suffices)."""
     import onnxruntime as ort
 
@@ -491,7 +492,10 @@ def apply_bias_shifts(
     return out
 
 
-def _add_bias(out, node, step, profile, names, producers, inits) -> None:  # noqa: ANN001
+def _add_bias(
+    out: onnx.ModelProto, node: onnx.NodeProto, step: np.ndarray, profile: QuantizationProfile, names: _Names,
+    producers: Mapping[str, onnx.NodeProto], inits: Mapping[str, onnx.TensorProto],
+) -> None:
     """A new bias input for a Conv/ConvTranspose/Gemm that had none."""
     if len(node.input) < 2:
         raise SensisearchError(f"bias correction: {node.name!r} has no weight input")
@@ -526,7 +530,9 @@ def _add_bias(out, node, step, profile, names, producers, inits) -> None:  # noq
         node.input[2] = bias_input
 
 
-def _shift_matmul_add(out, node, shift, names, inits) -> None:  # noqa: ANN001
+def _shift_matmul_add(
+    out: onnx.ModelProto, node: onnx.NodeProto, shift: np.ndarray, names: _Names, inits: Mapping[str, onnx.TensorProto]
+) -> None:
     """Move the constant of the Add that reads the MatMul's output (through its output Q/DQ, if any)."""
 
     def readers_of(tensor: str) -> list[tuple[onnx.NodeProto, int]]:
