@@ -96,8 +96,13 @@ def fake_quantize(
         shape = [1] * x.ndim
         shape[axis] = scale.size
         scale, zp = scale.reshape(shape), zp.reshape(shape)
-    q = np.clip(np.rint(x / scale) + zp, qmin, qmax)
-    return ((q - zp) * scale).astype(np.float32)
+    q = np.asarray(x / scale)  # a new array: the in-place steps below never touch x
+    np.rint(q, out=q)
+    q += zp
+    np.clip(q, qmin, qmax, out=q)
+    q -= zp
+    q *= scale
+    return q
 
 
 @dataclass(frozen=True)
@@ -115,35 +120,39 @@ class FakeQuant:
 
 
 class LayerOp:
-    """The layer's op (without bias) as a one-node ONNX model run by ONNX Runtime.
+    """The layer's op (without bias) with one weight, as a one-node ONNX model run by ONNX Runtime.
 
     The real op rather than a numpy re-implementation: Conv's padding modes
     (``auto_pad``), dilations, groups, ConvTranspose's output padding and Gemm's
     transposes are then exactly the deployed ones, and the output is what the
-    backend's float kernel computes. Weight and input are graph inputs, so one
-    session serves the FP32 and the quantized weight.
+    backend's float kernel computes. The weight is a constant initializer, not an
+    input: ONNX Runtime then prepacks it once (with the weight as an input, the
+    YOLOv5n convs ran ~10x slower than the whole model).
     """
 
-    def __init__(self, op_type: str, attributes: Mapping[str, Any], opset: int, threads: int = 1) -> None:
+    def __init__(self, op_type: str, attributes: Mapping[str, Any], opset: int, weight: np.ndarray, threads: int = 1) -> None:
         import onnxruntime as ort
 
         attrs = {k: v for k, v in attributes.items() if not (op_type == "Gemm" and k == "beta")}  # no C: beta unused
         node = helper.make_node(op_type, ["X", "W"], ["Y"], **attrs)
         graph = helper.make_graph(
             [node], "layer",
-            [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None),
-             helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)],
             [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(np.ascontiguousarray(weight, np.float32), "W")],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))])
         model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
+        # Dozens of these sessions run one after another: idle pool threads that spin-wait
+        # after each run would burn the cores the next session needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return self._session.run(["Y"], {"X": np.ascontiguousarray(x, np.float32), "W": np.ascontiguousarray(w, np.float32)})[0]
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._session.run(["Y"], {"X": np.ascontiguousarray(x, np.float32)})[0]
 
 
 @dataclass(frozen=True)
@@ -168,8 +177,9 @@ class QuantizedLayer:
     bias: np.ndarray | None = None
     deployed_bias: np.ndarray | None = None
 
-    def op(self, threads: int = 1) -> LayerOp:
-        return LayerOp(self.op_type, self.attributes, self.opset, threads)
+    def ops(self, threads: int = 1) -> tuple[LayerOp, LayerOp]:
+        """The op with the FP32 weight and with the deployed weight."""
+        return tuple(LayerOp(self.op_type, self.attributes, self.opset, w, threads) for w in (self.weight, self.deployed_weight))
 
     def fingerprint(self) -> str:
         """Hex digest of everything the layer's shift depends on besides the data: name,
@@ -202,9 +212,9 @@ class _ShiftSum:
         return None if self.total is None or self.count == 0 else self.total / self.count
 
 
-def _output_difference(layer: QuantizedLayer, op: LayerOp, x: np.ndarray) -> np.ndarray:
+def _output_difference(layer: QuantizedLayer, ops: tuple[LayerOp, LayerOp], x: np.ndarray) -> np.ndarray:
     xq = layer.input_quant(x) if layer.input_quant is not None else x
-    return op(x, layer.weight) - op(xq, layer.deployed_weight)
+    return ops[0](x) - ops[1](xq)
 
 
 def _bias_difference(layer: QuantizedLayer, n: int) -> np.ndarray:
@@ -215,17 +225,19 @@ def _bias_difference(layer: QuantizedLayer, n: int) -> np.ndarray:
     return np.asarray(layer.bias, np.float64).reshape(-1) - np.asarray(deployed, np.float64).reshape(-1)
 
 
-def layer_bias_shift(layer: QuantizedLayer, inputs: Iterable[np.ndarray], op: LayerOp | None = None) -> np.ndarray:
+def layer_bias_shift(
+    layer: QuantizedLayer, inputs: Iterable[np.ndarray], ops: tuple[LayerOp, LayerOp] | None = None
+) -> np.ndarray:
     """Per-output-channel ``mean(FP32 output) - mean(deployed output)`` of ``layer`` on ``inputs``.
 
     ``inputs`` are batches of the layer's FP32 input activation. The result is
     float32 of length out-channels; adding it to the deployed bias makes the
     deployed layer's per-channel output mean on ``inputs`` equal the FP32 one.
     """
-    op = op or layer.op()
+    ops = ops or layer.ops()
     acc = _ShiftSum()
     for x in inputs:
-        acc.add(_output_difference(layer, op, x), layer.channel_axis)
+        acc.add(_output_difference(layer, ops, x), layer.channel_axis)
     mean = acc.mean()
     if mean is None:
         raise SensisearchError(f"bias correction of {layer.name!r}: no input samples")
@@ -379,7 +391,7 @@ def bias_shifts(
     inputs_of = {name: by_name[name].activation_input for name in todo}
     fetch = sorted({t for t in inputs_of.values() if t not in graph_inputs})
     session = _probe_session(fp32_model, fetch, threads) if fetch else None
-    ops = {name: ql.op(threads or 1) for name, ql in todo.items()}
+    ops = {name: ql.ops(threads or 1) for name, ql in todo.items()}
     sums = {name: _ShiftSum() for name in todo}
     seen = 0
     started = time.perf_counter()
