@@ -12,6 +12,18 @@ against FP32 on the first ``--probe-images`` val2017 images, before and after.
 Printed, never asserted.
 
     python benchmarks/bias_correction.py [--algorithms minmax,mse] [--bc-samples 64] [--threads N]
+
+Measured on the shared 2-core box (loaded), two runs whose shifts differ by ~1e-5
+relative (float summation order only): mAP50-95 drop vs FP32 35.01
+
+    minmax -0.91 | + bias correction -0.96 (run 1), -1.61 (run 2)
+    mse    -1.67 | + bias correction -0.94 (run 1), -0.97 (run 2)
+    channel-mean err: minmax 0.0715 -> 0.0645, mse 0.0443 -> 0.0370 (both runs)
+
+so on 85 val2017 images the mAP of an all-INT8 YOLOv5n moves by ~0.6 points
+under bias perturbations far below any real effect: the mAP differences above are
+within that noise; the per-channel mean error is the stable figure. The shift pass
+over 64 images took ~80 s (84 s minmax, 82 s mse) on that box.
 """
 
 from __future__ import annotations
