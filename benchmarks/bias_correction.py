@@ -1,7 +1,7 @@
 """YOLOv5n all-INT8 COCO mAP with and without bias correction (TensorRT profile, scored by ONNX Runtime).
 
 Calibrates on the 85 COCO train2017 images of ``shared/data/coco-dev`` (the
-study's statistics pass and thresholds, :class:`~sensisearch.study.calibrate.CalibrationRanges`),
+study's statistics pass and thresholds, :class:`~sensisearch.calibration.ranges.CalibrationRanges`),
 emits the all-INT8 deployable ONNX (TensorRT profile: symmetric int8 Q/DQ on every
 quantizable layer's input, per-channel int8 weights, float bias), then computes the
 bias shifts of :mod:`sensisearch.calibration.bias` on the first ``--bc-samples``
@@ -59,7 +59,7 @@ from sensisearch.quantize import (
     statistics_tensors,
 )
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice
-from sensisearch.study.calibrate import CalibrationRanges
+from sensisearch.calibration.ranges import CalibrationRanges
 
 DATA = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[1] / "../shared/data"))
 

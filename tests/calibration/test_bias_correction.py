@@ -38,7 +38,7 @@ from sensisearch.quantize import (
 )
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 DIGITS = REPO / "sensisearch" / "examples" / "digits"
 
 
