@@ -37,11 +37,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     # SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
     signal.signal(signal.SIGTERM, _raise_terminated)
-    if settings.storage:
+    if settings.storage.storage:
         # A wrong URL or password: one line now, before any calibration work.
         from sensisearch.study import open_storage
 
-        open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
+        open_storage(settings.storage.storage, settings.execution.heartbeat_seconds).remove_session()
     with _statistics_progress() as on_statistics:
         ctx = prepare(settings, on_statistics=on_statistics)
     save_run_settings(ctx.settings, ctx.out)
@@ -61,10 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:
-        task = progress.add_task("", total=settings.budget)  # searched configurations; baselines are extra
+        task = progress.add_task("", total=settings.search.budget)  # searched configurations; baselines are extra
         # Show progress of a resumed study from where it stands.
         study = open_study(ctx)
-        progress.update(task, completed=min(finished_count(study), settings.budget))
+        progress.update(task, completed=min(finished_count(study), settings.search.budget))
 
         # A predicted latency says so (the estimate is a unitless cost, not ms).
         predictor = ctx.pipeline.predictor
@@ -82,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress.update(task, completed=min(event.finished, event.budget), description=best)
 
         study = run_study(ctx, on_trial, study)
-    if settings.verify:
+    if settings.measurement.verify:
         _verify(ctx, study, force=False)
     summary = write_results(ctx, study)
     print_summary(ctx, summary, time.monotonic() - started)
@@ -133,11 +133,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in (*OVERRIDE_FLAGS, "isolation", "build_timeout", "eval_timeout", "keep_artifacts")}
     settings = stored_settings(args.storage, args.study_name, overrides)
     run_args = argparse.Namespace(study_file=None, **{name: None for name in SETTING_FLAGS})
-    for name, value in settings.to_dict().items():
-        if name in SETTING_FLAGS:
-            setattr(run_args, name, value)
+    for name in SETTING_FLAGS:
+        setattr(run_args, name, settings.get(name))
     run_args.storage = args.storage  # stored masked; this is the real one
-    run_args.keep_artifacts = "all" if settings.keep_artifacts is None else settings.keep_artifacts
+    run_args.keep_artifacts = "all" if settings.execution.keep_artifacts is None else settings.execution.keep_artifacts
     console.print(f"worker on study [bold]{escape(args.study_name)}[/]", highlight=False)
     return cmd_run(run_args)
 

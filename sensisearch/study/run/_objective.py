@@ -84,15 +84,15 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
         if outcome.subset is not None:
             measured["subset"] = outcome.subset.to_dict()
         worst_class = None
-        if evaluation.per_class is not None and ctx.settings.max_class_drop is not None:
+        if evaluation.per_class is not None and ctx.settings.acceptance.max_class_drop is not None:
             reference = evaluation.per_class if baseline_name == "fp32" else _fp32_per_class(trial.study)
-            skipped = classes_to_skip(evaluation.per_class_instances, ctx.settings.min_class_instances)
+            skipped = classes_to_skip(evaluation.per_class_instances, ctx.settings.acceptance.min_class_instances)
             measured["class_guard_skipped"] = skipped
             if reference is None:
                 log.warning("trial %d: no FP32 per-class scores yet, class guard not applied", trial.number)
             else:
                 worst_class = worst_class_drop(reference, evaluation.per_class, skip=skipped)
-                trial.set_constraint("class_drop", worst_class["drop"] - ctx.settings.max_class_drop)
+                trial.set_constraint("class_drop", worst_class["drop"] - ctx.settings.acceptance.max_class_drop)
         record = TrialRecord(
             trial.number,
             baseline=baseline_name,
@@ -151,14 +151,14 @@ def decide_trial(
     trial.set_user_attr(TrialRecord.attr_key("config_key"), key)
     # A re-queued trial carries the attributes of the one it replaces: decide afresh.
     trial.set_user_attr(TrialRecord.attr_key("role"), None)
-    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.budget)
+    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.search.budget)
     if decision.action == _budget.EVALUATE:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.EVALUATE)
         return None
     if decision.action == _budget.OVER_BUDGET:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.OVER_BUDGET)
         trial.study.stop()
-        raise optuna.TrialPruned(f"budget of {ctx.settings.budget} distinct configurations reached")
+        raise optuna.TrialPruned(f"budget of {ctx.settings.search.budget} distinct configurations reached")
     assert decision.of is not None
     original = trial.study.get_trials(deepcopy=False)[decision.of]
     _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), config_key=key,

@@ -47,8 +47,8 @@ class TrialEvent:
 def open_study(ctx: StudyContext) -> optuna.Study:
     # Seeded per trial number: a resumed study or a second worker continues the
     # sampler instead of replaying the first run's proposals (see _budget).
-    sampler = make_sampler(ctx.settings.sampler, ctx.settings.seed)
-    storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.heartbeat_seconds)
+    sampler = make_sampler(ctx.settings.search.sampler, ctx.settings.search.seed)
+    storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.execution.heartbeat_seconds)
     masked = mask_url(ctx.storage_url)
     try:
         study = optuna.create_study(
@@ -129,7 +129,7 @@ def run_study(
         optuna.storages.fail_stale_trials(study)
     enqueue_baselines(ctx, study)
     enqueue_seeds(ctx, study)
-    budget = ctx.settings.budget
+    budget = ctx.settings.search.budget
     guard = _RunGuard()
 
     def watch(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -219,7 +219,7 @@ def complete_baselines(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        time.sleep(min(1.0, ctx.settings.heartbeat_seconds / 2))
+        time.sleep(min(1.0, ctx.settings.execution.heartbeat_seconds / 2))
 
 
 def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) -> TrialEvent:

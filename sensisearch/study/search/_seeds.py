@@ -55,7 +55,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def uses_sensitivity(settings: StudySettings) -> bool:
-    return settings.sampler == "seeded" or settings.search == "topk"
+    return settings.search.sampler == "seeded" or settings.search.search == "topk"
 
 
 def head_rule_layers(model: onnx.ModelProto, info: ModelInfo, index: GraphIndex | None = None) -> list[str]:
@@ -132,7 +132,7 @@ def groups_space(space: SearchSpace, groups: Sequence[Sequence[str]]) -> SearchS
 
 def apply_sensitivity(ctx: StudyContext) -> StudyContext:
     """The groups space for ``--search groups``; measure (or load) the sensitivity profile when the search uses it; the compact space for ``--search topk``."""
-    if ctx.settings.search == "groups":
+    if ctx.settings.search.search == "groups":
         from sensisearch.quantize._groups import fusion_groups
 
         groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
@@ -144,8 +144,8 @@ def apply_sensitivity(ctx: StudyContext) -> StudyContext:
 
     profile, cached = sensitivity_profile(ctx)
     log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
-    if ctx.settings.search == "topk":
-        ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.top_k)
+    if ctx.settings.search.search == "topk":
+        ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.search.top_k)
     return ctx
 
 
@@ -154,7 +154,7 @@ def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
 
     Returns the names enqueued now (empty when they were already, or the sampler is not ``seeded``).
     """
-    if ctx.settings.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
+    if ctx.settings.search.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
         return []
     from sensisearch.study.search._sensitivity import sensitivity_profile
 

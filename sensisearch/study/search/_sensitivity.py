@@ -234,7 +234,7 @@ def _probe_feeds(ctx: StudyContext) -> Mapping[str, np.ndarray]:
     try:
         return ctx.evaluator.latency_feeds(PROBE_BATCH if batch is None else int(batch))
     except Exception:  # an evaluator that cannot give that batch: its latency batch then
-        return ctx.evaluator.latency_feeds(ctx.settings.latency_batch)
+        return ctx.evaluator.latency_feeds(ctx.settings.backend.latency_batch)
 
 
 def tensor_sensitivity(
@@ -262,11 +262,11 @@ def profile_key(ctx: StudyContext) -> dict[str, Any]:
     calib = ctx.evaluation.calibration
     return {
         "model_sha256": ctx.info.sha256,
-        "eval_data": str(settings.eval_data) if settings.eval_data else settings.example,
-        "annotations": str(settings.annotations) if settings.annotations else None,
-        "eval_limit": settings.eval_limit,
+        "eval_data": str(settings.data.eval_data) if settings.data.eval_data else settings.data.example,
+        "annotations": str(settings.data.annotations) if settings.data.annotations else None,
+        "eval_limit": settings.data.eval_limit,
         "calib_data": None if calib is None else calib.fingerprint,
-        "seed": settings.seed,
+        "seed": settings.search.seed,
         "metric": ctx.evaluator.metric,
         "profile": ctx.backend.profile.name,
         "algorithms": [a.value for a in ctx.space.algorithms],

@@ -111,10 +111,10 @@ class SubsetPlan:
 def subset_plan(settings: StudySettings, evaluator: Evaluator, task: str) -> SubsetPlan | None:
     """The study's subset (None: every trial evaluates all images at once)."""
     total = evaluator.image_count()
-    size = subset_size(settings.fidelity_subset, task, total)
+    size = subset_size(settings.search.fidelity_subset, task, total)
     if size is None or total is None:
         return None
-    return SubsetPlan(subset_positions(total, size, settings.seed), total)
+    return SubsetPlan(subset_positions(total, size, settings.search.seed), total)
 
 
 # --------------------------------------------------------------------------- the decision
@@ -244,7 +244,7 @@ class SnapshotSource:
             return None
         settings = self.ctx.settings
         return EarlyStopSnapshot(
-            self._reference_subset(encoded), fp32_value, tuple(completed), settings.max_drop, settings.drop_resamples, settings.seed,
+            self._reference_subset(encoded), fp32_value, tuple(completed), settings.acceptance.max_drop, settings.measurement.drop_resamples, settings.search.seed,
         )
 
 

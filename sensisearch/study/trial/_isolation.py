@@ -15,7 +15,6 @@ study goes on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -65,7 +64,7 @@ class IsolationSettings:
 
     @classmethod
     def from_settings(cls, settings: StudySettings) -> IsolationSettings:
-        return cls(build_timeout=settings.build_timeout, eval_timeout=settings.eval_timeout)
+        return cls(build_timeout=settings.execution.build_timeout, eval_timeout=settings.execution.eval_timeout)
 
 
 _TIMEOUT_FLAG = {"build": "--build-timeout", "evaluate": "--eval-timeout"}
@@ -265,13 +264,13 @@ class IsolatedTrialRunner:
 
 def child_settings(ctx: StudyContext) -> StudySettings:
     """The settings the trial server prepares from: the worker's, with its output folder fixed."""
-    return dataclasses.replace(ctx.settings, out=ctx.out.resolve())
+    return ctx.settings.replace(out=ctx.out.resolve())
 
 
 @contextlib.contextmanager
 def trial_runner(ctx: StudyContext) -> Iterator[RunTrial]:
     """``run(config, out_dir) -> TrialOutcome`` as ``--isolation`` says: in a child process, or in this one."""
-    if ctx.settings.isolation == "none":
+    if ctx.settings.execution.isolation == "none":
         yield ctx.pipeline.run
         return
     with IsolatedTrialRunner(child_settings(ctx), IsolationSettings.from_settings(ctx.settings), ctx.out) as runner:
