@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp)
         # The evaluator exactly as `sensisearch run` builds it from these flags.
-        resolved = resolve_inputs(StudySettings(model=model, eval_data=coco / "images", annotations=coco / "instances.json", cache_dir=cache))
+        resolved = resolve_inputs(StudySettings.from_flat(model=model, eval_data=coco / "images", annotations=coco / "instances.json", cache_dir=cache))
         evaluator = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache, need_calibration=False).evaluator
         assert isinstance(evaluator, CocoDetectionEvaluator)
         t0 = time.perf_counter()

@@ -31,8 +31,8 @@ SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve()
 
 def settings_for(model: str) -> StudySettings:
     if model == "digits":
-        return StudySettings(example="digits")
-    return StudySettings(model=SHARED / "yolov5n.onnx", calib_data=SHARED / "coco-dev" / "images", preprocess="yolo")
+        return StudySettings.from_flat(example="digits")
+    return StudySettings.from_flat(model=SHARED / "yolov5n.onnx", calib_data=SHARED / "coco-dev" / "images", preprocess="yolo")
 
 
 def held_out(layers: list[str], calibration, n_random: int, seed: int = 1) -> dict[str, TrialConfig]:  # noqa: ANN001

@@ -40,7 +40,7 @@ SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", REPO.parent / "shared" /
 
 
 def one_study(args: argparse.Namespace, name: str, subset: float, eval_dir: Path, calib_dir: Path) -> dict[str, object]:
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         model=SHARED / "yolov5n.onnx", eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json",
         calib_data=calib_dir, out=args.out / name, cache_dir=args.out / "cache", eval_limit=args.eval_images,
         backend="onnxruntime", profile="tensorrt", precisions=[Precision.INT8, Precision.FP32],

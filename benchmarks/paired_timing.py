@@ -73,14 +73,14 @@ def paired(fp32, int8, feeds, seconds: float, loaded: bool) -> PairedLatency:  #
 def digits(seconds: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "digits"
-        ctx = prepare(StudySettings(example="digits", budget=1, out=out, sample_counts=[128]))
+        ctx = prepare(StudySettings.from_flat(example="digits", budget=1, out=out, sample_counts=[128]))
         config = TrialConfig.uniform(list(ctx.space.layers), Precision.INT8, CalibrationChoice(CalibrationAlgorithm.MINMAX, 128))
         deployable, _ = ctx.pipeline.emit(config, out / "int8")
         int8_artifact = ctx.backend.build(deployable, out / "int8").artifact
         fp32_artifact = ctx.backend.build(ctx.model_path, out / "fp32").artifact
-        feeds = dict(ctx.evaluator.latency_feeds(ctx.settings.latency_batch))
+        feeds = dict(ctx.evaluator.latency_feeds(ctx.settings.backend.latency_batch))
         with ctx.backend.load(fp32_artifact) as fp32, ctx.backend.load(int8_artifact) as int8:
-            print(f"digits, batch {ctx.settings.latency_batch}, {os.cpu_count()} cores; busy loop = one spinning process\n")
+            print(f"digits, batch {ctx.settings.backend.latency_batch}, {os.cpu_count()} cores; busy loop = one spinning process\n")
             rows = []
             for loaded in (False, True):
                 ref, cand = unpaired(fp32, int8, feeds, seconds, loaded)

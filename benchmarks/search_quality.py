@@ -88,7 +88,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split")
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         model=SHARED / "yolov5n.onnx", eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json",
         calib_data=calib_dir, out=args.out, eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
         sample_counts=[args.calib_images], algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.PERCENTILE, CalibrationAlgorithm.MSE, CalibrationAlgorithm.MIXED],

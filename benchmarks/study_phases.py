@@ -107,7 +107,7 @@ def ctx_calibration_batches(ctx: StudyContext, samples: int) -> list[np.ndarray]
 
     source = ctx.evaluation.calibration
     assert source is not None, "the benchmark study searches INT8, so it has a calibration source"
-    order = deterministic_order(source.size, ctx.settings.seed)[:samples]
+    order = deterministic_order(source.size, ctx.settings.search.seed)[:samples]
     return list(source.batches(order, source.static_batch or 32))
 
 
@@ -121,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "digits"
-        settings = StudySettings(example="digits", budget=args.budget, out=out, sample_counts=[128, 256, 512], latency_seconds=0.5)
+        settings = StudySettings.from_flat(example="digits", budget=args.budget, out=out, sample_counts=[128, 256, 512], latency_seconds=0.5)
         t0 = time.perf_counter()
         ctx = prepare(settings)
         print(f"prepare (model analysis + calibration statistics, once): {time.perf_counter() - t0:.2f} s")

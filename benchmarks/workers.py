@@ -100,7 +100,8 @@ def trials_per_minute(pg_url: str, workers: int, budget: int, root: Path) -> Non
     subprocess.run([*base, "run", *DIGITS, "--budget", "1", "--storage", pg_url, "--study-name", name,
                     "--out", str(root / name / "w0")], env=env, check=True, capture_output=True)
     study = optuna.load_study(study_name=name, storage=open_storage(pg_url, 30))
-    settings = dict(study.user_attrs["settings"], budget=budget)
+    settings = study.user_attrs["settings"]  # StudySettings.to_dict(): nested by record
+    settings["search"]["budget"] = budget
     study.set_user_attr("settings", settings)
     t0 = time.perf_counter()
     procs = [subprocess.Popen([*base, "worker", "--storage", pg_url, "--study-name", name, "--out", str(root / name / f"w{i}")],

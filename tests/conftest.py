@@ -202,7 +202,7 @@ def coco_evaluator(yolo_model: Path, coco_dev: Path, coco_cache: Path):  # noqa:
     from sensisearch.study.config._settings import StudySettings
     from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", cache_dir=coco_cache
     )
     resolved = resolve_inputs(settings)

@@ -40,11 +40,11 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     from sensisearch.study import save_run_settings
 
     settings = settings_from_args(args)
-    if settings.storage:
+    if settings.storage.storage:
         # A wrong URL or password: one line now, before any calibration work.
         from sensisearch.study import open_storage
 
-        open_storage(settings.storage, settings.heartbeat_seconds).remove_session()
+        open_storage(settings.storage.storage, settings.execution.heartbeat_seconds).remove_session()
     preparing = PhaseProgress("prepare (model, backend, calibration statistics, sensitivity)")
     preparing.start()
     with _statistics_progress() as on_statistics, signals.flag.interruptible():
@@ -69,17 +69,17 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
     ) as progress:
-        task = progress.add_task("", total=settings.budget)  # searched configurations; baselines are extra
+        task = progress.add_task("", total=settings.search.budget)  # searched configurations; baselines are extra
         # Show progress of a resumed study from where it stands.
         study = open_study(ctx)
-        progress.update(task, completed=min(finished_count(study), settings.budget))
+        progress.update(task, completed=min(finished_count(study), settings.search.budget))
 
         # A predicted latency says so (the estimate is a unitless cost, not ms).
         predictor = ctx.pipeline.predictor
         unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
 
         trials = PhaseProgress("trials", "configurations")
-        trials.start(f"budget {settings.budget}")
+        trials.start(f"budget {settings.search.budget}")
 
         def on_trial(event: TrialEvent) -> None:
             if event.note is not None:  # not evaluated: over budget, a repeat, or queued again
@@ -96,8 +96,8 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
             trials.step(min(event.finished, event.budget), event.budget)
 
         study = run_study(ctx, on_trial, study)
-        trials.end(f"{min(finished_count(study), settings.budget)}/{settings.budget}")
-    if settings.verify:
+        trials.end(f"{min(finished_count(study), settings.search.budget)}/{settings.search.budget}")
+    if settings.measurement.verify:
         verifying = PhaseProgress("verify")
         verifying.start()
         with signals.flag.interruptible():
@@ -153,11 +153,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in (*OVERRIDE_FLAGS, "isolation", "build_timeout", "eval_timeout", "keep_artifacts")}
     settings = stored_settings(args.storage, args.study_name, overrides)
     run_args = argparse.Namespace(study_file=None, **{name: None for name in SETTING_FLAGS})
-    for name, value in settings.to_dict().items():
-        if name in SETTING_FLAGS:
-            setattr(run_args, name, value)
+    for name in SETTING_FLAGS:
+        setattr(run_args, name, settings.get(name))
     run_args.storage = args.storage  # stored masked; this is the real one
-    run_args.keep_artifacts = "all" if settings.keep_artifacts is None else settings.keep_artifacts
+    run_args.keep_artifacts = "all" if settings.execution.keep_artifacts is None else settings.execution.keep_artifacts
     run_args.log_file = getattr(args, "log_file", None)
     console.print(f"worker on study [bold]{escape(args.study_name)}[/]", highlight=False)
     return cmd_run(run_args)

@@ -21,7 +21,7 @@ def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> N
 
     fp32 = baseline(summary.records, "fp32")
     metric = ctx.evaluator.metric
-    axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.latency_batch}"
+    axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.backend.latency_batch}"
     if ctx.pipeline.predictor is not None:  # never "measured" for a predicted figure
         axis = f"latency {ctx.pipeline.predictor.label}"
     table = Table(title=f"Pareto front ({metric} vs {axis})")
@@ -64,5 +64,5 @@ def _print_prediction_check(summary: StudySummary) -> None:
 def print_disk(ctx: StudyContext, summary: StudySummary) -> None:
     from sensisearch.study import append_disk_section
 
-    used = append_disk_section(summary.report, ctx.out, ctx.settings.keep_artifacts)
+    used = append_disk_section(summary.report, ctx.out, ctx.settings.execution.keep_artifacts)
     stdout.print(f"disk: {ctx.out} uses {used / 2**20:.1f} MiB")

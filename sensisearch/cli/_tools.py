@@ -56,7 +56,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     ctx = prepare(settings_from_args(args))
     for warning in ctx.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    study = open_study(ctx) if ctx.settings.storage or (ctx.out / "study.db").is_file() else None
+    study = open_study(ctx) if ctx.settings.storage.storage or (ctx.out / "study.db").is_file() else None
     probes = 2 + len(ctx.space.algorithms) + 2 * len(ctx.space.layers)
     with Progress(TextColumn("[bold]probes"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:

@@ -14,7 +14,7 @@ A whole run, as the CLI does it::
 
     from sensisearch.study import StudySettings, prepare, run_study, write_results
 
-    ctx = prepare(StudySettings(example="digits", budget=20))
+    ctx = prepare(StudySettings.from_flat(example="digits", budget=20))
     run_study(ctx)
     summary = write_results(ctx)
 """

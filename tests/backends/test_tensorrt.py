@@ -155,7 +155,7 @@ def yolo_built(flavor: TensorRTFlavor, yolo_model: Path, coco_dev: Path, tmp_pat
 
     # Calibration batches as a detector study makes them (first 2 images, letterboxed).
     cache = tmp_path_factory.mktemp("trt-yolo-cache")
-    resolved = resolve_inputs(StudySettings(
+    resolved = resolve_inputs(StudySettings.from_flat(
         model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", calib_limit=2, cache_dir=cache,
     ))
     source = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache).calibration

@@ -669,7 +669,7 @@ def yolo_statistics(yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.T
     from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
     cache = tmp_path_factory.mktemp("yolo-calib-cache")
-    resolved = resolve_inputs(StudySettings(
+    resolved = resolve_inputs(StudySettings.from_flat(
         model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", calib_limit=2, cache_dir=cache,
     ))
     source = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, cache).calibration

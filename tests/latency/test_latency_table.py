@@ -29,7 +29,7 @@ REPEATS = 25
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ltable")
-    pipeline, calibration, feeds, model_path = table_pipeline(StudySettings(example="digits"), tmp / "cache", "onnxruntime-cpu", threads=2)
+    pipeline, calibration, feeds, model_path = table_pipeline(StudySettings.from_flat(example="digits"), tmp / "cache", "onnxruntime-cpu", threads=2)
     table = measure_table(pipeline, calibration, feeds, tmp / "work", model_path=model_path, repeats=REPEATS, timing_seconds=4)
     return pipeline, calibration, feeds, table, tmp
 

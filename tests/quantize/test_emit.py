@@ -965,7 +965,7 @@ def test_trial_and_build_plan_placement_once(tmp_path: Path, monkeypatch) -> Non
     from sensisearch.study.run import prepare
     from sensisearch.study.config._settings import StudySettings
 
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         example="digits", backend="onnxruntime", out=tmp_path / "run", sample_counts=[128], latency_seconds=0.05,
         eval_limit=200, threads=1,
     )

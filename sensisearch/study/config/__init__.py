@@ -11,7 +11,23 @@ from sensisearch.study.config._inputs import (
 )
 from sensisearch.study.config._faults import EnvironmentalFailure, Fault, classify as classify_fault
 from sensisearch.study.config._stop import StopFlag, StopRequested
-from sensisearch.study.config._settings import SAMPLERS, SEARCHES, StudySettings, merge_settings, read_study_file
+from sensisearch.study.config._settings import (
+    SAMPLERS,
+    SEARCHES,
+    AcceptanceSettings,
+    BackendOptions,
+    DataSettings,
+    ExecutionSettings,
+    MeasurementSettings,
+    ReportSettings,
+    SearchSettings,
+    StorageSettings,
+    StudySettings,
+    flat_settings,
+    merge_settings,
+    read_study_file,
+    setting_names,
+)
 
 __all__ = [
     "EnvironmentalFailure",
@@ -21,14 +37,24 @@ __all__ = [
     "classify_fault",
     "SAMPLERS",
     "SEARCHES",
+    "AcceptanceSettings",
+    "BackendOptions",
+    "DataSettings",
     "EvaluationSetup",
+    "ExecutionSettings",
+    "MeasurementSettings",
+    "ReportSettings",
+    "SearchSettings",
+    "StorageSettings",
     "ResolvedInputs",
     "StudySettings",
     "build_evaluation",
     "calibration_source",
+    "flat_settings",
     "merge_settings",
     "preprocessing",
     "read_study_file",
     "resolve_inputs",
+    "setting_names",
     "with_example",
 ]

@@ -97,33 +97,33 @@ def with_example(settings: StudySettings) -> StudySettings:
     The one rule for ``run`` and ``evaluate``: each of model, calibration data,
     evaluation data, mean and std that is not given comes from the example.
     """
-    if settings.example is None:
+    if settings.data.example is None:
         return settings
-    example = load_example(settings.example)
+    example = load_example(settings.data.example)
     defaults = {
         "model": example.model, "calib_data": example.calib_data, "eval_data": example.eval_data,
         "mean": example.mean, "std": example.std,
     }
-    return dataclasses.replace(settings, **{k: v for k, v in defaults.items() if getattr(settings, k) is None})
+    return settings.replace(**{k: v for k, v in defaults.items() if settings.get(k) is None})
 
 
 def preprocessing(settings: StudySettings) -> Preprocess:
     """The ``--preprocess`` preset (``raw`` when not given) with the (example-filled) settings'
     mean/std, channel order and layout; the preset's own mean/std where none is given."""
-    overrides: dict[str, Any] = {"channel_order": settings.channel_order, "layout": settings.layout}
-    if settings.mean is not None:
-        overrides["mean"] = tuple(settings.mean)
-    if settings.std is not None:
-        overrides["std"] = tuple(settings.std)
-    return Preprocess.preset(settings.preprocess or "raw", **overrides)  # type: ignore[arg-type]
+    overrides: dict[str, Any] = {"channel_order": settings.data.channel_order, "layout": settings.data.layout}
+    if settings.data.mean is not None:
+        overrides["mean"] = tuple(settings.data.mean)
+    if settings.data.std is not None:
+        overrides["std"] = tuple(settings.data.std)
+    return Preprocess.preset(settings.data.preprocess or "raw", **overrides)  # type: ignore[arg-type]
 
 
 def resolve_inputs(settings: StudySettings) -> ResolvedInputs:
     """Fill in an example's files, then load and analyse the model."""
     settings = with_example(settings)
-    assert settings.model is not None
-    info, model = analyze_model(settings.model)
-    return ResolvedInputs(settings, Path(settings.model), model, info)
+    assert settings.data.model is not None
+    info, model = analyze_model(settings.data.model)
+    return ResolvedInputs(settings, Path(settings.data.model), model, info)
 
 
 def _array_source(data: ImageArray, preprocess: Preprocess, spec: TensorSpec) -> CalibrationSource:
@@ -156,8 +156,8 @@ def _limited(source: ImageArray | TensorData, limit: int | None) -> ImageArray |
 
 def _calibration_data(settings: StudySettings, spec: TensorSpec, preprocess: Preprocess) -> ImageArray | TensorData:
     """``--calib-data`` in any supported format: tensor files as they are, images decoded for ``spec``."""
-    assert settings.calib_data is not None
-    source = load_feed_source(settings.calib_data, [spec], "--calib-data", preprocess)
+    assert settings.data.calib_data is not None
+    source = load_feed_source(settings.data.calib_data, [spec], "--calib-data", preprocess)
     return source.data if isinstance(source, ImageFeeds) else source
 
 
@@ -171,7 +171,7 @@ def calibration_source(
     """
     if preprocess is None:
         preprocess = Preprocess.preset("yolo") if _detector_output(settings, model, spec) is not None else preprocessing(settings)
-    data = _limited(data if data is not None else _calibration_data(settings, spec, preprocess), settings.calib_limit)
+    data = _limited(data if data is not None else _calibration_data(settings, spec, preprocess), settings.data.calib_limit)
     return _tensor_source(data, spec, spec.static_batch) if isinstance(data, TensorData) else _array_source(data, preprocess, spec)
 
 
@@ -184,48 +184,48 @@ def build_evaluation(
     read for metadata (e.g. a detector's class names).
     """
     warnings: list[str] = []
-    if settings.evaluator is not None:
+    if settings.data.evaluator is not None:
         preprocess = preprocessing(settings)
-        fn = load_function(settings.evaluator, Path.cwd())
-        if settings.calib_data is None:
+        fn = load_function(settings.data.evaluator, Path.cwd())
+        if settings.data.calib_data is None:
             raise SensisearchError("--evaluator needs --calib-data too: its images time the model and calibrate INT8")
-        calib_data = _limited(_calibration_data(settings, spec, preprocess), settings.calib_limit)
+        calib_data = _limited(_calibration_data(settings, spec, preprocess), settings.data.calib_limit)
         if isinstance(calib_data, TensorData):
             calib = _tensor_source(calib_data, spec, spec.static_batch)
-            first = calib_data.arrays[spec.name][: settings.latency_batch]
+            first = calib_data.arrays[spec.name][: settings.backend.latency_batch]
         else:
             calib = _array_source(calib_data, preprocess, spec)
-            first = preprocess.apply(calib_data.images[: settings.latency_batch], calib_data.layout)
+            first = preprocess.apply(calib_data.images[: settings.backend.latency_batch], calib_data.layout)
         feeds = {spec.name: np.ascontiguousarray(first)}
-        evaluation = {"evaluator": settings.evaluator, "preprocess": preprocess.to_dict()}
+        evaluation = {"evaluator": settings.data.evaluator, "preprocess": preprocess.to_dict()}
         return EvaluationSetup(
-            FunctionEvaluator(fn, feeds, settings.metric or "score"), "custom", calib, preprocess, warnings,
+            FunctionEvaluator(fn, feeds, settings.data.metric or "score"), "custom", calib, preprocess, warnings,
             evaluation=evaluation,
         )
 
-    if settings.eval_data is None:
+    if settings.data.eval_data is None:
         raise SensisearchError("no evaluation data: pass --eval-data DIR (or --example digits)")
     detector = _detector_output(settings, model, spec)
     if detector is not None:
         return _detection(settings, spec, model, detector, out, need_calibration)
     preprocess = preprocessing(settings)
-    eval_data = load_images(settings.eval_data, spec, "--eval-data", preprocess)
-    if settings.eval_limit is not None:
+    eval_data = load_images(settings.data.eval_data, spec, "--eval-data", preprocess)
+    if settings.data.eval_limit is not None:
         eval_data = dataclasses.replace(
             eval_data,
-            images=eval_data.images[: settings.eval_limit],
-            labels=None if eval_data.labels is None else eval_data.labels[: settings.eval_limit],
-            fingerprint=f"{eval_data.fingerprint}|limit={settings.eval_limit}",
+            images=eval_data.images[: settings.data.eval_limit],
+            labels=None if eval_data.labels is None else eval_data.labels[: settings.data.eval_limit],
+            fingerprint=f"{eval_data.fingerprint}|limit={settings.data.eval_limit}",
         )
     evaluator = ClassificationEvaluator(
-        eval_data, preprocess, spec.name, settings.batch_size or CLASSIFIER_BATCH, settings.metric or "top1"
+        eval_data, preprocess, spec.name, settings.data.batch_size or CLASSIFIER_BATCH, settings.data.metric or "top1"
     )
     identity = {"eval_data": eval_data.fingerprint, "evaluation": {"preprocess": preprocess.to_dict()}}
     if not need_calibration:
         return EvaluationSetup(evaluator, "classification", None, preprocess, warnings, **identity)
-    if settings.calib_data is None:
+    if settings.data.calib_data is None:
         warnings.append(EVAL_ON_CALIB_WARNING)
-    calib = calibration_source(settings, model, spec, None if settings.calib_data is not None else eval_data, preprocess)
+    calib = calibration_source(settings, model, spec, None if settings.data.calib_data is not None else eval_data, preprocess)
     return EvaluationSetup(evaluator, "classification", calib, preprocess, warnings, **identity)
 
 
@@ -246,13 +246,13 @@ def _detector_output(settings: StudySettings, model: onnx.ModelProto, spec: Tens
     # Detection pulls in OpenCV and pycocotools: imported only when a detector is in play.
     from sensisearch.evaluation.detection import YoloOutput, yolo_output
 
-    if settings.task == "classification":
+    if settings.data.task == "classification":
         return None
     hw = (spec.shape[2], spec.shape[3]) if len(spec.shape) == 4 else None
     output = yolo_output(_output_shapes(model), input_hw=hw)
     if output is not None:
         return output
-    if settings.task == "detection" or settings.annotations is not None or _is_yaml(settings.eval_data):
+    if settings.data.task == "detection" or settings.data.annotations is not None or _is_yaml(settings.data.eval_data):
         # Told it is a detector, but no output has a YOLO layout: the evaluator says so per runner.
         return YoloOutput(0, "yolov5")
     return None
@@ -262,17 +262,17 @@ def _detection_settings(settings: StudySettings, layout: str) -> DetectionSettin
     from sensisearch.evaluation.detection import DetectionSettings
 
     # An --iou / --letterbox the user did not give falls back to the layout's own validation default.
-    return DetectionSettings.for_layout(layout, iou_threshold=settings.iou, letterbox=settings.letterbox)
+    return DetectionSettings.for_layout(layout, iou_threshold=settings.data.iou, letterbox=settings.data.letterbox)
 
 
 def _check_detector_preprocessing(settings: StudySettings) -> None:
     """Detectors take letterboxed RGB NCHW in 0..1 (their tensor store); anything else is refused."""
     given = {
-        "--preprocess": settings.preprocess not in (None, "yolo") and settings.preprocess,
-        "--channel-order": settings.channel_order != "rgb" and settings.channel_order,
-        "--layout": settings.layout not in (None, "nchw") and settings.layout,
-        "--mean": settings.mean is not None and ",".join(map(str, settings.mean)),
-        "--std": settings.std is not None and ",".join(map(str, settings.std)),
+        "--preprocess": settings.data.preprocess not in (None, "yolo") and settings.data.preprocess,
+        "--channel-order": settings.data.channel_order != "rgb" and settings.data.channel_order,
+        "--layout": settings.data.layout not in (None, "nchw") and settings.data.layout,
+        "--mean": settings.data.mean is not None and ",".join(map(str, settings.data.mean)),
+        "--std": settings.data.std is not None and ",".join(map(str, settings.data.std)),
     }
     for flag, value in given.items():
         if value:
@@ -304,33 +304,33 @@ def _detection(
 
     _check_detector_preprocessing(settings)
     warnings: list[str] = []
-    assert settings.model is not None and settings.eval_data is not None
+    assert settings.data.model is not None and settings.data.eval_data is not None
     detection = _detection_settings(settings, output.layout)
     preprocess = Preprocess.preset("yolo", pad_value=detection.pad_value)
-    cache = settings.cache_dir or out / "cache"
+    cache = settings.data.cache_dir or out / "cache"
     common: dict[str, Any] = dict(
-        settings=detection, cache_dir=cache, input_spec=spec, metric=settings.metric or "mAP50-95",
-        limit=settings.eval_limit, batch_size=settings.batch_size,
+        settings=detection, cache_dir=cache, input_spec=spec, metric=settings.data.metric or "mAP50-95",
+        limit=settings.data.eval_limit, batch_size=settings.data.batch_size,
     )
-    if _is_yaml(settings.eval_data):
-        if settings.annotations is not None:
+    if _is_yaml(settings.data.eval_data):
+        if settings.data.annotations is not None:
             raise SensisearchError(
-                f"--annotations {settings.annotations}: a dataset YAML brings its own labels (labels/*.txt); drop --annotations"
+                f"--annotations {settings.data.annotations}: a dataset YAML brings its own labels (labels/*.txt); drop --annotations"
             )
         # Class names: the YAML's (category id = class index + 1, Ultralytics' convention).
-        evaluator = CocoDetectionEvaluator.from_yolo_dataset(settings.eval_data, "val", "--eval-data", **common)
+        evaluator = CocoDetectionEvaluator.from_yolo_dataset(settings.data.eval_data, "val", "--eval-data", **common)
         labels = [label_path_for(p) for p in evaluator.image_paths]
-        ground_truth = [settings.eval_data, *labels]
+        ground_truth = [settings.data.eval_data, *labels]
     else:
-        if settings.annotations is None:
+        if settings.data.annotations is None:
             raise SensisearchError(
                 "detector evaluation needs ground truth: --eval-data IMAGES_DIR with --annotations instances.json (COCO), "
                 "or --eval-data DATASET.yaml (Ultralytics)"
             )
         evaluator = CocoDetectionEvaluator(
-            settings.eval_data, settings.annotations, class_names=read_onnx_class_names(settings.model), **common
+            settings.data.eval_data, settings.data.annotations, class_names=read_onnx_class_names(settings.data.model), **common
         )
-        ground_truth = [settings.annotations]
+        ground_truth = [settings.data.annotations]
     evaluation = {
         "preprocess": preprocess.to_dict(),
         "layout": output.layout,
@@ -346,9 +346,9 @@ def _detection(
     # A dynamic batch calibrates one image at a time: at 640x640 a batch of 32 needs gigabytes of
     # activations, and exports such as YOLOv5 v7.0's hard-code batch 1 in their Reshapes.
     calib_batch = spec.static_batch or 1
-    calib_path = settings.calib_data
+    calib_path = settings.data.calib_data
     if calib_path is not None and calib_path.is_file() and calib_path.suffix in (".npy", ".npz"):
-        data = _limited(load_feed_source(calib_path, [spec], "--calib-data"), settings.calib_limit)
+        data = _limited(load_feed_source(calib_path, [spec], "--calib-data"), settings.data.calib_limit)
         if not isinstance(data, TensorData):
             raise SensisearchError(
                 f"--calib-data {calib_path}: a detector calibrates on an image folder, a dataset YAML, "
@@ -362,8 +362,8 @@ def _detection(
         paths = list(load_yolo_dataset(calib_path, "val", "--calib-data").image_paths)
     else:
         paths = list_images(calib_path)
-    if settings.calib_limit is not None:
-        paths = paths[: settings.calib_limit]
+    if settings.data.calib_limit is not None:
+        paths = paths[: settings.data.calib_limit]
     shape = evaluator.input_shape
     store = TensorStore.build(paths, shape, cache, detection.pad_value, detection.letterbox)
 

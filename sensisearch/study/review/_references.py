@@ -68,7 +68,7 @@ def run_references(ctx: StudyContext, samples: int) -> list[dict[str, Any]]:
     source = ctx.evaluation.calibration
     if source is None:
         return []
-    order = deterministic_order(source.size, ctx.settings.seed)[:samples]
+    order = deterministic_order(source.size, ctx.settings.search.seed)[:samples]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

@@ -51,7 +51,7 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     front = pareto_front(recs)
     references: list[dict[str, Any]] = []
     references_file = ctx.out / "references.json"
-    if ctx.settings.compare_ort_quantizer and Precision.INT8 in ctx.space.precisions:
+    if ctx.settings.report.compare_ort_quantizer and Precision.INT8 in ctx.space.precisions:
         # Once per output folder: a resumed study reuses the scored references.
         if references_file.is_file():
             references = json.loads(references_file.read_text())
@@ -59,7 +59,7 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
             references = run_references(ctx, ctx.space.default_calibration.samples)
     fp32 = baseline(recs, "fp32")
     write_pareto(front, None if fp32 is None else fp32.value, ctx.out)
-    choice = choose_winner(recs, ctx.settings.max_drop, ctx.settings.min_speedup)
+    choice = choose_winner(recs, ctx.settings.acceptance.max_drop, ctx.settings.acceptance.min_speedup)
     thresholds = None
     if choice.record is not None and choice.record.config is not None:
         winner_config = choice.record.config
@@ -72,12 +72,12 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
         # The whole preset (kind, mean/std, channel order, layout), so a deployment feeds the winner what it was scored on.
         "preprocess": ctx.evaluation.preprocess.to_dict(),
         "profile": ctx.backend.profile.name,
-        "latency_batch": ctx.settings.latency_batch,
-        "objective": ctx.settings.objective,
+        "latency_batch": ctx.settings.backend.latency_batch,
+        "objective": ctx.settings.measurement.objective,
         "timing_batch": None if ctx.pipeline.timing is None else ctx.pipeline.timing.batch,
     }
     winner_dir = export_winner(
-        choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.max_drop,
+        choice, recs, ctx.out, ctx.model_path, ctx.info.sha256, ctx.backend.describe(), ctx.settings.acceptance.max_drop,
         thresholds, extra,
     )
     review = build_review(ctx, recs, front, choice, references)
@@ -99,19 +99,19 @@ def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> Repor
         model_sha256=ctx.info.sha256,
         num_layers=len(ctx.info.layers),
         backend=ctx.backend.describe(),
-        latency_batch=ctx.settings.latency_batch,
-        budget=ctx.settings.budget,
+        latency_batch=ctx.settings.backend.latency_batch,
+        budget=ctx.settings.search.budget,
         precisions=tuple(p.value for p in ctx.space.precisions),
         algorithms=tuple(a.value for a in ctx.space.algorithms),
         sample_counts=tuple(ctx.space.sample_counts),
-        max_drop=ctx.settings.max_drop,
+        max_drop=ctx.settings.acceptance.max_drop,
         fp16_note=ctx.backend.capabilities.fp16_note,
         warnings=tuple(ctx.warnings),
         references=tuple(references),
         axis_label=None if ctx.pipeline.timing is None else ctx.pipeline.timing.axis_label,
-        objective=ctx.settings.objective,
+        objective=ctx.settings.measurement.objective,
         timing_batch=None if ctx.pipeline.timing is None else ctx.pipeline.timing.batch,
-        min_speedup=ctx.settings.min_speedup,
-        max_class_drop=ctx.settings.max_class_drop,
-        min_class_instances=ctx.settings.min_class_instances,
+        min_speedup=ctx.settings.acceptance.min_speedup,
+        max_class_drop=ctx.settings.acceptance.max_class_drop,
+        min_class_instances=ctx.settings.acceptance.min_class_instances,
     )

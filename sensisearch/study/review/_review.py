@@ -296,16 +296,16 @@ def provenance(ctx: StudyContext) -> dict[str, Any]:
     return {
         "model": {"path": str(ctx.model_path.resolve()), "sha256": ctx.info.sha256},
         "calibration data": {
-            "path": None if settings.calib_data is None else str(Path(settings.calib_data).resolve()),
+            "path": None if settings.data.calib_data is None else str(Path(settings.data.calib_data).resolve()),
             "fingerprint": None if calibration is None else calibration.fingerprint,
             "samples available": None if calibration is None else calibration.size,
             "sample counts searched": list(ctx.space.sample_counts),
-            "seed": settings.seed,
+            "seed": settings.search.seed,
         },
         "evaluation data": {
-            "path": None if settings.eval_data is None else str(Path(settings.eval_data).resolve()),
-            "annotations": None if settings.annotations is None else str(Path(settings.annotations).resolve()),
-            "limit": settings.eval_limit,
+            "path": None if settings.data.eval_data is None else str(Path(settings.data.eval_data).resolve()),
+            "annotations": None if settings.data.annotations is None else str(Path(settings.data.annotations).resolve()),
+            "limit": settings.data.eval_limit,
             "task": ctx.task,
             **{k: v for k, v in evaluator.items() if isinstance(v, (str, int, float, bool))},
         },

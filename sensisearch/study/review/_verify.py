@@ -32,7 +32,7 @@ from sensisearch.study.store._record import (
 from sensisearch.study.store._timing import PairedTiming, Verification
 from sensisearch.study.trial._pipeline import runs_per_round
 from sensisearch.study.store._results import baseline, pareto_front, records
-from sensisearch.study.config._settings import PATH_FIELDS, StudySettings, merge_settings
+from sensisearch.study.config._settings import StudySettings, flat_settings, merge_settings, setting_names
 
 if TYPE_CHECKING:
     import optuna
@@ -67,8 +67,8 @@ class VerifySettings:
         """The tournament for a study: its ``--verify-seconds``, a CI target at most 2%, and
         :data:`DROP_RESAMPLE_FACTOR` times the in-study bootstrap resamples."""
         return cls(
-            seconds=seconds or settings.verify_seconds, rounds=rounds, target_ci_width=min(0.02, settings.timing_target_ci),
-            drop_resamples=int(DROP_RESAMPLE_FACTOR * settings.drop_resamples), seed=settings.seed,
+            seconds=seconds or settings.measurement.verify_seconds, rounds=rounds, target_ci_width=min(0.02, settings.measurement.timing_target_ci),
+            drop_resamples=int(DROP_RESAMPLE_FACTOR * settings.measurement.drop_resamples), seed=settings.search.seed,
         )
 
     def timing(self) -> PairedTimingSettings:
@@ -270,11 +270,7 @@ def _add_to_trial_json(r: TrialRecord, timing: PairedTiming, drop_ci95: list[flo
 # --------------------------------------------------------------------------- run settings for `verify RUN_DIR`
 def save_run_settings(settings: StudySettings, out: Path) -> Path:
     """``out/settings.json``: what ``sensisearch verify RUN_DIR`` needs to reopen the study (absolute paths)."""
-    data = settings.to_dict()
-    for name in PATH_FIELDS:
-        if data.get(name) is not None:
-            data[name] = str(Path(data[name]).resolve())
-    return write_json_atomic(out / SETTINGS_FILE, data)
+    return write_json_atomic(out / SETTINGS_FILE, settings.with_absolute_paths().to_dict())
 
 
 def load_run_settings(
@@ -304,8 +300,9 @@ def _load_settings_file(run_dir: Path, storage: str | None, study_name: str | No
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SensisearchError(f"{path}: not valid JSON ({exc}); re-run `sensisearch run` to rewrite it") from exc
-    known = {f.name for f in dataclasses.fields(StudySettings)}
-    values = {k: v for k, v in data.items() if k in known and v is not None}
+    # Nested (StudySettings.to_dict) or flat (earlier releases).
+    known = setting_names()
+    values = {k: v for k, v in flat_settings(data).items() if k in known and v is not None}
     # Without a storage of its own the study lives in RUN_DIR/study.db (prepare's default for --out).
     flags: dict[str, Any] = {"out": run_dir, "storage": storage, "study_name": study_name}
     return merge_settings(values, flags, None)

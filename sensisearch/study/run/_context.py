@@ -74,11 +74,11 @@ class StudyContext:
         calib = self.evaluation.calibration
         return {
             "model_sha256": self.info.sha256,
-            "eval_data": str(settings.eval_data) if settings.eval_data else settings.example,
-            "annotations": str(settings.annotations) if settings.annotations else None,
-            "eval_limit": settings.eval_limit,
+            "eval_data": str(settings.data.eval_data) if settings.data.eval_data else settings.data.example,
+            "annotations": str(settings.data.annotations) if settings.data.annotations else None,
+            "eval_limit": settings.data.eval_limit,
             "calib_data": None if calib is None else calib.fingerprint,
-            "seed": settings.seed,
+            "seed": settings.search.seed,
             "metric": self.evaluator.metric,
             "profile": self.backend.profile.name,
             "algorithms": [a.value for a in self.space.algorithms],
@@ -89,6 +89,6 @@ class StudyContext:
         """The parts of this study the sensitivity probes use."""
         return SensitivityInputs(
             pipeline=self.pipeline, space=self.space, calibration=self.calibration, out=self.out,
-            key=self.sensitivity_key(), latency_batch=self.settings.latency_batch,
+            key=self.sensitivity_key(), latency_batch=self.settings.backend.latency_batch,
             classification=self.task == "classification",
         )

@@ -16,15 +16,15 @@ from sensisearch.study.config._inputs import build_evaluation, with_example
 
 
 def evaluate_model(settings: StudySettings) -> dict[str, Any]:
-    """Build ``settings.model`` on the backend and evaluate it; a JSON-ready dict.
+    """Build ``settings.data.model`` on the backend and evaluate it; a JSON-ready dict.
 
     Works for an FP32 ONNX and for a trial's deployable ONNX alike (no
     quantizable-layer analysis is needed to evaluate).
     """
     settings = with_example(settings)
-    if settings.model is None:
+    if settings.data.model is None:
         raise SensisearchError("evaluate needs --model FILE.onnx (or --example NAME)")
-    model_path = Path(settings.model)
+    model_path = Path(settings.data.model)
     if not model_path.is_file():
         raise SensisearchError(f"--model {model_path}: no such file")
     try:
@@ -34,7 +34,7 @@ def evaluate_model(settings: StudySettings) -> dict[str, Any]:
     # Evaluation runs on onnxruntime-based backends here: a model it cannot load is one line, not a crash.
     check_loadable_ir(model, f"--model {model_path}")
     backend = make_backend(settings.backend_settings())
-    out = settings.cache_dir or Path("runs") / "cache"
+    out = settings.data.cache_dir or Path("runs") / "cache"
     with tempfile.TemporaryDirectory(prefix="sensisearch-eval-") as tmp:
         build = backend.build(model_path, Path(tmp))
         with backend.load(build.artifact) as runner:

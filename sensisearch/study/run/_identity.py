@@ -164,7 +164,7 @@ def identity_of(
         **parts,
         backend=backend.name,
         profile=backend.profile.name,
-        timing={"objective": settings.objective, "latency_batch": settings.latency_batch, "throughput_batch": settings.throughput_batch,
+        timing={"objective": settings.measurement.objective, "latency_batch": settings.backend.latency_batch, "throughput_batch": settings.measurement.throughput_batch,
                 **({"latency": latency_source} if latency_source else {})},  # predicted latency's source
         search_space={
             "layers": list(space.layers),

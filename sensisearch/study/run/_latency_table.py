@@ -32,7 +32,7 @@ def table_pipeline(
 
     resolved = resolve_inputs(settings)
     settings = resolved.settings
-    if settings.calib_data is None:
+    if settings.data.calib_data is None:
         raise SensisearchError("latency-table needs --calib-data (a few real inputs to calibrate and profile), or --example digits")
     spec = resolved.input_spec
     source = calibration_source(settings, resolved.model, spec)
@@ -40,13 +40,13 @@ def table_pipeline(
     calibration = prepare_calibration(
         resolved.model_path, resolved.model, resolved.info, source, [samples], seed=0, cache_dir=cache_dir, threads=threads,
     )
-    if settings.backend in (None, "onnxruntime"):
+    if settings.backend.backend in (None, "onnxruntime"):
         backend = OnnxRuntimeBackend(threads=threads, profile=PROFILES[profile or "onnxruntime-cpu"])
     else:  # the target itself (TensorRT on the GPU machine): its own profile only
 
         choice = choose_backend(settings.backend_settings(), cache_dir)
         if not choice.can_run:
-            raise SensisearchError(f"--backend {settings.backend}: cannot run engines here ({choice.run_reason}); measure the table on the target")
+            raise SensisearchError(f"--backend {settings.backend.backend}: cannot run engines here ({choice.run_reason}); measure the table on the target")
         backend, _ = with_profile(choice.backend, profile)
     pipeline = ArtifactPipeline(resolved.model, resolved.info, backend, calibration)
     batch = next(iter(source.batches(list(range(source.size))[:1], spec.static_batch or 1)))
@@ -63,7 +63,7 @@ def measure_latency_table(
     if out.is_dir() or out.suffix.lower() != ".json":
         raise SensisearchError(f"--out {out}: give the table's .json file path")
     cache_dir = cache_dir or out.parent / ".sensisearch-cache"
-    pipeline, calibration, feeds, model_path = table_pipeline(settings, cache_dir, profile, settings.threads)
+    pipeline, calibration, feeds, model_path = table_pipeline(settings, cache_dir, profile, settings.backend.threads)
     device = device or machine_identity().cpu_model
     with tempfile.TemporaryDirectory(prefix="latency-table-") as tmp:
         table = measure_table(pipeline, calibration, feeds, Path(tmp), model_path=model_path, repeats=repeats, device=device)

@@ -34,7 +34,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
     host, device = worker_host(), worker_device(ctx.backend.name)
     # Multi-fidelity: what a searched trial needs to stop after its subset, read from the storage here.
     snapshots = None if ctx.pipeline.subset is None else _fidelity.SnapshotSource(
-        ctx.evaluator, ctx.pipeline.subset, ctx.settings.max_drop, ctx.settings.drop_resamples, ctx.settings.seed
+        ctx.evaluator, ctx.pipeline.subset, ctx.settings.acceptance.max_drop, ctx.settings.measurement.drop_resamples, ctx.settings.search.seed
     )
 
     model_bytes = ctx.model_path.stat().st_size if ctx.model_path.is_file() else 0
@@ -71,7 +71,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             trial_dir.mkdir(parents=True, exist_ok=True)
             # Baselines are never stopped early: they evaluate every image at once.
             snapshot = snapshots.snapshot(trial.study) if snapshots is not None and baseline_name is None else None
-            if ctx.settings.isolation == "none":
+            if ctx.settings.execution.isolation == "none":
                 # Computed here, checking no flag: a signal may raise inside it.
                 with ctx.stop.interruptible():
                     outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
@@ -112,15 +112,15 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
         if outcome.subset is not None:
             measured["subset"] = outcome.subset.to_dict()
         worst_class = None
-        if evaluation.per_class is not None and ctx.settings.max_class_drop is not None:
+        if evaluation.per_class is not None and ctx.settings.acceptance.max_class_drop is not None:
             reference = evaluation.per_class if baseline_name == "fp32" else _fp32_per_class(trial.study)
-            skipped = classes_to_skip(evaluation.per_class_instances, ctx.settings.min_class_instances)
+            skipped = classes_to_skip(evaluation.per_class_instances, ctx.settings.acceptance.min_class_instances)
             measured["class_guard_skipped"] = skipped
             if reference is None:
                 log.warning("trial %d: no FP32 per-class scores yet, class guard not applied", trial.number)
             else:
                 worst_class = worst_class_drop(reference, evaluation.per_class, skip=skipped)
-                trial.set_constraint("class_drop", worst_class["drop"] - ctx.settings.max_class_drop)
+                trial.set_constraint("class_drop", worst_class["drop"] - ctx.settings.acceptance.max_class_drop)
         record = TrialRecord(
             trial.number,
             baseline=baseline_name,
@@ -190,8 +190,8 @@ def decide_trial(
     # A re-queued trial carries the attributes of the one it replaces: decide afresh.
     trial.set_user_attr(TrialRecord.attr_key("role"), None)
     # No trial may run longer than its two timeouts; past that (and the heartbeat grace) the one waited for is stuck.
-    max_wait = ctx.settings.build_timeout + ctx.settings.eval_timeout + 2 * ctx.settings.heartbeat_seconds
-    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.budget,
+    max_wait = ctx.settings.execution.build_timeout + ctx.settings.execution.eval_timeout + 2 * ctx.settings.execution.heartbeat_seconds
+    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.search.budget,
                                       stop=ctx.stop, max_wait_seconds=max_wait)
     if decision.action == _budget.EVALUATE:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.EVALUATE)
@@ -199,7 +199,7 @@ def decide_trial(
     if decision.action == _budget.OVER_BUDGET:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.OVER_BUDGET)
         trial.study.stop()
-        raise optuna.TrialPruned(f"budget of {ctx.settings.budget} distinct configurations reached")
+        raise optuna.TrialPruned(f"budget of {ctx.settings.search.budget} distinct configurations reached")
     assert decision.of is not None
     original = trial.study.get_trials(deepcopy=False)[decision.of]
     _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config, config_key=key,

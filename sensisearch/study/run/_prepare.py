@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -56,33 +55,33 @@ def prepare(
     resolved = resolve_inputs(settings)
     settings = resolved.settings
     ignore: tuple[str, ...] = REVIEW_MAY_DIFFER if reviewing else ()
-    if reviewing and settings.latency_table is not None and not Path(settings.latency_table).is_file():
+    if reviewing and settings.backend.latency_table is not None and not Path(settings.backend.latency_table).is_file():
         # Stage 2 on the target need not have the study machine's copy of the table: the
         # trials' predictions are recorded; only the table's identity cannot be checked.
-        log.warning("latency table %s is not on this host: its identity is not checked", settings.latency_table)
-        settings = dataclasses.replace(settings, latency_table=None)
+        log.warning("latency table %s is not on this host: its identity is not checked", settings.backend.latency_table)
+        settings = settings.replace(latency_table=None)
         ignore = (*ignore, "timing")
-    out = settings.out or Path("runs") / resolved.model_path.stem
-    study_name = settings.study_name or resolved.model_path.stem
+    out = settings.storage.out or Path("runs") / resolved.model_path.stem
+    study_name = settings.storage.study_name or resolved.model_path.stem
     # Nothing is written into another study's --out, and the storage is
     # opened and checked before calibration or any other long work.
-    if settings.task == "classification":
+    if settings.data.task == "classification":
         check_classifier_output(resolved.model, f"--task classification with --model {resolved.model_path}")
     check_out_owner(out, study_name, resolved.info.sha256)
     make_out_dir(out)
-    storage_url = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    storage = open_storage(storage_url, settings.heartbeat_seconds)
+    storage_url = settings.storage.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = open_storage(storage_url, settings.execution.heartbeat_seconds)
     backend_settings = settings.backend_settings()
     choice = choose_backend(backend_settings, out)
     if not choice.can_run:
         raise SensisearchError(
-            f"--backend {settings.backend}: builds here but cannot run engines ({choice.run_reason}); "
+            f"--backend {settings.backend.backend}: builds here but cannot run engines ({choice.run_reason}); "
             "run the study on the GPU machine, or use --backend onnxruntime here and `sensisearch build` there"
         )
-    backend, profile_warning = with_profile(choice.backend, settings.profile)  # --profile
+    backend, profile_warning = with_profile(choice.backend, settings.search.profile)  # --profile
     # A foreign profile or --latency-table: trials take their latency from a predictor, untimed.
     predictor = latency_predictor(settings, choice.backend.profile.name, backend, resolved.model, resolved.info)
-    precisions = tuple(settings.precisions or backend.capabilities.precisions)
+    precisions = tuple(settings.search.precisions or backend.capabilities.precisions)
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
     if unsupported:
         log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
@@ -90,19 +89,19 @@ def prepare(
     check_task_settings(settings, evaluation.task, resolved.model)
     calib_source = evaluation.calibration
     calibration = None
-    sample_counts: tuple[int, ...] = tuple(settings.sample_counts)
+    sample_counts: tuple[int, ...] = tuple(settings.search.sample_counts)
     if Precision.INT8 in precisions:
         if calib_source is None:
             raise SensisearchError("INT8 needs calibration data: pass --calib-data DIR (or --precisions fp16,fp32)")
-        sample_counts = capped_sample_counts(settings.sample_counts, calib_source.size)
+        sample_counts = capped_sample_counts(settings.search.sample_counts, calib_source.size)
     default_samples = sample_counts[0] if len(sample_counts) == 1 else sample_counts[min(1, len(sample_counts) - 1)]
     space = SearchSpace(
         layers=tuple(layer.name for layer in resolved.info.layers),
         precisions=precisions,
-        algorithms=tuple(settings.algorithms),
+        algorithms=tuple(settings.search.algorithms),
         sample_counts=sample_counts,
-        percentiles=tuple(settings.percentiles),
-        default_calibration=CalibrationChoice(settings.default_algorithm, default_samples, 99.99),
+        percentiles=tuple(settings.search.percentiles),
+        default_calibration=CalibrationChoice(settings.search.default_algorithm, default_samples, 99.99),
     )
     timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
     evaluation.warnings.extend(timing_warnings)
@@ -116,12 +115,12 @@ def prepare(
         assert calib_source is not None
         calibration = prepare_calibration(
             resolved.model_path, resolved.model, resolved.info, calib_source, sample_counts,
-            seed=settings.seed, cache_dir=settings.cache_dir or out / "cache", threads=settings.threads,
+            seed=settings.search.seed, cache_dir=settings.data.cache_dir or out / "cache", threads=settings.backend.threads,
             progress=on_statistics, cached_only=not calibrate,
         )
     pipeline = TrialPipeline(
         resolved.model, resolved.info, backend, evaluation.evaluator, calibration,
-        LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing, predictor=predictor,
+        LatencySettings(min_seconds=settings.measurement.timing_seconds), settings.backend.latency_batch, timing, predictor=predictor,
         subset=_fidelity.subset_plan(settings, evaluation.evaluator, evaluation.task),  # subset first
     )
     ctx = StudyContext(
@@ -147,7 +146,7 @@ def make_out_dir(out: Path) -> None:
 
 def check_task_settings(settings: StudySettings, task: str, model: onnx.ModelProto) -> None:
     """Settings that only make sense for some tasks, and a classifier's output shape."""
-    if settings.max_class_drop is not None and task != "detection":
+    if settings.acceptance.max_class_drop is not None and task != "detection":
         raise SensisearchError(f"--max-class-drop: applies to detectors only (this study's task is {task}); remove it")
     if task == "classification":
         check_classifier_output(model, "--model")

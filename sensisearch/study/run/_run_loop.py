@@ -53,8 +53,8 @@ class TrialEvent:
 def open_study(ctx: StudyContext) -> optuna.Study:
     # Seeded per trial number: a resumed study or a second worker continues the
     # sampler instead of replaying the first run's proposals (see _budget).
-    sampler = make_sampler(ctx.settings.sampler, ctx.settings.seed)
-    storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.heartbeat_seconds)
+    sampler = make_sampler(ctx.settings.search.sampler, ctx.settings.search.seed)
+    storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.execution.heartbeat_seconds)
     masked = mask_url(ctx.storage_url)
     try:
         study = optuna.create_study(
@@ -137,7 +137,7 @@ def run_study(
         optuna.storages.fail_stale_trials(study)
     enqueue_baselines(ctx, study)
     enqueue_seeds(ctx, study)
-    budget = ctx.settings.budget
+    budget = ctx.settings.search.budget
     guard = _RunGuard()
 
     def watch(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -162,7 +162,7 @@ def run_study(
             study.stop()
         ctx.stop.check()  # a signal between trials: stop before the next one starts
 
-    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [watch, artifact_pruner(ctx.trials_dir, ctx.settings.keep_artifacts, ctx.settings.max_drop)]
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [watch, artifact_pruner(ctx.trials_dir, ctx.settings.execution.keep_artifacts, ctx.settings.acceptance.max_drop)]
     if on_trial is not None:
         callbacks.append(lambda s, t: on_trial(_event(s, t, budget)))
     # Every trial's build, timing and evaluation in a child process (unless --isolation none).
@@ -253,7 +253,7 @@ def complete_baselines(
     """
     names = baseline_names(ctx)
     started = time.monotonic()
-    max_wait = ctx.settings.build_timeout + ctx.settings.eval_timeout + 2 * ctx.settings.heartbeat_seconds
+    max_wait = ctx.settings.execution.build_timeout + ctx.settings.execution.eval_timeout + 2 * ctx.settings.execution.heartbeat_seconds
     while missing := _budget.missing_baselines(study, names):
         ctx.stop.check()
         if "absent" in missing.values():
@@ -275,7 +275,7 @@ def complete_baselines(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        ctx.stop.wait(min(1.0, ctx.settings.heartbeat_seconds / 2))
+        ctx.stop.wait(min(1.0, ctx.settings.execution.heartbeat_seconds / 2))
 
 
 def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, budget: int) -> TrialEvent:

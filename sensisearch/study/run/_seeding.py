@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def apply_sensitivity(ctx: StudyContext) -> StudyContext:
     """The groups space for ``--search groups``; measure (or load) the sensitivity profile when the search uses it; the compact space for ``--search topk``."""
-    if ctx.settings.search == "groups":
+    if ctx.settings.search.search == "groups":
         groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
         log.info("--search groups: %d layers in %d fusion groups (profile %s)", len(ctx.info.layers), len(groups), ctx.backend.profile.name)
         ctx.space = groups_space(ctx.space, groups)
@@ -36,8 +36,8 @@ def apply_sensitivity(ctx: StudyContext) -> StudyContext:
         return ctx
     profile, cached = sensitivity_profile(ctx.sensitivity_inputs())
     log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
-    if ctx.settings.search == "topk":
-        ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.top_k)
+    if ctx.settings.search.search == "topk":
+        ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.search.top_k)
     return ctx
 
 
@@ -46,7 +46,7 @@ def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
 
     Returns the names enqueued now (empty when they were already, or the sampler is not ``seeded``).
     """
-    if ctx.settings.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
+    if ctx.settings.search.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
         return []
     profile, _ = sensitivity_profile(ctx.sensitivity_inputs(), study)
     float_precision = Precision.FP16 if Precision.FP16 in ctx.space.precisions else Precision.FP32

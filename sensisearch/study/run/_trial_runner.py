@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import TYPE_CHECKING, Iterator
 
 from sensisearch.study.trial._isolation import IsolatedTrialRunner, IsolationSettings, RunTrial
@@ -15,13 +14,13 @@ if TYPE_CHECKING:
 
 def child_settings(ctx: StudyContext) -> StudySettings:
     """The settings the trial server prepares from: the worker's, with its output folder fixed."""
-    return dataclasses.replace(ctx.settings, out=ctx.out.resolve())
+    return ctx.settings.replace(out=ctx.out.resolve())
 
 
 @contextlib.contextmanager
 def trial_runner(ctx: StudyContext) -> Iterator[RunTrial]:
     """``run(config, out_dir) -> TrialOutcome`` as ``--isolation`` says: in a child process, or in this one."""
-    if ctx.settings.isolation == "none":
+    if ctx.settings.execution.isolation == "none":
         yield ctx.pipeline.run
         return
     with IsolatedTrialRunner(child_settings(ctx), IsolationSettings.from_settings(ctx.settings), ctx.out, ctx.stop) as runner:

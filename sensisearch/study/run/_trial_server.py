@@ -196,7 +196,7 @@ def build_reference_in_child(ctx: Any) -> None:
 
 def serve(stdin: Any, message_fd: int) -> int:
     from sensisearch.study.run._prepare import prepare
-    from sensisearch.study.config._settings import merge_settings
+    from sensisearch.study.config._settings import StudySettings
 
     running: list[int] = []
 
@@ -216,7 +216,7 @@ def serve(stdin: Any, message_fd: int) -> int:
     first = stdin.readline()
     if not first:
         return 0
-    settings = merge_settings(json.loads(first)["settings"], {}, None)
+    settings = StudySettings.from_dict(json.loads(first)["settings"])
     ctx = prepare(settings)
     prewarm(ctx)
     build_reference_in_child(ctx)

@@ -52,7 +52,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def uses_sensitivity(settings: StudySettings) -> bool:
-    return settings.sampler == "seeded" or settings.search == "topk"
+    return settings.search.sampler == "seeded" or settings.search.search == "topk"
 
 
 def head_rule_layers(model: onnx.ModelProto, info: ModelInfo, index: GraphIndex | None = None) -> list[str]:

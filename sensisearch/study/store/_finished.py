@@ -66,7 +66,7 @@ def open_finished_run(run_dir: Path, storage: str | None = None, study_name: str
 def run_settings(run: FinishedRun, file_values: Mapping[str, Any], flags: Mapping[str, Any]) -> StudySettings:
     """The settings the study was last run with, overridden by a study file and flags given now."""
     from sensisearch.study.store._worker import SETTINGS_ATTR
-    from sensisearch.study.config._settings import merge_settings
+    from sensisearch.study.config._settings import flat_settings, merge_settings
 
     stored = run.study.user_attrs.get(SETTINGS_ATTR)
     if stored is None and not file_values and flags.get("model") is None and flags.get("example") is None:
@@ -74,8 +74,9 @@ def run_settings(run: FinishedRun, file_values: Mapping[str, Any], flags: Mappin
             f"study '{run.study_name}' in {mask_url(run.storage_url)} does not record its settings (made by an older "
             "version); pass the run's study file or flags, e.g. sensisearch report RUN_DIR --example digits"
         )
-    # The stored storage URL is masked; the run is read from where it was opened.
-    values = {k: v for k, v in (stored or {}).items() if v is not None and k != "storage"}
+    # The stored storage URL is masked; the run is read from where it was opened. The stored settings are
+    # nested (StudySettings.to_dict) or flat (earlier releases), and a study file's layer over them is flat.
+    values = {k: v for k, v in flat_settings(stored or {}).items() if v is not None and k != "storage"}
     values.update(file_values)
     given = {k: v for k, v in flags.items() if v is not None}
     given.update(out=run.out, storage=run.storage_url, study_name=run.study_name)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -26,7 +25,7 @@ from sensisearch.errors import SensisearchError
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.store._storage import mask_url, open_storage
 from sensisearch.study.store._results import choose_winner, pareto_front, records
-from sensisearch.study.config._settings import PATH_FIELDS, StudySettings, merge_settings
+from sensisearch.study.config._settings import StudySettings, flat_settings, merge_settings, setting_names
 
 if TYPE_CHECKING:
     import optuna
@@ -34,7 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Study user attribute holding StudySettings.to_dict() (paths absolute, storage URL masked).
+# Study user attribute holding StudySettings.to_dict() (paths absolute, storage URL masked); earlier
+# releases stored the same values flat, which StudySettings.from_dict still reads.
 SETTINGS_ATTR = "settings"
 # Files of a pruned trial that stay: its record and why it failed, if it did.
 KEPT_FILES = ("trial.json", "stderr.log")
@@ -44,17 +44,11 @@ NVIDIA_SMI_TIMEOUT_SECONDS = 10
 # ---------------------------------------------------------------- settings in the study
 def settings_to_store(settings: StudySettings, out: Path) -> dict[str, Any]:
     """``settings`` as a study attribute: paths absolute (another worker resolves them as given), URL masked."""
-    values = settings.to_dict()
-    for name in PATH_FIELDS:
-        if values.get(name) is not None:
-            values[name] = str(Path(values[name]).expanduser().resolve())
-    values["out"] = str(out.resolve())
     # A server URL is kept masked (it names the server for humans); the default SQLite file is not kept:
     # `report` and `worker` are told where the study is.
-    storage = values.pop("storage", None)
-    if storage:
-        values["storage"] = mask_url(storage)
-    return values
+    storage = settings.storage.storage
+    stored = settings.with_absolute_paths().replace(out=out.resolve(), storage=mask_url(storage) if storage else None)
+    return stored.to_dict()
 
 
 def store_settings(study: optuna.Study, settings: StudySettings, out: Path) -> None:
@@ -83,7 +77,9 @@ def stored_settings(storage_url: str, study_name: str, overrides: dict[str, Any]
             f"--study-name {study_name} in {masked}: the study has no stored settings (made by an older version); "
             "run sensisearch run with the study's flags instead"
         )
-    values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(StudySettings)}}
+    # Nested (StudySettings.to_dict) or flat (earlier releases); a setting this version does not know is left out.
+    known = setting_names()
+    values = {k: v for k, v in flat_settings(values).items() if k in known}
     values["storage"] = storage_url  # the stored one is masked
     values["study_name"] = study_name
     values["example"] = values.get("example") if overrides.get("model") is None else None

@@ -110,10 +110,10 @@ class SubsetPlan:
 def subset_plan(settings: StudySettings, evaluator: Evaluator, task: str) -> SubsetPlan | None:
     """The study's subset (None: every trial evaluates all images at once)."""
     total = evaluator.image_count()
-    size = subset_size(settings.fidelity_subset, task, total)
+    size = subset_size(settings.search.fidelity_subset, task, total)
     if size is None or total is None:
         return None
-    return SubsetPlan(subset_positions(total, size, settings.seed), total)
+    return SubsetPlan(subset_positions(total, size, settings.search.seed), total)
 
 
 # --------------------------------------------------------------------------- the decision

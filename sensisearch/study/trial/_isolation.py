@@ -101,7 +101,7 @@ class IsolationSettings:
 
     @classmethod
     def from_settings(cls, settings: StudySettings) -> IsolationSettings:
-        return cls(build_timeout=settings.build_timeout, eval_timeout=settings.eval_timeout)
+        return cls(build_timeout=settings.execution.build_timeout, eval_timeout=settings.execution.eval_timeout)
 
 
 _TIMEOUT_FLAG = {"build": "--build-timeout", "evaluate": "--eval-timeout"}

@@ -58,11 +58,11 @@ def opt_batch(shapes: tuple[str, ...] | list[str] | None) -> int | None:
 def timing_plan(settings: StudySettings, backend_settings: BackendSettings, spec: TensorSpec | None) -> tuple[TimingPlan, list[str]]:
     """How the study times trials, and warnings (e.g. a static batch that overrides the requested one)."""
     warnings: list[str] = []
-    if settings.objective == "throughput":
-        batch = settings.throughput_batch or opt_batch(backend_settings.shapes) or DEFAULT_THROUGHPUT_BATCH
+    if settings.measurement.objective == "throughput":
+        batch = settings.measurement.throughput_batch or opt_batch(backend_settings.shapes) or DEFAULT_THROUGHPUT_BATCH
         flag = "--throughput-batch"
     else:
-        batch, flag = settings.latency_batch, "--latency-batch"
+        batch, flag = settings.backend.latency_batch, "--latency-batch"
     static = None if spec is None else spec.static_batch
     if static is not None and static != batch:
         warnings.append(f"{flag} {batch}: the model's input has a fixed batch of {static}; timing at batch {static}")
@@ -70,11 +70,11 @@ def timing_plan(settings: StudySettings, backend_settings: BackendSettings, spec
     timing = PairedTimingSettings(
         min_rounds=IN_STUDY_MIN_ROUNDS,
         max_rounds=max(IN_STUDY_MIN_ROUNDS, 2000),
-        target_ci_width=settings.timing_target_ci,
-        max_seconds=settings.timing_seconds,
-        seed=settings.seed,
+        target_ci_width=settings.measurement.timing_target_ci,
+        max_seconds=settings.measurement.timing_seconds,
+        seed=settings.search.seed,
     )
-    return TimingPlan(settings.objective, batch, timing), warnings
+    return TimingPlan(settings.measurement.objective, batch, timing), warnings
 
 
 def study_reference_ms(study: optuna.Study) -> float | None:
@@ -112,11 +112,11 @@ def measured_fields(
     else:
         reference = _accuracy.decode(encoded)
     started = time.perf_counter()
-    estimate = _accuracy.drop_estimate(reference, per_image, evaluation.metric, settings.drop_resamples, seed=settings.seed)
+    estimate = _accuracy.drop_estimate(reference, per_image, evaluation.metric, settings.measurement.drop_resamples, seed=settings.search.seed)
     if estimate is not None:
         fields["drop_ci95"] = [estimate.ci95[0], estimate.ci95[1]]
         fields["drop_within_noise"] = estimate.within_noise
-        log.debug("drop CI (%d resamples) in %.2f s", settings.drop_resamples, time.perf_counter() - started)
+        log.debug("drop CI (%d resamples) in %.2f s", settings.measurement.drop_resamples, time.perf_counter() - started)
     return fields
 
 

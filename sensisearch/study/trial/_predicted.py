@@ -68,9 +68,9 @@ def latency_predictor(
     before ``--profile`` replaced it. A table when ``--latency-table`` is given; the
     MAC estimate when the profile is another backend's; else None.
     """
-    if settings.latency_table is not None:
-        return load_table(settings.latency_table, model, info, backend.profile.name)
-    if settings.profile is not None and settings.profile != native_profile:
+    if settings.backend.latency_table is not None:
+        return load_table(settings.backend.latency_table, model, info, backend.profile.name)
+    if settings.search.profile is not None and settings.search.profile != native_profile:
         return MacEstimate.for_model(model, info)
     return None
 
@@ -96,10 +96,10 @@ def latency_source_identity(settings: StudySettings, predictor: LatencyPredictor
     if predictor is None:
         return {}
     part: dict[str, Any] = {"source": predictor.source}
-    if predictor.source == SOURCE_TABLE and settings.latency_table is not None:
+    if predictor.source == SOURCE_TABLE and settings.backend.latency_table is not None:
         from sensisearch.fileio import sha256_file
 
-        part["table_sha256"] = sha256_file(Path(settings.latency_table))
+        part["table_sha256"] = sha256_file(Path(settings.backend.latency_table))
     return part
 
 

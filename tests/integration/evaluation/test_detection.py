@@ -45,7 +45,7 @@ def _study_evaluation(
     model: Path, coco_dev: Path, cache: Path, *, need_calibration: bool = False, **flags: object
 ) -> EvaluationSetup:
     """The evaluator and calibration source exactly as `sensisearch run` builds them from its flags."""
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         model=model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", cache_dir=cache, **flags  # type: ignore[arg-type]
     )
     resolved = resolve_inputs(settings)
@@ -146,7 +146,7 @@ class BatchLoopRunner(Runner):
 
 def test_static_and_dynamic_batches_give_the_same_detections(yolo_model: Path, coco_dev: Path, coco_cache: Path) -> None:
     # The study's construction (input spec, class names from the export), with a batch of 2 for dynamic models.
-    spec = resolve_inputs(StudySettings(model=yolo_model)).input_spec
+    spec = resolve_inputs(StudySettings.from_flat(model=yolo_model)).input_spec
     ev = CocoDetectionEvaluator(
         coco_dev / "images", coco_dev / "instances.json", input_spec=spec, class_names=read_onnx_class_names(yolo_model),
         cache_dir=coco_cache, limit=5, batch_size=2,
@@ -415,7 +415,7 @@ def test_category_mismatch_errors(coco_dev: Path) -> None:
 
 def test_not_a_detector_errors(mnist_dir: Path, coco_dev: Path, tmp_path: Path) -> None:
     # `sensisearch evaluate --model mnist_cnn.onnx --annotations ...`: a classifier given COCO annotations.
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         model=mnist_dir / "mnist_cnn.onnx", eval_data=coco_dev / "images", annotations=coco_dev / "instances.json",
         cache_dir=tmp_path,
     )

@@ -265,7 +265,7 @@ def _emit_deployable(out_dir: Path, precisions: list[str]) -> tuple[Path, dict, 
     from sensisearch.study.run import prepare
     from sensisearch.study.config._settings import StudySettings
 
-    ctx = prepare(StudySettings(example="digits", out=out_dir / "study", sample_counts=[64], precisions=list(Precision)))
+    ctx = prepare(StudySettings.from_flat(example="digits", out=out_dir / "study", sample_counts=[64], precisions=list(Precision)))
     layers = list(ctx.space.layers)
     config = TrialConfig(
         {layer: Precision(precisions[i % len(precisions)]) for i, layer in enumerate(layers)},

@@ -100,7 +100,7 @@ def test_search_settings_are_validated() -> None:
 def _digits_ctx(out: Path, seed: int, eval_limit: int | None):  # noqa: ANN202 - StudyContext
     from sensisearch.study.run import prepare
 
-    return prepare(StudySettings(
+    return prepare(StudySettings.from_flat(
         example="digits", out=out, seed=seed, eval_limit=eval_limit, sample_counts=[128],
         algorithms=[CalibrationAlgorithm.MINMAX], backend="onnxruntime", latency_seconds=0.05,
     ))

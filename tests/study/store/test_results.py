@@ -58,7 +58,7 @@ def test_winner_fastest_within_drop_else_best_effort() -> None:
 
 def test_settings_flags_override_file_and_validate(tmp_path) -> None:
     settings = merge_settings({"budget": 10, "eval_data": "data", "example": "digits"}, {"budget": 30, "model": None}, tmp_path)
-    assert settings.budget == 30 and settings.eval_data == tmp_path / "data"
+    assert settings.search.budget == 30 and settings.data.eval_data == tmp_path / "data"
     with pytest.raises(SensisearchError, match="--budget 0"):
         merge_settings({"model": "m.onnx"}, {"budget": 0}, None)
     with pytest.raises(SensisearchError, match="unknown key 'bugdet'"):
@@ -75,7 +75,7 @@ def test_bundled_study_files_parse(tmp_path) -> None:
     assert {f.name for f in files} >= {"digits.toml", "yolov5-coco.toml"}
     for path in files:
         settings = merge_settings(read_study_file(path), {}, path.parent)
-        assert settings.budget > 0 and settings.out is not None
+        assert settings.search.budget > 0 and settings.storage.out is not None
     bad = tmp_path / "bad.toml"
     bad.write_text("budget = [")
     with pytest.raises(SensisearchError, match="not valid TOML"):

@@ -121,7 +121,7 @@ def test_a_stopped_trial_counts_against_the_budget() -> None:
 
 # --------------------------------------------------------------------------- subset + rest == full
 def test_digits_subset_then_rest_is_the_full_evaluation() -> None:
-    resolved = resolve_inputs(StudySettings(example="digits"))
+    resolved = resolve_inputs(StudySettings.from_flat(example="digits"))
     evaluator = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, Path("unused"), False).evaluator
     positions = subset_positions(evaluator.image_count(), 300, seed=0)
     with OnnxRuntimeBackend().load(resolved.model_path) as runner:
@@ -142,7 +142,7 @@ def _matches_equal(a: DetectionMatches, b: DetectionMatches) -> bool:
 
 
 def test_yolov5n_subset_then_rest_is_the_full_coco_evaluation(yolo_model: Path, coco_dev: Path, coco_cache: Path) -> None:
-    settings = StudySettings(
+    settings = StudySettings.from_flat(
         model=yolo_model, eval_data=coco_dev / "images", annotations=coco_dev / "instances.json", cache_dir=coco_cache, eval_limit=8
     )
     resolved = resolve_inputs(settings)
@@ -228,7 +228,7 @@ def test_snapshot_takes_predicted_speedups_when_the_study_predicts_latency() -> 
     from sensisearch.study.trial._fidelity import SnapshotSource, SubsetPlan
     from sensisearch.study.store._record import fp32_per_image_attrs
 
-    resolved = resolve_inputs(StudySettings(example="digits"))
+    resolved = resolve_inputs(StudySettings.from_flat(example="digits"))
     evaluator = build_evaluation(resolved.settings, resolved.input_spec, resolved.model, Path("unused"), False).evaluator
     fp32_correct = np.arange(evaluator.image_count()) % 10 != 0  # a real per-image Top-1 array: 90% correct
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -242,9 +242,9 @@ def test_snapshot_takes_predicted_speedups_when_the_study_predicts_latency() -> 
         record = TrialRecord(number, baseline=baseline, metric="top1", latency=latency)  # type: ignore[arg-type]
         study.add_trial(optuna.trial.create_trial(values=[value, latency["median_ms"]], user_attrs=record.to_attrs()))
     positions = subset_positions(evaluator.image_count(), 100, seed=0)
-    settings = StudySettings(example="digits", max_drop=1.0)
-    source = SnapshotSource(evaluator, SubsetPlan(positions, evaluator.image_count()), settings.max_drop,
-                            settings.drop_resamples, settings.seed)
+    settings = StudySettings.from_flat(example="digits", max_drop=1.0)
+    source = SnapshotSource(evaluator, SubsetPlan(positions, evaluator.image_count()), settings.acceptance.max_drop,
+                            settings.measurement.drop_resamples, settings.search.seed)
     snapshot = source.snapshot(study)
     assert snapshot is not None and snapshot.reference_value == 90.0
     assert sorted((c.number, c.speedup) for c in snapshot.completed) == [(0, 1.0), (1, 2.5)]

@@ -191,7 +191,7 @@ def test_report_command_rewrites_results_without_trials_or_calibration(study_dir
     # The winner folder is complete although the trials recorded paths relative to another directory.
     assert {Path(name).name for name in config["files"].values()} == {"deployable.onnx", Path(winner.artifact).name}
     assert all((study_dir / "winner" / name).is_file() for name in config["files"].values())
-    assert "storage" not in _study(study_dir).user_attrs["settings"]
+    assert _study(study_dir).user_attrs["settings"]["storage"]["storage"] is None
 
 
 def test_report_command_errors_name_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -146,7 +146,7 @@ def test_three_workers_share_one_study(three_workers: dict[str, object], postgre
     assert dict(rows) == {s.name: states.count(s) for s in set(states)}
     # The stored settings are what a worker needs, with the password masked.
     stored = study.user_attrs[SETTINGS_ATTR]
-    assert stored["budget"] == budget and stored["storage"].count("***") == 1
+    assert stored["search"]["budget"] == budget and stored["storage"]["storage"].count("***") == 1
     assert postgres_server.password not in json.dumps(stored)
 
 
