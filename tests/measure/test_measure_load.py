@@ -43,7 +43,7 @@ from sensisearch.measure._load import (
     steal_fraction,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 DIGITS = REPO / "sensisearch" / "examples" / "digits" / "digits_resnet.onnx"
 
 STAT_A = """cpu  1000 0 500 8000 100 0 0 0 0 0
