@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
+from sensisearch.progress import doing, format_seconds, note_step
 from sensisearch.measure import PairedLatency, PairedTimingSettings, time_interleaved
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.store._record import (
@@ -162,9 +163,18 @@ def verify_study(
     if not force and set(previous) == {r.number for r in chosen}:
         log.info("verify: trials %s were verified already", sorted(previous))
         return None
+    # What a progress line during the tournament says runs now.
+    with doing(f"verify tournament of {len(chosen)} trials"):
+        return _tournament(ctx, study, settings, chosen, backend)
+
+
+def _tournament(
+    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, chosen: list[TrialRecord], backend: Backend | None,
+) -> VerifyResult:
     fp32 = chosen[0]
     runners: dict[str, Runner] = {}
     try:
+        note_step("building and loading artifacts" if backend is not None else "loading artifacts")
         for r in chosen:
             artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
             runners[str(r.number)] = (backend or ctx.backend).load(artifact)
@@ -172,12 +182,14 @@ def verify_study(
         arms = {name: ctx.pipeline.arm(runner, feeds) for name, runner in runners.items()}
         log.info("verify: tournament of trials %s (reference: FP32 trial %d)", list(arms), fp32.number)
         timing = dataclasses.replace(settings.timing(), runs_per_round=runs_per_round(arms))
+        note_step(f"timing, at most {format_seconds(timing.max_seconds)}")
         timed = time_interleaved(arms, str(fp32.number), timing)
         facts = runners[str(fp32.number)].timing_facts()
     finally:
         for runner in runners.values():
             runner.close()
     reference_ms = read_reference_ms(study.user_attrs) or timed[str(fp32.number)].reference_median_ms
+    note_step("drop CIs")
     drops = _drop_cis(study, chosen, fp32, settings)
     entries: dict[int, Verification] = {}
     for r in chosen:

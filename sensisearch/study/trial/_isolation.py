@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sensisearch.errors import SensisearchError
+from sensisearch.progress import note_step
 
 if TYPE_CHECKING:
     from sensisearch.study.config._stop import StopFlag
@@ -335,6 +336,7 @@ class IsolatedTrialRunner:
                 elif "child" in message:
                     child = self.last_child_pid = int(message["child"])
                 elif "phase" in message:
+                    note_step(str(message["phase"]))  # the child's phase, for the progress line
                     if message["phase"] == "evaluate" and phase != "evaluate" and timed_out is None:
                         deadline = min(time.monotonic() + self.isolation.eval_timeout, trial_deadline)
                     phase = message["phase"]
