@@ -69,6 +69,9 @@ def test_a_pickle_in_place_of_the_outcome_is_refused_unread(tmp_path: Path) -> N
         load_outcome(path)
     assert not (tmp_path / "pwned").exists()
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    # What the file would have done to a worker that unpickles its trials' outcomes:
+    pickle.loads(path.read_bytes())  # noqa: S301 - the point of the test
+    assert (tmp_path / "pwned").exists()
 
 
 def test_a_pickled_per_image_file_is_refused(tmp_path: Path) -> None:
