@@ -33,6 +33,7 @@ from sensisearch.study.store._record import (
 from sensisearch.study.store._timing import PairedTiming, Verification
 from sensisearch.study.trial._pipeline import runs_per_round
 from sensisearch.study.store._results import baseline, pareto_front, records
+from sensisearch.study.store._worker import VERIFIED_FILE
 from sensisearch.study.config._settings import PATH_FIELDS, StudySettings, merge_settings
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ def _tournament(
         timing = PairedTiming.of(paired, facts, median_ms=paired.median_ms_for(reference_ms), backend=(backend or ctx.backend).name)
         drop = drops.get(r.number)
         entries[r.number] = Verification(timing, None if drop is None else (drop[0], drop[1]))
-        _add_to_trial_json(r, timing, drop)
+        _write_verified_json(r, timing, drop)
     for key, value in verified_attrs(entries).items():
         study.set_user_attr(key, value)
     _store_prediction_check(study, (backend or ctx.backend).name)
@@ -267,16 +268,16 @@ def _drop_cis(study: optuna.Study, chosen: list[TrialRecord], fp32: TrialRecord,
     return out
 
 
-def _add_to_trial_json(r: TrialRecord, timing: PairedTiming, drop_ci95: list[float] | None) -> None:
+def _write_verified_json(r: TrialRecord, timing: PairedTiming, drop_ci95: list[float] | None) -> None:
+    """``verified.json`` beside the trial's ``trial.json``, which stays as the trial wrote it (see VERIFIED_FILE)."""
     if not r.trial_json or not Path(r.trial_json).is_file():
         return
-    data = json.loads(Path(r.trial_json).read_text())
-    data["verified"] = {
+    write_json_atomic(Path(r.trial_json).with_name(VERIFIED_FILE), {
+        "number": r.number, "backend": timing.backend,
         "median_ms": timing.median_ms, "speedup": timing.speedup, "speedup_ci95": list(timing.speedup_ci95),
         "candidate_median_ms": timing.candidate_median_ms, "reference_median_ms": timing.reference_median_ms,
         "rounds": timing.rounds, "drop_ci95": drop_ci95,
-    }
-    write_json_atomic(Path(r.trial_json), data)
+    })
 
 
 # --------------------------------------------------------------------------- run settings for `verify RUN_DIR`
