@@ -21,6 +21,8 @@ from urllib.parse import quote
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+"""The tests folder: ``tests/data`` and the test backends a trial child imports live here."""
 
 
 def shared_data_dir() -> Path:
@@ -216,3 +218,22 @@ def yolo_fp32_predictions(coco_evaluator, yolo_model: Path):  # noqa: ANN001, AN
 
     with OnnxRuntimeBackend().load(yolo_model) as runner:
         return coco_evaluator.predict(runner)
+
+
+SHARED_DATA_FIXTURES = frozenset({"shared_data", "mnist_dir", "yolo_model", "coco_dev", "coco_evaluator", "yolo_fp32_predictions", "coco_cache"})
+SERVICE_FIXTURES = frozenset({"postgres_server", "postgres_url"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Label what a test needs beyond the repo: ``tests/integration/`` (shared data, PostgreSQL or a
+    browser), and, elsewhere, tests whose fixtures read the shared data or start a service. The pure
+    tests are then ``-m "not integration and not shared_data and not service"``."""
+    integration = TESTS / "integration"
+    for item in items:
+        if integration in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SHARED_DATA_FIXTURES:
+            item.add_marker(pytest.mark.shared_data)
+        if names & SERVICE_FIXTURES:
+            item.add_marker(pytest.mark.service)

@@ -21,7 +21,7 @@ import pytest
 from sensisearch.study import TrialRecord
 from sensisearch.study.search._budget import counted_trials, view_of
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300", "--no-verify"]
 _F_SETPIPE_SZ = 1031
 

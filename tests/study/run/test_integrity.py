@@ -21,6 +21,8 @@ import optuna
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import shared_data_dir
+
 from sensisearch.examples import load_example
 from sensisearch.onnx_compat import make_model
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
@@ -36,7 +38,7 @@ from sensisearch.study.search._budget import (
     decide,
 )
 
-SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = shared_data_dir()
 FAST = ["--latency-seconds", "0.05", "--sample-counts", "64"]
 
 

@@ -41,7 +41,7 @@ from outcome_compare import assert_same_outcome
 # Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
+from conftest import TESTS
 BACKEND = "isolation_backends:MisbehavingBackend"
 # Long enough for a normal digits trial on a busy shared machine; the hang tests wait this long.
 TIMEOUT = float(os.environ.get("SENSISEARCH_TEST_ISOLATION_TIMEOUT", "12"))  # raise it on an overloaded machine

@@ -26,6 +26,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import TESTS
+
 from sensisearch.backends.base import LatencySettings
 from sensisearch.backends.tensorrt import (
     BuilderSettings,
@@ -68,7 +70,7 @@ from sensisearch.quantize import (
     statistics_tensors,
 )
 
-DATA = Path(__file__).resolve().parent / "data"
+DATA = TESTS / "data"
 CONFIG_NAMES = ("fp32", "fp16", "int8", "mixed")
 CYCLE = (Precision.INT8, Precision.FP16, Precision.FP32)
 

@@ -10,6 +10,7 @@ from sensisearch.study.store._results import choose_winner, pareto_front, record
 from sensisearch.study.config._settings import merge_settings
 from sensisearch.errors import SensisearchError
 from sensisearch.quantize.config import TrialConfig
+from conftest import REPO
 
 
 def _study(points: list[tuple[float, float]], baselines: dict[int, str] | None = None) -> optuna.Study:
@@ -69,7 +70,7 @@ def test_bundled_study_files_parse(tmp_path) -> None:
 
     from sensisearch.study.config._settings import read_study_file
 
-    studies = Path(__file__).resolve().parents[1] / "studies"
+    studies = REPO / "studies"
     files = sorted(studies.glob("*.toml"))
     assert {f.name for f in files} >= {"digits.toml", "yolov5-coco.toml"}
     for path in files:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import require_shared
+from conftest import REPO, require_shared
 
 from sensisearch.backends.onnxruntime import count_kernels
 from sensisearch.model import ModelInfo, analyze_model
@@ -933,7 +933,7 @@ def test_yolo_onnxruntime_asymmetric_uint8(yolo) -> None:
 def test_digits_onnxruntime_asymmetric_integer_kernels() -> None:
     """The digits example, all-INT8 with the ORT profile: 10/10 integer kernels with
     calibrated minima, accuracy on the calibration images matches FP32 within 2%."""
-    root = Path(__file__).resolve().parents[1] / "sensisearch" / "examples" / "digits"
+    root = REPO / "sensisearch" / "examples" / "digits"
     info, model = analyze_model(root / "digits_resnet.onnx")
     data = np.load(root / "calib.npz")
     x = ((data["images"][:256, None] / 255.0 - 0.5) / 0.5).astype(np.float32)

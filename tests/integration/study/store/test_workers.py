@@ -24,12 +24,12 @@ from sqlalchemy.engine import make_url
 from sensisearch.study.run._identity import effective_config_key
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.store._worker import SETTINGS_ATTR, prune_artifacts, trials_to_keep
-from test_isolation import _alive
+from study.trial.test_isolation import _alive
 
 # Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 TESTS = REPO / "tests"
 # Small and quick: 300 evaluation images, one calibration count, short timing.
 DIGITS = ["--example", "digits", "--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300"]

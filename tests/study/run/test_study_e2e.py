@@ -24,7 +24,7 @@ from sensisearch.study.run import finished_count
 # Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def _run(*args: str) -> int:

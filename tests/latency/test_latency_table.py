@@ -20,8 +20,9 @@ from sensisearch.study.run import table_pipeline
 from sensisearch.latency._profile_tensorrt import attribute_tensorrt, parse_trtexec_profile
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.study.config._settings import StudySettings
+from conftest import TESTS
 
-DATA = Path(__file__).parent / "data"
+DATA = TESTS / "data"
 REPEATS = 25
 
 

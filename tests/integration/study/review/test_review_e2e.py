@@ -24,7 +24,7 @@ import onnx
 import optuna
 import pytest
 from matplotlib.image import imread
-from test_review import _chromium, _console_lines, _has_colour, _weight_types, needs_chromium
+from integration.report.test_review import _chromium, _console_lines, _has_colour, _weight_types, needs_chromium
 
 from sensisearch.cli import PIPED_WIDTH, build_parser, main, make_console
 from sensisearch.export import DEPLOYABLE_FILE
@@ -37,7 +37,7 @@ from sensisearch.study.review._review import float_layer_evidence, speedup_of
 # Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 MAX_DROP = "0.1"
 
 
