@@ -18,6 +18,7 @@ import onnx
 from sensisearch.backends.base import Backend, BuildResult
 from sensisearch.calibration.ranges import CalibrationRanges
 from sensisearch.model.analysis import ModelInfo
+from sensisearch.progress import note_step
 from sensisearch.quantize.config import TrialConfig
 from sensisearch.quantize.emit import emit_deployable_onnx, save_model
 from sensisearch.quantize.graph import GraphIndex
@@ -35,6 +36,7 @@ class Phases:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        note_step(name)  # what a progress line says runs now
         start = time.perf_counter()
         try:
             yield

@@ -64,6 +64,13 @@ class LatencyStats:
         }
 
     @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyStats":
+        return cls(
+            median_ms=float(data["median_ms"]), p90_ms=float(data["p90_ms"]), mean_ms=float(data["mean_ms"]),
+            min_ms=float(data["min_ms"]), runs=int(data["runs"]), batch_size=int(data["batch_size"]),
+        )
+
+    @classmethod
     def from_samples(cls, samples_ms: Sequence[float], batch_size: int) -> "LatencyStats":
         values = np.asarray(samples_ms, dtype=np.float64)
         return cls(
@@ -86,6 +93,21 @@ class BuildResult:
     """How many quantizable layers really run in each precision, as far as the
     backend can tell (e.g. ``{"int8": 12, "fp32": 3}``)."""
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, ``details`` kept apart (``trial.json`` flattens them into its ``build``)."""
+        return {
+            "artifact": str(self.artifact), "seconds": self.seconds,
+            "layer_precisions": dict(self.layer_precisions), "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BuildResult":
+        return cls(
+            artifact=Path(data["artifact"]), seconds=float(data["seconds"]),
+            layer_precisions={str(k): int(v) for k, v in dict(data["layer_precisions"]).items()},
+            details=dict(data["details"]),
+        )
 
 
 class Runner(abc.ABC):

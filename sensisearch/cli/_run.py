@@ -15,7 +15,7 @@ from sensisearch.cli._output import StopSignals, route_output
 from sensisearch.cli._parser import OVERRIDE_FLAGS, SETTING_FLAGS, settings_from_args
 from sensisearch.cli._summary import print_disk, print_summary
 from sensisearch.errors import SensisearchError
-from sensisearch.progress import PhaseProgress
+from sensisearch.progress import Heartbeat, PhaseProgress
 
 if TYPE_CHECKING:
     from sensisearch.study import StudyContext
@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
         open_storage(settings.storage.storage, settings.execution.heartbeat_seconds).remove_session()
     preparing = PhaseProgress("prepare (model, backend, calibration statistics, sensitivity)")
     preparing.start()
-    with _statistics_progress() as on_statistics, signals.flag.interruptible():
+    with _statistics_progress() as on_statistics, signals.flag.interruptible(), Heartbeat(preparing):
         ctx = prepare(settings, on_statistics=on_statistics)
     signals.flag.check()  # a signal whose exception was lost inside prepare
     preparing.end()
@@ -78,10 +78,15 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
         predictor = ctx.pipeline.predictor
         unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
 
-        trials = PhaseProgress("trials", "configurations")
+        trials = PhaseProgress("trials", "configurations", total=settings.search.budget)
         trials.start(f"budget {settings.search.budget}")
+        evaluated: list[float] = []
 
         def on_trial(event: TrialEvent) -> None:
+            if event.note is None:
+                # Baselines take time but are not counted: the ETA uses seconds per trial, not elapsed/counted.
+                evaluated.append(event.seconds)
+                trials.seconds_per_item = sum(evaluated) / len(evaluated)
             if event.note is not None:  # not evaluated: over budget, a repeat, or queued again
                 line = f"trial {event.number}: {escape(event.note)}"
             elif event.state == "COMPLETE":
@@ -95,15 +100,13 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
             progress.update(task, completed=min(event.finished, event.budget), description=best)
             trials.step(min(event.finished, event.budget), event.budget)
 
-        study = run_study(ctx, on_trial, study)
+        with Heartbeat(trials):  # a line at least every interval, also inside one long trial
+            study = run_study(ctx, on_trial, study)
         trials.end(f"{min(finished_count(study), settings.search.budget)}/{settings.search.budget}")
     if settings.measurement.verify:
-        verifying = PhaseProgress("verify")
-        verifying.start()
         with signals.flag.interruptible():
             _verify(ctx, study, force=False)
         signals.flag.check()
-        verifying.end()
     summary = write_results(ctx, study)
     print_summary(ctx, summary, time.monotonic() - started)
     return 0
@@ -116,8 +119,12 @@ def _verify(
 
     settings = VerifySettings.for_study(ctx.settings, seconds, rounds)
     on = None if backend is None else verify_backend(ctx, backend)  # stage 2 on the target
-    with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"):
+    # The tournament's timing is capped at settings.seconds: that is its ETA before anything is counted.
+    verifying = PhaseProgress("verify", expected_seconds=settings.seconds)
+    verifying.start()
+    with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"), Heartbeat(verifying):
         result = verify_study(ctx, study, settings, force=force, backend=on)
+    verifying.end()
     if result is not None:
         console.print(
             f"verified trials {', '.join(map(str, result.trials))} in one tournament "

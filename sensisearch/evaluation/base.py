@@ -54,6 +54,21 @@ class EvaluationResult:
             "per_class_instances": None if self.per_class_instances is None else dict(self.per_class_instances),
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], per_image: np.ndarray | DetectionMatches | None = None) -> "EvaluationResult":
+        """Inverse of :meth:`to_dict` (``value`` is derived, so not read); ``per_image`` travels separately."""
+        per_class = data.get("per_class")
+        instances = data.get("per_class_instances")
+        return cls(
+            metric=str(data["metric"]),
+            metrics={str(k): float(v) for k, v in dict(data["metrics"]).items()},
+            count=int(data["count"]),
+            per_class=None if per_class is None else {str(k): float(v) for k, v in dict(per_class).items()},
+            timings={str(k): float(v) for k, v in dict(data.get("timings", {})).items()},
+            per_image=per_image,
+            per_class_instances=None if instances is None else {str(k): int(v) for k, v in dict(instances).items()},
+        )
+
 
 @dataclass
 class PartialEvaluation:

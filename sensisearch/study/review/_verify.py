@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
+from sensisearch.progress import doing, format_seconds, note_step
 from sensisearch.measure import PairedLatency, PairedTimingSettings, time_interleaved
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.store._record import (
@@ -32,6 +33,7 @@ from sensisearch.study.store._record import (
 from sensisearch.study.store._timing import PairedTiming, Verification
 from sensisearch.study.trial._pipeline import runs_per_round
 from sensisearch.study.store._results import baseline, pareto_front, records
+from sensisearch.study.store._worker import VERIFIED_FILE
 from sensisearch.study.config._settings import StudySettings, flat_settings, merge_settings, setting_names
 
 if TYPE_CHECKING:
@@ -162,9 +164,18 @@ def verify_study(
     if not force and set(previous) == {r.number for r in chosen}:
         log.info("verify: trials %s were verified already", sorted(previous))
         return None
+    # What a progress line during the tournament says runs now.
+    with doing(f"verify tournament of {len(chosen)} trials"):
+        return _tournament(ctx, study, settings, chosen, backend)
+
+
+def _tournament(
+    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, chosen: list[TrialRecord], backend: Backend | None,
+) -> VerifyResult:
     fp32 = chosen[0]
     runners: dict[str, Runner] = {}
     try:
+        note_step("building and loading artifacts" if backend is not None else "loading artifacts")
         for r in chosen:
             artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
             runners[str(r.number)] = (backend or ctx.backend).load(artifact)
@@ -172,12 +183,14 @@ def verify_study(
         arms = {name: ctx.pipeline.arm(runner, feeds) for name, runner in runners.items()}
         log.info("verify: tournament of trials %s (reference: FP32 trial %d)", list(arms), fp32.number)
         timing = dataclasses.replace(settings.timing(), runs_per_round=runs_per_round(arms))
+        note_step(f"timing, at most {format_seconds(timing.max_seconds)}")
         timed = time_interleaved(arms, str(fp32.number), timing)
         facts = runners[str(fp32.number)].timing_facts()
     finally:
         for runner in runners.values():
             runner.close()
     reference_ms = read_reference_ms(study.user_attrs) or timed[str(fp32.number)].reference_median_ms
+    note_step("drop CIs")
     drops = _drop_cis(study, chosen, fp32, settings)
     entries: dict[int, Verification] = {}
     for r in chosen:
@@ -185,7 +198,7 @@ def verify_study(
         timing = PairedTiming.of(paired, facts, median_ms=paired.median_ms_for(reference_ms), backend=(backend or ctx.backend).name)
         drop = drops.get(r.number)
         entries[r.number] = Verification(timing, None if drop is None else (drop[0], drop[1]))
-        _add_to_trial_json(r, timing, drop)
+        _write_verified_json(r, timing, drop)
     for key, value in verified_attrs(entries).items():
         study.set_user_attr(key, value)
     _store_prediction_check(study, (backend or ctx.backend).name)
@@ -255,16 +268,16 @@ def _drop_cis(study: optuna.Study, chosen: list[TrialRecord], fp32: TrialRecord,
     return out
 
 
-def _add_to_trial_json(r: TrialRecord, timing: PairedTiming, drop_ci95: list[float] | None) -> None:
+def _write_verified_json(r: TrialRecord, timing: PairedTiming, drop_ci95: list[float] | None) -> None:
+    """``verified.json`` beside the trial's ``trial.json``, which stays as the trial wrote it (see VERIFIED_FILE)."""
     if not r.trial_json or not Path(r.trial_json).is_file():
         return
-    data = json.loads(Path(r.trial_json).read_text())
-    data["verified"] = {
+    write_json_atomic(Path(r.trial_json).with_name(VERIFIED_FILE), {
+        "number": r.number, "backend": timing.backend,
         "median_ms": timing.median_ms, "speedup": timing.speedup, "speedup_ci95": list(timing.speedup_ci95),
         "candidate_median_ms": timing.candidate_median_ms, "reference_median_ms": timing.reference_median_ms,
         "rounds": timing.rounds, "drop_ci95": drop_ci95,
-    }
-    write_json_atomic(Path(r.trial_json), data)
+    })
 
 
 # --------------------------------------------------------------------------- run settings for `verify RUN_DIR`

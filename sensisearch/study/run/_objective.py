@@ -12,6 +12,7 @@ import optuna
 
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
+from sensisearch.progress import doing
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.study.config._faults import EnvironmentalFailure, check_free_space, classify, classify_text, trial_bytes_estimate
 from sensisearch.study.search import _budget
@@ -40,6 +41,11 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
     model_bytes = ctx.model_path.stat().st_size if ctx.model_path.is_file() else 0
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        # A progress line during a long trial says which one runs and in which step.
+        with doing(f"trial {trial.number}"):
+            return evaluate(trial)
+
+    def evaluate(trial: optuna.Trial) -> tuple[float, float]:
         # First: this process owns the trial, so a re-run on this host fails it at once if we die.
         claim(trial)
         # The baseline mark was stored by enqueue_baselines.

@@ -15,8 +15,9 @@ that runs the trial pipeline and answers, in any order::
     {"exit": code}                                     the server, when the child is gone:
                                                        0, the exit code, or -signal
 
-On success the child pickles the :class:`~sensisearch.study.trial._pipeline.TrialOutcome`
-into ``result``.
+On success the child writes the :class:`~sensisearch.study.trial._pipeline.TrialOutcome`
+into ``result`` as JSON, its per-image results beside it as an ``.npz``
+(:func:`~sensisearch.study.trial._isolation.save_outcome`): data only, never a pickle.
 
 Why a forking server instead of starting ``python`` per trial: importing ONNX
 Runtime and Optuna, parsing the model and loading the calibration statistics and
@@ -32,7 +33,6 @@ import ctypes
 import json
 import logging
 import os
-import pickle
 import signal
 import sys
 import traceback
@@ -117,11 +117,9 @@ def run_child(ctx: Any, spec: dict[str, Any], message_fd: int) -> None:
             text = str(exc) if isinstance(exc, SensisearchError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             send(message_fd, {"error": text})
         else:
-            result = Path(spec["result"])
-            tmp = result.with_suffix(".tmp")
-            with open(tmp, "wb") as fh:
-                pickle.dump(outcome, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, result)
+            from sensisearch.study.trial._isolation import save_outcome
+
+            save_outcome(outcome, Path(spec["result"]))
             code = 0
     except BaseException:  # anything else: the exit code and stderr say it
         traceback.print_exc()

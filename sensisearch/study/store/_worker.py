@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 # Study user attribute holding StudySettings.to_dict() (paths absolute, storage URL masked); earlier
 # releases stored the same values flat, which StudySettings.from_dict still reads.
 SETTINGS_ATTR = "settings"
-# Files of a pruned trial that stay: its record and why it failed, if it did.
-KEPT_FILES = ("trial.json", "stderr.log")
+VERIFIED_FILE = "verified.json"
+"""A verified trial's tournament figures, beside its ``trial.json``: that one is written once, when the trial
+ends, and never again, so a re-run or a re-verification can never alter what the trial measured."""
+# Files of a pruned trial that stay: its record, its verified figures and why it failed, if it did.
+KEPT_FILES = ("trial.json", VERIFIED_FILE, "stderr.log")
 NVIDIA_SMI_TIMEOUT_SECONDS = 10
 
 

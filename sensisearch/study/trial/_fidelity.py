@@ -140,6 +140,14 @@ class StopDecision:
         """What the trial record, the progress line and the report say."""
         return f"{STOPPED_PREFIX} ({self.reason}: {self.detail})"
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StopDecision:
+        by = data.get("dominated_by")
+        return cls(str(data["reason"]), str(data["detail"]), None if by is None else int(by))
+
 
 def early_stop_decision(
     drop_ci95: tuple[float, float],
@@ -266,6 +274,15 @@ class SubsetFigures:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "drop_ci95": None if self.drop_ci95 is None else list(self.drop_ci95)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubsetFigures:
+        ci = data.get("drop_ci95")
+        return cls(
+            images=int(data["images"]), of=int(data["of"]), value=float(data["value"]),
+            reference_value=float(data["reference_value"]), drop=float(data["drop"]),
+            drop_ci95=None if ci is None else (float(ci[0]), float(ci[1])), seconds=float(data["seconds"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -15,22 +15,21 @@ study goes on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import enum
 import json
 import logging
 import os
-import pickle
 import selectors
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from sensisearch.errors import SensisearchError
+from sensisearch.progress import note_step
 
 if TYPE_CHECKING:
     from sensisearch.study.config._stop import StopFlag
@@ -46,21 +45,13 @@ RunTrial = Callable[["TrialConfig", Path, "float | None", "EarlyStopSnapshot | N
 
 CHILD_MODULE = "sensisearch.study.run._trial_server"
 STDERR_NAME = "stderr.log"
-_RESULT_NAME = ".outcome.pickle"
+RESULT_NAME = ".outcome.json"
+"""The child's outcome (:meth:`TrialOutcome.to_full_dict`); its per-image results beside it as ``.outcome.npz``.
+Data only, never a pickle: --out may be on a shared file system, writable by others than this worker,
+and unpickling a file (even through an allow-list) lets whoever wrote it choose what the worker calls."""
+PER_IMAGE_SUFFIX = ".npz"
 # How often the wait for the trial server looks at the stop flag.
 _STOP_POLL_SECONDS = 0.25
-# What the trial's outcome file may hold: the outcome's own classes and numpy's arrays, nothing
-# else. --out may be on a shared file system, writable by others than this worker: an
-# unrestricted unpickle would run whatever code such a file names.
-_OUTCOME_MODULES = ("sensisearch.",)
-_OUTCOME_GLOBALS = {
-    ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-    ("pathlib", "PosixPath"), ("pathlib", "Path"), ("pathlib._local", "PosixPath"), ("copyreg", "_reconstructor"),
-    ("builtins", "object"), ("builtins", "dict"), ("builtins", "list"), ("builtins", "tuple"), ("builtins", "set"),
-    ("builtins", "frozenset"), ("collections", "OrderedDict"),
-}
 SERVER_LOG_NAME = "trial-server.log"
 # How much of the child's stderr a failed trial's reason quotes (one line in the storage).
 STDERR_TAIL_LINES = 5
@@ -69,25 +60,95 @@ STDERR_TAIL_BYTES = 4096
 _REAP_SECONDS = 30.0
 
 
-class _OutcomeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _OUTCOME_GLOBALS:
-            return super().find_class(module, name)
-        if module.startswith(_OUTCOME_MODULES):
-            # Only data: a dataclass or an enum of ours, never a function a pickle could call.
-            found = super().find_class(module, name)
-            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
-                return found
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a trial outcome")
+def save_outcome(outcome: TrialOutcome, path: Path) -> None:
+    """Write ``outcome`` as ``path`` (JSON) plus, when it has per-image results, ``path.with_suffix('.npz')``.
+
+    The JSON is written last and atomically: once it exists, both files are complete.
+    """
+    from sensisearch.fileio import write_bytes_atomic
+    from sensisearch.study.trial import _accuracy
+
+    data = outcome.to_full_dict()
+    per_image = outcome.evaluation.per_image
+    data["per_image"] = per_image is not None
+    if per_image is not None:
+        write_bytes_atomic(path.with_suffix(PER_IMAGE_SUFFIX), _accuracy.per_image_to_bytes(per_image))
+    # default=str: free-form backend details (a Path, say) arrive as the text trial.json shows.
+    write_bytes_atomic(path, json.dumps(data, default=str).encode())
 
 
 def load_outcome(path: Path) -> TrialOutcome:
-    """The child's outcome, refusing any class that is not part of one (see ``_OUTCOME_GLOBALS``)."""
+    """Read what :func:`save_outcome` wrote; anything else raises one :class:`TrialProcessError` line naming the file.
+
+    Only JSON and a NumPy ``.npz`` without object arrays (``allow_pickle=False``) are
+    read, so the files can hold data, never code. Beyond parsing, the outcome must
+    write back exactly what was read: an unknown key or a value of the wrong type is
+    refused, not coerced.
+    """
+    from sensisearch.study.trial import _accuracy
+    from sensisearch.study.trial._pipeline import TrialOutcome
+
+    where = path
     try:
-        with open(path, "rb") as fh:
-            return _OutcomeUnpickler(fh).load()  # type: ignore[no-any-return]
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
-        raise TrialProcessError(f"{path}: not a trial outcome ({exc}); is something else writing into --out?") from exc
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("per_image"), bool):
+            raise ValueError("not a JSON object with a per_image flag")
+        has_per_image = data.pop("per_image")
+        per_image = None
+        if has_per_image:
+            where = path.with_suffix(PER_IMAGE_SUFFIX)
+            per_image = _accuracy.per_image_from_bytes(where.read_bytes())
+            where = path
+        outcome = TrialOutcome.from_dict(data, per_image)
+        written = json.loads(json.dumps(outcome.to_full_dict(), default=str))
+        difference = _first_difference(data, written)
+        if difference is not None:
+            raise ValueError(difference)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError, IndexError, zipfile.BadZipFile, RecursionError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise TrialProcessError(f"{where}: not a trial outcome ({text}); is something else writing into --out?") from None
+    return outcome
+
+
+def _first_difference(read: Any, written: Any, at: str = "") -> str | None:
+    """Where ``read`` (the file) and ``written`` (what its outcome writes) differ, or None.
+
+    Numbers compare by value (a float written as ``2`` reads back as ``2.0``); every
+    other type must match exactly, NaN included.
+    """
+    where = at or "the outcome"
+    if isinstance(read, dict) and isinstance(written, dict):
+        for key in read:
+            if key not in written:
+                return f"unknown key {at + '.' if at else ''}{key}"
+        for key in written:
+            if key not in read:
+                return f"missing key {at + '.' if at else ''}{key}"
+            found = _first_difference(read[key], written[key], f"{at}.{key}" if at else str(key))
+            if found is not None:
+                return found
+        return None
+    if isinstance(read, list) and isinstance(written, list):
+        if len(read) != len(written):
+            return f"{where} has {len(read)} entries, expected {len(written)}"
+        for i, (a, b) in enumerate(zip(read, written)):
+            found = _first_difference(a, b, f"{at}[{i}]")
+            if found is not None:
+                return found
+        return None
+    numbers = (int, float)
+    if isinstance(read, numbers) and isinstance(written, numbers) and not isinstance(read, bool) and not isinstance(written, bool):
+        if read == written or (read != read and written != written):  # NaN equals NaN here
+            return None
+        return f"{where} is {read!r}, which reads back as {written!r}"
+    if type(read) is type(written) and read == written:
+        return None
+    return f"{where} is {type(read).__name__} {_short(read)}, expected {type(written).__name__}"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class TrialProcessError(SensisearchError):
@@ -230,8 +291,9 @@ class IsolatedTrialRunner:
             self.start()
         out_dir.mkdir(parents=True, exist_ok=True)
         stderr_path = out_dir / STDERR_NAME
-        result_path = out_dir / _RESULT_NAME
+        result_path = out_dir / RESULT_NAME
         result_path.unlink(missing_ok=True)
+        result_path.with_suffix(PER_IMAGE_SUFFIX).unlink(missing_ok=True)
         self._send({
             "config": config.to_dict(), "out_dir": str(out_dir), "stderr": str(stderr_path), "result": str(result_path),
             "reference_ms": reference_ms,
@@ -274,6 +336,7 @@ class IsolatedTrialRunner:
                 elif "child" in message:
                     child = self.last_child_pid = int(message["child"])
                 elif "phase" in message:
+                    note_step(str(message["phase"]))  # the child's phase, for the progress line
                     if message["phase"] == "evaluate" and phase != "evaluate" and timed_out is None:
                         deadline = min(time.monotonic() + self.isolation.eval_timeout, trial_deadline)
                     phase = message["phase"]
@@ -298,6 +361,7 @@ class IsolatedTrialRunner:
                 outcome: TrialOutcome = load_outcome(result_path)
             finally:
                 result_path.unlink(missing_ok=True)
+                result_path.with_suffix(PER_IMAGE_SUFFIX).unlink(missing_ok=True)
             if stderr_path.is_file() and stderr_path.stat().st_size == 0:
                 stderr_path.unlink()  # nothing to say: no empty file per trial
             return outcome

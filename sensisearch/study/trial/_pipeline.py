@@ -28,7 +28,7 @@ from sensisearch.quantize.emit import save_model
 from sensisearch.quantize.ranges import TensorRange
 from sensisearch.artifact import DEPLOYABLE_NAME, ArtifactPipeline, Phases
 from sensisearch.calibration.ranges import CalibrationRanges
-from sensisearch.quantize.ranges import ranges_to_dict
+from sensisearch.quantize.ranges import ranges_from_dict, ranges_to_dict
 from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.trial import _fidelity
 
@@ -109,6 +109,10 @@ def paired_latency_record(
     }
 
 
+OUTCOME_FORMAT = "sensisearch-trial-outcome/1"
+"""What :meth:`TrialOutcome.to_full_dict` writes under ``format``."""
+
+
 @dataclass
 class TrialOutcome:
     config: TrialConfig
@@ -150,6 +154,55 @@ class TrialOutcome:
             **({"subset": self.subset.to_dict()} if self.subset is not None else {}),
             **({"stopped_early": self.early_stop.text} if self.early_stop is not None else {}),
         }
+
+    def to_full_dict(self) -> dict[str, Any]:
+        """Every field exactly, as JSON types, except ``evaluation.per_image`` (arrays travel as an ``.npz``).
+
+        :meth:`to_dict` is ``trial.json``'s view and leaves things out (the unpaired
+        latency figures when paired, the early-stop decision's parts); this is what a
+        trial child hands its parent, and :meth:`from_dict` reads it back.
+        """
+        return {
+            "format": OUTCOME_FORMAT,
+            "config": self.config.to_dict(),
+            "deployable": str(self.deployable),
+            "build": self.build.to_dict(),
+            "latency": self.latency.to_dict(),
+            "evaluation": self.evaluation.to_dict(),
+            "timings": dict(self.timings),
+            "ranges": ranges_to_dict(self.ranges),
+            "paired": None if self.paired is None else self.paired.to_dict(),
+            "latency_record": None if self.latency_record is None else dict(self.latency_record),
+            "timing_facts": dict(self.timing_facts),
+            "subset": None if self.subset is None else self.subset.to_dict(),
+            "early_stop": None if self.early_stop is None else self.early_stop.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], per_image: Any = None) -> TrialOutcome:
+        """Inverse of :meth:`to_full_dict`; ``per_image``: the evaluation's per-image results, read separately.
+
+        Raises ``ValueError`` for anything else (another format, a missing part); callers
+        that read untrusted files also compare the result's :meth:`to_full_dict` with
+        the input, which refuses unknown keys and mistyped values.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != OUTCOME_FORMAT:
+            raise ValueError(f"not a {OUTCOME_FORMAT} object")
+        paired, subset, stop = data["paired"], data["subset"], data["early_stop"]
+        return cls(
+            config=TrialConfig.from_dict(data["config"]),
+            deployable=Path(data["deployable"]),
+            build=BuildResult.from_dict(data["build"]),
+            latency=LatencyStats.from_dict(data["latency"]),
+            evaluation=EvaluationResult.from_dict(data["evaluation"], per_image),
+            timings={str(k): float(v) for k, v in dict(data["timings"]).items()},
+            ranges=ranges_from_dict(dict(data["ranges"])),
+            paired=None if paired is None else PairedLatency.from_dict(paired),
+            latency_record=None if data["latency_record"] is None else dict(data["latency_record"]),
+            timing_facts=dict(data["timing_facts"]),
+            subset=None if subset is None else _fidelity.SubsetFigures.from_dict(subset),
+            early_stop=None if stop is None else _fidelity.StopDecision.from_dict(stop),
+        )
 
 
 class TrialPipeline(ArtifactPipeline):
