@@ -119,7 +119,9 @@ class PairedLatency:
             "stopped_by": self.stopped_by,
             "candidate_times_ms": list(self.candidate_times_ms),
             "load": None if self.load is None else self.load.to_dict(),
-            "load_record": None if self.load_record is None else self.load_record.to_dict(),
+            # Only when the timing was load-aware: records written before (and timings without a
+            # load policy) keep exactly the JSON they had.
+            **({} if self.load_record is None else {"load_record": self.load_record.to_dict()}),
         }
 
     @classmethod
