@@ -9,6 +9,10 @@
   re-accumulates COCO mAP exactly, with per-image bootstrap weights.
 - :class:`MachineLoad` / :func:`machine_identity` say what the machine was doing
   and what it is.
+- :func:`wait_for_quiet` / :func:`pinned` / :class:`LoadPolicy` (``time_interleaved(..., load=)``)
+  time only on free cores, pinned, re-timing blocks taken under load (:class:`LoadRecord`).
+- :func:`aa_control` / :func:`time_with_control` / :func:`control_ok` / :func:`corrected`: the
+  FP32-vs-FP32 control that says whether reference and candidates are timed alike.
 - :func:`spearman_rho` ranks two paired samples alike or not (stage 2, sensitivity stability).
 """
 
@@ -20,13 +24,55 @@ from sensisearch.measure._bootstrap import (
     resample_weights,
     within_noise,
 )
+from sensisearch.measure._control import (
+    CONTROL_ARM,
+    ControlResult,
+    aa_control,
+    control_ok,
+    control_result,
+    corrected,
+    corrected_speedup,
+    time_with_control,
+)
 from sensisearch.measure._detection import DetectionMatches, map50_95_points, map50_points
+from sensisearch.measure._load import (
+    LoadPolicy,
+    LoadRecord,
+    LoadSample,
+    QuietVerdict,
+    least_busy_cores,
+    parse_loadavg,
+    parse_proc_stat,
+    pinned,
+    sample_load,
+    thread_affinities,
+    wait_for_quiet,
+)
 from sensisearch.measure._machine import LoadMonitor, MachineIdentity, MachineLoad, machine_identity
 from sensisearch.measure._noise import noise_summary
 from sensisearch.measure._rank import average_ranks, spearman_rho
 from sensisearch.measure._timing import PairedLatency, PairedTimingSettings, paired_ratios, time_interleaved
 
 __all__ = [
+    "CONTROL_ARM",
+    "ControlResult",
+    "LoadPolicy",
+    "LoadRecord",
+    "LoadSample",
+    "QuietVerdict",
+    "aa_control",
+    "control_ok",
+    "control_result",
+    "corrected",
+    "corrected_speedup",
+    "least_busy_cores",
+    "parse_loadavg",
+    "parse_proc_stat",
+    "pinned",
+    "sample_load",
+    "thread_affinities",
+    "time_with_control",
+    "wait_for_quiet",
     "DetectionMatches",
     "DropEstimate",
     "LoadMonitor",

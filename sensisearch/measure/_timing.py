@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from sensisearch.measure._bootstrap import bootstrap_ci
+from sensisearch.measure._load import LoadPolicy, LoadRecord, LoadSample, LoadWindow, pinned, wait_for_quiet
 from sensisearch.measure._machine import LoadMonitor, MachineLoad
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ class PairedLatency:
     candidate_times_ms: tuple[float, ...]
     """This arm's time per round in ms (0.1 µs resolution), for latency distributions."""
     load: MachineLoad | None = None
+    load_record: LoadRecord | None = None
+    """Load-aware timing only (``time_interleaved(..., load=LoadPolicy(...))``): load before and
+    during, blocks retried, whether the figure was finally taken under load."""
 
     @property
     def relative_ci_width(self) -> float:
@@ -107,12 +111,14 @@ class PairedLatency:
             "stopped_by": self.stopped_by,
             "candidate_times_ms": list(self.candidate_times_ms),
             "load": None if self.load is None else self.load.to_dict(),
+            "load_record": None if self.load_record is None else self.load_record.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PairedLatency":
         lo, hi = data["speedup_ci95"]
         load = data.get("load")
+        record = data.get("load_record")
         return cls(
             speedup=float(data["speedup"]),
             speedup_ci95=(float(lo), float(hi)),
@@ -126,6 +132,7 @@ class PairedLatency:
             stopped_by=str(data["stopped_by"]),
             candidate_times_ms=tuple(float(v) for v in data.get("candidate_times_ms", ())),
             load=None if load is None else MachineLoad.from_dict(load),
+            load_record=None if record is None else LoadRecord.from_dict(record),
         )
 
 
@@ -139,12 +146,35 @@ def _ci_is_narrow(ratios: np.ndarray, settings: PairedTimingSettings, seed: int)
     return (hi - lo) / float(np.median(ratios)) <= settings.target_ci_width
 
 
+def _one_round(
+    arms: Mapping[str, Callable[[], object]], names: list[str], rng: np.random.Generator, block: int,
+    clock: Callable[[], float], times: dict[str, list[float]],
+) -> None:
+    """Every arm once (a block of ``block`` runs each), in a fresh shuffled order; appends each arm's time."""
+    for j in rng.permutation(len(names)):
+        fn = arms[names[j]]
+        own_ms = 0.0
+        self_timed = True
+        t0 = clock()
+        for _ in range(block):
+            result = fn()
+            if type(result) is float:
+                own_ms += result
+            else:
+                self_timed = False
+        elapsed = clock() - t0
+        # An arm that times itself (a GPU run timed with CUDA events) returns its
+        # own milliseconds as a float; the host clock would add launch and sync overhead.
+        times[names[j]].append((own_ms / 1e3 if self_timed else elapsed) / block)
+
+
 def time_interleaved(
     arms: Mapping[str, Callable[[], object]],
     reference: str,
     settings: PairedTimingSettings | None = None,
     clock: Callable[[], float] = time.perf_counter,
     rng: np.random.Generator | None = None,
+    load: LoadPolicy | None = None,
 ) -> dict[str, PairedLatency]:
     """Time every arm interleaved with ``reference``; returns each arm's :class:`PairedLatency`.
 
@@ -156,6 +186,13 @@ def time_interleaved(
     inject a simulated one. Stops when ``min_rounds`` are done and every arm's
     CI is narrower than ``target_ci_width``, at ``max_rounds``, or after
     ``max_seconds``.
+
+    ``load`` (a :class:`~sensisearch.measure.LoadPolicy`; None keeps the plain timing):
+    wait (bounded) for ``needed_cores`` free cores, pin every thread to them, and time
+    in blocks of about ``block_seconds``; a block during which other processes were
+    busier than the spare cores allow is discarded and re-timed (``max_retries`` in
+    all), then kept and marked. Each arm's :attr:`PairedLatency.load_record` says what
+    happened. Pass a real clock with it (blocks are measured against /proc).
     """
     settings = settings or PairedTimingSettings()
     if reference not in arms:
@@ -163,7 +200,6 @@ def time_interleaved(
     rng = rng if rng is not None else np.random.default_rng(settings.seed)
     names = list(arms)
     others = [n for n in names if n != reference]
-    block = settings.runs_per_round
     times: dict[str, list[float]] = {n: [] for n in names}
 
     monitor = LoadMonitor().start()
@@ -171,48 +207,17 @@ def time_interleaved(
     gc_was_enabled = gc.isenabled()
     # As timeit does: a cyclic-GC pass landing inside one arm's run would be charged to it alone.
     gc.disable()
+    record: LoadRecord | None = None
     try:
-        for name in names:
-            for _ in range(settings.warmup_runs):
-                arms[name]()
-        t_rounds = clock()
-        stopped_by = "max_rounds"
-        rounds = 0
-        last_check = 0
-        while rounds < settings.max_rounds:
-            for j in rng.permutation(len(names)):
-                fn = arms[names[j]]
-                own_ms = 0.0
-                self_timed = True
-                t0 = clock()
-                for _ in range(block):
-                    result = fn()
-                    if type(result) is float:
-                        own_ms += result
-                    else:
-                        self_timed = False
-                elapsed = clock() - t0
-                # An arm that times itself (a GPU run timed with CUDA events) returns its
-                # own milliseconds as a float; the host clock would add launch and sync overhead.
-                times[names[j]].append((own_ms / 1e3 if self_timed else elapsed) / block)
-            rounds += 1
-            if rounds >= MIN_ROUNDS_FOR_CI and clock() - t_rounds >= settings.max_seconds:
-                stopped_by = "max_seconds"
-                break
-            # Checks at least ``check_every`` and at least 20% more rounds apart: a check is a
-            # bootstrap over all rounds so far, and a fixed cadence made long timings mostly checks.
-            due = rounds == settings.min_rounds or rounds - last_check >= max(settings.check_every, last_check // 5)
-            if rounds >= settings.min_rounds and due:
-                last_check = rounds
-                ref = np.asarray(times[reference])
-                if all(_ci_is_narrow(paired_ratios(ref, times[n]), settings, settings.seed) for n in others):
-                    stopped_by = "ci"
-                    break
+        if load is None:
+            rounds, stopped_by = _plain_rounds(arms, names, reference, others, settings, clock, rng, times)
+        else:
+            rounds, stopped_by, record = _load_aware_rounds(arms, names, reference, others, settings, clock, rng, times, load)
     finally:
         if gc_was_enabled:
             gc.enable()
     seconds = clock() - t_begin
-    load = monitor.stop()
+    load_seen = monitor.stop()
 
     ref_ms = np.asarray(times[reference]) * 1e3
     results: dict[str, PairedLatency] = {}
@@ -232,6 +237,99 @@ def time_interleaved(
             seconds=float(seconds),
             stopped_by=stopped_by,
             candidate_times_ms=tuple(np.round(arm_ms, 4).tolist()),
-            load=load,
+            load=load_seen,
+            load_record=record,
         )
     return results
+
+
+def _stop_check(
+    times: dict[str, list[float]], reference: str, others: list[str], settings: PairedTimingSettings
+) -> bool:
+    ref = np.asarray(times[reference])
+    return all(_ci_is_narrow(paired_ratios(ref, times[n]), settings, settings.seed) for n in others)
+
+
+def _plain_rounds(
+    arms: Mapping[str, Callable[[], object]], names: list[str], reference: str, others: list[str],
+    settings: PairedTimingSettings, clock: Callable[[], float], rng: np.random.Generator, times: dict[str, list[float]],
+) -> tuple[int, str]:
+    for name in names:
+        for _ in range(settings.warmup_runs):
+            arms[name]()
+    t_rounds = clock()
+    stopped_by = "max_rounds"
+    rounds = 0
+    last_check = 0
+    while rounds < settings.max_rounds:
+        _one_round(arms, names, rng, settings.runs_per_round, clock, times)
+        rounds += 1
+        if rounds >= MIN_ROUNDS_FOR_CI and clock() - t_rounds >= settings.max_seconds:
+            stopped_by = "max_seconds"
+            break
+        # Checks at least ``check_every`` and at least 20% more rounds apart: a check is a
+        # bootstrap over all rounds so far, and a fixed cadence made long timings mostly checks.
+        due = rounds == settings.min_rounds or rounds - last_check >= max(settings.check_every, last_check // 5)
+        if rounds >= settings.min_rounds and due:
+            last_check = rounds
+            if _stop_check(times, reference, others, settings):
+                stopped_by = "ci"
+                break
+    return rounds, stopped_by
+
+
+def _load_aware_rounds(
+    arms: Mapping[str, Callable[[], object]], names: list[str], reference: str, others: list[str],
+    settings: PairedTimingSettings, clock: Callable[[], float], rng: np.random.Generator,
+    times: dict[str, list[float]], policy: LoadPolicy,
+) -> tuple[int, str, LoadRecord]:
+    """Rounds in blocks of about ``policy.block_seconds``, each judged by the load during it."""
+    before = wait_for_quiet(policy.needed_cores, policy.max_wait_s, policy.busy_threshold, policy.window_s)
+    cores = before.cores if (policy.pin and before.verdict != "unknown") else ()
+    during: list[LoadSample] = []
+    retried = loaded = 0
+    rounds = 0
+    kept_seconds = 0.0
+    stopped_by = "max_rounds"
+    last_check = 0
+    with pinned(cores):
+        # Warm-up after pinning: ORT's pool threads then first run where they will be timed.
+        for name in names:
+            for _ in range(settings.warmup_runs):
+                arms[name]()
+        while rounds < settings.max_rounds:
+            block_times: dict[str, list[float]] = {n: [] for n in names}
+            window = LoadWindow().start()
+            t0 = clock()
+            n_block = 0
+            while rounds + n_block < settings.max_rounds:
+                _one_round(arms, names, rng, settings.runs_per_round, clock, block_times)
+                n_block += 1
+                if clock() - t0 >= policy.block_seconds:
+                    break
+            elapsed = clock() - t0
+            sample = window.stop()
+            is_loaded = policy.block_loaded(sample, cores)
+            if is_loaded and retried < policy.max_retries:
+                retried += 1
+                wait_for_quiet(policy.needed_cores, policy.retry_wait_s, policy.busy_threshold, policy.window_s,
+                               allowed=cores or None)
+                continue
+            loaded += int(is_loaded)
+            if sample is not None:
+                during.append(sample)
+            for n in names:
+                times[n].extend(block_times[n])
+            rounds += n_block
+            kept_seconds += elapsed
+            if rounds >= MIN_ROUNDS_FOR_CI and kept_seconds >= settings.max_seconds:
+                stopped_by = "max_seconds"
+                break
+            due = rounds - last_check >= max(settings.check_every, last_check // 5)
+            if rounds >= settings.min_rounds and due:
+                last_check = rounds
+                if _stop_check(times, reference, others, settings):
+                    stopped_by = "ci"
+                    break
+    record = LoadRecord(before=before, during=tuple(during), cores=tuple(cores), retried_blocks=retried, loaded_blocks=loaded)
+    return rounds, stopped_by, record
