@@ -7,13 +7,13 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sensisearch.fileio import write_text_atomic
 from sensisearch.measure import PairedLatency, noise_summary
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.trial._predicted import partial_int8_verdict, prediction_lines
-from sensisearch.study.store._results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text
+from sensisearch.study.store._results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text, unverified_apart
 
 if TYPE_CHECKING:
     from sensisearch.report import FloatLayerEvidence
@@ -50,6 +50,8 @@ class ReportContext:
     min_class_instances: int | None = None
     # predicted latency and stage 2.
     prediction_check: PredictionCheck | None = None
+    verify_summary: dict[str, Any] | None = None
+    """How the verify tournament went (rounds, A/A controls, load, what stayed unverified)."""
     """Stage 2's predicted (or in-study) vs verified speed-ups, when ``verify`` ran."""
 
 
@@ -164,6 +166,41 @@ def timing_noise_lines(recs: list[TrialRecord]) -> list[str]:
     return lines
 
 
+def control_lines(recs: list[TrialRecord], summary: Mapping[str, Any] | None) -> list[str]:
+    """The A/A control (FP32 timed against an FP32 copy built as trials are) and the load the timing saw."""
+    lines = []
+    controls = [r.latency.get("control") for r in recs if r.state == "COMPLETE" and r.latency.get("control")]
+    if controls:
+        ratios = sorted(float(c["ratio"]) for c in controls)  # type: ignore[index]
+        off = sum(not c["ok"] for c in controls)  # type: ignore[index]
+        lines.append(
+            f"A/A control in-study (FP32 vs an FP32 copy built as trials are, in every timing): median "
+            f"{ratios[len(ratios) // 2]:.3f}x over {len(ratios)} timings, range {ratios[0]:.3f}-{ratios[-1]:.3f}x; "
+            f"{off} off 1.00 beyond their CI (re-timed, then divided by it)."
+        )
+    loaded = [r.number for r in recs if r.state == "COMPLETE" and r.latency.get("under_load")]
+    if loaded:
+        lines.append(f"In-study figures taken under load (the machine stayed busier than the sessions need): trials "
+                     f"{', '.join(map(str, loaded))}.")
+    reused = [r.number for r in recs if r.latency.get("class_reused")]
+    classes = {r.latency_class for r in recs if r.latency_class}
+    if classes:
+        lines.append(f"Latency classes (one figure per placement, calibration-only variants share it): {len(classes)}; "
+                     f"{len(reused)} trial(s) reused their class's figure instead of being timed.")
+    if summary:
+        for i, rnd in enumerate(summary.get("rounds", []), start=1):
+            c = rnd.get("control")
+            text = "" if not c else (f"A/A control {c['ratio']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+                                     + (" off 1.00: figures divided by it" if c.get("corrected") else ""))
+            lines.append(f"Verify round {i}: trials {', '.join(map(str, rnd['arms']))} timed ({rnd['rounds']} rounds); {text}"
+                         + ("; taken under load" if rnd.get("under_load") else ""))
+        if summary.get("forced_under_load"):
+            lines.append("Verify ran with --force on a busy machine: its figures were taken under load.")
+        if summary.get("unverified"):
+            lines.append(f"Not verified (round cap reached) though they matter: trials {', '.join(map(str, summary['unverified']))}.")
+    return lines
+
+
 def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     """Does all-INT8 beat FP32 on this backend, beyond noise?
 
@@ -268,6 +305,7 @@ def write_report(
     if review_markdown:
         lines += ["", review_markdown.rstrip()]
     lines += [f"- {line}" for line in timing_noise_lines(recs)]
+    lines += [f"- {line}" for line in control_lines(recs, context.verify_summary)]
     lines += [
         "", "## Baselines", "",
         f"| baseline | trial | {metric} | change vs FP32 (± 95% CI) | median ms | p90 ms | speed-up vs FP32 (95% CI) | in-study speed-up | integer kernels |",
@@ -298,6 +336,12 @@ def write_report(
     ]
     for r in front:
         lines.append("| " + " | ".join(dataclasses.astuple(front_row(r, fp32))) + " |")
+    apart = unverified_apart(recs)
+    if apart:
+        # Never ranked against verified figures: listed apart, with their in-study figures.
+        lines += ["", "Not verified (in-study figures only, not ranked with the verified ones above):", ""]
+        lines += [f"- trial {r.number}" + (f" ({r.baseline})" if r.baseline else "") + f": {metric} {_fmt(r.value)}, "
+                  f"{front_row(r, fp32).in_study}" for r in apart]
     references = context.references
     if references:
         lines += [

@@ -12,7 +12,7 @@ import optuna
 
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.study.run._context import StudyContext
-from sensisearch.study.store._record import TrialRecord, read_prediction_check
+from sensisearch.study.store._record import VERIFY_SUMMARY_ATTR, TrialRecord, read_prediction_check
 from sensisearch.study.trial._predicted import PredictionCheck, partial_int8_verdict
 from sensisearch.quantize.ranges import ranges_to_dict
 from sensisearch.report import review_markdown, write_review
@@ -82,7 +82,8 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     review = build_review(ctx, recs, front, choice, references)
     files = write_review(review, ctx.out)
     check = read_prediction_check(study.user_attrs)  # stage 2's predicted vs measured
-    context = dataclasses.replace(report_context(ctx, references), prediction_check=None if check is None else PredictionCheck.from_dict(check))
+    context = dataclasses.replace(report_context(ctx, references), prediction_check=None if check is None else PredictionCheck.from_dict(check),
+                                  verify_summary=study.user_attrs.get(VERIFY_SUMMARY_ATTR))
     report = write_report(
         ctx.out, recs, front, choice, context,
         review_markdown=review_markdown(files, ctx.out), float_evidence=review.float_layer_evidence,

@@ -32,6 +32,8 @@ _VERIFIED_STUDY_ATTR = "verified_trials"
 # Stage 2's predicted (or in-study) vs verified speed-ups (``_predicted.PredictionCheck.to_dict()``).
 _PREDICTION_CHECK_STUDY_ATTR = "prediction_check"
 _PREDICTED_SOURCES = ("table", "estimate")
+VERIFY_SUMMARY_ATTR = "verify_summary"
+"""How the verify tournament went: its rounds, A/A controls, load, and what it left unverified."""
 
 
 class LatencyRecord(TypedDict, total=False):
@@ -130,6 +132,8 @@ class TrialRecord:
     (``SubsetFigures.to_dict()``); None when evaluated all at once."""
     stopped_early: str | None = _attr("stopped_early")
     """Why the trial was stopped after the subset (state PRUNED, counted in the budget, never on the front)."""
+    latency_class: str | None = _attr("latency_class")
+    """Key of its placement's latency class (``store._classes``): members share one speed figure."""
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:
@@ -175,6 +179,17 @@ class TrialRecord:
         return dataclasses.replace(
             self, verified=copy.deepcopy(dict(entry["timing"])), verified_drop_ci95=None if drop is None else list(drop)
         )
+
+    def with_class_figure(self, figure: Mapping[str, Any]) -> TrialRecord:
+        """This record reporting its latency class's pooled figure (``LatencyClass.figure()``) instead of its own timing."""
+        if not self.paired or not figure.get("speedup"):
+            return self
+        paired = {**self.paired, **figure, "own_speedup": self.paired.get("speedup"), "own_speedup_ci95": self.paired.get("speedup_ci95")}
+        latency = dict(self.latency)
+        reference_ms = latency.get("reference_ms")
+        if reference_ms is not None:
+            latency["median_ms"] = float(reference_ms) / float(figure["speedup"])
+        return dataclasses.replace(self, paired=paired, latency=latency)  # type: ignore[arg-type]
 
     @staticmethod
     def baseline_attrs(name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 
 from sensisearch.fileio import write_json_atomic, write_text_atomic
+from sensisearch.study.store._classes import read_latency_classes
 from sensisearch.study.store._record import TrialRecord
 
 log = logging.getLogger(__name__)
@@ -28,25 +29,64 @@ SPEEDUP_NOISE = 0.05
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
-    """Every trial's record, with the verify tournament's figures where it ran."""
+    """Every trial's record, with the verify tournament's figures where it ran, and its latency class's
+    pooled in-study figure in place of its own timing (members of one placement share one speed)."""
     attrs = study.user_attrs
-    return [TrialRecord.from_trial(t, attrs) for t in study.get_trials(deepcopy=False)]
+    classes = read_latency_classes(attrs)
+    figures = {key: cls.figure() for key, cls in classes.items() if cls.ratios}
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        r = TrialRecord.from_trial(t, attrs)
+        if r.latency_class in figures:
+            r = r.with_class_figure(figures[r.latency_class])  # type: ignore[index]
+        out.append(r)
+    return out
+
+
+def ranked_pool(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Complete feasible trials with a value and a latency that may be ranked together.
+
+    Once the verify tournament ran, only verified figures are ranked: a verified
+    figure and an in-study one were taken at different moments with different
+    precision, so comparing them ranks noise (an unverified 2.79x once sat beside
+    the verified 2.41x of the same placement). Unverified trials are then listed
+    apart (:func:`unverified_apart`)."""
+    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    if any(r.is_verified for r in done):
+        done = [r for r in done if r.is_verified]
+    return done
+
+
+def unverified_apart(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Complete feasible trials left out of the ranking because the tournament did not verify them (empty before it ran)."""
+    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    if not any(r.is_verified for r in done):
+        return []
+    return sorted((r for r in done if not r.is_verified), key=lambda r: r.number)
 
 
 def pareto_front(recs: list[TrialRecord]) -> list[TrialRecord]:
     """Non-dominated feasible complete trials (max value, min latency), sorted by latency.
 
     Computed here rather than with ``study.best_trials`` so the same rule
-    applies to records read back from any storage.
+    applies to records read back from any storage. Verified figures only once
+    verification ran (:func:`ranked_pool`); of the members of one latency class
+    (one figure per placement) only the most accurate belongs, the lowest trial
+    number on a tie.
     """
-    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    done = ranked_pool(recs)
     front = []
     for r in done:
         dominated = any(
             o.value >= r.value and o.median_ms <= r.median_ms and (o.value > r.value or o.median_ms < r.median_ms)  # type: ignore[operator]
             for o in done
         )
-        if not dominated:
+        same_class_better = r.latency_class is not None and any(
+            o.latency_class == r.latency_class and o.number != r.number
+            and (o.value, -o.number) > (r.value, -r.number)  # type: ignore[operator]
+            for o in done
+        )
+        if not dominated and not same_class_better:
             front.append(r)
     return sorted(front, key=lambda r: (r.median_ms, -(r.value or 0.0)))
 
