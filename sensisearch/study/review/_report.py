@@ -130,6 +130,8 @@ def _speedup(r: TrialRecord, fp32: TrialRecord | None) -> str:
         lo, hi = r.speedup_ci95
         backend = r.verified.get("backend") if r.is_verified else None
         return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (f" verified{f' on {backend}' if backend else ''}" if r.is_verified else "")
+    if r.latency_source == "estimate" and r.speedup is not None:
+        return f"cost {1.0 / r.speedup:.2f} (FP32 = 1; relative cost estimate)"
     if r.is_predicted and r.speedup is not None:
         return f"{r.speedup:.2f}x {_predicted_tag(r)}, no CI"
     speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
@@ -140,6 +142,8 @@ def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
     in_study = "-"
     if r.paired_speedup is not None and r.paired_ci is not None:
         in_study = f"{r.paired_speedup:.2f}x [{r.paired_ci[0]:.2f}, {r.paired_ci[1]:.2f}]"
+    elif r.latency_source == "estimate" and r.predicted_speedup:
+        in_study = f"cost {1.0 / r.predicted_speedup:.2f} (relative)"
     elif r.is_predicted and r.predicted_speedup is not None:
         in_study = f"{r.predicted_speedup:.2f}x {_predicted_tag(r)}"
     median = _fmt(r.median_ms, 3)

@@ -107,6 +107,9 @@ NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this ba
 
 def speed_text(r: TrialRecord) -> str:
     """``1.96x (95% CI 1.90-2.02, verified)``: a trial's paired speed-up vs FP32 with its evidence."""
+    if r.speedup is not None and r.speedup_ci95 is None and r.latency_source == "estimate":
+        # Nothing was measured: a relative cost on the FP32 = 1 scale, never "N x faster".
+        return f"relative cost {1.0 / r.speedup:.2f} of FP32 ({r.latency.get('label') or 'estimate'})"
     if r.speedup is not None and r.speedup_ci95 is None and r.is_predicted:
         # A predicted figure has no CI; it says what it is instead.
         return f"{r.speedup:.2f}x ({r.latency.get('label') or r.latency_source}, no CI)"
