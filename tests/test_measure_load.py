@@ -98,12 +98,12 @@ def test_core_picking_and_siblings() -> None:
 
 
 def test_wait_for_quiet_policy_with_fake_samples() -> None:
-    def fake(seq: list[dict[int, float]]):  # noqa: ANN202
+    def fake(seq: list[dict[int, float]]):
         it = iter(seq)
         return lambda w: LoadSample(None, None, next(it), 0.0, w)
 
     t = [0.0]
-    clock = lambda: t[0]  # noqa: E731
+    clock = lambda: t[0]
 
     def sleep(s: float) -> None:
         t[0] += s
@@ -135,7 +135,7 @@ HOG = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() <
 
 
 @pytest.fixture
-def hogs():  # noqa: ANN201
+def hogs():
     """Start busy-loop processes pinned to given cores (bounded in time), killed at the end."""
     procs: list[subprocess.Popen] = []
 
@@ -152,7 +152,7 @@ def hogs():  # noqa: ANN201
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists() or not hasattr(os, "sched_setaffinity"), reason="needs Linux /proc")
-def test_hog_is_seen_busy_and_wait_for_quiet_gives_up(hogs) -> None:  # noqa: ANN001
+def test_hog_is_seen_busy_and_wait_for_quiet_gives_up(hogs) -> None:
     cores = sorted(os.sched_getaffinity(0))
     hogs(cores)  # every core we may use spins
     time.sleep(0.3)
@@ -251,9 +251,13 @@ def test_aa_control_on_digits_is_one(tmp_path: Path) -> None:
     policy = LoadPolicy(needed_cores=backend.threads, max_wait_s=3.0, max_retries=4)
     with backend.load(ref_artifact) as ref, backend.load(control_artifact) as control:
         results = []
-        for attempt in range(3):  # a neighbour's burst on a shared CI machine: retry, never assert timings
+        for _ in range(3):  # a neighbour's burst on a shared CI machine: retry, never assert timings
             result = aa_control(ref.timing_arm(feeds), control.timing_arm(feeds), settings, load=policy, tolerance=0.03)
             results.append(result)
             if result.ok:
                 break
-    assert result.ok, [(r.ratio, r.ci95, r.paired.load_record.to_dict() if r.paired.load_record else None) for r in results]
+    summary = [(r.ratio, r.ci95, r.paired.load_record.to_dict()["under_load"]) for r in results]  # type: ignore[union-attr]
+    if not result.ok and all(r.paired.load_record is not None and r.paired.load_record.under_load for r in results):
+        # The timing itself says it is not to be trusted: other jobs held the cores throughout.
+        pytest.skip(f"every A/A attempt was taken under load (others held the cores): {summary}")
+    assert result.ok, summary

@@ -34,7 +34,11 @@ from sensisearch.measure._control import (
     corrected_speedup,
     time_with_control,
 )
-from sensisearch.measure._detection import DetectionMatches, map50_95_points, map50_points
+from sensisearch.measure._detection import (
+    DetectionMatches,
+    map50_95_points,
+    map50_points,
+)
 from sensisearch.measure._load import (
     LoadPolicy,
     LoadRecord,
@@ -48,49 +52,59 @@ from sensisearch.measure._load import (
     thread_affinities,
     wait_for_quiet,
 )
-from sensisearch.measure._machine import LoadMonitor, MachineIdentity, MachineLoad, machine_identity
+from sensisearch.measure._machine import (
+    LoadMonitor,
+    MachineIdentity,
+    MachineLoad,
+    machine_identity,
+)
 from sensisearch.measure._noise import noise_summary
 from sensisearch.measure._rank import average_ranks, spearman_rho
-from sensisearch.measure._timing import PairedLatency, PairedTimingSettings, paired_ratios, time_interleaved
+from sensisearch.measure._timing import (
+    PairedLatency,
+    PairedTimingSettings,
+    paired_ratios,
+    time_interleaved,
+)
 
 __all__ = [
     "CONTROL_ARM",
     "ControlResult",
+    "DetectionMatches",
+    "DropEstimate",
+    "LoadMonitor",
     "LoadPolicy",
     "LoadRecord",
     "LoadSample",
+    "MachineIdentity",
+    "MachineLoad",
+    "PairedLatency",
+    "PairedTimingSettings",
     "QuietVerdict",
     "aa_control",
+    "accuracy_points",
+    "average_ranks",
+    "bootstrap_ci",
     "control_ok",
     "control_result",
     "corrected",
     "corrected_speedup",
     "least_busy_cores",
-    "parse_loadavg",
-    "parse_proc_stat",
-    "pinned",
-    "sample_load",
-    "thread_affinities",
-    "time_with_control",
-    "wait_for_quiet",
-    "DetectionMatches",
-    "DropEstimate",
-    "LoadMonitor",
-    "MachineIdentity",
-    "MachineLoad",
-    "PairedLatency",
-    "PairedTimingSettings",
-    "accuracy_points",
-    "average_ranks",
-    "bootstrap_ci",
     "machine_identity",
     "map50_95_points",
     "map50_points",
     "noise_summary",
     "paired_bootstrap_drop",
     "paired_ratios",
+    "parse_loadavg",
+    "parse_proc_stat",
+    "pinned",
     "resample_weights",
+    "sample_load",
     "spearman_rho",
+    "thread_affinities",
     "time_interleaved",
+    "time_with_control",
+    "wait_for_quiet",
     "within_noise",
 ]

@@ -13,10 +13,15 @@ interleaved rounds as the candidates. Its ratio says whether the comparison is f
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from sensisearch.measure._timing import PairedLatency, PairedTimingSettings, time_interleaved
+from sensisearch.measure._timing import (
+    PairedLatency,
+    PairedTimingSettings,
+    time_interleaved,
+)
 
 if TYPE_CHECKING:
     from sensisearch.measure._load import LoadPolicy
@@ -48,7 +53,7 @@ class ControlResult:
                 "paired": self.paired.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ControlResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> ControlResult:
         lo, hi = data["ci95"]
         return cls(float(data["ratio"]), (float(lo), float(hi)), bool(data["ok"]), float(data["tolerance"]),
                    PairedLatency.from_dict(data["paired"]))

@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Sequence
@@ -165,7 +166,7 @@ class LoadSample:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoadSample":
+    def from_dict(cls, data: Mapping[str, Any]) -> LoadSample:
         return cls(
             load1=data.get("load1"),
             runnable=data.get("runnable"),
@@ -283,7 +284,7 @@ class LoadWindow:
         self._t0 = 0.0
         self._cpu0 = 0.0
 
-    def start(self) -> "LoadWindow":
+    def start(self) -> LoadWindow:
         self._stat = read_proc_stat(self._proc)
         self._t0 = self._clock()
         self._cpu0 = time.process_time()
@@ -333,7 +334,7 @@ class QuietVerdict:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "QuietVerdict":
+    def from_dict(cls, data: Mapping[str, Any]) -> QuietVerdict:
         sample = data.get("sample")
         return cls(
             verdict=data["verdict"], cores=tuple(int(c) for c in data.get("cores", ())),
@@ -519,7 +520,7 @@ class LoadRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LoadRecord":
+    def from_dict(cls, data: Mapping[str, Any]) -> LoadRecord:
         before = data.get("before")
         return cls(
             before=None if before is None else QuietVerdict.from_dict(before),

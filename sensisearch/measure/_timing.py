@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sensisearch.measure._bootstrap import bootstrap_ci
-from sensisearch.measure._load import LoadPolicy, LoadRecord, LoadSample, LoadWindow, pinned, wait_for_quiet
+from sensisearch.measure._load import (
+    LoadPolicy,
+    LoadRecord,
+    LoadSample,
+    LoadWindow,
+    pinned,
+    wait_for_quiet,
+)
 from sensisearch.measure._machine import LoadMonitor, MachineLoad
 
 if TYPE_CHECKING:
@@ -115,7 +123,7 @@ class PairedLatency:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PairedLatency":
+    def from_dict(cls, data: Mapping[str, Any]) -> PairedLatency:
         lo, hi = data["speedup_ci95"]
         load = data.get("load")
         record = data.get("load_record")
