@@ -37,7 +37,10 @@ from sensisearch.study.review import (
     StudySummary,
     VerifyResult,
     VerifySettings,
+    front_cells,
+    front_columns,
     front_row,
+    kernels_apply,
     load_run_settings,
     quiet_quantizer,
     report_context,
@@ -74,6 +77,7 @@ from sensisearch.study.search import (
     sensitivity_profile,
 )
 from sensisearch.study.store import (
+    VERIFY_SUMMARY_ATTR,
     FinishedRun,
     LatencyRecord,
     TrialRecord,
@@ -101,6 +105,7 @@ from sensisearch.study.trial import (
 
 __all__ = [
     "FRONT_COLUMNS",
+    "VERIFY_SUMMARY_ATTR",
     "SAMPLERS",
     "SEARCHES",
     "EvaluationSetup",
@@ -136,7 +141,10 @@ __all__ = [
     "evaluate_model",
     "export_run_trial",
     "finished_count",
+    "front_cells",
+    "front_columns",
     "front_row",
+    "kernels_apply",
     "groups_space",
     "head_rule_layers",
     "load_run_settings",

@@ -13,7 +13,9 @@ from sensisearch.fileio import write_text_atomic
 from sensisearch.measure import PairedLatency, noise_summary
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.trial._predicted import partial_int8_verdict, prediction_lines
-from sensisearch.study.store._results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text, unverified_apart
+from sensisearch.study.store._results import (
+    SPEEDUP_NOISE, WinnerChoice, baseline, is_estimate, relative_cost_text, speed_text, unverified_apart,
+)
 
 if TYPE_CHECKING:
     from sensisearch.report import FloatLayerEvidence
@@ -52,7 +54,10 @@ class ReportContext:
     prediction_check: PredictionCheck | None = None
     verify_summary: dict[str, Any] | None = None
     """How the verify tournament went (rounds, A/A controls, load, what stayed unverified)."""
-    """Stage 2's predicted (or in-study) vs verified speed-ups, when ``verify`` ran."""
+    kernels_apply: bool = True
+    """Do the integer kernels counted in the artifacts built here say anything about the target?
+    False for a foreign quantization profile (``--profile tensorrt`` on ONNX Runtime): the
+    column is left out rather than show ONNX Runtime's kernels as the target's."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,35 @@ FRONT_COLUMNS = (
     "trial", "{metric}", "change vs FP32 (± 95% CI)", "median ms", "p90 ms", "speed-up (95% CI)", "layers int8/fp16/fp32",
     "integer kernels", "calibration", "in-study speed-up",
 )
+_FRONT_FIELDS = tuple(f.name for f in dataclasses.fields(FrontRow))
+ESTIMATE_COLUMNS = {
+    # An estimate is a relative cost, never a speed-up: its columns say so.
+    "median ms": "relative cost (FP32 = 1)",
+    "speed-up (95% CI)": "speed-up (95% CI) or relative cost",
+    "in-study speed-up": "in-study figure",
+}
+
+
+def front_columns(recs: Sequence[TrialRecord], kernels_apply: bool = True) -> list[tuple[str, str]]:
+    """(header, :class:`FrontRow` field) of each column that applies to ``recs``.
+
+    Left out: "integer kernels" on a foreign profile (ONNX Runtime's kernels are not the
+    target's); "p90 ms" when no trial has one (predicted figures have no distribution).
+    An estimated study's headers name a relative cost, not ms or a speed-up.
+    """
+    estimated = any(is_estimate(r) for r in recs)
+    columns = []
+    for header, name in zip(FRONT_COLUMNS, _FRONT_FIELDS):
+        if name == "kernels" and not kernels_apply:
+            continue
+        if name == "p90_ms" and not any(r.latency.get("p90_ms") is not None for r in recs):
+            continue
+        columns.append((ESTIMATE_COLUMNS.get(header, header) if estimated else header, name))
+    return columns
+
+
+def front_cells(row: FrontRow, columns: Sequence[tuple[str, str]]) -> list[str]:
+    return [getattr(row, name) for _, name in columns]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -130,8 +164,8 @@ def _speedup(r: TrialRecord, fp32: TrialRecord | None) -> str:
         lo, hi = r.speedup_ci95
         backend = r.verified.get("backend") if r.is_verified else None
         return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (f" verified{f' on {backend}' if backend else ''}" if r.is_verified else "")
-    if r.latency_source == "estimate" and r.speedup is not None:
-        return f"cost {1.0 / r.speedup:.2f} (FP32 = 1; relative cost estimate)"
+    if is_estimate(r) and r.speedup is not None:
+        return relative_cost_text(r.speedup, "estimated")
     if r.is_predicted and r.speedup is not None:
         return f"{r.speedup:.2f}x {_predicted_tag(r)}, no CI"
     speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
@@ -143,7 +177,7 @@ def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
     if r.paired_speedup is not None and r.paired_ci is not None:
         in_study = f"{r.paired_speedup:.2f}x [{r.paired_ci[0]:.2f}, {r.paired_ci[1]:.2f}]"
     elif r.latency_source == "estimate" and r.predicted_speedup:
-        in_study = f"cost {1.0 / r.predicted_speedup:.2f} (relative)"
+        in_study = relative_cost_text(r.predicted_speedup)
     elif r.is_predicted and r.predicted_speedup is not None:
         in_study = f"{r.predicted_speedup:.2f}x {_predicted_tag(r)}"
     median = _fmt(r.median_ms, 3)
@@ -218,6 +252,13 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     if int8.is_predicted and not int8.is_verified and int8.speedup is not None:
         # The figure is a prediction for the target; the verdict speaks about it and says so.
         label = int8.latency.get("label") or int8.latency_source
+        if is_estimate(int8):
+            # Nothing was measured: the estimate is a relative cost, and says only that.
+            return int8.speedup > 1.0 + SPEEDUP_NOISE, (
+                f"All-INT8's estimated {relative_cost_text(int8.speedup)} against FP32's 1 ({label}): an estimate for "
+                "ranking configurations, not a speed-up; how much faster INT8 runs on the target is unknown until "
+                "`sensisearch verify RUN_DIR --backend <target>` runs there (predicted, not measured)."
+            )
         if int8.speedup > 1.0 + SPEEDUP_NOISE:
             return True, (
                 f"All-INT8 is predicted to run {int8.speedup:.2f}x faster than FP32 on the target ({label}; no CI): "
@@ -270,6 +311,21 @@ def _speed_evidence(recs: list[TrialRecord]) -> str:
             "timed by `sensisearch verify`")
 
 
+def _winner_speed_lines(r: TrialRecord, context: ReportContext) -> list[str]:
+    """The winner's speed: measured figures in ms and speed-up, an estimate as the relative cost it is."""
+    if is_estimate(r) and r.speedup is not None:
+        return [f"- estimated {relative_cost_text(r.speedup)} (required: below {1.0 / context.min_speedup:.2f}; "
+                "predicted, not measured: a relative cost, not a speed-up; unverified on the target)"]
+    return [
+        f"- speed-up vs FP32 {speed_text(r)} (required: "
+        + (f"predicted speed-up above {context.min_speedup:g}; unverified on the target)" if r.is_predicted and not r.is_verified
+           else f"CI lower bound above {context.min_speedup:g})")
+        + (f"; in-study {r.paired_speedup:.2f}x" if r.is_verified and r.paired_speedup is not None else ""),
+        f"- median {_fmt(r.median_ms, 3)} ms{' (verified)' if r.is_verified else ''}, "
+        f"in-study {_fmt(r.in_study_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
+    ]
+
+
 def _float_layer_lines(r: TrialRecord) -> list[str]:
     """The winner's FP16/FP32 layers by name (a reviewer must not need config.json for them)."""
     lines = []
@@ -310,36 +366,36 @@ def write_report(
         lines += ["", review_markdown.rstrip()]
     lines += [f"- {line}" for line in timing_noise_lines(recs)]
     lines += [f"- {line}" for line in control_lines(recs, context.verify_summary)]
+    done = [r for r in recs if r.state == "COMPLETE"]
+    # The columns that apply (FRONT_COLUMNS' baseline subset): no integer kernels for a foreign profile.
+    columns = [c for c in front_columns(done, context.kernels_apply) if c[1] not in ("trial", "layers", "calibration")]
     lines += [
         "", "## Baselines", "",
-        f"| baseline | trial | {metric} | change vs FP32 (± 95% CI) | median ms | p90 ms | speed-up vs FP32 (95% CI) | in-study speed-up | integer kernels |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| baseline | trial | " + " | ".join(h.format(metric=metric) for h, _ in columns) + " |",
+        "|---|" + "---:|" * (len(columns) + 1),
     ]
     for name in ("fp32", "int8", "fp16"):
         r = baseline(recs, name)
         if r is None:
             failed = next((x for x in recs if x.baseline == name and x.state == "FAIL"), None)
             if failed is not None:
-                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} | | | | | | |")
+                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} |" + " |" * (len(columns) - 1))
             continue
-        row = front_row(r, fp32)
-        lines.append(
-            f"| all-{name.upper()} | {r.number} | {row.value} | {row.change} | {row.median_ms} | {row.p90_ms} | "
-            f"{row.speedup} | {row.in_study} | {row.kernels} |"
-        )
+        lines.append(f"| all-{name.upper()} | {r.number} | " + " | ".join(front_cells(front_row(r, fp32), columns)) + " |")
     verdict, text = int8_speed_verdict(recs)
     partial = partial_int8_verdict(recs)  # the honest verdict on partial INT8
     lines += ["", text, *(["", partial] if partial else []), "", "## Pareto front", ""]
     if verdict is False or (partial and not verdict):
         lines += ["(Accuracy-only: INT8 is not faster here, see above.)", ""]
+    front_cols = front_columns(done, context.kernels_apply)
     lines += [
         "Drops are FP32 minus the trial, ± half the paired bootstrap 95% CI over images; \"within noise\": the CI holds 0.",
         "",
-        "| " + " | ".join(c.format(metric=metric) for c in FRONT_COLUMNS) + " |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "| " + " | ".join(h.format(metric=metric) for h, _ in front_cols) + " |",
+        "|" + "".join("---|" if name in ("layers", "calibration") else "---:|" for _, name in front_cols),
     ]
     for r in front:
-        lines.append("| " + " | ".join(dataclasses.astuple(front_row(r, fp32))) + " |")
+        lines.append("| " + " | ".join(front_cells(front_row(r, fp32), front_cols)) + " |")
     apart = unverified_apart(recs)
     if apart:
         # Never ranked against verified figures: listed apart, with their in-study figures.
@@ -378,13 +434,9 @@ def write_report(
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",
             f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, change vs FP32 {change_text(r, fp32)}; allowed loss {context.max_drop:g})",
-            f"- speed-up vs FP32 {speed_text(r)} (required: "
-            + (f"predicted speed-up above {context.min_speedup:g}; unverified on the target)" if r.is_predicted and not r.is_verified
-               else f"CI lower bound above {context.min_speedup:g})")
-            + (f"; in-study {r.paired_speedup:.2f}x" if r.is_verified and r.paired_speedup is not None else ""),
-            f"- median {_fmt(r.median_ms, 3)} ms{' (verified)' if r.is_verified else ''}, "
-            f"in-study {_fmt(r.in_study_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
-            f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
+            *_winner_speed_lines(r, context),
+            f"- layers int8/fp16/fp32: {_layers(r)}"
+            + (f"; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}" if context.kernels_apply else ""),
             f"- calibration: {_calibration(r)}",
             *_float_layer_lines(r),
             "- files: `winner/` (artifact, deployable ONNX, config.json)",

@@ -92,8 +92,21 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     return StudySummary(recs, front, choice, winner_dir, report, verdict, text, partial_int8_verdict(recs), context.prediction_check)
 
 
+def kernels_apply(ctx: StudyContext) -> bool:
+    """Do the integer kernels of the artifacts built here describe the target?
+
+    Not when the trials' latency is predicted for another machine (a foreign
+    ``--profile``, or a table made elsewhere): ONNX Runtime's kernel count on a
+    TensorRT Q/DQ graph says nothing about TensorRT's.
+    """
+    from sensisearch.study.trial._predicted import runs_on_target
+
+    return runs_on_target(ctx.pipeline.predictor, ctx.backend)
+
+
 def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> ReportContext:
     return ReportContext(
+        kernels_apply=kernels_apply(ctx),
         metric=ctx.evaluator.metric,
         model_path=ctx.model_path,
         model_sha256=ctx.info.sha256,

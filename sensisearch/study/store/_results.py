@@ -105,11 +105,21 @@ class WinnerChoice:
 NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this backend for this model"
 
 
+def is_estimate(r: TrialRecord) -> bool:
+    """Is the trial's speed figure the MAC estimate (a relative cost: nothing was measured)?"""
+    return r.latency_source == "estimate" and not r.is_verified
+
+
+def relative_cost_text(speedup: float, note: str = "") -> str:
+    """``cost 0.62 (FP32 = 1)``: the estimate on its own scale, never "N x faster"."""
+    return f"cost {1.0 / speedup:.2f} (FP32 = 1{', ' + note if note else ''})"
+
+
 def speed_text(r: TrialRecord) -> str:
     """``1.96x (95% CI 1.90-2.02, verified)``: a trial's paired speed-up vs FP32 with its evidence."""
-    if r.speedup is not None and r.speedup_ci95 is None and r.latency_source == "estimate":
+    if r.speedup is not None and r.speedup_ci95 is None and is_estimate(r):
         # Nothing was measured: a relative cost on the FP32 = 1 scale, never "N x faster".
-        return f"relative cost {1.0 / r.speedup:.2f} of FP32 ({r.latency.get('label') or 'estimate'})"
+        return relative_cost_text(r.speedup, str(r.latency.get("label") or "estimate"))
     if r.speedup is not None and r.speedup_ci95 is None and r.is_predicted:
         # A predicted figure has no CI; it says what it is instead.
         return f"{r.speedup:.2f}x ({r.latency.get('label') or r.latency_source}, no CI)"
@@ -156,8 +166,10 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         # Latency predicted (table or estimate), not measured: the winner is chosen on the
         # predicted speed-up, and the reason says it is unverified until stage 2 runs on the target.
         qualifying = [r for r in within if r.is_predicted and (r.speedup or 0.0) > min_speedup]
+        what = (f"whose estimated relative cost is below {1.0 / min_speedup:.2f} of FP32's"
+                if any(is_estimate(r) for r in within) else f"whose predicted speed-up exceeds {min_speedup:g}")
         rule = (
-            f"whose predicted speed-up exceeds {min_speedup:g} (predicted, not measured: unverified until "
+            f"{what} (predicted, not measured: unverified until "
             "`sensisearch verify RUN_DIR --backend <target>` runs on the target)"
         )
     else:
