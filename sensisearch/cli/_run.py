@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         # A predicted latency says so (the estimate is a unitless cost, not ms).
         predictor = ctx.pipeline.predictor
-        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
+        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated relative cost (FP32 = 1)")
 
         def on_trial(event: TrialEvent) -> None:
             if event.state == "COMPLETE":
