@@ -39,6 +39,7 @@ import optuna
 
 from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
 from sensisearch.study import (
+    VERIFY_SUMMARY_ATTR,
     baseline,
     load_run_settings,
     open_study,
