@@ -196,4 +196,5 @@ def test_estimate_is_printed_as_a_relative_cost_never_a_speed_up(tmp_path: Path)
         assert re.search(r"\d\.\d\dx", text) is None, re.search(r".{60}\d\.\d\dx.{20}", text)
         assert f"cost {cost:.2f} (FP32 = 1" in text  # all-INT8 as a relative cost
     assert "relative cost (FP32 = 1)" in summary  # the front's column says what its figure is
+    assert "speed-up (95% CI)" not in summary  # nothing verified: no speed-up column repeating the cost
     assert "Baselines" in report and f"All-INT8's estimated cost {cost:.2f} (FP32 = 1)" in report

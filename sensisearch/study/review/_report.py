@@ -97,13 +97,18 @@ def front_columns(recs: Sequence[TrialRecord], kernels_apply: bool = True) -> li
     """(header, :class:`FrontRow` field) of each column that applies to ``recs``.
 
     Left out: "integer kernels" on a foreign profile (ONNX Runtime's kernels are not the
-    target's); "p90 ms" when no trial has one (predicted figures have no distribution).
+    target's); "p90 ms" when no trial has one (predicted figures have no distribution);
+    the speed-up and in-study columns while an estimate is all there is (they would repeat its cost).
     An estimated study's headers name a relative cost, not ms or a speed-up.
     """
     estimated = any(is_estimate(r) for r in recs)
+    # Nothing verified yet: the speed-up and in-study columns would only repeat the estimate's cost.
+    cost_only = estimated and not any(r.is_verified for r in recs)
     columns = []
     for header, name in zip(FRONT_COLUMNS, _FRONT_FIELDS):
         if name == "kernels" and not kernels_apply:
+            continue
+        if name in ("speedup", "in_study") and cost_only:
             continue
         if name == "p90_ms" and not any(r.latency.get("p90_ms") is not None for r in recs):
             continue
