@@ -356,7 +356,8 @@ def write_report(
         f"- Model: `{context.model_path}` (sha256 `{context.model_sha256[:16]}…`, {context.num_layers} quantizable layers)",
         f"- Backend: {backend}",
         f"- Metric: {metric} (points, higher is better); speed: "
-        + (context.axis_label or f"latency, median ms per batch of {context.latency_batch}")
+        + (context.axis_label or ("relative cost (FP32 = 1), estimated" if any(is_estimate(r) for r in recs)
+                                  else f"latency, median ms per batch of {context.latency_batch}"))
         + _speed_evidence(recs),
         f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, "
         + (f"{sum(r.stopped_early is not None for r in recs)} stopped early on the subset, " if any(r.stopped_early for r in recs) else "")
