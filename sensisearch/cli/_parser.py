@@ -229,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--backend", help="stage 2: build the candidates' deployable.onnx with this backend (tensorrt on the target, "
                                       "onnxruntime, ...) into RUN_DIR/verify/<backend>/ and time them there; reports predicted "
                                       "vs measured speed-up (default: time the study's own artifacts)")
+    vf.add_argument("--force", action="store_true",
+                    help="time even when the machine is busier than the sessions need (figures marked as taken under load)")
     _add_host_path_flags(vf)  # stage 2 runs on the target: its model and data paths may differ
     vf.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 

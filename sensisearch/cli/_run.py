@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
 
         # A predicted latency says so (the estimate is a unitless cost, not ms).
         predictor = ctx.pipeline.predictor
-        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated cost")
+        unit_of_latency = "ms" if predictor is None else ("ms predicted" if predictor.unit == "ms" else "estimated relative cost (FP32 = 1)")
 
         trials = PhaseProgress("trials", "configurations", total=settings.search.budget)
         trials.start(f"budget {settings.search.budget}")
@@ -114,6 +114,7 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
 
 def _verify(
     ctx: StudyContext, study: Any, force: bool, seconds: float | None = None, rounds: int | None = None, backend: str | None = None,
+    refuse_under_load: bool = False,
 ) -> None:
     from sensisearch.study import VerifySettings, verify_backend, verify_study
 
@@ -123,14 +124,21 @@ def _verify(
     verifying = PhaseProgress("verify", expected_seconds=settings.seconds)
     verifying.start()
     with console.status("verifying: FP32, all-INT8, the front and its noise band, interleaved"), Heartbeat(verifying):
-        result = verify_study(ctx, study, settings, force=force, backend=on)
+        result = verify_study(ctx, study, settings, force=force, backend=on, refuse_under_load=refuse_under_load)
     verifying.end()
     if result is not None:
+        control = result.control
         console.print(
-            f"verified trials {', '.join(map(str, result.trials))} in one tournament "
-            f"({result.rounds} rounds, {result.seconds:.1f} s; FP32 trial {result.reference_trial} the reference)",
+            f"verified trials {', '.join(map(str, result.trials))} in {result.tournaments} tournament round(s) "
+            f"({result.seconds:.1f} s; FP32 trial {result.reference_trial} the reference"
+            + ("" if control is None else f"; A/A control {control['ratio']:.3f}x [{control['ci95'][0]:.3f}, {control['ci95'][1]:.3f}]")
+            + ")",
             highlight=False,
         )
+        if result.unverified:
+            console.print(f"[yellow]not verified[/] (round cap reached): trials {', '.join(map(str, result.unverified))}", highlight=False)
+        if result.under_load:
+            console.print("[yellow]figures taken under load[/]: the machine stayed busier than the sessions need", highlight=False)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -145,7 +153,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("model", "eval_data", "calib_data", "annotations", "cache_dir")}
     ctx = prepare(load_run_settings(args.run_dir, args.storage, args.study_name, overrides), reviewing=True)
     study = open_study(ctx)
-    _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds, backend=args.backend)
+    _verify(ctx, study, force=True, seconds=args.seconds, rounds=args.rounds, backend=args.backend,
+            refuse_under_load=not args.force)
     summary = write_results(ctx, study)
     print_summary(ctx, summary, time.monotonic() - started)
     print_disk(ctx, summary)

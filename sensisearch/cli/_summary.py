@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from rich.markup import escape
@@ -11,24 +10,31 @@ from rich.table import Table
 from sensisearch.cli._console import stdout
 
 if TYPE_CHECKING:
-    from sensisearch.study import StudyContext
-    from sensisearch.study import StudySummary
+    from sensisearch.study import StudyContext, StudySummary
 
 
 def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
-    from sensisearch.study import FRONT_COLUMNS, front_row, timing_noise_lines
-    from sensisearch.study import baseline
+    from sensisearch.study import (
+        baseline,
+        front_cells,
+        front_columns,
+        front_row,
+        kernels_apply,
+        timing_noise_lines,
+    )
 
     fp32 = baseline(summary.records, "fp32")
     metric = ctx.evaluator.metric
     axis = ctx.pipeline.timing.axis_label if ctx.pipeline.timing else f"latency, median ms per batch of {ctx.settings.backend.latency_batch}"
     if ctx.pipeline.predictor is not None:  # never "measured" for a predicted figure
-        axis = f"latency {ctx.pipeline.predictor.label}"
+        axis = ctx.pipeline.predictor.label if ctx.pipeline.predictor.unit != "ms" else f"latency {ctx.pipeline.predictor.label}"
     table = Table(title=f"Pareto front ({metric} vs {axis})")
-    for col in FRONT_COLUMNS:
-        table.add_column(col.format(metric=metric), justify="right", no_wrap=col != "calibration")
+    # Only the columns that apply: no integer kernels for a foreign profile, a relative cost for an estimate.
+    columns = front_columns([r for r in summary.records if r.state == "COMPLETE"], kernels_apply(ctx))
+    for header, name in columns:
+        table.add_column(header.format(metric=metric), justify="right", no_wrap=name != "calibration")
     for r in summary.front:
-        table.add_row(*dataclasses.astuple(front_row(r, fp32)))
+        table.add_row(*front_cells(front_row(r, fp32), columns))
     stdout.print(table)
     stdout.print(escape(summary.int8_verdict.replace("**", "")))
     if summary.partial_int8_verdict:  # the honest verdict on partial INT8
@@ -54,9 +60,11 @@ def _print_prediction_check(summary: StudySummary) -> None:
     if check is None:
         return
     stdout.print(escape(check.summary()), highlight=False)
-    table = Table("trial", "in-study speed-up", "verified speed-up", title="predicted (in-study) vs measured (verified)")
+    estimate = check.source == "estimate"  # the in-study figure was a relative cost, never a speed-up
+    table = Table("trial", "in-study estimated cost (FP32 = 1)" if estimate else "in-study speed-up", "verified speed-up",
+                  title="predicted (in-study) vs measured (verified)")
     for number, in_study, verified in check.rows:
-        table.add_row(str(number), f"{in_study:.2f}x", f"{verified:.2f}x")
+        table.add_row(str(number), f"{1.0 / in_study:.2f}" if estimate else f"{in_study:.2f}x", f"{verified:.2f}x")
     stdout.print(table)
 
 

@@ -84,6 +84,18 @@ def _check_layers(model: onnx.ModelProto, config: Mapping[str, Any], path: Path)
         )
 
 
+def _write_npy(path: Path, calibration: Any) -> Path:
+    """``calibration`` as ``.npy`` (one array, or a dict by input name saved as an object array), atomically."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, calibration if not isinstance(calibration, Mapping) else np.array(dict(calibration), dtype=object),
+            allow_pickle=isinstance(calibration, Mapping))
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
 def export_trial(
     deployable: str | Path,
     config: Mapping[str, Any],
@@ -93,8 +105,12 @@ def export_trial(
     shapes: Mapping[str, ProfileShape] | None = None,
     opt_batch: int = 1,
     max_batch: int | None = None,
+    calibration: Any = None,
 ) -> ExportedTrial:
     """Write the deployable ONNX, the configuration and the hand-off of each format.
+
+    ``calibration``: the trial's calibration samples (an array, or a dict by input name),
+    written as the ``calib.npy`` the ModelOpt command names.
 
     ``config`` is :meth:`TrialConfig.to_dict` of the trial that made ``deployable``.
     ModelOpt and Polygraphy start from the FP32 model, so those formats need
@@ -131,6 +147,10 @@ def export_trial(
         settings = modelopt_settings(config, FP32_FILE, profile)
         files["modelopt"] = write_json_atomic(out_dir / "modelopt.json", settings)
         files["modelopt_exclude"] = write_text_atomic(out_dir / "modelopt.txt", "".join(f"{n}\n" for n in settings["nodes_to_exclude"]))
+        if calibration is not None:
+            # The file the command names: without it the command cannot run at all.
+            files["modelopt_calibration"] = _write_npy(out_dir / "calib.npy", calibration)
+        log.warning("modelopt: %s; %s", settings["recalibration_warning"], settings["recommendation"])
     if ExportFormat.ONNXRUNTIME in wanted:
         files["onnxruntime"] = write_json_atomic(out_dir / "onnxruntime.json", onnxruntime_settings(config))
     if ExportFormat.POLYGRAPHY in wanted:

@@ -67,6 +67,22 @@ class ReviewPoint:
     """Human-readable calibration, e.g. ``entropy n=256``."""
     latencies_ms: Sequence[float] = ()
     """Per-round latencies in milliseconds, for the distributions."""
+    relative_cost: float | None = None
+    """The MAC estimate's relative cost (FP32 = 1) when nothing was measured: shown as that cost,
+    never as the speed-up ``speedup`` (its inverse) would suggest."""
+
+    @property
+    def speed_value(self) -> float:
+        """What the speed axis shows for this point: the relative cost of an estimate, else the speed-up."""
+        return self.relative_cost if self.relative_cost is not None else self.speedup
+
+    def speed_text(self, digits: int = 3, ci_digits: int | None = 2) -> str:
+        """``1.962x [1.90, 2.02]`` (``ci_digits`` None: no CI), or ``cost 0.62 (FP32 = 1, estimated)`` for an estimate."""
+        if self.relative_cost is not None:
+            return f"cost {self.relative_cost:.2f} (FP32 = 1, estimated)"
+        ci = self.speedup_ci95
+        text = "" if ci is None or ci_digits is None else f" [{ci[0]:.{ci_digits}f}, {ci[1]:.{ci_digits}f}]"
+        return f"{self.speedup:.{digits}f}x{text}"
 
     @property
     def metric_change(self) -> float:
@@ -138,6 +154,18 @@ class ReviewData:
     """Stage 2's rank correlation of in-study (predicted or paired) vs verified speed-up, in words."""
     prediction_rows: Sequence[tuple[int, float, float]] = ()
     """(trial, in-study speed-up, verified speed-up)."""
+    prediction_source: str = ""
+    """Where the in-study figures came from ("estimate": shown as relative costs, not speed-ups)."""
+
+    @property
+    def cost_axis(self) -> bool:
+        """Is every trial's speed figure an estimate, so the speed axis is a relative cost (lower is faster)?"""
+        trials = [p for p in self.points if p.kind is not PointKind.REFERENCE]
+        return bool(trials) and all(p.relative_cost is not None for p in trials)
+
+    def x_of(self, point: ReviewPoint) -> float:
+        """The point's position on the speed axis: a relative cost on a cost axis, else its speed-up."""
+        return point.speed_value if self.cost_axis else point.speedup
 
     def __post_init__(self) -> None:
         trials = [p.trial for p in self.points]

@@ -70,21 +70,21 @@ def _pareto_figure(data: ReviewData) -> go.Figure:
     if len(front) > 1:
         # A line, not markers: the DOM holds exactly one marker per trial.
         fig.add_trace(go.Scatter(
-            x=[p.speedup for p in front], y=[p.metric_change for p in front], mode="lines",
+            x=[data.x_of(p) for p in front], y=[p.metric_change for p in front], mode="lines",
             line={"color": "#264653", "width": 1, "dash": "dot"}, name="front", hoverinfo="skip",
         ))
     for group in pareto_groups(data):
         pts = group.points
-        x = [p.speedup for p in pts]
+        x = [data.x_of(p) for p in pts]
         y = [p.metric_change for p in pts]
-        x_minus, x_plus = ci_offsets(x, [p.speedup_ci95 for p in pts])
+        x_minus, x_plus = ci_offsets(x, [None if data.cost_axis else p.speedup_ci95 for p in pts])
         y_minus, y_plus = ci_offsets(y, [negate_ci(p.drop_ci95) for p in pts])
         hover = [
             "<br>".join(
                 [
                     f"<b>{_e(p.name)}</b>" + ("" if p.feasible else " (infeasible)"),
                     f"{_e(data.metric_name)} {p.metric:.3f} ({p.metric_change:+.3f}{_e(_ci_text(negate_ci(p.drop_ci95), 3))})",
-                    f"speed-up {p.speedup:.3f}x{_e(_ci_text(p.speedup_ci95, 3))}",
+                    _e(p.speed_text()) if p.relative_cost is not None else f"speed-up {_e(p.speed_text(3, 3))}",
                     *(_e(line) for line in configuration_summary(p).splitlines()),
                 ]
             )
@@ -101,7 +101,8 @@ def _pareto_figure(data: ReviewData) -> go.Figure:
     fig.add_hline(y=0, line={"color": "grey", "width": 0.6, "dash": "dash"})
     fig.add_vline(x=1, line={"color": "grey", "width": 0.6, "dash": "dash"})
     fig.update_layout(
-        title="Speed-up against metric change, both with 95 % CIs (hover a point for its configuration)",
+        title=("Estimated relative cost (FP32 = 1, not a speed-up) against metric change (hover a point for its configuration)"
+               if data.cost_axis else "Speed-up against metric change, both with 95 % CIs (hover a point for its configuration)"),
         xaxis_title=data.speed_axis, yaxis_title=f"{data.metric_name} change vs FP32 (points)",
         template="plotly_white", height=560, hoverlabel={"align": "left"},
     )
@@ -199,7 +200,7 @@ def _front_table(data: ReviewData) -> str:
             "yes" if p.on_front else "",
             f"{p.metric:.3f}",
             f"{p.metric_change:+.3f}{_e(_ci_text(negate_ci(p.drop_ci95)))}",
-            f"{p.speedup:.3f}x{_e(_ci_text(p.speedup_ci95))}",
+            _e(p.speed_text()),
             "/".join(str(counts[k]) for k in PRECISION_ORDER),
             _e(p.calibration),
         ])
@@ -243,7 +244,7 @@ def render_report_html(data: ReviewData) -> str:
         parts.append(
             f"<p><b>Winner {_e(winner.name)}</b>: {_e(data.metric_name)} {winner.metric:.3f} "
             f"({winner.metric_change:+.3f}{_e(_ci_text(negate_ci(winner.drop_ci95)))} vs FP32), "
-            f"{winner.speedup:.3f}x{_e(_ci_text(winner.speedup_ci95))} {_e(data.speed_axis)}; {_e(winner.calibration)}.</p>"
+            f"{_e(winner.speed_text())} {_e(data.speed_axis)}; {_e(winner.calibration)}.</p>"
         )
     else:
         parts.append("<p><b>No winner</b>: no trial met the accuracy and speed criteria.</p>")
@@ -251,9 +252,11 @@ def render_report_html(data: ReviewData) -> str:
         parts.append(f'<p class="note">{_e(data.noise)}</p>')
     parts += [f"<p>{_e(v.replace('**', ''))}</p>" for v in data.verdicts]
     if data.prediction_summary:
-        rows = [[str(n), f"{a:.2f}x", f"{b:.2f}x"] for n, a, b in data.prediction_rows]
+        estimate = data.prediction_source == "estimate"  # an estimate is a relative cost, never a speed-up
+        rows = [[str(n), f"{1.0 / a:.2f}" if estimate else f"{a:.2f}x", f"{b:.2f}x"] for n, a, b in data.prediction_rows]
         parts += ["<h2>Predicted vs measured speed-up</h2>", f"<p>{_e(data.prediction_summary)}</p>",
-                  _table(["trial", "in-study speed-up", "verified speed-up"], rows, numeric={1, 2})]
+                  _table(["trial", "in-study estimated cost (FP32 = 1)" if estimate else "in-study speed-up", "verified speed-up"],
+                         rows, numeric={1, 2})]
 
     parts += ["<h2>Pareto front</h2>", _figure_div(_pareto_figure(data), PARETO_DIV), _front_table(data)]
     parts += ["<h2>Precision map of the front</h2>"]

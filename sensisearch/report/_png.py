@@ -44,9 +44,9 @@ def write_pareto_png(data: ReviewData, path: str | Path) -> Path:
     ax = fig.add_subplot()
     for group in pareto_groups(data):
         pts = group.points
-        x = [p.speedup for p in pts]
+        x = [data.x_of(p) for p in pts]
         y = [p.metric_change for p in pts]
-        xerr = np.vstack(ci_offsets(x, [p.speedup_ci95 for p in pts]))
+        xerr = np.vstack(ci_offsets(x, [None if data.cost_axis else p.speedup_ci95 for p in pts]))
         yerr = np.vstack(ci_offsets(y, [negate_ci(p.drop_ci95) for p in pts]))
         ax.errorbar(
             x, y, xerr=xerr, yerr=yerr, fmt=group.matplotlib_marker, color=group.colour, ecolor=group.colour,
@@ -54,10 +54,10 @@ def write_pareto_png(data: ReviewData, path: str | Path) -> Path:
         )
         if group.annotate:
             for p in pts:
-                ax.annotate(p.name, (p.speedup, p.metric_change), textcoords="offset points", xytext=(5, 5), fontsize=7)
+                ax.annotate(p.name, (data.x_of(p), p.metric_change), textcoords="offset points", xytext=(5, 5), fontsize=7)
     front = data.front()
     if len(front) > 1:
-        ax.plot([p.speedup for p in front], [p.metric_change for p in front], color="#264653", lw=0.8, alpha=0.5, zorder=0)
+        ax.plot([data.x_of(p) for p in front], [p.metric_change for p in front], color="#264653", lw=0.8, alpha=0.5, zorder=0)
     ax.axhline(0.0, color="grey", lw=0.6, ls="--")
     ax.axvline(1.0, color="grey", lw=0.6, ls="--")
     ax.set_xlabel(data.speed_axis)
@@ -79,7 +79,7 @@ def write_precision_map_png(data: ReviewData, path: str | Path) -> Path:
     # Missing (-1) shown as light grey; codes shift by one so index 0 is "missing".
     cmap = ListedColormap(["#dddddd", *(PRECISION_COLOURS[p] for p in PRECISION_ORDER)])
     ax.imshow(codes.astype(int) - MISSING_CODE, cmap=cmap, vmin=0, vmax=len(PRECISION_ORDER), aspect="auto", interpolation="nearest")
-    ax.set_yticks(range(len(rows)), [f"{p.name}  ({p.speedup:.2f}x, {p.metric_change:+.2f})" for p in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{p.name}  ({p.speed_text(2, None)}, {p.metric_change:+.2f})" for p in rows], fontsize=7)
     ax.set_xticks(range(len(data.layers)), list(data.layers), rotation=90, fontsize=6 if n_layers > 30 else 7)
     ax.set_xticks(np.arange(-0.5, len(data.layers), 1), minor=True)
     ax.set_yticks(np.arange(-0.5, len(rows), 1), minor=True)

@@ -41,7 +41,10 @@ from sensisearch.study.review import (
     StudySummary,
     VerifyResult,
     VerifySettings,
+    front_cells,
+    front_columns,
     front_row,
+    kernels_apply,
     load_run_settings,
     quiet_quantizer,
     report_context,
@@ -78,6 +81,7 @@ from sensisearch.study.search import (
     sensitivity_profile,
 )
 from sensisearch.study.store import (
+    VERIFY_SUMMARY_ATTR,
     FinishedRun,
     LatencyRecord,
     Owner,
@@ -107,6 +111,7 @@ from sensisearch.study.trial import (
 
 __all__ = [
     "FRONT_COLUMNS",
+    "VERIFY_SUMMARY_ATTR",
     "SAMPLERS",
     "SEARCHES",
     "EnvironmentalFailure",
@@ -148,7 +153,10 @@ __all__ = [
     "export_run_trial",
     "fail_dead_owner_trials",
     "finished_count",
+    "front_cells",
+    "front_columns",
     "front_row",
+    "kernels_apply",
     "groups_space",
     "head_rule_layers",
     "load_run_settings",

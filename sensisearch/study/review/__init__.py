@@ -1,8 +1,20 @@
 """What a finished study tells a reviewer: the verified front, the winner, report.md/html, PNGs, references."""
 
 from sensisearch.study.review._references import quiet_quantizer
-from sensisearch.study.review._report import FRONT_COLUMNS, ReportContext, front_row, timing_noise_lines
-from sensisearch.study.review._results_writer import StudySummary, report_context, write_results
+from sensisearch.study.review._report import (
+    FRONT_COLUMNS,
+    ReportContext,
+    front_cells,
+    front_columns,
+    front_row,
+    timing_noise_lines,
+)
+from sensisearch.study.review._results_writer import (
+    StudySummary,
+    kernels_apply,
+    report_context,
+    write_results,
+)
 from sensisearch.study.review._verify import (
     VerifyResult,
     VerifySettings,
@@ -19,7 +31,10 @@ __all__ = [
     "StudySummary",
     "VerifyResult",
     "VerifySettings",
+    "front_cells",
+    "front_columns",
     "front_row",
+    "kernels_apply",
     "load_run_settings",
     "quiet_quantizer",
     "report_context",

@@ -7,13 +7,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from sensisearch.fileio import write_text_atomic
 from sensisearch.measure import noise_summary
 from sensisearch.study.store._record import TrialRecord
 from sensisearch.study.trial._predicted import partial_int8_verdict, prediction_lines
-from sensisearch.study.store._results import SPEEDUP_NOISE, WinnerChoice, baseline, speed_text
+from sensisearch.study.store._results import (
+    SPEEDUP_NOISE, WinnerChoice, baseline, is_estimate, relative_cost_text, speed_text, unverified_apart,
+)
 
 if TYPE_CHECKING:
     from sensisearch.report import FloatLayerEvidence
@@ -50,7 +52,12 @@ class ReportContext:
     min_class_instances: int | None = None
     # predicted latency and stage 2.
     prediction_check: PredictionCheck | None = None
-    """Stage 2's predicted (or in-study) vs verified speed-ups, when ``verify`` ran."""
+    verify_summary: dict[str, Any] | None = None
+    """How the verify tournament went (rounds, A/A controls, load, what stayed unverified)."""
+    kernels_apply: bool = True
+    """Do the integer kernels counted in the artifacts built here say anything about the target?
+    False for a foreign quantization profile (``--profile tensorrt`` on ONNX Runtime): the
+    column is left out rather than show ONNX Runtime's kernels as the target's."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,40 @@ FRONT_COLUMNS = (
     "trial", "{metric}", "change vs FP32 (± 95% CI)", "median ms", "p90 ms", "speed-up (95% CI)", "layers int8/fp16/fp32",
     "integer kernels", "calibration", "in-study speed-up",
 )
+_FRONT_FIELDS = tuple(f.name for f in dataclasses.fields(FrontRow))
+ESTIMATE_COLUMNS = {
+    # An estimate is a relative cost, never a speed-up: its columns say so.
+    "median ms": "relative cost (FP32 = 1)",
+    "speed-up (95% CI)": "speed-up (95% CI) or relative cost",
+    "in-study speed-up": "in-study figure",
+}
+
+
+def front_columns(recs: Sequence[TrialRecord], kernels_apply: bool = True) -> list[tuple[str, str]]:
+    """(header, :class:`FrontRow` field) of each column that applies to ``recs``.
+
+    Left out: "integer kernels" on a foreign profile (ONNX Runtime's kernels are not the
+    target's); "p90 ms" when no trial has one (predicted figures have no distribution);
+    the speed-up and in-study columns while an estimate is all there is (they would repeat its cost).
+    An estimated study's headers name a relative cost, not ms or a speed-up.
+    """
+    estimated = any(is_estimate(r) for r in recs)
+    # Nothing verified yet: the speed-up and in-study columns would only repeat the estimate's cost.
+    cost_only = estimated and not any(r.is_verified for r in recs)
+    columns = []
+    for header, name in zip(FRONT_COLUMNS, _FRONT_FIELDS):
+        if name == "kernels" and not kernels_apply:
+            continue
+        if name in ("speedup", "in_study") and cost_only:
+            continue
+        if name == "p90_ms" and not any(r.latency.get("p90_ms") is not None for r in recs):
+            continue
+        columns.append((ESTIMATE_COLUMNS.get(header, header) if estimated else header, name))
+    return columns
+
+
+def front_cells(row: FrontRow, columns: Sequence[tuple[str, str]]) -> list[str]:
+    return [getattr(row, name) for _, name in columns]
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -122,6 +163,8 @@ def _speedup(r: TrialRecord, fp32: TrialRecord | None) -> str:
         lo, hi = r.speedup_ci95
         backend = None if r.verified is None else r.verified.backend
         return f"{r.speedup:.2f}x [{lo:.2f}, {hi:.2f}]" + (f" verified{f' on {backend}' if backend else ''}" if r.is_verified else "")
+    if is_estimate(r) and r.speedup is not None:
+        return relative_cost_text(r.speedup, "estimated")
     if r.is_predicted and r.speedup is not None:
         return f"{r.speedup:.2f}x {_predicted_tag(r)}, no CI"
     speed = fp32.median_ms / r.median_ms if fp32 and fp32.median_ms and r.median_ms else None
@@ -132,6 +175,8 @@ def front_row(r: TrialRecord, fp32: TrialRecord | None) -> FrontRow:
     in_study = "-"
     if r.paired_speedup is not None and r.paired_ci is not None:
         in_study = f"{r.paired_speedup:.2f}x [{r.paired_ci[0]:.2f}, {r.paired_ci[1]:.2f}]"
+    elif r.latency_source == "estimate" and r.predicted_speedup:
+        in_study = relative_cost_text(r.predicted_speedup)
     elif r.is_predicted and r.predicted_speedup is not None:
         in_study = f"{r.predicted_speedup:.2f}x {_predicted_tag(r)}"
     median = _fmt(r.median_ms, 3)
@@ -158,6 +203,41 @@ def timing_noise_lines(recs: list[TrialRecord]) -> list[str]:
     return lines
 
 
+def control_lines(recs: list[TrialRecord], summary: Mapping[str, Any] | None) -> list[str]:
+    """The A/A control (FP32 timed against an FP32 copy built as trials are) and the load the timing saw."""
+    lines = []
+    controls = [r.latency.get("control") for r in recs if r.state == "COMPLETE" and r.latency.get("control")]
+    if controls:
+        ratios = sorted(float(c["ratio"]) for c in controls)  # type: ignore[index]
+        off = sum(not c["ok"] for c in controls)  # type: ignore[index]
+        lines.append(
+            f"A/A control in-study (FP32 vs an FP32 copy built as trials are, in every timing): median "
+            f"{ratios[len(ratios) // 2]:.3f}x over {len(ratios)} timings, range {ratios[0]:.3f}-{ratios[-1]:.3f}x; "
+            f"{off} off 1.00 beyond their CI (re-timed, then divided by it)."
+        )
+    loaded = [r.number for r in recs if r.state == "COMPLETE" and r.latency.get("under_load")]
+    if loaded:
+        lines.append(f"In-study figures taken under load (the machine stayed busier than the sessions need): trials "
+                     f"{', '.join(map(str, loaded))}.")
+    reused = [r.number for r in recs if r.latency.get("class_reused")]
+    classes = {r.latency_class for r in recs if r.latency_class}
+    if classes:
+        lines.append(f"Latency classes (one figure per placement, calibration-only variants share it): {len(classes)}; "
+                     f"{len(reused)} trial(s) reused their class's figure instead of being timed.")
+    if summary:
+        for i, rnd in enumerate(summary.get("rounds", []), start=1):
+            c = rnd.get("control")
+            text = "" if not c else (f"A/A control {c['ratio']:.3f}x [{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}]"
+                                     + (" off 1.00: figures divided by it" if c.get("corrected") else ""))
+            lines.append(f"Verify round {i}: trials {', '.join(map(str, rnd['arms']))} timed ({rnd['rounds']} rounds); {text}"
+                         + ("; taken under load" if rnd.get("under_load") else ""))
+        if summary.get("forced_under_load"):
+            lines.append("Verify ran with --force on a busy machine: its figures were taken under load.")
+        if summary.get("unverified"):
+            lines.append(f"Not verified (round cap reached) though they matter: trials {', '.join(map(str, summary['unverified']))}.")
+    return lines
+
+
 def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     """Does all-INT8 beat FP32 on this backend, beyond noise?
 
@@ -171,6 +251,13 @@ def int8_speed_verdict(recs: list[TrialRecord]) -> tuple[bool | None, str]:
     if int8.is_predicted and not int8.is_verified and int8.speedup is not None:
         # The figure is a prediction for the target; the verdict speaks about it and says so.
         label = int8.latency.get("label") or int8.latency_source
+        if is_estimate(int8):
+            # Nothing was measured: the estimate is a relative cost, and says only that.
+            return int8.speedup > 1.0 + SPEEDUP_NOISE, (
+                f"All-INT8's estimated {relative_cost_text(int8.speedup)} against FP32's 1 ({label}): an estimate for "
+                "ranking configurations, not a speed-up; how much faster INT8 runs on the target is unknown until "
+                "`sensisearch verify RUN_DIR --backend <target>` runs there (predicted, not measured)."
+            )
         if int8.speedup > 1.0 + SPEEDUP_NOISE:
             return True, (
                 f"All-INT8 is predicted to run {int8.speedup:.2f}x faster than FP32 on the target ({label}; no CI): "
@@ -223,6 +310,21 @@ def _speed_evidence(recs: list[TrialRecord]) -> str:
             "timed by `sensisearch verify`")
 
 
+def _winner_speed_lines(r: TrialRecord, context: ReportContext) -> list[str]:
+    """The winner's speed: measured figures in ms and speed-up, an estimate as the relative cost it is."""
+    if is_estimate(r) and r.speedup is not None:
+        return [f"- estimated {relative_cost_text(r.speedup)} (required: below {1.0 / context.min_speedup:.2f}; "
+                "predicted, not measured: a relative cost, not a speed-up; unverified on the target)"]
+    return [
+        f"- speed-up vs FP32 {speed_text(r)} (required: "
+        + (f"predicted speed-up above {context.min_speedup:g}; unverified on the target)" if r.is_predicted and not r.is_verified
+           else f"CI lower bound above {context.min_speedup:g})")
+        + (f"; in-study {r.paired_speedup:.2f}x" if r.is_verified and r.paired_speedup is not None else ""),
+        f"- median {_fmt(r.median_ms, 3)} ms{' (verified)' if r.is_verified else ''}, "
+        f"in-study {_fmt(r.in_study_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
+    ]
+
+
 def _float_layer_lines(r: TrialRecord) -> list[str]:
     """The winner's FP16/FP32 layers by name (a reviewer must not need config.json for them)."""
     lines = []
@@ -248,7 +350,8 @@ def write_report(
         f"- Model: `{context.model_path}` (sha256 `{context.model_sha256[:16]}…`, {context.num_layers} quantizable layers)",
         f"- Backend: {backend}",
         f"- Metric: {metric} (points, higher is better); speed: "
-        + (context.axis_label or f"latency, median ms per batch of {context.latency_batch}")
+        + (context.axis_label or ("relative cost (FP32 = 1), estimated" if any(is_estimate(r) for r in recs)
+                                  else f"latency, median ms per batch of {context.latency_batch}"))
         + _speed_evidence(recs),
         f"- Trials: {sum(r.state == 'COMPLETE' for r in recs)} complete, {sum(r.state == 'FAIL' for r in recs)} failed, "
         + (f"{sum(r.stopped_early is not None for r in recs)} stopped early on the subset, " if any(r.stopped_early for r in recs) else "")
@@ -262,36 +365,43 @@ def write_report(
     if review_markdown:
         lines += ["", review_markdown.rstrip()]
     lines += [f"- {line}" for line in timing_noise_lines(recs)]
+    lines += [f"- {line}" for line in control_lines(recs, context.verify_summary)]
+    done = [r for r in recs if r.state == "COMPLETE"]
+    # The columns that apply (FRONT_COLUMNS' baseline subset): no integer kernels for a foreign profile.
+    columns = [c for c in front_columns(done, context.kernels_apply) if c[1] not in ("trial", "layers", "calibration")]
     lines += [
         "", "## Baselines", "",
-        f"| baseline | trial | {metric} | change vs FP32 (± 95% CI) | median ms | p90 ms | speed-up vs FP32 (95% CI) | in-study speed-up | integer kernels |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| baseline | trial | " + " | ".join(h.format(metric=metric) for h, _ in columns) + " |",
+        "|---|" + "---:|" * (len(columns) + 1),
     ]
     for name in ("fp32", "int8", "fp16"):
         r = baseline(recs, name)
         if r is None:
             failed = next((x for x in recs if x.baseline == name and x.state == "FAIL"), None)
             if failed is not None:
-                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} | | | | | | |")
+                lines.append(f"| all-{name.upper()} | {failed.number} | failed: {failed.error} |" + " |" * (len(columns) - 1))
             continue
-        row = front_row(r, fp32)
-        lines.append(
-            f"| all-{name.upper()} | {r.number} | {row.value} | {row.change} | {row.median_ms} | {row.p90_ms} | "
-            f"{row.speedup} | {row.in_study} | {row.kernels} |"
-        )
+        lines.append(f"| all-{name.upper()} | {r.number} | " + " | ".join(front_cells(front_row(r, fp32), columns)) + " |")
     verdict, text = int8_speed_verdict(recs)
     partial = partial_int8_verdict(recs)  # the honest verdict on partial INT8
     lines += ["", text, *(["", partial] if partial else []), "", "## Pareto front", ""]
     if verdict is False or (partial and not verdict):
         lines += ["(Accuracy-only: INT8 is not faster here, see above.)", ""]
+    front_cols = front_columns(done, context.kernels_apply)
     lines += [
         "Drops are FP32 minus the trial, ± half the paired bootstrap 95% CI over images; \"within noise\": the CI holds 0.",
         "",
-        "| " + " | ".join(c.format(metric=metric) for c in FRONT_COLUMNS) + " |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "| " + " | ".join(h.format(metric=metric) for h, _ in front_cols) + " |",
+        "|" + "".join("---|" if name in ("layers", "calibration") else "---:|" for _, name in front_cols),
     ]
     for r in front:
-        lines.append("| " + " | ".join(dataclasses.astuple(front_row(r, fp32))) + " |")
+        lines.append("| " + " | ".join(front_cells(front_row(r, fp32), front_cols)) + " |")
+    apart = unverified_apart(recs)
+    if apart:
+        # Never ranked against verified figures: listed apart, with their in-study figures.
+        lines += ["", "Not verified (in-study figures only, not ranked with the verified ones above):", ""]
+        lines += [f"- trial {r.number}" + (f" ({r.baseline})" if r.baseline else "") + f": {metric} {_fmt(r.value)}, "
+                  f"{front_row(r, fp32).in_study}" for r in apart]
     references = context.references
     if references:
         lines += [
@@ -324,13 +434,9 @@ def write_report(
             f"Trial {r.number} ({status}): {choice.reason}.",
             "",
             f"- {metric} {_fmt(r.value)} (FP32 {_fmt(ref)}, change vs FP32 {change_text(r, fp32)}; allowed loss {context.max_drop:g})",
-            f"- speed-up vs FP32 {speed_text(r)} (required: "
-            + (f"predicted speed-up above {context.min_speedup:g}; unverified on the target)" if r.is_predicted and not r.is_verified
-               else f"CI lower bound above {context.min_speedup:g})")
-            + (f"; in-study {r.paired_speedup:.2f}x" if r.is_verified and r.paired_speedup is not None else ""),
-            f"- median {_fmt(r.median_ms, 3)} ms{' (verified)' if r.is_verified else ''}, "
-            f"in-study {_fmt(r.in_study_ms, 3)} ms, p90 {_fmt(r.latency.get('p90_ms'), 3)} ms",
-            f"- layers int8/fp16/fp32: {_layers(r)}; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}",
+            *_winner_speed_lines(r, context),
+            f"- layers int8/fp16/fp32: {_layers(r)}"
+            + (f"; integer kernels in the built artifact: {r.layer_precisions.get('int8', 0)}" if context.kernels_apply else ""),
             f"- calibration: {_calibration(r)}",
             *_float_layer_lines(r),
             "- files: `winner/` (artifact, deployable ONNX, config.json)",

@@ -12,7 +12,7 @@ import optuna
 
 from sensisearch.quantize.config import Precision
 from sensisearch.study.run._context import StudyContext
-from sensisearch.study.store._record import TrialRecord, read_prediction_check
+from sensisearch.study.store._record import VERIFY_SUMMARY_ATTR, TrialRecord, read_prediction_check
 from sensisearch.study.store._timing import PredictionCheck
 from sensisearch.study.trial._predicted import partial_int8_verdict
 from sensisearch.quantize.ranges import ranges_to_dict
@@ -83,7 +83,8 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     review = build_review(ctx, recs, front, choice, references)
     files = write_review(review, ctx.out)
     check = read_prediction_check(study.user_attrs)  # stage 2's predicted vs measured
-    context = dataclasses.replace(report_context(ctx, references), prediction_check=check)
+    context = dataclasses.replace(report_context(ctx, references), prediction_check=check,
+                                  verify_summary=study.user_attrs.get(VERIFY_SUMMARY_ATTR))
     report = write_report(
         ctx.out, recs, front, choice, context,
         review_markdown=review_markdown(files, ctx.out), float_evidence=review.float_layer_evidence,
@@ -92,8 +93,21 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
     return StudySummary(recs, front, choice, winner_dir, report, verdict, text, partial_int8_verdict(recs), context.prediction_check)
 
 
+def kernels_apply(ctx: StudyContext) -> bool:
+    """Do the integer kernels of the artifacts built here describe the target?
+
+    Not when the trials' latency is predicted for another machine (a foreign
+    ``--profile``, or a table made elsewhere): ONNX Runtime's kernel count on a
+    TensorRT Q/DQ graph says nothing about TensorRT's.
+    """
+    from sensisearch.study.trial._predicted import runs_on_target
+
+    return runs_on_target(ctx.pipeline.predictor, ctx.backend)
+
+
 def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> ReportContext:
     return ReportContext(
+        kernels_apply=kernels_apply(ctx),
         metric=ctx.evaluator.metric,
         model_path=ctx.model_path,
         model_sha256=ctx.info.sha256,

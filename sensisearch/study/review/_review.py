@@ -26,7 +26,7 @@ from sensisearch.report import (
     SensitivityRow,
 )
 from sensisearch.study.search._sensitivity import SENSITIVITY_FILE, SensitivityProfile
-from sensisearch.study.store._results import baseline, trial_file
+from sensisearch.study.store._results import baseline, is_estimate, trial_file
 
 if TYPE_CHECKING:
     from sensisearch.study.run._context import StudyContext
@@ -197,6 +197,7 @@ def _points(
             precisions={k: v for k, v in r.precisions.items() if k in known},
             calibration=r.calibration_text,
             latencies_ms=() if r.timing is None else r.timing.candidate_times_ms,
+            relative_cost=1.0 / speed if is_estimate(r) and speed else None,
         ))
     # Reference quantizers are not trials: numbered below zero so they never clash with one.
     scored = [row for row in references if "error" not in row and row.get("value") is not None]
@@ -221,6 +222,13 @@ def _speed_axis(points: Sequence[ReviewPoint], paired: int) -> str:
 
 def _verified_backend(r: TrialRecord) -> str:
     return (None if r.verified is None else r.verified.backend) or "the backend"
+
+
+def _predicted_axis(recs: Sequence[TrialRecord], label: str) -> str:
+    """The speed axis of predicted figures: an estimate's is a relative cost (lower is faster), never a speed-up."""
+    if any(is_estimate(r) for r in recs if r.state == "COMPLETE"):
+        return f"relative cost vs FP32 = 1 (lower is faster), {label}"
+    return f"speed-up vs FP32, {label}"
 
 
 def predicted_note(recs: list[TrialRecord], label: str, out: Path) -> str:
@@ -346,7 +354,7 @@ def build_review(
         metric_name=ctx.evaluator.metric,
         points=points,
         layers=layers,
-        speed_axis=_speed_axis(points, paired) if predicted_label is None or paired else f"speed-up vs FP32, {predicted_label}",
+        speed_axis=_speed_axis(points, paired) if predicted_label is None or paired else _predicted_axis(recs, predicted_label),
         title=f"sensisearch review: {ctx.model_path.name}",
         sensitivity=sensitivity,
         winner_classes=classes,
@@ -369,6 +377,7 @@ def _stage2_fields(ctx: StudyContext, recs: Sequence[TrialRecord], predicted: bo
         "verdicts": (partial,) if partial else (),
         "prediction_summary": "" if check is None else check.summary() + ".",
         "prediction_rows": () if check is None else check.rows,
+        "prediction_source": "" if check is None else check.source,
     }
 
 

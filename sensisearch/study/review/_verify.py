@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Any, Mapping
 from sensisearch.errors import SensisearchError
 from sensisearch.fileio import write_json_atomic
 from sensisearch.progress import doing, format_seconds, note_step
-from sensisearch.measure import PairedLatency, PairedTimingSettings, time_interleaved
+from sensisearch.measure import (
+    CONTROL_ARM,
+    LoadPolicy,
+    PairedLatency,
+    PairedTimingSettings,
+    QuietVerdict,
+    control_result,
+    corrected,
+    time_interleaved,
+    wait_for_quiet,
+)
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.store._record import (
     TrialRecord,
@@ -29,6 +39,7 @@ from sensisearch.study.store._record import (
     read_reference_ms,
     read_verified,
     verified_attrs,
+    VERIFY_SUMMARY_ATTR,
 )
 from sensisearch.study.store._timing import PairedTiming, Verification
 from sensisearch.study.trial._pipeline import runs_per_round
@@ -91,6 +102,13 @@ class VerifyResult:
     reference_trial: int
     seconds: float
     rounds: int
+    """Timed rounds of the first tournament round."""
+    tournaments: int = 1
+    """Tournament rounds run until the fixed point (or the cap)."""
+    unverified: tuple[int, ...] = ()
+    """Trials the result still depends on that are not verified (the cap was hit)."""
+    under_load: bool = False
+    control: dict[str, Any] | None = None
 
 
 def _in_study(r: TrialRecord) -> TrialRecord:
@@ -135,12 +153,115 @@ def select_for_verification(
     return list(chosen.values())
 
 
+MAX_VERIFY_ROUNDS = 3
+"""Tournament rounds at most: each round re-times what the previous round's verified front left
+unverified; past this the result says which trials it could not verify."""
+
+
+@dataclass(frozen=True)
+class TournamentRound:
+    """One round of the tournament: the classes it timed, its A/A control and the load it saw."""
+
+    trials: tuple[int, ...]
+    """Trials whose figures it set (every member of every class it timed)."""
+    arms: tuple[int, ...]
+    """One representative trial per latency class actually timed (FP32 first)."""
+    rounds: int
+    seconds: float
+    control: dict[str, Any] | None
+    under_load: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class VerifyRefused(SensisearchError):
+    """The machine is busier than the tournament's sessions allow, and ``--force`` was not given."""
+
+
+def verify_load_policy(ctx: StudyContext) -> LoadPolicy:
+    """Verify waits longer for quiet than a trial does: its figures are the ones the result keeps."""
+    from sensisearch.study.trial._measurement import needed_cores
+
+    return LoadPolicy(needed_cores=needed_cores(ctx.backend_settings), max_wait_s=10.0, max_retries=5, retry_wait_s=2.0)
+
+
+def check_quiet(policy: LoadPolicy, max_wait_s: float | None = None) -> QuietVerdict:
+    """Is the machine quiet enough for the tournament? Waits at most ``max_wait_s`` (the policy's by default)."""
+    return wait_for_quiet(policy.needed_cores, policy.max_wait_s if max_wait_s is None else max_wait_s, policy.busy_threshold,
+                          policy.window_s)
+
+
+def refusal_line(verdict: QuietVerdict, policy: LoadPolicy) -> str:
+    sample = verdict.sample
+    seen = "" if sample is None else (
+        f"others keep {sample.others_busy_cores():.1f} of {len(sample.busy)} cores busy, load1 {sample.load1}, "
+        f"runnable {sample.runnable}"
+        + ("" if sample.steal is None else f", steal {100 * sample.steal:.0f}%")
+    )
+    return (f"verify: refused: the machine is busy ({seen}; {policy.needed_cores} free core(s) needed, waited "
+            f"{verdict.waited_s:.0f} s); figures timed now would rank load, not models: retry when it is quiet, "
+            "or pass --force to time anyway (figures marked as taken under load)")
+
+
+def _usable(recs: list[TrialRecord], usable_file: str) -> list[TrialRecord]:
+    return [r for r in recs if r.state == "COMPLETE" and getattr(r, usable_file) and Path(getattr(r, usable_file)).is_file()]
+
+
+def _class_of(r: TrialRecord) -> str:
+    return r.latency_class or f"trial:{r.number}"
+
+
+def still_unverified(recs: list[TrialRecord], max_drop: float, min_speedup: float) -> list[TrialRecord]:
+    """Trials the verified result still depends on without a verified figure: either baseline, the
+    winner, any front member, and every unverified trial whose in-study figure at its optimistic
+    CI bound would not be dominated by the verified front (its verified rank could change the front)."""
+    from sensisearch.study.store._results import choose_winner
+
+    done = [r for r in recs if r.state == "COMPLETE" and r.value is not None]
+    out: dict[int, TrialRecord] = {}
+    for name in ("fp32", "int8"):
+        b = baseline(done, name)
+        if b is not None and not b.is_verified:
+            out[b.number] = b
+    verified = [r for r in done if r.is_verified and r.feasible and r.median_ms is not None]
+    front = pareto_front(verified)
+    for r in done:
+        if r.is_verified or not r.feasible or r.number in out:
+            continue
+        ci = r.paired_ci
+        optimistic = r.in_study_ms if ci is None or r.paired_speedup is None or r.in_study_ms is None else (
+            r.in_study_ms * r.paired_speedup / max(ci[1], 1e-9))
+        if optimistic is None:
+            continue
+        dominated = any(
+            o.value >= r.value and o.median_ms <= optimistic and (o.value > r.value or o.median_ms < optimistic)  # type: ignore[operator]
+            for o in front
+        )
+        if not dominated:
+            out[r.number] = r
+    winner = choose_winner(recs, max_drop, min_speedup).record
+    if winner is not None and not winner.is_verified:
+        out[winner.number] = winner
+    return sorted(out.values(), key=lambda r: r.number)
+
+
 def verify_study(
     ctx: StudyContext, study: optuna.Study, settings: VerifySettings, force: bool = True, backend: Backend | None = None,
+    refuse_under_load: bool = False,
 ) -> VerifyResult | None:
-    """Run the tournament and store its figures in the study; None when there is nothing (new) to verify.
+    """Run the tournament to a fixed point and store its figures in the study; None when there is nothing (new) to verify.
+
+    Round 1 times FP32, all-INT8, the in-study front and its noise band; each later round
+    times, in the same kind of tournament with FP32 as the reference, what the verified
+    figures so far leave unverified (:func:`still_unverified`), until front, winner and
+    both baselines are verified together or :data:`MAX_VERIFY_ROUNDS` is reached. One arm per
+    latency class: every member of a timed class gets its figure. Every round carries the A/A
+    control (an FP32 copy built as trials are) and load-aware timing.
 
     ``force=False`` (after ``run``) skips the tournament when the same trials were verified already.
+    ``refuse_under_load`` (``sensisearch verify`` without ``--force``): raise :class:`VerifyRefused`
+    when the machine is busier than the sessions allow; otherwise figures taken under load are marked.
     ``backend`` (stage 2, ``verify --backend B``): build every chosen trial's ``deployable.onnx``
     with it into ``RUN_DIR/verify/<backend>/<trial>/`` and time those. Without it the study's
     own artifacts are timed, which a study with predicted latency only does when this
@@ -155,55 +276,132 @@ def verify_study(
             "run `sensisearch verify %s --backend %s`", profile, ctx.backend.name, ctx.out, profile,
         )
         return None
+    usable_file = "artifact" if backend is None else "deployable"
     recs = records(study)
-    chosen = select_for_verification(recs, usable_file="artifact" if backend is None else "deployable")
+    chosen = select_for_verification(recs, usable_file=usable_file)
     if len(chosen) < 2:
         log.warning("verify: needs the FP32 baseline and at least one other complete trial with its artifact")
         return None
     previous = read_verified(study.user_attrs)
-    if not force and set(previous) == {r.number for r in chosen}:
+    if not force and set(previous) >= {r.number for r in chosen} and previous:
         log.info("verify: trials %s were verified already", sorted(previous))
         return None
+    policy = verify_load_policy(ctx)
+    verdict = check_quiet(policy, max_wait_s=policy.max_wait_s if refuse_under_load else 0.5)
+    if not verdict.quiet and refuse_under_load:
+        raise VerifyRefused(refusal_line(verdict, policy))
     # What a progress line during the tournament says runs now.
     with doing(f"verify tournament of {len(chosen)} trials"):
-        return _tournament(ctx, study, settings, chosen, backend)
+        return _to_fixed_point(ctx, study, settings, chosen, backend, usable_file, policy, verdict)
+
+
+def _to_fixed_point(
+    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, chosen: list[TrialRecord], backend: Backend | None,
+    usable_file: str, policy: LoadPolicy, verdict: QuietVerdict,
+) -> VerifyResult:
+    """Tournament rounds until front, winner and both baselines are verified (or :data:`MAX_VERIFY_ROUNDS`)."""
+    forced_loaded = not verdict.quiet
+    fp32 = chosen[0]
+    entries: dict[int, Verification] = {}
+    done_rounds: list[TournamentRound] = []
+    pending = chosen
+    max_drop, min_speedup = ctx.settings.acceptance.max_drop, ctx.settings.acceptance.min_speedup
+    for _ in range(MAX_VERIFY_ROUNDS):
+        done_rounds.append(_tournament(ctx, study, settings, backend, fp32, pending, usable_file, entries, policy, forced_loaded))
+        for key, value in verified_attrs(entries).items():
+            study.set_user_attr(key, value)
+        pending = [r for r in still_unverified(_usable(records(study), usable_file), max_drop, min_speedup)]
+        if not pending:
+            break
+        pending = [fp32, *(r for r in pending if r.number != fp32.number)]
+    left = [r.number for r in still_unverified(_usable(records(study), usable_file), max_drop, min_speedup)]
+    summary = {
+        "rounds": [t.to_dict() for t in done_rounds], "converged": not left, "unverified": left,
+        "forced_under_load": forced_loaded, "before": verdict.to_dict(),
+        "under_load": forced_loaded or any(t.under_load for t in done_rounds),
+    }
+    study.set_user_attr(VERIFY_SUMMARY_ATTR, summary)
+    if left:
+        log.warning("verify: after %d rounds trials %s still matter and are not verified", len(done_rounds), left)
+    _store_prediction_check(study, (backend or ctx.backend).name)
+    first = done_rounds[0]
+    return VerifyResult(tuple(sorted(entries)), fp32.number, sum(t.seconds for t in done_rounds), first.rounds,
+                        tournaments=len(done_rounds), unverified=tuple(left), under_load=summary["under_load"],
+                        control=first.control)
 
 
 def _tournament(
-    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, chosen: list[TrialRecord], backend: Backend | None,
-) -> VerifyResult:
-    fp32 = chosen[0]
+    ctx: StudyContext, study: optuna.Study, settings: VerifySettings, backend: Backend | None, fp32: TrialRecord,
+    chosen: list[TrialRecord], usable_file: str, entries: dict[int, Verification], policy: LoadPolicy, forced_loaded: bool,
+) -> TournamentRound:
+    """Time one arm per latency class of ``chosen`` (FP32 the reference, plus the A/A control); add an entry
+    for every usable member of those classes to ``entries``."""
+    usable = _usable(records(study), usable_file)
+    arms_of: dict[str, TrialRecord] = {}
+    for r in chosen:
+        arms_of.setdefault(_class_of(r), r)
+    # The reference is FP32's own arm; FP32's class (the FP32 baseline) is timed as the reference.
+    fp32_class = _class_of(fp32)
+    arms_of[fp32_class] = fp32
     runners: dict[str, Runner] = {}
+    on = backend or ctx.backend
     try:
         note_step("building and loading artifacts" if backend is not None else "loading artifacts")
-        for r in chosen:
+        for cls, r in arms_of.items():
             artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
-            runners[str(r.number)] = (backend or ctx.backend).load(artifact)
+            runners[str(r.number)] = on.load(artifact)
+        runners[CONTROL_ARM] = on.load(_control_artifact(ctx, backend))
         feeds = ctx.pipeline.timing_feeds()
         arms = {name: ctx.pipeline.arm(runner, feeds) for name, runner in runners.items()}
-        log.info("verify: tournament of trials %s (reference: FP32 trial %d)", list(arms), fp32.number)
+        log.info("verify: tournament of trials %s (reference: FP32 trial %d, with the A/A control)", list(arms), fp32.number)
         timing = dataclasses.replace(settings.timing(), runs_per_round=runs_per_round(arms))
         note_step(f"timing, at most {format_seconds(timing.max_seconds)}")
-        timed = time_interleaved(arms, str(fp32.number), timing)
+        for attempt in range(2):
+            timed = time_interleaved(arms, str(fp32.number), timing, load=policy)
+            control = control_result(timed.pop(CONTROL_ARM))
+            if control.ok:
+                break
+            log.info("verify: A/A control %.3fx [%.3f, %.3f] off 1.00: timing the round again", control.ratio, *control.ci95)
+            timing = dataclasses.replace(timing, seed=timing.seed + 1)
         facts = runners[str(fp32.number)].timing_facts()
     finally:
         for runner in runners.values():
             runner.close()
     reference_ms = read_reference_ms(study.user_attrs) or timed[str(fp32.number)].reference_median_ms
     note_step("drop CIs")
-    drops = _drop_cis(study, chosen, fp32, settings)
-    entries: dict[int, Verification] = {}
-    for r in chosen:
-        paired: PairedLatency = timed[str(r.number)]
-        timing = PairedTiming.of(paired, facts, median_ms=paired.median_ms_for(reference_ms), backend=(backend or ctx.backend).name)
+    members = [r for r in usable if _class_of(r) in arms_of]
+    drops = _drop_cis(study, members, fp32, settings)
+    control_dict = {**control.to_dict(), "corrected": not control.ok}
+    control_dict["paired"] = {k: v for k, v in control_dict["paired"].items() if k != "candidate_times_ms"}
+    under_load = forced_loaded or any(p.load_record is not None and p.load_record.under_load for p in timed.values())
+    for r in members:
+        source = arms_of[_class_of(r)]
+        paired: PairedLatency = timed[str(source.number)]
+        if not control.ok and source.number != fp32.number:
+            paired = corrected(paired, control)
+        entry = dataclasses.replace(
+            PairedTiming.of(paired, facts, median_ms=paired.median_ms_for(reference_ms), backend=on.name),
+            timed_as=source.number, control=control_dict, under_load=under_load, forced_under_load=forced_loaded,
+        )
         drop = drops.get(r.number)
-        entries[r.number] = Verification(timing, None if drop is None else (drop[0], drop[1]))
-        _write_verified_json(r, timing, drop)
-    for key, value in verified_attrs(entries).items():
-        study.set_user_attr(key, value)
-    _store_prediction_check(study, (backend or ctx.backend).name)
+        entries[r.number] = Verification(entry, None if drop is None else (drop[0], drop[1]))
+        _write_verified_json(r, entry, drop)
     first = timed[str(fp32.number)]
-    return VerifyResult(tuple(r.number for r in chosen), fp32.number, first.seconds, first.rounds)
+    return TournamentRound(tuple(sorted(r.number for r in members)), tuple(r.number for r in arms_of.values()),
+                           first.rounds, first.seconds, control_dict, under_load)
+
+
+def _control_artifact(ctx: StudyContext, backend: Backend | None) -> Path:
+    """The A/A control for the tournament: the all-FP32 configuration emitted and built as a trial is,
+    into ``RUN_DIR/verify/control/`` (with stage 2's backend when one is given)."""
+    from sensisearch.quantize.config import Precision, TrialConfig
+
+    config = TrialConfig.uniform(ctx.info.layer_names, Precision.FP32)
+    out_dir = ctx.out / "verify" / ("control" if backend is None else f"{backend.name}-control")
+    deployable, _ = ctx.pipeline.emit(config, out_dir)
+    if backend is None:
+        return Path(ctx.pipeline.build(deployable, out_dir, config).artifact)
+    return Path(backend.build(deployable, out_dir, trial_config=config.to_dict(), layer_names=ctx.info.layer_names).artifact)
 
 
 def _build_on(ctx: StudyContext, backend: Backend, r: TrialRecord) -> Path:

@@ -20,7 +20,14 @@ from sensisearch.study.store._owner import claim
 from sensisearch.study.trial import _fidelity
 from sensisearch.study.run._context import StudyContext
 from sensisearch.study.trial._isolation import RunTrial
-from sensisearch.study.trial._measurement import accuracy_json, classes_to_skip, measured_fields, study_reference_ms
+from sensisearch.study.trial._measurement import (
+    accuracy_json,
+    class_figure,
+    classes_to_skip,
+    measured_fields,
+    pool_into_class,
+    study_reference_ms,
+)
 from sensisearch.study.store._record import TrialRecord, WorstClass
 from sensisearch.study.trial._predicted import store_predicted_reference
 from sensisearch.study.store._worker import worker_device, worker_host
@@ -72,17 +79,24 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             "backend": ctx.backend.describe(),
             "config": config.to_dict(),
         }
+        timed_here = ctx.pipeline.timing is not None and ctx.pipeline.predictor is None
         try:
             check_free_space(ctx.out, trial_bytes_estimate(ctx.trials_dir, model_bytes))
             trial_dir.mkdir(parents=True, exist_ok=True)
             # Baselines are never stopped early: they evaluate every image at once.
             snapshot = snapshots.snapshot(trial.study) if snapshots is not None and baseline_name is None else None
+            class_key = ctx.pipeline.latency_class_key(config) if timed_here else None
+            known = None
+            if class_key is not None:
+                known = class_figure(trial.study, class_key, ctx.pipeline.timing.settings.target_ci_width)  # type: ignore[union-attr]
+            # Passed only when there is one, so a run_trial of the older four-argument form still works.
+            args = (config, trial_dir, study_reference_ms(trial.study), snapshot, *(() if known is None else (known,)))
             if ctx.settings.execution.isolation == "none":
                 # Computed here, checking no flag: a signal may raise inside it.
                 with ctx.stop.interruptible():
-                    outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
+                    outcome = run_trial(*args)
             else:
-                outcome = run_trial(config, trial_dir, study_reference_ms(trial.study), snapshot)
+                outcome = run_trial(*args)
             ctx.stop.check()
             check_metric_value(outcome.evaluation.value, outcome.evaluation.metric)
         except KeyboardInterrupt:
@@ -113,6 +127,9 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             raise optuna.TrialPruned(outcome.early_stop.text)
         evaluation = outcome.evaluation
         measured = measured_fields(trial.study, outcome, baseline_name, trial_dir, ctx.settings)
+        pool_into_class(trial.study, trial.number, outcome)
+        if outcome.latency_class is not None:
+            measured["latency_class"] = outcome.latency_class
         if outcome.paired is None and outcome.latency_record and "source" in outcome.latency_record:
             store_predicted_reference(trial.study, outcome.latency_record)  # the predicted FP32 scale
         if outcome.subset is not None:

@@ -111,7 +111,7 @@ def run_child(ctx: Any, spec: dict[str, Any], message_fd: int) -> None:
 
             early_stop = EarlyStopSnapshot.from_dict(spec["early_stop"])
         try:
-            outcome = ctx.pipeline.run(config, Path(spec["out_dir"]), spec.get("reference_ms"), early_stop)
+            outcome = ctx.pipeline.run(config, Path(spec["out_dir"]), spec.get("reference_ms"), early_stop, spec.get("known_latency"))
         except Exception as exc:  # reported to the parent, which fails the trial with it
             traceback.print_exc()
             text = str(exc) if isinstance(exc, SensisearchError) else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -175,7 +175,8 @@ def build_reference_in_child(ctx: Any) -> None:
         try:
             os.close(read_fd)
             die_with_parent()
-            os.write(write_fd, str(pipeline.reference_artifact()).encode())
+            # The A/A control too: built like a trial, once, instead of once per trial child.
+            os.write(write_fd, f"{pipeline.reference_artifact()}\n{pipeline.control_artifact()}".encode())
             code = 0
         except BaseException:
             traceback.print_exc()
@@ -187,7 +188,8 @@ def build_reference_in_child(ctx: Any) -> None:
         path = reader.read().decode()
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) == 0 and path:
-        pipeline.adopt_reference(Path(path))
+        reference, _, control = path.partition("\n")
+        pipeline.adopt_reference(Path(reference), Path(control) if control else None)
     else:
         logging.getLogger(__name__).warning("building the FP32 reference failed; every trial builds its own")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+import numpy as np
 import optuna
 
 from sensisearch.errors import SensisearchError
@@ -112,14 +113,49 @@ def export_run_trial(
     from sensisearch.backends.tensorrt.builder import parse_shapes
     from sensisearch.export import export_trial
 
+    from sensisearch.export import ExportFormat
+
     record = trial_record(run, which)
     deployable = trial_file(record.deployable, run.out, record.number)
     fp32 = model or run.study.user_attrs.get("model_path")
     folder = out_dir or run.out / "export" / f"trial-{record.number:04d}"
+    formats = list(formats)  # an unknown name is export_trial's to report
+    # ModelOpt's command names calib.npy: without the samples it cannot run at all.
+    modelopt = any(getattr(f, "value", f) == ExportFormat.MODELOPT.value for f in formats)
+    calibration = trial_calibration_samples(run, record, model) if modelopt else None
     exported = export_trial(
         deployable,  # type: ignore[arg-type]
         {} if record.config is None else record.config.to_dict(), folder, formats=formats, fp32_model=fp32, shapes=parse_shapes(shapes) if shapes else None,
-        max_batch=max_batch,
+        max_batch=max_batch, calibration=calibration,
     )
     log.info("trial %d exported to %s", record.number, folder)
     return exported
+
+
+def trial_calibration_samples(run: FinishedRun, record: TrialRecord, model: Path | None = None) -> np.ndarray | None:
+    """The samples trial ``record`` calibrated on, preprocessed as the model takes them, as one array.
+
+    The same set the study drew (the first ``samples`` of its seeded order over the
+    calibration source), so ModelOpt calibrates on what the study did; bounded by that
+    count. None (with a warning) when the trial has no INT8 layer or the calibration
+    data cannot be read on this host.
+    """
+    from sensisearch.calibration.statistics import deterministic_order
+    from sensisearch.study.config._inputs import calibration_source, resolve_inputs
+
+    samples = 0 if record.config is None else int(record.config.calibration.samples or 0)
+    if not samples or record.config is None or not record.config.uses_int8:
+        return None
+    try:
+        settings = run_settings(run, {}, {"model": model} if model is not None else {})
+        resolved = resolve_inputs(settings)
+        if resolved.settings.data.calib_data is None:
+            raise SensisearchError("the study records no --calib-data")
+        source = calibration_source(resolved.settings, resolved.model, resolved.input_spec)
+    except (SensisearchError, OSError) as exc:
+        log.warning("modelopt: calib.npy not written (%s); write the study's calibration samples there yourself", exc)
+        return None
+    order = deterministic_order(source.size, resolved.settings.search.seed)[: min(samples, source.size)]
+    batch = source.static_batch or 32
+    arrays = [np.asarray(x) for x in source.batches(order, batch)]
+    return np.ascontiguousarray(np.concatenate(arrays)[: len(order)])

@@ -36,6 +36,8 @@ _FP32_PER_IMAGE_STUDY_ATTR = "fp32_per_image"
 _VERIFIED_STUDY_ATTR = "verified_trials"
 # Stage 2's predicted (or in-study) vs verified speed-ups (``PredictionCheck.to_dict()``).
 _PREDICTION_CHECK_STUDY_ATTR = "prediction_check"
+VERIFY_SUMMARY_ATTR = "verify_summary"
+"""How the verify tournament went: its rounds, A/A controls, load, and what it left unverified."""
 
 
 class LatencyRecord(TypedDict, total=False):
@@ -59,6 +61,14 @@ class LatencyRecord(TypedDict, total=False):
     unit: str
     """"ms", or a relative cost for the estimate: ``median_ms`` is then in that unit."""
     speedup: float
+    # In-study timing's A/A control and load (``TrialPipeline.run``), and its latency class.
+    control: dict[str, Any] | None
+    """The A/A control of this timing (``ControlledTiming.control_dict()``); None: timed without one."""
+    under_load: bool
+    """The timing finished under load (see ``LoadRecord.under_load``)."""
+    latency_class: str | None
+    class_reused: bool
+    """True: not timed, its latency class's settled figure was reused."""
 
 
 class WorstClass(TypedDict):
@@ -147,10 +157,12 @@ class TrialRecord:
     drop and its 95% CI (None when the point estimate already ruled a stop out), seconds
     (``SubsetFigures.to_dict()``); None when evaluated all at once."""
     stopped_early: str | None = _attr("stopped_early")
+    """Why the trial was stopped after the subset (state PRUNED, counted in the budget, never on the front)."""
     environmental: str | None = _attr("environmental")
     """Why the machine failed this trial (disk full, storage lost, library missing): not its own error, so
     it is not counted against the budget and is queued again (see ``study.config._faults``)."""
-    """Why the trial was stopped after the subset (state PRUNED, counted in the budget, never on the front)."""
+    latency_class: str | None = _attr("latency_class")
+    """Key of its placement's latency class (``store._classes``): members share one speed figure."""
 
     # ------------------------------------------------------------------ storage
     def to_attrs(self) -> dict[str, Any]:
@@ -196,6 +208,17 @@ class TrialRecord:
         """This record with a verify-tournament entry (see :func:`verified_attrs`)."""
         drop = entry.drop_ci95
         return dataclasses.replace(self, verified=entry.timing, verified_drop_ci95=None if drop is None else list(drop))
+
+    def with_class_figure(self, figure: Mapping[str, Any]) -> TrialRecord:
+        """This record reporting its latency class's pooled figure (``LatencyClass.figure()``) instead of its own timing."""
+        if self.paired is None or not figure.get("speedup"):
+            return self
+        paired = self.paired.with_class_figure(figure)
+        latency = dict(self.latency)
+        reference_ms = latency.get("reference_ms")
+        if reference_ms is not None:
+            latency["median_ms"] = float(reference_ms) / paired.speedup
+        return dataclasses.replace(self, paired=paired, latency=latency)  # type: ignore[arg-type]
 
     @staticmethod
     def baseline_attrs(name: str) -> dict[str, Any]:

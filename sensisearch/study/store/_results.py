@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 
 from sensisearch.fileio import write_json_atomic, write_text_atomic
+from sensisearch.study.store._classes import read_latency_classes
 from sensisearch.study.store._record import TrialRecord
 
 log = logging.getLogger(__name__)
@@ -28,25 +29,64 @@ SPEEDUP_NOISE = 0.05
 
 
 def records(study: optuna.Study) -> list[TrialRecord]:
-    """Every trial's record, with the verify tournament's figures where it ran."""
+    """Every trial's record, with the verify tournament's figures where it ran, and its latency class's
+    pooled in-study figure in place of its own timing (members of one placement share one speed)."""
     attrs = study.user_attrs
-    return [TrialRecord.from_trial(t, attrs) for t in study.get_trials(deepcopy=False)]
+    classes = read_latency_classes(attrs)
+    figures = {key: cls.figure() for key, cls in classes.items() if cls.ratios}
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        r = TrialRecord.from_trial(t, attrs)
+        if r.latency_class in figures:
+            r = r.with_class_figure(figures[r.latency_class])  # type: ignore[index]
+        out.append(r)
+    return out
+
+
+def ranked_pool(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Complete feasible trials with a value and a latency that may be ranked together.
+
+    Once the verify tournament ran, only verified figures are ranked: a verified
+    figure and an in-study one were taken at different moments with different
+    precision, so comparing them ranks noise (an unverified 2.79x once sat beside
+    the verified 2.41x of the same placement). Unverified trials are then listed
+    apart (:func:`unverified_apart`)."""
+    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    if any(r.is_verified for r in done):
+        done = [r for r in done if r.is_verified]
+    return done
+
+
+def unverified_apart(recs: list[TrialRecord]) -> list[TrialRecord]:
+    """Complete feasible trials left out of the ranking because the tournament did not verify them (empty before it ran)."""
+    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    if not any(r.is_verified for r in done):
+        return []
+    return sorted((r for r in done if not r.is_verified), key=lambda r: r.number)
 
 
 def pareto_front(recs: list[TrialRecord]) -> list[TrialRecord]:
     """Non-dominated feasible complete trials (max value, min latency), sorted by latency.
 
     Computed here rather than with ``study.best_trials`` so the same rule
-    applies to records read back from any storage.
+    applies to records read back from any storage. Verified figures only once
+    verification ran (:func:`ranked_pool`); of the members of one latency class
+    (one figure per placement) only the most accurate belongs, the lowest trial
+    number on a tie.
     """
-    done = [r for r in recs if r.state == "COMPLETE" and r.feasible and r.value is not None and r.median_ms is not None]
+    done = ranked_pool(recs)
     front = []
     for r in done:
         dominated = any(
             o.value >= r.value and o.median_ms <= r.median_ms and (o.value > r.value or o.median_ms < r.median_ms)  # type: ignore[operator]
             for o in done
         )
-        if not dominated:
+        same_class_better = r.latency_class is not None and any(
+            o.latency_class == r.latency_class and o.number != r.number
+            and (o.value, -o.number) > (r.value, -r.number)  # type: ignore[operator]
+            for o in done
+        )
+        if not dominated and not same_class_better:
             front.append(r)
     return sorted(front, key=lambda r: (r.median_ms, -(r.value or 0.0)))
 
@@ -65,8 +105,21 @@ class WinnerChoice:
 NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this backend for this model"
 
 
+def is_estimate(r: TrialRecord) -> bool:
+    """Is the trial's speed figure the MAC estimate (a relative cost: nothing was measured)?"""
+    return r.latency_source == "estimate" and not r.is_verified
+
+
+def relative_cost_text(speedup: float, note: str = "") -> str:
+    """``cost 0.62 (FP32 = 1)``: the estimate on its own scale, never "N x faster"."""
+    return f"cost {1.0 / speedup:.2f} (FP32 = 1{', ' + note if note else ''})"
+
+
 def speed_text(r: TrialRecord) -> str:
     """``1.96x (95% CI 1.90-2.02, verified)``: a trial's paired speed-up vs FP32 with its evidence."""
+    if r.speedup is not None and r.speedup_ci95 is None and is_estimate(r):
+        # Nothing was measured: a relative cost on the FP32 = 1 scale, never "N x faster".
+        return relative_cost_text(r.speedup, str(r.latency.get("label") or "estimate"))
     if r.speedup is not None and r.speedup_ci95 is None and r.is_predicted:
         # A predicted figure has no CI; it says what it is instead.
         return f"{r.speedup:.2f}x ({r.latency.get('label') or r.latency_source}, no CI)"
@@ -113,8 +166,10 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         # Latency predicted (table or estimate), not measured: the winner is chosen on the
         # predicted speed-up, and the reason says it is unverified until stage 2 runs on the target.
         qualifying = [r for r in within if r.is_predicted and (r.speedup or 0.0) > min_speedup]
+        what = (f"whose estimated relative cost is below {1.0 / min_speedup:.2f} of FP32's"
+                if any(is_estimate(r) for r in within) else f"whose predicted speed-up exceeds {min_speedup:g}")
         rule = (
-            f"whose predicted speed-up exceeds {min_speedup:g} (predicted, not measured: unverified until "
+            f"{what} (predicted, not measured: unverified until "
             "`sensisearch verify RUN_DIR --backend <target>` runs on the target)"
         )
     else:

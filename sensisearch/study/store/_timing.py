@@ -17,6 +17,10 @@ from sensisearch.measure import PairedLatency
 
 PREDICTED_SOURCES = (SOURCE_TABLE, SOURCE_ESTIMATE)
 """Latency sources that are a predictor's figure, not a timing."""
+_OPTIONAL_KEYS = ("timed_as", "control", "under_load", "forced_under_load")
+"""Keys the verify tournament (and a latency class's figure) add to a stored timing, written only when set."""
+_CLASS_KEYS = ("class_timings", "class_members", "own_speedup", "own_speedup_ci95")
+"""Keys a latency class's figure adds to a stored timing (see ``PairedTiming.class_figure``)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,38 @@ class PairedTiming(PairedLatency):
     free-form per backend. None: not stored (never omitted by this version)."""
     backend: str | None = None
     """Verify tournament only: the backend that timed it (stage 2 may time on another backend)."""
+    timed_as: int | None = None
+    """Verify tournament only: the trial whose arm was timed for this one (one arm per latency class)."""
+    control: dict[str, Any] | None = None
+    """Verify tournament only: the round's A/A control (``ControlResult.to_dict()`` without per-round
+    times, plus ``corrected``)."""
+    under_load: bool | None = None
+    """Some timing behind this figure finished under load (verify round, or a latency class's pooled timings)."""
+    forced_under_load: bool | None = None
+    """Verify tournament only: ``verify --force`` ran it although the machine was busy."""
+    class_figure: dict[str, Any] | None = None
+    """Latency classes (``store._classes``): how the class's pooled figure was made (``class_timings``,
+    ``class_members``, ``under_load``, and the trial's own ``own_speedup``/``own_speedup_ci95`` when the
+    record reports the class's figure instead of its own). None: a timing of its own, stored as before."""
+
+    @property
+    def own_speedup(self) -> float:
+        """The trial's own timed speed-up (``speedup`` is the class's pooled one when the two differ)."""
+        own = (self.class_figure or {}).get("own_speedup")
+        return self.speedup if own is None else float(own)
+
+    def with_class_figure(self, figure: Mapping[str, Any]) -> PairedTiming:
+        """This timing reporting a latency class's pooled figure (``LatencyClass.figure()``); its own speed-up kept."""
+        lo, hi = figure["speedup_ci95"]
+        extra = {k: copy.deepcopy(v) for k, v in figure.items() if k in _CLASS_KEYS}
+        extra["own_speedup"] = self.own_speedup
+        extra["own_speedup_ci95"] = list((self.class_figure or {}).get("own_speedup_ci95") or self.speedup_ci95)
+        under_load = figure.get("under_load", self.under_load)
+        return dataclasses.replace(
+            self, speedup=float(figure["speedup"]), speedup_ci95=(float(lo), float(hi)),
+            ratio_iqr=float(figure.get("ratio_iqr", self.ratio_iqr)), rounds=int(figure.get("rounds", self.rounds)),
+            under_load=None if under_load is None else bool(under_load), class_figure=extra,
+        )
 
     @classmethod
     def of(
@@ -53,6 +89,12 @@ class PairedTiming(PairedLatency):
             data["facts"] = copy.deepcopy(self.facts)
         if self.backend is not None:
             data["backend"] = self.backend
+        for name in _OPTIONAL_KEYS:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = copy.deepcopy(value)
+        if self.class_figure is not None:
+            data.update(copy.deepcopy(self.class_figure))
         return data
 
     @classmethod
@@ -60,9 +102,18 @@ class PairedTiming(PairedLatency):
         median_ms = data.get("median_ms")
         facts = data.get("facts")
         backend = data.get("backend")
-        return cls.of(
+        timing = cls.of(
             PairedLatency.from_dict(data), None if facts is None else copy.deepcopy(dict(facts)),
             median_ms=None if median_ms is None else float(median_ms), backend=None if backend is None else str(backend),
+        )
+        timed_as, control = data.get("timed_as"), data.get("control")
+        under_load, forced = data.get("under_load"), data.get("forced_under_load")
+        extra = {k: copy.deepcopy(data[k]) for k in _CLASS_KEYS if k in data}
+        return dataclasses.replace(
+            timing, timed_as=None if timed_as is None else int(timed_as),
+            control=None if control is None else copy.deepcopy(dict(control)),
+            under_load=None if under_load is None else bool(under_load),
+            forced_under_load=None if forced is None else bool(forced), class_figure=extra or None,
         )
 
     def summary_dict(self) -> dict[str, Any]:

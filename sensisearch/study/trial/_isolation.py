@@ -26,7 +26,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from sensisearch.errors import SensisearchError
 from sensisearch.progress import note_step
@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# (config, out_dir, reference_ms, early_stop snapshot or None) -> outcome: TrialPipeline.run's signature.
-RunTrial = Callable[["TrialConfig", Path, "float | None", "EarlyStopSnapshot | None"], "TrialOutcome"]
+# (config, out_dir, reference_ms, early_stop snapshot or None[, known_latency]) -> outcome: TrialPipeline.run's signature.
+RunTrial = Callable[..., "TrialOutcome"]
 
 CHILD_MODULE = "sensisearch.study.run._trial_server"
 STDERR_NAME = "stderr.log"
@@ -285,7 +285,8 @@ class IsolatedTrialRunner:
 
     # ------------------------------------------------------------ trials
     def run(
-        self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None, early_stop: EarlyStopSnapshot | None = None
+        self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None, early_stop: EarlyStopSnapshot | None = None,
+        known_latency: Mapping[str, Any] | None = None,
     ) -> TrialOutcome:
         if self._server is None or self._server.poll() is not None:
             self.start()
@@ -299,6 +300,8 @@ class IsolatedTrialRunner:
             "reference_ms": reference_ms,
             # The child cannot open the storage; what the early-stop decision needs comes along.
             "early_stop": None if early_stop is None else early_stop.to_dict(),
+            # Its latency class's figure, when the class is timed already (the child cannot read the storage).
+            "known_latency": None if known_latency is None else dict(known_latency),
         })
         phase = "build"
         started = time.monotonic()

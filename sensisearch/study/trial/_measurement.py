@@ -12,7 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from sensisearch.measure import PairedTimingSettings
+from sensisearch.measure import LoadPolicy, PairedTimingSettings
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.store._record import (
     fp32_per_image_attrs,
@@ -20,6 +20,7 @@ from sensisearch.study.store._record import (
     read_reference_ms,
     reference_ms_attrs,
 )
+from sensisearch.study.store._classes import LatencyClass, latency_class_attrs, read_latency_class
 from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.trial._pipeline import TimingPlan
 
@@ -74,7 +75,53 @@ def timing_plan(settings: StudySettings, backend_settings: BackendSettings, spec
         max_seconds=settings.measurement.timing_seconds,
         seed=settings.search.seed,
     )
-    return TimingPlan(settings.measurement.objective, batch, timing), warnings
+    return TimingPlan(settings.measurement.objective, batch, timing, load=in_study_load_policy(backend_settings)), warnings
+
+
+def needed_cores(backend_settings: BackendSettings) -> int:
+    """Cores a timed session needs: ONNX Runtime's intra-op threads on CPU, one host thread for a GPU backend."""
+    if backend_settings.name not in (None, "onnxruntime", "auto"):
+        return 1
+    from sensisearch.backends.onnxruntime import default_threads
+
+    return max(1, backend_settings.threads or default_threads())
+
+
+def in_study_load_policy(backend_settings: BackendSettings) -> LoadPolicy:
+    """In-study timing waits less than verify does: a trial's figure is refined or re-timed later anyway
+    (its latency class pools the next timing; the tournament re-times what decides the result)."""
+    return LoadPolicy(needed_cores=needed_cores(backend_settings), max_wait_s=2.0, max_retries=2, retry_wait_s=0.5)
+
+
+def class_figure(study: optuna.Study, key: str | None, target_ci_width: float) -> dict[str, Any] | None:
+    """The ``known_latency`` a trial of latency class ``key`` reuses instead of being timed: the class's
+    pooled figure once the class is settled (its CI meets the target, or it was timed often enough);
+    None: time it (first member, or a refinement that pools its rounds)."""
+    cls = read_latency_class(study.user_attrs, key)
+    if cls is None or not cls.ratios or not cls.settled(target_ci_width):
+        return None
+    figure = cls.figure()
+    return {**cls.last, **figure, "candidate_times_ms": [], "stopped_by": "latency_class"}
+
+
+def pool_into_class(study: optuna.Study, number: int, outcome: TrialOutcome) -> None:
+    """Record trial ``number`` as a member of its latency class, pooling its rounds when it was timed."""
+    key = outcome.latency_class
+    if key is None or outcome.paired is None:
+        return
+    cls = read_latency_class(study.user_attrs, key)
+    timed = outcome.timed
+    if timed is not None:
+        last = {k: v for k, v in timed.paired.to_dict().items() if k != "candidate_times_ms"}
+        last["runs_per_round"] = timed.block
+        under_load = bool(timed.paired.load_record is not None and timed.paired.load_record.under_load)
+        control = None if timed.control is None else timed.control.ratio
+        cls = LatencyClass.first(key, timed.ratios, last, under_load, control) if cls is None else cls.pooled(
+            timed.ratios, last, under_load, control)
+    if cls is None:  # reused a figure whose class vanished meanwhile: nothing to add to
+        return
+    for attr, value in latency_class_attrs(cls.with_member(number)).items():
+        study.set_user_attr(attr, value)
 
 
 def study_reference_ms(study: optuna.Study) -> float | None:

@@ -21,7 +21,16 @@ import onnx
 
 from sensisearch.backends.base import Backend, BuildResult, LatencySettings, LatencyStats, Runner
 from sensisearch.evaluation.base import EvaluationResult, Evaluator
-from sensisearch.measure import PairedLatency, PairedTimingSettings, time_interleaved
+from sensisearch.measure import (
+    CONTROL_ARM,
+    ControlResult,
+    LoadPolicy,
+    PairedLatency,
+    PairedTimingSettings,
+    control_result,
+    corrected,
+    time_interleaved,
+)
 from sensisearch.model.analysis import ModelInfo
 from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.quantize.emit import save_model
@@ -29,6 +38,7 @@ from sensisearch.quantize.ranges import TensorRange
 from sensisearch.artifact import DEPLOYABLE_NAME, ArtifactPipeline, Phases
 from sensisearch.calibration.ranges import CalibrationRanges
 from sensisearch.quantize.ranges import ranges_from_dict, ranges_to_dict
+from sensisearch.study.store._classes import class_key
 from sensisearch.study.store._timing import PairedTiming
 from sensisearch.study.trial import _fidelity
 
@@ -49,6 +59,12 @@ class TimingPlan:
     """"latency": time per batch at the latency batch; "throughput": images/s at a larger batch."""
     batch: int = 1
     settings: PairedTimingSettings = field(default_factory=PairedTimingSettings)
+    load: LoadPolicy | None = None
+    """Load-aware timing: wait for free cores, pin to them, re-time rounds taken under load (None: plain)."""
+    control: bool = True
+    """Time an FP32 copy built like a trial beside every candidate: the A/A control."""
+    control_repeats: int = 1
+    """Re-timings when the control is off 1.00 beyond its CI; after them the figure is divided by it."""
 
     @property
     def axis_label(self) -> str:
@@ -106,11 +122,54 @@ def paired_latency_record(
         "reference_median_ms": paired.reference_median_ms,
         "stopped_by": paired.stopped_by,
         "load": None if paired.load is None else paired.load.to_dict(),
+        "load_record": None if paired.load_record is None else paired.load_record.to_dict(),
+        "under_load": bool(paired.load_record is not None and paired.load_record.under_load),
     }
 
 
 OUTCOME_FORMAT = "sensisearch-trial-outcome/1"
 """What :meth:`TrialOutcome.to_full_dict` writes under ``format``."""
+
+
+@dataclass(frozen=True)
+class ControlledTiming:
+    """One candidate's paired timing against FP32, with its A/A control and what was done about it."""
+
+    paired: PairedLatency
+    """The candidate against the reference (divided by the control ratio when :attr:`corrected`)."""
+    block: int
+    """Runs per round."""
+    ratios: tuple[float, ...]
+    """Per-round speed-ups (corrected likewise): what a latency class pools."""
+    control: ControlResult | None = None
+    corrected: bool = False
+    """The control stayed off 1.00 beyond its CI after the repeats: the figure is divided by it."""
+    attempts: int = 1
+
+    def control_dict(self) -> dict[str, Any] | None:
+        if self.control is None:
+            return None
+        data = self.control.to_dict()
+        data["paired"] = {k: v for k, v in data["paired"].items() if k != "candidate_times_ms"}
+        return {**data, "corrected": self.corrected, "attempts": self.attempts}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON types (the trial child hands it to its parent in the outcome file)."""
+        return {
+            "paired": self.paired.to_dict(), "block": self.block, "ratios": list(self.ratios),
+            "control": None if self.control is None else self.control.to_dict(), "corrected": self.corrected,
+            "attempts": self.attempts,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ControlledTiming:
+        control = data["control"]
+        return cls(
+            paired=PairedLatency.from_dict(data["paired"]), block=int(data["block"]),
+            ratios=tuple(float(r) for r in data["ratios"]),
+            control=None if control is None else ControlResult.from_dict(control),
+            corrected=bool(data["corrected"]), attempts=int(data["attempts"]),
+        )
 
 
 @dataclass
@@ -126,6 +185,12 @@ class TrialOutcome:
     configuration can be rebuilt for another backend without calibration data."""
     paired: PairedLatency | None = None
     """The candidate timed interleaved with the FP32 reference (None: unpaired timing)."""
+    timed: ControlledTiming | None = None
+    """The timing itself (per-round ratios, A/A control); None when not timed here (a latency class's figure reused)."""
+    latency_class: str | None = None
+    """Its placement's latency class key."""
+    class_reused: bool = False
+    """True: not timed, the class's pooled figure was given (calibration-only variant)."""
     latency_record: dict[str, Any] | None = None
     """:func:`paired_latency_record` when paired, else ``latency.to_dict()``."""
     timing_facts: dict[str, Any] = field(default_factory=dict)
@@ -149,6 +214,8 @@ class TrialOutcome:
             "build": {"seconds": self.build.seconds, "layer_precisions": dict(self.build.layer_precisions), **dict(self.build.details)},
             "latency": self.latency_record or self.latency.to_dict(),
             "paired": None if self.paired is None else PairedTiming.of(self.paired, self.timing_facts).to_dict(),
+            "latency_class": {"key": self.latency_class, "reused": self.class_reused},
+            "control": None if self.timed is None else self.timed.control_dict(),
             "evaluation": self.evaluation.to_dict(),
             "timings": self.timings,
             **({"subset": self.subset.to_dict()} if self.subset is not None else {}),
@@ -172,6 +239,9 @@ class TrialOutcome:
             "timings": dict(self.timings),
             "ranges": ranges_to_dict(self.ranges),
             "paired": None if self.paired is None else self.paired.to_dict(),
+            "timed": None if self.timed is None else self.timed.to_dict(),
+            "latency_class": self.latency_class,
+            "class_reused": self.class_reused,
             "latency_record": None if self.latency_record is None else dict(self.latency_record),
             "timing_facts": dict(self.timing_facts),
             "subset": None if self.subset is None else self.subset.to_dict(),
@@ -188,7 +258,7 @@ class TrialOutcome:
         """
         if not isinstance(data, Mapping) or data.get("format") != OUTCOME_FORMAT:
             raise ValueError(f"not a {OUTCOME_FORMAT} object")
-        paired, subset, stop = data["paired"], data["subset"], data["early_stop"]
+        paired, subset, stop, timed = data["paired"], data["subset"], data["early_stop"], data["timed"]
         return cls(
             config=TrialConfig.from_dict(data["config"]),
             deployable=Path(data["deployable"]),
@@ -198,6 +268,9 @@ class TrialOutcome:
             timings={str(k): float(v) for k, v in dict(data["timings"]).items()},
             ranges=ranges_from_dict(dict(data["ranges"])),
             paired=None if paired is None else PairedLatency.from_dict(paired),
+            timed=None if timed is None else ControlledTiming.from_dict(timed),
+            latency_class=None if data["latency_class"] is None else str(data["latency_class"]),
+            class_reused=bool(data["class_reused"]),
             latency_record=None if data["latency_record"] is None else dict(data["latency_record"]),
             timing_facts=dict(data["timing_facts"]),
             subset=None if subset is None else _fidelity.SubsetFigures.from_dict(subset),
@@ -240,6 +313,7 @@ class TrialPipeline(ArtifactPipeline):
         self._reference_artifact: Path | None = None
         self._reference_dir: tempfile.TemporaryDirectory[str] | None = None
         self._reference_owner: int | None = None
+        self._control_artifact: Path | None = None
 
     def reference_artifact(self) -> Path:
         """The FP32 model's built artifact, built once per worker.
@@ -263,11 +337,24 @@ class TrialPipeline(ArtifactPipeline):
             self._reference_owner = os.getpid()
         return Path(self._reference_dir.name)
 
-    def adopt_reference(self, artifact: Path) -> None:
-        """Use ``artifact`` (built in :meth:`reference_dir` by a forked child) as the FP32 reference."""
+    def control_artifact(self) -> Path:
+        """The A/A control: the all-FP32 configuration built exactly as a trial is (``emit`` then ``build``
+        into a trial-like folder, same backend, same session options), built once per worker."""
+        if self._control_artifact is None:
+            out_dir = self.reference_dir() / "control"
+            config = TrialConfig.uniform(self.info.layer_names, Precision.FP32)
+            deployable, _ = self.emit(config, out_dir)
+            self._control_artifact = self.build(deployable, out_dir, config).artifact
+        return self._control_artifact
+
+    def adopt_reference(self, artifact: Path, control: Path | None = None) -> None:
+        """Use ``artifact`` (built in :meth:`reference_dir` by a forked child) as the FP32 reference
+        (and ``control`` as the A/A control's artifact)."""
         if not Path(artifact).is_file():
             raise RuntimeError(f"the FP32 reference {artifact} was not built")
         self._reference_artifact = Path(artifact)
+        if control is not None and Path(control).is_file():
+            self._control_artifact = Path(control)
 
     def reference_runner(self) -> Runner:
         """The FP32 model's artifact, loaded on first use and kept loaded for this worker's lifetime."""
@@ -284,6 +371,7 @@ class TrialPipeline(ArtifactPipeline):
             self._reference_dir.cleanup()
             self._reference_dir = None
             self._reference_artifact = None
+            self._control_artifact = None
 
     def timing_feeds(self) -> Mapping[str, Any]:
         batch = self.timing.batch if self.timing is not None else self.latency_batch
@@ -295,24 +383,72 @@ class TrialPipeline(ArtifactPipeline):
             return runner.throughput_arm(feeds)
         return runner.timing_arm(feeds)
 
-    def time_paired(self, runner: Runner) -> tuple[PairedLatency, int]:
-        """``runner`` interleaved with the FP32 reference on the same input, until the CI target or the cap.
+    def time_paired(self, runner: Runner) -> ControlledTiming:
+        """``runner`` interleaved with the FP32 reference (and the A/A control) on the same input.
 
-        Returns the candidate's :class:`PairedLatency` and the runs per round used."""
+        The reference is loaded for this timing and closed after it, like the candidate
+        and the control: a session kept loaded for the worker's lifetime differs from a
+        fresh one in more than precision (its age, its memory, when its thread pool was
+        made), and such differences are what an A/A control off 1.00 shows. When the
+        control's CI misses 1.00 (beyond its tolerance) the timing is repeated
+        (``control_repeats``); if it stays off, the candidate's figure is divided by it and
+        marked corrected."""
         assert self.timing is not None
         feeds = self.timing_feeds()
-        arms = {REFERENCE_ARM: self.arm(self.reference_runner(), feeds), CANDIDATE_ARM: self.arm(runner, feeds)}
-        settings = dataclasses.replace(self.timing.settings, runs_per_round=runs_per_round(arms))
-        return time_interleaved(arms, REFERENCE_ARM, settings)[CANDIDATE_ARM], settings.runs_per_round
+        plan = self.timing
+        reference = self.backend.load(self.reference_artifact())
+        control = self.backend.load(self.control_artifact()) if plan.control else None
+        try:
+            arms = {REFERENCE_ARM: self.arm(reference, feeds), CANDIDATE_ARM: self.arm(runner, feeds)}
+            if control is not None:
+                arms[CONTROL_ARM] = self.arm(control, feeds)
+            settings = dataclasses.replace(plan.settings, runs_per_round=runs_per_round(arms))
+            attempts = 0
+            while True:
+                attempts += 1
+                timed = time_interleaved(arms, REFERENCE_ARM, settings, load=plan.load)
+                checked = None if control is None else control_result(timed[CONTROL_ARM])
+                if checked is None or checked.ok or attempts > plan.control_repeats:
+                    break
+                log.info("A/A control %.3fx [%.3f, %.3f] is off 1.00: timing again", checked.ratio, *checked.ci95)
+                settings = dataclasses.replace(settings, seed=settings.seed + 1)
+        finally:
+            reference.close()
+            if control is not None:
+                control.close()
+        paired = timed[CANDIDATE_ARM]
+        ratios = [r / c for r, c in zip(timed[REFERENCE_ARM].candidate_times_ms, paired.candidate_times_ms) if c > 0]
+        fixed = checked is not None and not checked.ok
+        if fixed:
+            assert checked is not None
+            paired = corrected(paired, checked)
+            ratios = [r / checked.ratio for r in ratios]
+        return ControlledTiming(paired, settings.runs_per_round, tuple(ratios), checked, fixed, attempts)
+
+    def latency_class_key(self, config: TrialConfig) -> str:
+        """The key of ``config``'s latency class: its Q/DQ tensors (and whose scale each reuses) and its
+        per-layer precisions under this backend's profile. Calibration is left out: it changes the
+        numbers in the Q/DQ nodes, not the graph the backend builds."""
+        placement = self.plan(config)
+        payload = {
+            "profile": placement.profile.name,
+            "qdq": sorted([a.tensor, a.params_from or ""] for a in placement.activations),
+            "int8": sorted(layer.name for layer in placement.int8_layers),
+            "fp16": sorted(layer.name for layer in placement.fp16_layers),
+            "precisions": sorted(config.to_dict().get("precisions", {}).items()),
+            "batch": None if self.timing is None else [self.timing.objective, self.timing.batch],
+        }
+        return class_key(payload)
 
     def latency_of(self, runner: Runner, reference_ms: float | None = None) -> dict[str, Any]:
         """A latency record for any loaded artifact (e.g. a reference quantizer's): paired with FP32 when
         the study times that way, so its speed-up is comparable with the trials'."""
         if self.timing is None:
             return runner.measure_latency(self.timing_feeds(), self.latency_settings).to_dict()
-        paired, block = self.time_paired(runner)
-        ms = paired.reference_median_ms if reference_ms is None else reference_ms
-        return paired_latency_record(paired, ms, self.timing.objective, self.timing.batch, block)
+        timed = self.time_paired(runner)
+        ms = timed.paired.reference_median_ms if reference_ms is None else reference_ms
+        return {**paired_latency_record(timed.paired, ms, self.timing.objective, self.timing.batch, timed.block),
+                "control": timed.control_dict()}
 
     def predicted_record(self, config: TrialConfig) -> dict[str, Any]:
         """The trial's latency record from the predictor (no timing, no CI)."""
@@ -325,11 +461,13 @@ class TrialPipeline(ArtifactPipeline):
 
     def run(
         self, config: TrialConfig, out_dir: Path, reference_ms: float | None = None,
-        early_stop: _fidelity.EarlyStopSnapshot | None = None,
+        early_stop: _fidelity.EarlyStopSnapshot | None = None, known_latency: Mapping[str, Any] | None = None,
     ) -> TrialOutcome:
         """``reference_ms``: the study's FP32 reference latency (None: this trial's own paired FP32 median,
         which is how the FP32 baseline trial fixes it). ``early_stop``: score the study's subset first and
-        stop after it when the trial is clearly out (None, e.g. for baselines: every image at once)."""
+        stop after it when the trial is clearly out (None, e.g. for baselines: every image at once).
+        ``known_latency``: its latency class's pooled figure (a ``PairedLatency`` dict): the trial is not
+        timed and reports that figure (a calibration-only variant of a placement already timed)."""
         phases = Phases()
         deployable, ranges = self.emit(config, out_dir, phases)
         with phases("build"):
@@ -337,8 +475,10 @@ class TrialPipeline(ArtifactPipeline):
         with phases("load"):
             runner = self.backend.load(build.artifact)
         paired: PairedLatency | None = None
+        timed: ControlledTiming | None = None
         block = 1
         facts: dict[str, Any] = {}
+        key = None if self.predictor is not None or self.timing is None else self.latency_class_key(config)
         with runner:
             with phases("latency"):
                 if self.predictor is not None:
@@ -348,8 +488,14 @@ class TrialPipeline(ArtifactPipeline):
                                            predicted["median_ms"], 0, predicted["batch_size"])
                 elif self.timing is None:
                     latency = runner.measure_latency(self.timing_feeds(), self.latency_settings)
+                elif known_latency is not None:
+                    paired = PairedLatency.from_dict(known_latency)
+                    block = int(known_latency.get("runs_per_round", 1))
+                    ms = paired.candidate_median_ms
+                    latency = LatencyStats(ms, ms, ms, ms, 0, self.timing.batch)
                 else:
-                    paired, block = self.time_paired(runner)
+                    timed = self.time_paired(runner)
+                    paired, block = timed.paired, timed.block
                     facts = runner.timing_facts()
                     latency = LatencyStats.from_samples(paired.candidate_times_ms, self.timing.batch)
             staged: _fidelity.StagedEvaluation | None = None
@@ -369,6 +515,9 @@ class TrialPipeline(ArtifactPipeline):
         if paired is not None and self.timing is not None:
             reference_ms = paired.reference_median_ms if reference_ms is None else reference_ms
             record = paired_latency_record(paired, reference_ms, self.timing.objective, self.timing.batch, block)
+            record["control"] = None if timed is None else timed.control_dict()
+            record["latency_class"] = key
+            record["class_reused"] = known_latency is not None
         requested = {p.value: len(config.layers_with(p)) for p in Precision}
         log.info(
             "%s=%.3f median=%.3fms%s (layers asked %s, ran %s)",
@@ -389,6 +538,9 @@ class TrialPipeline(ArtifactPipeline):
             paired=paired,
             latency_record=record,
             timing_facts=facts,
+            timed=timed,
+            latency_class=key,
+            class_reused=known_latency is not None,
             subset=None if staged is None else staged.subset,
             early_stop=None if staged is None else staged.stop,
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from sensisearch.errors import SensisearchError
-from sensisearch.latency import SOURCE_PAIRED, SOURCE_TABLE, LatencyPredictor, MacEstimate
+from sensisearch.latency import SOURCE_ESTIMATE, SOURCE_PAIRED, SOURCE_TABLE, LatencyPredictor, MacEstimate
 from sensisearch.quantize.config import Precision
 from sensisearch.study.store._timing import PredictionCheck
 
@@ -190,6 +190,15 @@ def partial_int8_verdict(recs: Sequence[TrialRecord]) -> str | None:
         kind = "predicted"
     if not slower:
         return None
+    if kind == "predicted" and all(r.latency_source == SOURCE_ESTIMATE for r in slower):
+        # The estimate is a relative cost, never a speed: the sentence gives costs.
+        costs = sorted(1.0 / float(r.speedup) for r in slower)  # type: ignore[arg-type]
+        return (
+            f"**Partial INT8 is estimated to cost more than FP32 here**: {len(slower)} of {total} partial-INT8 "
+            f"configurations (some layers INT8, some float) have an estimated relative cost above FP32's 1, typically "
+            f"{statistics.median(costs):.2f} (range {costs[0]:.2f}-{costs[-1]:.2f}; {study_speed_label(slower)}; not "
+            "measured), so the front is an accuracy-only listing, not a speed/accuracy trade-off."
+        )
     ratios = sorted(float(r.speedup) for r in slower)  # type: ignore[arg-type]
     return (
         f"**Partial INT8 is slower here**: {len(slower)} of {total} partial-INT8 configurations (some layers INT8, some "
@@ -229,5 +238,10 @@ def prediction_lines(check: PredictionCheck | None) -> list[str]:
         return []
     lines = ["", "## Predicted vs measured speed-up", "", check.summary() + ".", "",
              "| trial | in-study speed-up | verified speed-up | verified / in-study |", "|---:|---:|---:|---:|"]
+    if check.source == SOURCE_ESTIMATE:
+        # The in-study figure was the estimate: shown as the relative cost it is, beside the measured speed-up.
+        lines[-2:] = ["| trial | in-study estimated cost (FP32 = 1) | verified speed-up |", "|---:|---:|---:|"]
+        lines += [f"| {n} | {1.0 / a:.2f} | {b:.2f}x |" for n, a, b in check.rows]
+        return lines
     lines += [f"| {n} | {a:.2f}x | {b:.2f}x | {b / a:.2f} |" for n, a, b in check.rows]
     return lines

@@ -24,8 +24,6 @@ from sensisearch.study.run import finished_count
 # Whole studies in subprocesses (minutes): left out of the quick lowest-versions CI run.
 pytestmark = pytest.mark.slow
 
-from conftest import REPO
-
 
 def _run(*args: str) -> int:
     return main(["run", *args])

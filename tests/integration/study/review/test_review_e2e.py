@@ -237,6 +237,21 @@ def test_export_exclude_lists_are_the_trials_float_layers(exported: tuple[TrialR
     assert compare.split()[2] == DEPLOYABLE_FILE and (out / "model_fp32.onnx").is_file()
 
 
+def test_export_modelopt_writes_the_calibration_samples_its_command_names(exported: tuple[TrialRecord, Path]) -> None:
+    """calib.npy holds the winner's calibration set as the study drew it: the first ``samples`` of the
+    seeded permutation of the example's calib.npz, preprocessed ((x / 255 - 0.5) / 0.5, NCHW)."""
+    record, out = exported
+    settings = json.loads((out / "modelopt.json").read_text())
+    assert "--calibration_data_path=calib.npy" in settings["command"]
+    samples = record.config.calibration.samples  # type: ignore[union-attr]
+    written = np.load(out / "calib.npy")
+    images = np.load(REPO / "sensisearch" / "examples" / "digits" / "calib.npz")["images"]
+    order = np.random.default_rng(3).permutation(len(images))[:samples]  # --seed 3, the study's
+    expected = ((images[order].astype(np.float32) / 255.0 - 0.5) / 0.5)[:, None]
+    assert written.shape == expected.shape == (samples, 1, 32, 32) and written.dtype == np.float32
+    np.testing.assert_allclose(written, expected, atol=1e-6)
+
+
 def test_export_piped_output_keeps_paths_whole(study_dir: Path, tmp_path: Path) -> None:
     """Through a real pipe (not a terminal): each written file's absolute path on one line."""
     deep = tmp_path / ("a-long-folder-name-" * 6) / "trial-export"
