@@ -140,6 +140,11 @@ class LoadSample:
     own_cpu_s: float = 0.0
     """CPU seconds this process (all its threads) used during the window."""
 
+    def __post_init__(self) -> None:
+        # Busy fractions are kept at the precision they are stored with (4 decimals), so a sample (and
+        # every figure derived from it, e.g. ``LoadRecord``'s maxima) reads back from JSON exactly.
+        object.__setattr__(self, "busy", {int(k): round(float(v), 4) for k, v in self.busy.items()})
+
     @property
     def busy_cores(self) -> float:
         """Sum of the busy fractions: how many cores' worth of work ran (ours included)."""
