@@ -57,12 +57,13 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=["tensorrt", "onnxruntime-cpu"],
                    help="Q/DQ profile of the deployable ONNX (default: the backend's own); with --backend onnxruntime, "
                         "--profile tensorrt scores exactly TensorRT's graph (its latency is then only an estimate)")
-    p.add_argument("--sampler", choices=["tpe", "random", "nsga2", "seeded"],
-                   help="tpe (default), random, nsga2, or seeded: TPE after the sensitivity seeds (all-INT8 minus the top-k "
-                        "sensitive layers, first conv + head in float)")
+    p.add_argument("--sampler", choices=["guided", "tpe", "random", "nsga2", "seeded"],
+                   help="guided (default for a new study): sensitivity seeds, then a bisection to the --max-drop boundary, "
+                        "multi-objective TPE seeded with it, and a local search around the front; tpe, random, nsga2, or "
+                        "seeded: TPE after the sensitivity seeds. A resumed study keeps the sampler it was made with")
     p.add_argument("--search", choices=["full", "topk", "groups"],
-                   help="full (default): every layer free; topk: only the --top-k most sensitive layers; groups: one choice per "
-                        "fusion group (layers joined by a residual Add or Concat share a precision)")
+                   help="groups (default for a new study): one choice per fusion group (layers joined by a residual Add or "
+                        "Concat share a precision); full: every layer free; topk: only the --top-k most sensitive layers")
     p.add_argument("--top-k", type=int, help="layers --search topk leaves free (default 8)")
     p.add_argument("--latency-table", type=Path,
                    help="per-layer latency table measured on the target (`sensisearch latency-table`): trials take their "

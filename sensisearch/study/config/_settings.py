@@ -77,11 +77,14 @@ class StudySettings:
     # Sensitivity-guided search.
     profile: str | None = None
     """Quantization profile of the deployable ONNX (tensorrt, onnxruntime-cpu); None: the backend's own."""
-    sampler: str = "tpe"
-    """tpe, random, nsga2, or seeded (TPE after the sensitivity seeds)."""
-    search: str = "full"
+    sampler: str | None = None
+    """guided (sensitivity seeds, boundary search, multi-objective TPE, local search), tpe, random, nsga2,
+    or seeded (TPE after the sensitivity seeds). None: a stored study's own sampler when resuming one
+    (a study stored without one was made when TPE was the default), else :data:`DEFAULT_SAMPLER`."""
+    search: str | None = None
     """full (every layer a parameter), topk (the ``top_k`` most sensitive layers free, the rest INT8) or
-    groups (one parameter per fusion group, :func:`sensisearch.quantize.fusion_groups`)."""
+    groups (one parameter per fusion group, :func:`sensisearch.quantize.fusion_groups`).
+    None: like ``sampler``, the stored study's, else :data:`DEFAULT_SEARCH`."""
     top_k: int = 8
     # Many workers, isolated trials, bounded disk.
     isolation: str = "process"
@@ -367,14 +370,37 @@ def validate_ranges(settings: StudySettings) -> None:
         raise SensisearchError("--percentiles: give at least one clip percentile, e.g. 99.99")
 
 
-SAMPLERS = ("tpe", "random", "nsga2", "seeded")
+SAMPLERS = ("guided", "tpe", "random", "nsga2", "seeded")
 SEARCHES = ("full", "topk", "groups")
+# What `run` does with no search flags: the strategy that measured best (benchmarks/search_quality.py).
+DEFAULT_SAMPLER = "guided"
+DEFAULT_SEARCH = "groups"
+# What a stored study that records no sampler or search was run with: the defaults of the releases
+# before the guided one, so resuming it keeps proposing the way it started.
+LEGACY_SAMPLER = "tpe"
+LEGACY_SEARCH = "full"
+
+
+def resolve_search(settings: StudySettings, stored: Mapping[str, Any] | None) -> StudySettings:
+    """``settings`` with sampler and search decided: given ones win, then a stored study's, then the defaults.
+
+    ``stored``: the settings a stored study recorded (None: there is no stored study yet).
+    """
+    if settings.sampler is not None and settings.search is not None:
+        return settings
+    if stored is None:
+        sampler, search = DEFAULT_SAMPLER, DEFAULT_SEARCH
+    else:
+        sampler, search = stored.get("sampler") or LEGACY_SAMPLER, stored.get("search") or LEGACY_SEARCH
+    resolved = dataclasses.replace(settings, sampler=settings.sampler or sampler, search=settings.search or search)
+    validate_search_settings(resolved)
+    return resolved
 
 
 def validate_search_settings(settings: StudySettings) -> None:
-    if settings.sampler not in SAMPLERS:
+    if settings.sampler is not None and settings.sampler not in SAMPLERS:
         raise SensisearchError(f"--sampler {settings.sampler}: use one of {', '.join(SAMPLERS)}")
-    if settings.search not in SEARCHES:
+    if settings.search is not None and settings.search not in SEARCHES:
         raise SensisearchError(f"--search {settings.search}: use one of {', '.join(SEARCHES)}")
     if settings.top_k <= 0:
         raise SensisearchError(f"--top-k {settings.top_k}: must be a positive number of layers")

@@ -153,14 +153,15 @@ def decide_trial(
     trial.set_user_attr(TrialRecord.attr_key("config_key"), key)
     # A re-queued trial carries the attributes of the one it replaces: decide afresh.
     trial.set_user_attr(TrialRecord.attr_key("role"), None)
-    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.budget)
+    budget = _budget.searched_budget(ctx.settings.budget, trial.study.user_attrs)
+    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, budget)
     if decision.action == _budget.EVALUATE:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.EVALUATE)
         return None
     if decision.action == _budget.OVER_BUDGET:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.OVER_BUDGET)
         trial.study.stop()
-        raise optuna.TrialPruned(f"budget of {ctx.settings.budget} distinct configurations reached")
+        raise optuna.TrialPruned(f"budget of {budget} distinct configurations reached")
     assert decision.of is not None
     original = trial.study.get_trials(deepcopy=False)[decision.of]
     _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(), config_key=key,
