@@ -89,6 +89,22 @@ def _bracket(values: Mapping[int, float | None], units: int, threshold: float) -
     return lo, hi
 
 
+def find_boundary(
+    evaluate: Callable[[int], float], units: int, threshold: float, known: Mapping[int, float] | None = None
+) -> tuple[int, dict[int, float]]:
+    """The bisection run to its end with ``evaluate(k)`` (the metric of all-INT8 minus the top-k units).
+
+    Returns the boundary k and every value evaluated (``known`` included). What the
+    study does one trial at a time; benchmarks and tests call it directly.
+    """
+    values: dict[int, float] = dict(known or {})
+    if 0 not in values:
+        values[0] = evaluate(0)
+    while (k := boundary_next(values, units, threshold)) is not None:
+        values[k] = evaluate(k)
+    return boundary_k(values, units, threshold), values
+
+
 def greedy_next(
     start: frozenset[int], known: Mapping[frozenset[int], float | None], threshold: float
 ) -> tuple[frozenset[int] | None, frozenset[int]]:

@@ -418,10 +418,12 @@ def measure_sensitivity(
     if subset is not None:
         resolution = 100.0 / max(count, 1) if inputs.classification else 0.0
         scores = {n: (fp32 - p.only_int8) + (p.all_but - all_int8) for n, p in probes.items()}
-        rescored = close_to_cut(scores, DECISION_K, 2 * resolution)
+        # A small model's seeds float a quarter of its layers at most: its cut sits there.
+        k = min(DECISION_K, max(1, len(layers) // 4))
+        rescored = close_to_cut(scores, k, resolution)
         planned += 2 + 2 * len(rescored)
         log.info("sensitivity: %d of %d layers are close to the ranking's top-%d cut on the %d-image subset: scored on every image",
-                 len(rescored), len(layers), DECISION_K, count)
+                 len(rescored), len(layers), k, count)
         if rescored:
             full_fp32, _ = score("fp32 (every image)", TrialConfig.uniform(layers, Precision.FP32), full=True)
             full_int8, _ = score(f"all-int8 {_label(choice)} (every image)", TrialConfig.uniform(layers, Precision.INT8, choice), full=True)
