@@ -19,7 +19,7 @@ so their results are cached in ``--cache`` (JSON keyed by everything they depend
 on); ``--rerun-peers`` measures them again. Wall times depend on the machine's
 load: say which load they were taken under. Figures are printed, never asserted.
 
-    python benchmarks/peers.py --quick              # minutes: 16 eval, 32 calibration images, budget 20
+    python benchmarks/peers.py --quick              # 40 eval, 32 calibration images, budget 50
     python benchmarks/peers.py                      # 85 eval, 85 calibration images, budget 50
     python benchmarks/peers.py --opset13            # the per-channel operating point
 """
@@ -236,10 +236,10 @@ def print_table(rows: Sequence[PeerResult], load: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 eval images, 32 calibration images, budget 20: minutes")
+    parser.add_argument("--quick", action="store_true", help="40 eval images, 32 calibration images: minutes on a quiet machine")
     parser.add_argument("--opset13", action="store_true", help="the model converted to opset 13 (per-channel weights)")
     parser.add_argument("--max-drop", type=float, default=0.5, help="points of mAP (both sides)")
-    parser.add_argument("--budget", type=int, default=None, help="the study's --budget (default 50; --quick 20)")
+    parser.add_argument("--budget", type=int, default=None, help="the study's --budget (default 50, the probes included)")
     parser.add_argument("--eval-images", type=int, default=None)
     parser.add_argument("--calib-images", type=int, default=None)
     parser.add_argument("--peers", default="nncf,modelopt", help="comma list of nncf, modelopt (empty: the study only)")
@@ -251,9 +251,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None, help="peer results JSON (default OUT/peers.json)")
     args = parser.parse_args()
     quick = args.quick
-    args.eval_images = args.eval_images or (16 if quick else 85)
+    args.eval_images = args.eval_images or (40 if quick else 85)
     args.calib_images = args.calib_images or (32 if quick else 85)
-    budget = args.budget or (20 if quick else 50)
+    budget = args.budget or 50
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import optuna
 

@@ -308,9 +308,11 @@ def _label(choice: CalibrationChoice) -> str:
     return calibration_label(choice.algorithm, choice.percentile)
 
 
-PROBE_SUBSET_FRACTION = 0.25
+PROBE_SUBSET_FRACTION = 0.125
 """Probes score this fraction of the evaluation images first (at least :data:`PROBE_SUBSET_MIN`)."""
-PROBE_SUBSET_MIN = 16
+PROBE_SUBSET_MIN = 8
+MAX_RESCORED = 4
+"""At most this many layers, the closest to the cut, are scored again on every image (2 full evaluations each)."""
 DECISION_K = 8
 """The ranking decides which layers the seeds keep in float (all-INT8 minus the top 1..8): a layer whose
 subset score is close to the score of rank :data:`DECISION_K` is scored again on every image."""
@@ -330,9 +332,10 @@ def probe_subset(total: int | None, seed: int) -> np.ndarray | None:
 def close_to_cut(scores: Mapping[str, float], k: int, margin: float) -> list[str]:
     """Layers whose score is within ``margin`` of the k-th highest score (the decision the subset might get wrong)."""
     if len(scores) <= k:
-        return list(scores)
+        return list(scores)[:MAX_RESCORED]
     cut = sorted(scores.values(), reverse=True)[k - 1]
-    return [name for name, value in scores.items() if abs(value - cut) <= max(margin, CLOSE_FRACTION * abs(cut))]
+    close = [name for name, value in scores.items() if abs(value - cut) <= max(margin, CLOSE_FRACTION * abs(cut))]
+    return sorted(close, key=lambda name: abs(scores[name] - cut))[:MAX_RESCORED]
 
 
 def measure_sensitivity(
