@@ -24,7 +24,7 @@ from sensisearch.study.search._seeds import rank_groups
 def test_bisection_finds_the_first_feasible_k_of_a_monotone_curve() -> None:
     curve = [50.0, 52.0, 55.0, 58.0, 59.0, 59.5, 59.8, 60.0]  # metric of all-INT8 minus the top-k units
     for threshold in (51.0, 54.0, 58.5, 59.9):
-        k, seen = find_boundary(lambda k: curve[k], len(curve) - 1, threshold)
+        k, _ = find_boundary(lambda k: curve[k], len(curve) - 1, threshold)
         assert k == next(i for i, v in enumerate(curve) if v >= threshold)
         assert len(seen) <= 4  # log2(8) + the all-INT8 end, not all 8
 
@@ -89,7 +89,7 @@ def test_boundary_on_digits_matches_brute_force(tmp_path: Path) -> None:
     # (all-float, k = every unit, is FP32: feasible by definition, so the bound is at most its value).
     inner = sorted({v for v in brute[1:-1] if brute[0] < v <= brute[-1]})
     threshold = inner[len(inner) // 2] if inner else brute[-1]
-    k, seen = find_boundary(lambda k: brute[k] if (calls.append(k) or True) else 0.0, len(units), threshold)
+    k, _ = find_boundary(lambda k: brute[k] if (calls.append(k) or True) else 0.0, len(units), threshold)
     assert brute[k] >= threshold
     assert k == 0 or brute[k - 1] < threshold  # a transition: feasible here, not one unit less
     infeasible = [i for i, v in enumerate(brute) if v < threshold]
