@@ -27,6 +27,7 @@ load: say which load they were taken under. Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -194,9 +195,12 @@ def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: st
     calib_path = work / "calib.npy"
     np.save(calib_path, calibration_array(ctx))
     out = work / f"modelopt-{method}.onnx"
+    # ModelOpt rewrites the file it is given (it saved its preprocessed graph over the input): a private copy.
+    private = work / f"modelopt-{method}-input.onnx"
+    shutil.copyfile(model_path, private)
     started = time.monotonic()
     done = subprocess.run(
-        [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(model_path), "--quantize_mode", "int8",
+        [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(private), "--quantize_mode", "int8",
          "--calibration_data_path", str(calib_path), "--calibration_method", method, "--output_path", str(out),
          "--calibration_eps", "cpu"],
         capture_output=True, text=True,
@@ -211,8 +215,7 @@ def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: st
 
 
 # --------------------------------------------------------------------------- cache and table
-def cache_key(model_path: Path, args: argparse.Namespace, peer: str) -> str:
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()[:16]
+def cache_key(digest: str, args: argparse.Namespace, peer: str) -> str:
     return json.dumps({"model": digest, "eval": args.eval_images, "calib": args.calib_images, "max_drop": args.max_drop,
                        "peer": peer}, sort_keys=True)
 
@@ -267,6 +270,12 @@ def main() -> None:
     model = SHARED / "yolov5n.onnx"
     if args.opset13:
         model = opset13(model, args.out)
+    # Peers get copies: a shared model file must never be rewritten (ModelOpt writes over its input).
+    original = model
+    model = args.out / model.name
+    if not model.is_file() or model.read_bytes() != original.read_bytes():
+        shutil.copyfile(original, model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
     eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split", args.eval_images, args.calib_images)
     tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}"
     settings = StudySettings(
@@ -284,16 +293,17 @@ def main() -> None:
         rows.append(study_row)
     peers = [p for p in args.peers.split(",") if p]
     if peers and ctx is None:
-        ctx = prepare(settings)
+        # Only the evaluator, backend and calibration inputs: no sensitivity probes for the peers' scorer.
+        ctx = prepare(dataclasses.replace(settings, sampler="tpe", search="full"))
     work = args.out / "work"
     work.mkdir(exist_ok=True)
     for peer in peers:
         if peer == "nncf":
-            rows.append(cached(cache, cache_key(model, args, "nncf"), args.rerun_peers,
+            rows.append(cached(cache, cache_key(digest, args, "nncf"), args.rerun_peers,
                                lambda: run_nncf(ctx, model, args.max_drop, work), cache_path))
         elif peer == "modelopt":
             for method in ("entropy", "max"):
-                rows.append(cached(cache, cache_key(model, args, f"modelopt-{method}"), args.rerun_peers,
+                rows.append(cached(cache, cache_key(digest, args, f"modelopt-{method}"), args.rerun_peers,
                                    lambda m=method: run_modelopt(ctx, model, m, work, args.modelopt_python), cache_path))
         else:
             raise SystemExit(f"--peers {peer}: use nncf and/or modelopt")

@@ -423,7 +423,8 @@ def measure_sensitivity(
         scores = {n: (fp32 - p.only_int8) + (p.all_but - all_int8) for n, p in probes.items()}
         # A small model's seeds float a quarter of its layers at most: its cut sits there.
         k = min(DECISION_K, max(1, len(layers) // 4))
-        rescored = close_to_cut(scores, k, resolution)
+        # Two full evaluations per rescored layer: a small model affords fewer of them.
+        rescored = close_to_cut(scores, k, resolution)[:max(1, len(layers) // 8)]
         planned += 2 + 2 * len(rescored)
         log.info("sensitivity: %d of %d layers are close to the ranking's top-%d cut on the %d-image subset: scored on every image",
                  len(rescored), len(layers), k, count)

@@ -17,7 +17,7 @@ from sensisearch.study.store._worker import SETTINGS_ATTR
 
 @pytest.mark.slow
 def test_default_run_is_the_guided_study_and_its_probes_count_in_the_budget(tmp_path: Path) -> None:
-    budget = 16
+    budget = 24
     ctx = prepare(StudySettings(
         example="digits", out=tmp_path, budget=budget, eval_limit=200, sample_counts=[128], backend="onnxruntime",
         algorithms=[CalibrationAlgorithm.MINMAX], latency_seconds=0.05, verify=False, isolation="none", max_drop=0.5,
