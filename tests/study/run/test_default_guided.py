@@ -31,6 +31,9 @@ def test_default_run_is_the_guided_study_and_its_probes_count_in_the_budget(tmp_
     assert finished_count(study) == budget - math.ceil(cost["trials"])
     assert study.user_attrs[SETTINGS_ATTR]["sampler"] == "guided"  # stored explicitly: a resume keeps it
     phases = [t.system_attrs.get(PHASE_ATTR) for t in study.get_trials(deepcopy=False)]
-    assert "boundary" in phases or "greedy" in phases  # after the seeds, the search walks to the --max-drop boundary
+    # After the seeds every proposal is a guided one (digits' all-INT8 is already within 0.5 points, so its boundary is
+    # k = 0 and the walk goes straight to the sampler and the local search; the bisection has its own test).
+    assert {p for p in phases if p is not None} <= {"boundary", "greedy", "sampler", "local"}
+    assert "local" in phases
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= finished_count(study)
