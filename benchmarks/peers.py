@@ -130,7 +130,7 @@ def calibration_array(ctx: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- sensisearch
 def run_study(settings: Any) -> tuple[PeerResult, Any]:
     from sensisearch.study import prepare, records, run_study as run
-    from sensisearch.study.search._budget import PROBE_COST_ATTR
+    from sensisearch.study import PROBE_COST_ATTR
 
     started = time.monotonic()
     ctx = prepare(settings)

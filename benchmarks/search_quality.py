@@ -52,8 +52,7 @@ from sensisearch.study import prepare
 from sensisearch.study import StudySettings
 from sensisearch.calibration.spread import calibration_label
 from sensisearch.quantize.config import CalibrationChoice
-from sensisearch.study.search._guided import GuidedPlan, GuidedSampler
-from sensisearch.study.search._seeds import rank_groups
+from sensisearch.study import GuidedPlan, GuidedSampler, rank_groups
 from sensisearch.study.store import TrialRecord
 
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -48,8 +48,11 @@ class TrialEvent:
 def open_study(ctx: StudyContext) -> optuna.Study:
     # Seeded per trial number: a resumed study or a second worker continues the
     # sampler instead of replaying the first run's proposals (see _budget).
-    plan = guided_plan(ctx) if ctx.settings.sampler == "guided" else None
-    sampler = make_sampler(ctx.settings.sampler, ctx.settings.seed, plan)
+    if ctx.settings.sampler == "guided" and ctx.identity_may_differ:
+        sampler = make_sampler("tpe", ctx.settings.seed)  # reviewing proposes nothing: no profile needed
+    else:
+        plan = guided_plan(ctx) if ctx.settings.sampler == "guided" else None
+        sampler = make_sampler(ctx.settings.sampler, ctx.settings.seed, plan)
     storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.heartbeat_seconds)
     masked = mask_url(ctx.storage_url)
     try:

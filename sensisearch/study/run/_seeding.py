@@ -19,7 +19,7 @@ from sensisearch.quantize.config import CalibrationChoice, TrialConfig
 from sensisearch.study.search._budget import PROBE_COST_ATTR, searched_budget
 from sensisearch.study.search._guided import GuidedPlan
 from sensisearch.study.search._seeds import rank_groups
-from sensisearch.study.search._sensitivity import SensitivityProfile, sensitivity_profile
+from sensisearch.study.search._sensitivity import SENSITIVITY_FILE, SensitivityProfile, load_cached, sensitivity_profile
 from sensisearch.study.store._record import TrialRecord
 
 if TYPE_CHECKING:
@@ -37,6 +37,10 @@ def apply_sensitivity(ctx: StudyContext) -> StudyContext:
         log.info("--search groups: %d layers in %d fusion groups (profile %s)", len(ctx.info.layers), len(groups), ctx.backend.profile.name)
         ctx.space = groups_space(ctx.space, groups)
     if not uses_sensitivity(ctx.settings):
+        return ctx
+    if ctx.identity_may_differ and load_cached(ctx.out / SENSITIVITY_FILE, ctx.sensitivity_key()) is None:
+        # Reviewing (verify, report) runs no trial: never probes, even where the profile was not copied along.
+        log.info("reviewing without the study's sensitivity profile: not measured again")
         return ctx
     profile, cached = sensitivity_profile(ctx.sensitivity_inputs())
     log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
