@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
             progress.console.print(line)
             best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} {unit_of_latency}"
-            progress.update(task, completed=min(event.finished, event.budget), description=best)
+            # event.budget: --budget less the sensitivity probes' share (the guided study's probes count in it).
+            progress.update(task, total=event.budget, completed=min(event.finished, event.budget), description=best)
 
         study = run_study(ctx, on_trial, study)
     if settings.verify:
