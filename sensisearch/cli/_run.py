@@ -35,6 +35,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sensisearch.study import save_run_settings
 
     settings = settings_from_args(args)
+    # The run's wall time includes preparation: the statistics pass and the sensitivity probes are the study's cost too.
+    started = time.monotonic()
     # SIGTERM ends a run like Ctrl-C: the running trial is failed and re-queued.
     signal.signal(signal.SIGTERM, _raise_terminated)
     if settings.storage:
@@ -56,7 +58,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for warning in ctx.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    started = time.monotonic()
     with Progress(
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
