@@ -65,6 +65,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="groups (default for a new study): one choice per fusion group (layers joined by a residual Add or "
                         "Concat share a precision); full: every layer free; topk: only the --top-k most sensitive layers")
     p.add_argument("--top-k", type=int, help="layers --search topk leaves free (default 8)")
+    p.add_argument("--bias-correction", choices=["auto", "search", "on", "off"],
+                   help="fold each INT8 layer's mean output shift into its bias: auto (default; searched by the guided "
+                        "study, kept only where it helps), search, on, off")
     p.add_argument("--latency-table", type=Path,
                    help="per-layer latency table measured on the target (`sensisearch latency-table`): trials take their "
                         "latency from it instead of being timed here")
@@ -282,7 +285,7 @@ SETTING_FLAGS = (
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
-    "profile", "sampler", "search", "top_k",
+    "profile", "sampler", "search", "top_k", "bias_correction",
     "latency_table",
     "isolation", "build_timeout", "eval_timeout", "keep_artifacts",
 )

@@ -86,6 +86,9 @@ class StudySettings:
     groups (one parameter per fusion group, :func:`sensisearch.quantize.fusion_groups`).
     None: like ``sampler``, the stored study's, else :data:`DEFAULT_SEARCH`."""
     top_k: int = 8
+    bias_correction: str = "auto"
+    """auto (searched by the guided study, off otherwise), search, on or off: fold each INT8 layer's mean
+    output shift on calibration data into its bias (a calibration choice, kept only where it helps)."""
     # Many workers, isolated trials, bounded disk.
     isolation: str = "process"
     """``process``: each trial's build, timing and evaluation run in a child process; ``none``: in the worker."""
@@ -372,6 +375,16 @@ def validate_ranges(settings: StudySettings) -> None:
 
 SAMPLERS = ("guided", "tpe", "random", "nsga2", "seeded")
 SEARCHES = ("full", "topk", "groups")
+BIAS_CORRECTION = ("auto", "search", "on", "off")
+
+
+def bias_choices(settings: StudySettings) -> tuple[bool, ...]:
+    """The bias-correction choices a study's INT8 trials take (auto: searched by the guided study only,
+    so a study made before it keeps its search space)."""
+    mode = settings.bias_correction
+    if mode == "auto":
+        mode = "search" if settings.sampler == "guided" else "off"
+    return {"search": (False, True), "on": (True,), "off": (False,)}[mode]
 # What `run` does with no search flags: the strategy that measured best (benchmarks/search_quality.py).
 DEFAULT_SAMPLER = "guided"
 DEFAULT_SEARCH = "groups"
@@ -402,6 +415,8 @@ def validate_search_settings(settings: StudySettings) -> None:
         raise SensisearchError(f"--sampler {settings.sampler}: use one of {', '.join(SAMPLERS)}")
     if settings.search is not None and settings.search not in SEARCHES:
         raise SensisearchError(f"--search {settings.search}: use one of {', '.join(SEARCHES)}")
+    if settings.bias_correction not in BIAS_CORRECTION:
+        raise SensisearchError(f"--bias-correction {settings.bias_correction}: use one of {', '.join(BIAS_CORRECTION)}")
     if settings.top_k <= 0:
         raise SensisearchError(f"--top-k {settings.top_k}: must be a positive number of layers")
     if settings.profile is not None and settings.profile not in PROFILES:

@@ -33,7 +33,7 @@ from sensisearch.study.run._identity import (
 from sensisearch.study.store._storage import mask_url, open_storage
 from sensisearch.calibration.ranges import prepare_calibration
 from sensisearch.study.trial._pipeline import TrialPipeline
-from sensisearch.study.config._settings import StudySettings, resolve_search
+from sensisearch.study.config._settings import StudySettings, bias_choices, resolve_search
 from sensisearch.study.search._space import SearchSpace, capped_sample_counts
 from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
@@ -106,6 +106,7 @@ def prepare(
         sample_counts=sample_counts,
         percentiles=tuple(settings.percentiles),
         default_calibration=CalibrationChoice(settings.default_algorithm, default_samples, 99.99),
+        bias_correction=bias_choices(settings) if Precision.INT8 in precisions else (False,),
     )
     timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
     evaluation.warnings.extend(timing_warnings)
@@ -127,6 +128,11 @@ def prepare(
         LatencySettings(min_seconds=settings.timing_seconds), settings.latency_batch, timing, predictor=predictor,
         subset=_fidelity.subset_plan(settings, evaluation.evaluator, evaluation.task),  # subset first
     )
+    if calib_source is not None and True in space.bias_correction:
+        source = calib_source
+        batch = source.static_batch or 8
+        # The study's calibration order; bias_shifts stops after its sample count.
+        pipeline.bias_feeds = lambda: ({source.input_name: b} for b in source.batches(list(range(source.size)), batch))
     ctx = StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
         backend_settings=backend_settings, backend=backend, evaluation=evaluation, space=space, pipeline=pipeline,

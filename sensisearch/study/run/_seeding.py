@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,11 @@ def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
         ranked = calibration_seeds(ctx, profile)
         for label, choice in ranked:
             seeds.append((f"all-int8 {label}", TrialConfig.uniform(list(ctx.space.layers), Precision.INT8, choice)))
+        if True in ctx.space.bias_correction:
+            # Bias correction under the best calibrations; the walk takes the best all-INT8, so it stays only if it helps.
+            for label, choice in ranked[:2]:
+                corrected = dataclasses.replace(choice, bias_correction=True)
+                seeds.append((f"all-int8 {label} + bias correction", TrialConfig.uniform(list(ctx.space.layers), Precision.INT8, corrected)))
         for label, choice in ranked[:2]:
             seeds += [(f"{name} ({label})", config) for name, config in seed_configs(
                 ctx.space.layers, profile.ranking, choice, head, float_precision=float_precision(ctx), groups=ctx.space.groups)]

@@ -33,7 +33,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution
 
 from sensisearch.quantize.config import CalibrationChoice, Precision
 from sensisearch.study.search._budget import TrialSeededSampler
-from sensisearch.study.search._space import ALGORITHM, GROUP_PREFIX, LAYER_PREFIX, PERCENTILE, SAMPLES, SearchSpace
+from sensisearch.study.search._space import ALGORITHM, BIAS, GROUP_PREFIX, LAYER_PREFIX, PERCENTILE, SAMPLES, SearchSpace
 
 if TYPE_CHECKING:
     from optuna.study import Study
@@ -171,6 +171,8 @@ class GuidedPlan:
         self.distributions[ALGORITHM] = CategoricalDistribution([a.value for a in self.space.algorithms])
         self.distributions[SAMPLES] = CategoricalDistribution(list(self.space.sample_counts))
         self.distributions[PERCENTILE] = CategoricalDistribution(list(self.space.percentiles))
+        if len(self.space.bias_correction) > 1:
+            self.distributions[BIAS] = CategoricalDistribution(list(self.space.bias_correction))
 
     def param(self, unit: Sequence[str]) -> str:
         return (GROUP_PREFIX if self.space.groups is not None else LAYER_PREFIX) + unit[0]
@@ -191,6 +193,8 @@ class GuidedPlan:
         percentiles = list(self.space.percentiles)
         # Only read for a percentile algorithm, whose value the history always holds; else any offered one.
         out[PERCENTILE] = calibration.percentile if calibration.percentile in percentiles else percentiles[len(percentiles) // 2]
+        if len(self.space.bias_correction) > 1:
+            out[BIAS] = calibration.bias_correction
         return out
 
 
@@ -201,7 +205,7 @@ def _calibration_of(params: Mapping[str, Any], default: CalibrationChoice) -> Ca
 
     return CalibrationChoice(
         CalibrationAlgorithm(params[ALGORITHM]), int(params.get(SAMPLES, default.samples)),
-        float(params.get(PERCENTILE, default.percentile)),
+        float(params.get(PERCENTILE, default.percentile)), bool(params.get(BIAS, default.bias_correction)),
     )
 
 

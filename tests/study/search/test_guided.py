@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,28 @@ def test_boundary_on_digits_matches_brute_force(tmp_path: Path) -> None:
     else:  # not monotone (digits INT8 layers can score above FP32): a transition the brute force confirms
         assert k in {i + 1 for i in infeasible} or k == 0
     assert len(calls) < len(brute)  # fewer evaluations than the brute force
+
+
+@pytest.mark.slow
+def test_bias_correction_is_a_calibration_choice_of_the_guided_study(tmp_path: Path) -> None:
+    """The guided study searches it (one more calibration parameter); a corrected all-INT8 builds and scores on
+    real ORT, differs from the uncorrected one in its deployable, and a study made without it keeps its space."""
+    import onnx
+
+    ctx = prepare(StudySettings(
+        example="digits", out=tmp_path / "g", eval_limit=200, sample_counts=[128], algorithms=[CalibrationAlgorithm.MINMAX],
+        backend="onnxruntime", latency_seconds=0.05,
+    ))
+    assert ctx.space.bias_correction == (False, True)
+    plain = ctx.space.uniform(Precision.INT8)
+    corrected = TrialConfig(plain.precisions, dataclasses.replace(plain.calibration, bias_correction=True))
+    assert ctx.space.params_for(corrected)["calib_bias_correction"] is True
+    a, _ = ctx.pipeline.emit(plain, tmp_path / "a")
+    b, _ = ctx.pipeline.emit(corrected, tmp_path / "b")
+    biases = lambda p: {i.name: i.raw_data for i in onnx.load(str(p)).graph.initializer}  # noqa: E731
+    assert biases(a) != biases(b)
+    assert 0 < score_config(ctx.pipeline, corrected, tmp_path / "w")[0].value <= 100
+    tpe = resolve_search(StudySettings(example="digits", sampler="tpe"), None)
+    from sensisearch.study.config._settings import bias_choices
+
+    assert bias_choices(tpe) == (False,)
