@@ -25,7 +25,7 @@ from sensisearch.study.search._seeds import rank_groups
 def test_bisection_finds_the_first_feasible_k_of_a_monotone_curve() -> None:
     curve = [50.0, 52.0, 55.0, 58.0, 59.0, 59.5, 59.8, 60.0]  # metric of all-INT8 minus the top-k units
     for threshold in (51.0, 54.0, 58.5, 59.9):
-        k, _ = find_boundary(lambda k: curve[k], len(curve) - 1, threshold)
+        k, seen = find_boundary(lambda k: curve[k], len(curve) - 1, threshold)
         assert k == next(i for i, v in enumerate(curve) if v >= threshold)
         assert len(seen) <= 4  # log2(8) + the all-INT8 end, not all 8
 
