@@ -240,7 +240,8 @@ def propose(plan: GuidedPlan, trials: Sequence[FrozenTrial]) -> Proposal:
         pending = t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
         if not done and not pending and t.state != optuna.trial.TrialState.PRUNED:
             continue  # failed: known, but without a value
-        value = t.values[0] if done else None
+        # Stopped early on the evaluation subset (PRUNED): clearly out, i.e. known and infeasible, not pending.
+        value = t.values[0] if done else (float("-inf") if t.state == optuna.trial.TrialState.PRUNED else None)
         latency = t.values[1] if done else None
         history.append((Evaluated(floats, value, latency), _calibration_of(t.params, plan.space.default_calibration)))
     if fp32 is None:
