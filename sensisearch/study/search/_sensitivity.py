@@ -313,9 +313,6 @@ PROBE_SUBSET_FRACTION = 0.125
 PROBE_SUBSET_MIN = 8
 MAX_RESCORED = 4
 """At most this many layers, the closest to the cut, are scored again on every image (2 full evaluations each)."""
-DECISION_K = 8
-"""The ranking decides which layers the seeds keep in float (all-INT8 minus the top 1..8): a layer whose
-subset score is close to the score of rank :data:`DECISION_K` is scored again on every image."""
 CLOSE_FRACTION = 0.25
 """"Close": within this fraction of the cut score (or two images of a classifier's subset) of it."""
 
@@ -329,13 +326,21 @@ def probe_subset(total: int | None, seed: int) -> np.ndarray | None:
     return subset_positions(total, max(PROBE_SUBSET_MIN, int(round(total * PROBE_SUBSET_FRACTION))), seed)
 
 
-def close_to_cut(scores: Mapping[str, float], k: int, margin: float) -> list[str]:
-    """Layers whose score is within ``margin`` of the k-th highest score (the decision the subset might get wrong)."""
-    if len(scores) <= k:
-        return list(scores)[:MAX_RESCORED]
-    cut = sorted(scores.values(), reverse=True)[k - 1]
-    close = [name for name, value in scores.items() if abs(value - cut) <= max(margin, CLOSE_FRACTION * abs(cut))]
-    return sorted(close, key=lambda name: abs(scores[name] - cut))[:MAX_RESCORED]
+def close_to_cut(scores: Mapping[str, float], ks: Sequence[int], margin: float) -> list[str]:
+    """Layers whose score is within ``margin`` of a cut the seeds make (the k-th highest score, for each k in
+    ``ks``): the decisions the subset might get wrong. Closest first."""
+    ordered = sorted(scores.values(), reverse=True)
+    distance: dict[str, float] = {}
+    for k in ks:
+        if not 0 < k < len(ordered):
+            continue
+        # The cut sits between rank k and rank k + 1: both sides of it are in question.
+        cut = (ordered[k - 1] + ordered[k]) / 2
+        for name, value in scores.items():
+            gap = abs(value - cut)
+            if gap <= max(margin, CLOSE_FRACTION * abs(cut)):
+                distance[name] = min(distance.get(name, gap), gap)
+    return sorted(distance, key=distance.__getitem__)
 
 
 def measure_sensitivity(
@@ -421,13 +426,16 @@ def measure_sensitivity(
     if subset is not None:
         resolution = 100.0 / max(count, 1) if inputs.classification else 0.0
         scores = {n: (fp32 - p.only_int8) + (p.all_but - all_int8) for n, p in probes.items()}
-        # A small model's seeds float a quarter of its layers at most: its cut sits there.
-        k = min(DECISION_K, max(1, len(layers) // 4))
-        # Two full evaluations per rescored layer: a small model affords fewer of them.
-        rescored = close_to_cut(scores, k, resolution)[:max(1, len(layers) // 8)]
+        # The seeds' cuts (all-INT8 minus the top 1, 2, 3, 5, 8); two full evaluations per rescored
+        # layer, so a small model affords fewer of them.
+        # The ranking decides which layers the seeds keep in float: a layer near one of those cuts is rescored.
+        from sensisearch.study.search._seeds import SEED_KS
+
+        ks = [k for k in SEED_KS if k < len(layers)]
+        rescored = close_to_cut(scores, ks, resolution)[:max(2, min(MAX_RESCORED, len(layers) // 8))]
         planned += 2 + 2 * len(rescored)
-        log.info("sensitivity: %d of %d layers are close to the ranking's top-%d cut on the %d-image subset: scored on every image",
-                 len(rescored), len(layers), k, count)
+        log.info("sensitivity: %d of %d layers are close to the seeds' cuts (top %s) on the %d-image subset: scored on every image",
+                 len(rescored), len(layers), ks, count)
         if rescored:
             full_fp32, _ = score("fp32 (every image)", TrialConfig.uniform(layers, Precision.FP32), full=True)
             full_int8, _ = score(f"all-int8 {_label(choice)} (every image)", TrialConfig.uniform(layers, Precision.INT8, choice), full=True)
