@@ -36,7 +36,8 @@ from sensisearch.study.search._budget import (
 )
 
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-FAST = ["--latency-seconds", "0.05", "--sample-counts", "64"]
+# Plain TPE: these tests count trials against --budget, which the default guided study shares with its probes.
+FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", "--sampler", "tpe", "--search", "full"]
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str) -> int:
-    return main(["run", *args])
+    # Trial counts are this file's subject: plain TPE, whose budget is all trials (the default guided
+    # study takes its probes' share off it; tests/study/run/test_default_guided.py covers that).
+    return main(["run", "--sampler", "tpe", "--search", "full", *args])
 
 
 @pytest.fixture(scope="module")
