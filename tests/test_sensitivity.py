@@ -71,7 +71,9 @@ def test_seed_configs_are_int8_minus_top_k_then_head_rule() -> None:
     seeds = seed_configs(layers, ranking, calib, head_rule=["l0", "l3"], ks=(1, 2, 3, 5, 8))
     names = [n for n, _ in seeds]
     # top-8 would be every layer (that is all-FP32, a baseline); the head rule equals top-2: dropped.
-    assert names == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
+    # The head rule joins when the ranking puts its layers in the top 5 (the compact space can then express it).
+    assert names[:4] == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
+    assert names[4:] in ([], ["first conv + head float"])
     floats = {n: set(c.layers_with(Precision.FP32)) for n, c in seeds}
     assert floats["int8 minus top-3"] == {"l3", "l0", "l5"}
     assert floats["int8 minus top-5"] == set(ranking[:5])
@@ -105,6 +107,7 @@ def _digits_ctx(out: Path, seed: int, eval_limit: int | None):  # noqa: ANN202 -
     return prepare(StudySettings(
         example="digits", out=out, seed=seed, eval_limit=eval_limit, sample_counts=[128],
         algorithms=[CalibrationAlgorithm.MINMAX], backend="onnxruntime", latency_seconds=0.05,
+        sampler="tpe", search="full",  # these tests run the probes themselves (the guided default would in prepare)
     ))
 
 
@@ -183,7 +186,9 @@ def test_seeds_are_enqueued_exactly_once_and_topk_holds_the_rest_int8(tmp_path: 
     assert main([*common, "--budget", "17"]) == 0  # resumed: the seeds must not come again
     study = optuna.load_study(study_name="digits_resnet", storage=f"sqlite:///{tmp_path / 'study.db'}")
     names = study.user_attrs[SEEDS_ENQUEUED_ATTR]
-    assert names == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
+    # The head rule joins when the ranking puts its layers in the top 5 (the compact space can then express it).
+    assert names[:4] == ["int8 minus top-1", "int8 minus top-2", "int8 minus top-3", "int8 minus top-5"]
+    assert names[4:] in ([], ["first conv + head float"])
     seeded = [t.user_attrs["seed"] for t in study.trials if "seed" in t.user_attrs]
     assert sorted(seeded) == sorted(names)
     # --budget counts searched configurations less the probes' share; the FP32 and INT8 baselines come on top.
@@ -196,7 +201,7 @@ def test_seeds_are_enqueued_exactly_once_and_topk_holds_the_rest_int8(tmp_path: 
             assert set(config.values()) == {t.user_attrs["baseline"]}
             continue
         assert all(config[n] == "int8" for n in ranking[5:])  # outside the top-5: always INT8
-        if "seed" in t.user_attrs:
+        if "seed" in t.user_attrs and "minus" in t.user_attrs["seed"]:
             k = int(t.user_attrs["seed"].rsplit("-", 1)[1])
             assert {n for n, p in config.items() if p != "int8"} == set(ranking[:k])  # FP16 where the target has it
 
