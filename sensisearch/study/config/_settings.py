@@ -401,7 +401,10 @@ def resolve_search(settings: StudySettings, stored: Mapping[str, Any] | None) ->
     """
     if settings.sampler is not None and settings.search is not None:
         return settings
-    if stored is None:
+    if stored is None and settings.precisions is not None and Precision.INT8 not in settings.precisions:
+        # No INT8 to rank layers by: nothing for the sensitivity probes to measure.
+        sampler, search = LEGACY_SAMPLER, DEFAULT_SEARCH
+    elif stored is None:
         sampler, search = DEFAULT_SAMPLER, DEFAULT_SEARCH
     else:
         sampler, search = stored.get("sampler") or LEGACY_SAMPLER, stored.get("search") or LEGACY_SEARCH

@@ -124,3 +124,8 @@ def test_bias_correction_is_a_calibration_choice_of_the_guided_study(tmp_path: P
     from sensisearch.study.config._settings import bias_choices
 
     assert bias_choices(tpe) == (False,)
+
+
+def test_a_study_without_int8_defaults_to_tpe_over_groups() -> None:
+    settings = resolve_search(StudySettings(example="digits", precisions=[Precision.FP16, Precision.FP32]), None)
+    assert (settings.sampler, settings.search) == ("tpe", "groups")
