@@ -67,6 +67,12 @@ from sensisearch.study.run import (
     table_pipeline,
 )
 from sensisearch.study.search import (
+    PHASE_ATTR,
+    PROBE_COST_ATTR,
+    GuidedPlan,
+    GuidedSampler,
+    find_boundary,
+    rank_groups,
     SearchSpace,
     SensitivityProfile,
     compact_space,
@@ -106,6 +112,12 @@ from sensisearch.study.trial import (
 )
 
 __all__ = [
+    "PHASE_ATTR",
+    "PROBE_COST_ATTR",
+    "GuidedPlan",
+    "GuidedSampler",
+    "find_boundary",
+    "rank_groups",
     "FRONT_COLUMNS",
     "SAMPLERS",
     "SEARCHES",

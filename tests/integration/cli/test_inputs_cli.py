@@ -19,7 +19,7 @@ from sensisearch.evaluation.preprocess import Preprocess
 from sensisearch.examples import load_example
 
 # Helpers that build the real model variants live beside the evaluation-side tests.
-from integration.evaluation.test_inputs import _dynamic_yolov5, _set_batch, _yolo_copy_of_coco_dev, _yolov8_layout_wrapper
+from integration.evaluation.test_inputs import _dynamic_yolov5, _yolo_copy_of_coco_dev, _yolov8_layout_wrapper
 
 REFERENCE_ALL = (35.63, 55.60)  # shared/data/README.md: YOLOv5n FP32 on the 170 coco-dev images, NMS IoU 0.6
 

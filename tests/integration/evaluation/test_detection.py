@@ -16,7 +16,6 @@ from sensisearch.errors import SensisearchError
 from sensisearch.evaluation.detection import (
     CocoDetectionEvaluator,
     DetectionPredictions,
-    DetectionSettings,
     category_mapping,
     coco80_to_coco91,
     is_yolov5_detector,

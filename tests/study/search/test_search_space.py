@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import optuna
-import pytest
 
 from sensisearch.cli import main
 from sensisearch.examples import load_example

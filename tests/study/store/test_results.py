@@ -66,7 +66,6 @@ def test_settings_flags_override_file_and_validate(tmp_path) -> None:
 
 
 def test_bundled_study_files_parse(tmp_path) -> None:
-    from pathlib import Path
 
     from sensisearch.study.config._settings import read_study_file
 

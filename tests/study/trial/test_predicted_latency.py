@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import optuna
 import pytest
 from scipy.stats import spearmanr
