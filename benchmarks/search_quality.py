@@ -1,4 +1,9 @@
-"""Does the sensitivity-seeded search beat random search?
+"""Does the sensitivity-seeded search beat random search, and does the default study beat greedy?
+
+The default strategy (``sensisearch run`` with no search flags: the guided
+sampler over fusion groups, its sensitivity probes taken off its trials and put
+on its clock) is printed with the others, as hypervolume against trials and
+against wall time.
 
 YOLOv5n with the TensorRT quantization profile, its accuracy scored by ONNX
 Runtime on exactly the Q/DQ graph TensorRT would get; calibration on one half of
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -44,6 +50,10 @@ from sensisearch.study import compact_space, groups_space, head_rule_layers, mak
 from sensisearch.study import score_config, sensitivity_profile
 from sensisearch.study import prepare
 from sensisearch.study import StudySettings
+from sensisearch.calibration.spread import calibration_label
+from sensisearch.quantize.config import CalibrationChoice
+from sensisearch.study import GuidedPlan, GuidedSampler, rank_groups
+from sensisearch.study.store import TrialRecord
 
 SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -79,6 +89,7 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=24)
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--max-drop", type=float, default=0.5, help="the default study's --max-drop (points)")
     parser.add_argument("--full", action="store_true", help="50 trials, random 100, 85 eval images, 128 calibration images")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sensisearch-search-quality")
     args = parser.parse_args()
@@ -99,8 +110,9 @@ def main() -> None:
     macs = layer_macs(ctx.model, ctx.info)
     started = time.monotonic()
     profile, cached = sensitivity_profile(ctx.sensitivity_inputs())
-    probes = 2 + len(ctx.space.algorithms) + 2 * len(layers)
-    print(f"sensitivity: {probes} probe evaluations, {'cached' if cached else f'{time.monotonic() - started:.0f} s'}; "
+    probe_seconds = profile.seconds or time.monotonic() - started  # a cached profile keeps what it cost
+    print(f"sensitivity: {profile.probes} probes ({profile.cost_trials:.1f} full evaluations, counted in the default "
+          f"study's trials), {probe_seconds:.0f} s{' (cached)' if cached else ''}; "
           f"calibration {profile.calibration}; top-8 {profile.ranking[:8]}")
     fp32_value = profile.fp32
     fp32_cost = estimated_cost(macs, {n: Precision.FP32 for n in layers})
@@ -112,40 +124,74 @@ def main() -> None:
         value = score_config(ctx.pipeline, config, work)[0].value
         return value, estimated_cost(macs, config.precisions), len(config.layers_with(Precision.INT8))
 
-    def study_run(name: str, sampler: optuna.samplers.BaseSampler, n: int, space, seeds=()) -> None:  # noqa: ANN001
+    elapsed: dict[str, list[float]] = {}
+
+    def study_run(name: str, sampler: optuna.samplers.BaseSampler, n: int, space, seeds=(), attrs=None,  # noqa: ANN001
+                  start_seconds: float = 0.0) -> None:
+        """``n`` trials; ``start_seconds``: time already spent for this strategy (its sensitivity probes)."""
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-        for config in seeds:
-            study.enqueue_trial(space.params_for(config))
+        for i, config in enumerate(seeds):
+            study.enqueue_trial(space.params_for(config), user_attrs=None if attrs is None else attrs[i])
         points: list[tuple[float, float, int]] = []
+        times: list[float] = []
+        t0 = time.monotonic()
 
         def objective(trial: optuna.Trial) -> tuple[float, float]:
+            if TrialRecord.from_attrs(trial.number, trial.user_attrs).baseline is None:
+                trial.set_user_attr(TrialRecord.attr_key("role"), "evaluate")
             point = evaluate(space.suggest(trial))
             points.append(point)
+            times.append(start_seconds + time.monotonic() - t0)
             return point[0], point[1]
 
-        t0 = time.monotonic()
         study.optimize(objective, n_trials=n)
         results[name] = points
-        print(f"{name}: {n} trials in {time.monotonic() - t0:.0f} s")
+        elapsed[name] = times
+        print(f"{name}: {n} trials in {time.monotonic() - t0:.0f} s (+ {start_seconds:.0f} s of probes)")
 
+    # The default study (`sensisearch run` with no search flags): the guided sampler over fusion groups. Its
+    # probes count: their images, in full evaluations, come off its trials, and their seconds onto its clock.
+    head = head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index)
+    groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
+    grouped = groups_space(ctx.space, groups)
+    probe_trials = int(math.ceil(profile.cost_trials))
+    plan = GuidedPlan(space=grouped, units=rank_groups(groups, profile.ranking), max_drop=args.max_drop,
+                      budget=lambda study: args.trials - probe_trials,
+                      float_precision=Precision.FP16 if Precision.FP16 in grouped.precisions else Precision.FP32)
+    guided_seeds = [grouped.uniform(Precision.FP32), grouped.uniform(Precision.INT8)]
+    guided_attrs = [TrialRecord.baseline_attrs("fp32"), TrialRecord.baseline_attrs("int8")]
+    percentile = profile.calibration_choice.percentile
+    ranked = sorted(grouped.algorithms, key=lambda a: -profile.calibration_scores.get(calibration_label(a, percentile), -1e9))
+    for algorithm in ranked:
+        guided_seeds.append(TrialConfig.uniform(layers, Precision.INT8, CalibrationChoice(algorithm, args.calib_images, percentile)))
+        guided_attrs.append({})
+    for algorithm in ranked[:2]:
+        for _, config in seed_configs(layers, profile.ranking, CalibrationChoice(algorithm, args.calib_images, percentile), head,
+                                      float_precision=plan.float_precision, groups=groups):
+            guided_seeds.append(config)
+            guided_attrs.append({})
+    n_default = max(1, args.trials - probe_trials) + 2  # + the two baselines the study runs besides its budget
+    study_run("default", GuidedSampler(plan, 0), n_default, grouped, guided_seeds, guided_attrs, start_seconds=probe_seconds)
     # The study's own samplers (make_sampler: TrialSeededSampler, as `sensisearch run --sampler ...`).
     study_run("random", make_sampler("random", 0), random_trials, ctx.space)
     study_run("tpe", make_sampler("tpe", 0), args.trials, ctx.space)
-    head = head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index)
     seeds = [c for _, c in seed_configs(layers, profile.ranking, profile.calibration_choice, head)]
     topk = compact_space(ctx.space, profile.ranking, args.top_k)
-    study_run("seeded", make_sampler("seeded", 0), args.trials, topk, [s for s in seeds if topk.expresses(s)])
-    groups = fusion_groups(ctx.pipeline.index, ctx.info.layers, ctx.backend.profile)
+    study_run("seeded", make_sampler("seeded", 0), args.trials, topk, [s for s in seeds if topk.expresses(s)],
+              start_seconds=probe_seconds)
     print(f"fusion groups ({ctx.backend.profile.name} profile): {len(layers)} layers -> {len(groups)} groups; "
           f"multi-layer: {[len(g) for g in groups if len(g) > 1]}")
-    grouped = groups_space(ctx.space, groups)
     group_seeds = [c for _, c in seed_configs(layers, profile.ranking, profile.calibration_choice, head, groups=groups)]
-    study_run("groups", make_sampler("seeded", 0), args.trials, grouped, [s for s in group_seeds if grouped.expresses(s)])
+    study_run("groups", make_sampler("seeded", 0), args.trials, grouped, [s for s in group_seeds if grouped.expresses(s)],
+              start_seconds=probe_seconds)
     # Greedy: all-INT8, then revert the next most sensitive layer to float, one per trial.
     greedy = []
+    elapsed["greedy"] = []
+    t0 = time.monotonic()
     for k in range(args.trials):
         floats = set(profile.ranking[:k])
         greedy.append(evaluate(TrialConfig({n: Precision.FP32 if n in floats else Precision.INT8 for n in layers}, profile.calibration_choice)))
+        elapsed["greedy"].append(probe_seconds + time.monotonic() - t0)
     results["greedy"] = greedy
 
     checkpoints = sorted({n for n in (5, 10, 12, 20, 25, 50, 100) if n <= random_trials} | {args.trials, random_trials})
@@ -154,6 +200,15 @@ def main() -> None:
     for name, points in results.items():
         row = [hypervolume([(v, c) for v, c, _ in points[:n]], fp32_value, fp32_cost) if n <= len(points) else None for n in checkpoints]
         print(f"{name:<9} " + "".join(f"{h:9.3g}" if h is not None else f"{'-':>9}" for h in row))
+    longest = max(t[-1] for t in elapsed.values() if t)
+    marks = [longest * f for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    print("\nhypervolume against wall time (s; probes included where a strategy uses them; this machine's load: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
+    print("strategy  " + "".join(f"{m:>9.0f}" for m in marks))
+    for name, points in results.items():
+        times = elapsed.get(name, [])
+        row = [hypervolume([(v, c) for (v, c, _), t in zip(points, times) if t <= m], fp32_value, fp32_cost) for m in marks]
+        print(f"{name:<9} " + "".join(f"{h:9.3g}" for h in row))
     print(f"\ngoal 1 (FP32 {fp32_value:.2f}): best with >= {len(layers) - 3}/{len(layers)} INT8 / best all-INT8, drop in mAP points")
     for name, points in results.items():
         near = [fp32_value - v for v, _, n in points if n >= len(layers) - 3]

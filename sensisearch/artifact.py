@@ -11,7 +11,9 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
 
 import onnx
 
@@ -58,6 +60,10 @@ class ArtifactPipeline:
         self.info = info
         self.backend = backend
         self.thresholds = thresholds
+        # Bias correction (a calibration choice): calibration feeds for its FP32 pass, set by the study;
+        # shifts cached by layer fingerprint, so trials sharing a layer's quantization reuse its shift.
+        self.bias_feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None
+        self._bias_cache: dict[str, np.ndarray] = {}
         self.index = GraphIndex(model)  # the same graph every trial: index it once
 
     def plan(self, config: TrialConfig) -> Placement:
@@ -109,9 +115,20 @@ class ArtifactPipeline:
                 raise RuntimeError(f"no calibrated range for {len(missing)} tensors (first: {missing[0]})")
         with phases("emit"):
             deployable = emit_deployable_onnx(self.model, self.info, placement, ranges, self.backend.profile)
+            if config.uses_int8 and config.calibration.bias_correction:
+                deployable = self.bias_corrected(deployable)
             path = out_dir / DEPLOYABLE_NAME
             save_model(deployable, path)
         return path, ranges
+
+    def bias_corrected(self, deployable: onnx.ModelProto) -> onnx.ModelProto:
+        """``deployable`` with every INT8 layer's mean output shift folded into its bias."""
+        from sensisearch.calibration.bias import apply_bias_shifts, bias_shifts
+
+        if self.bias_feeds is None:
+            raise RuntimeError("bias correction needs calibration data, but the pipeline has none")
+        shifts = bias_shifts(deployable, self.model, self.info.layers, self.bias_feeds(), cache=self._bias_cache)
+        return apply_bias_shifts(deployable, shifts, self.backend.profile)
 
     def build(self, deployable: Path, out_dir: Path, config: TrialConfig) -> BuildResult:
         """Compile ``deployable`` with the backend (artifact written into ``out_dir``)."""

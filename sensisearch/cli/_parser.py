@@ -57,13 +57,17 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=["tensorrt", "onnxruntime-cpu"],
                    help="Q/DQ profile of the deployable ONNX (default: the backend's own); with --backend onnxruntime, "
                         "--profile tensorrt scores exactly TensorRT's graph (its latency is then only an estimate)")
-    p.add_argument("--sampler", choices=["tpe", "random", "nsga2", "seeded"],
-                   help="tpe (default), random, nsga2, or seeded: TPE after the sensitivity seeds (all-INT8 minus the top-k "
-                        "sensitive layers, first conv + head in float)")
+    p.add_argument("--sampler", choices=["guided", "tpe", "random", "nsga2", "seeded"],
+                   help="guided (default for a new study): sensitivity seeds, then a bisection to the --max-drop boundary, "
+                        "multi-objective TPE seeded with it, and a local search around the front; tpe, random, nsga2, or "
+                        "seeded: TPE after the sensitivity seeds. A resumed study keeps the sampler it was made with")
     p.add_argument("--search", choices=["full", "topk", "groups"],
-                   help="full (default): every layer free; topk: only the --top-k most sensitive layers; groups: one choice per "
-                        "fusion group (layers joined by a residual Add or Concat share a precision)")
+                   help="groups (default for a new study): one choice per fusion group (layers joined by a residual Add or "
+                        "Concat share a precision); full: every layer free; topk: only the --top-k most sensitive layers")
     p.add_argument("--top-k", type=int, help="layers --search topk leaves free (default 8)")
+    p.add_argument("--bias-correction", choices=["auto", "search", "on", "off"],
+                   help="fold each INT8 layer's mean output shift into its bias: auto (default; searched by the guided "
+                        "study, kept only where it helps), search, on, off")
     p.add_argument("--latency-table", type=Path,
                    help="per-layer latency table measured on the target (`sensisearch latency-table`): trials take their "
                         "latency from it instead of being timed here")
@@ -284,7 +288,7 @@ SETTING_FLAGS = (
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
-    "profile", "sampler", "search", "top_k",
+    "profile", "sampler", "search", "top_k", "bias_correction",
     "latency_table",
     "isolation", "build_timeout", "eval_timeout", "keep_artifacts",
 )

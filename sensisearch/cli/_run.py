@@ -40,6 +40,8 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     from sensisearch.study import save_run_settings
 
     settings = settings_from_args(args)
+    # The run's wall time includes preparation: the statistics pass and the sensitivity probes are the study's cost too.
+    started = time.monotonic()
     if settings.storage.storage:
         # A wrong URL or password: one line now, before any calibration work.
         from sensisearch.study import open_storage
@@ -64,7 +66,6 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
     )
     for warning in ctx.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    started = time.monotonic()
     with Progress(
         TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
@@ -97,7 +98,8 @@ def _run(args: argparse.Namespace, signals: StopSignals) -> int:
                 line = f"[red]trial {event.number} {event.state.lower()}[/]: {escape(str(event.error))}"
             progress.console.print(line)
             best = "" if event.best_value is None else f"best {ctx.evaluator.metric} {event.best_value:.2f} @ {event.best_latency_ms:.3f} {unit_of_latency}"
-            progress.update(task, completed=min(event.finished, event.budget), description=best)
+            # event.budget: --budget less the sensitivity probes' share (the guided study's probes count in it).
+            progress.update(task, total=event.budget, completed=min(event.finished, event.budget), description=best)
             trials.step(min(event.finished, event.budget), event.budget)
 
         with Heartbeat(trials):  # a line at least every interval, also inside one long trial

@@ -43,9 +43,15 @@ class CalibrationChoice:
     algorithm: CalibrationAlgorithm = CalibrationAlgorithm.MINMAX
     samples: int = 128
     percentile: float = 99.99
+    bias_correction: bool = False
+    """Fold each INT8 layer's mean output shift (FP32 minus quantized, on calibration data) into its bias
+    (:mod:`sensisearch.calibration.bias`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"algorithm": self.algorithm.value, "samples": self.samples, "percentile": self.percentile}
+        out: dict[str, Any] = {"algorithm": self.algorithm.value, "samples": self.samples, "percentile": self.percentile}
+        if self.bias_correction:  # absent when off, so configurations stored before it read back unchanged
+            out["bias_correction"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CalibrationChoice":
@@ -53,6 +59,7 @@ class CalibrationChoice:
             algorithm=CalibrationAlgorithm(data["algorithm"]),
             samples=int(data["samples"]),
             percentile=float(data.get("percentile", 99.99)),
+            bias_correction=bool(data.get("bias_correction", False)),
         )
 
 

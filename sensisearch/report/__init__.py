@@ -24,7 +24,7 @@ from sensisearch.report._data import (
     precision_codes,
 )
 from sensisearch.report._html import PARETO_DIV, PRECISION_DIV, render_report_html, write_report_html
-from sensisearch.report._png import write_pareto_png, write_precision_map_png
+from sensisearch.report._png import write_pareto_png, write_precision_map_png, write_sensitivity_png
 from sensisearch.report._review import REVIEW_FILES, ReviewFiles, review_markdown, write_review
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "review_markdown",
     "write_pareto_png",
     "write_precision_map_png",
+    "write_sensitivity_png",
     "write_report_html",
     "write_review",
 ]

@@ -91,3 +91,26 @@ def write_precision_map_png(data: ReviewData, path: str | Path) -> Path:
         loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8,
     )
     return _save(fig, path)
+
+
+def write_sensitivity_png(data: ReviewData, path: str | Path) -> Path | None:
+    """The sensitivity ranking, most sensitive layer first: the drop with only this layer INT8 and the drop
+    with every layer but this one INT8 (points below FP32); None when the study measured no profile."""
+    rows = list(data.sensitivity)
+    if not rows:
+        return None
+    fig = Figure(figsize=(max(8.0, 0.16 * len(rows) + 2), 4.8))
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    width = 0.42
+    only = [np.nan if r.drop_only_this_int8 is None else r.drop_only_this_int8 for r in rows]
+    but = [np.nan if r.drop_all_but_this_int8 is None else r.drop_all_but_this_int8 for r in rows]
+    ax.bar(x - width / 2, only, width, color=PRECISION_COLOURS["int8"], label="only this layer INT8")
+    ax.bar(x + width / 2, but, width, color=PRECISION_COLOURS["fp32"], label="every layer but this one INT8")
+    ax.set_xticks(x, [r.layer for r in rows], rotation=90, fontsize=6)
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_ylabel(f"{data.metric_name} drop vs FP32 (points)")
+    ax.set_title(f"{data.title}: layer sensitivity ranking (most sensitive first)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)

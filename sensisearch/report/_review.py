@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sensisearch.report._html import write_report_html
-from sensisearch.report._png import write_pareto_png, write_precision_map_png
+from sensisearch.report._png import write_pareto_png, write_precision_map_png, write_sensitivity_png
 
 if TYPE_CHECKING:
     from sensisearch.report._data import ReviewData
 
-REVIEW_FILES = {"html": "report.html", "pareto_png": "pareto.png", "precision_map_png": "precision_map.png"}
+REVIEW_FILES = {
+    "html": "report.html", "pareto_png": "pareto.png", "precision_map_png": "precision_map.png",
+    "sensitivity_png": "sensitivity.png",
+}
 
 
 @dataclass(frozen=True)
@@ -20,15 +23,18 @@ class ReviewFiles:
     html: Path
     pareto_png: Path
     precision_map_png: Path
+    sensitivity_png: Path | None = None
+    """The ranking plot; None when the study measured no sensitivity profile."""
 
 
 def write_review(data: ReviewData, out_dir: str | Path) -> ReviewFiles:
-    """``report.html``, ``pareto.png`` and ``precision_map.png`` in ``out_dir``."""
+    """``report.html``, ``pareto.png``, ``precision_map.png`` and (with a sensitivity profile) ``sensitivity.png`` in ``out_dir``."""
     out = Path(out_dir)
     return ReviewFiles(
         html=write_report_html(data, out / REVIEW_FILES["html"]),
         pareto_png=write_pareto_png(data, out / REVIEW_FILES["pareto_png"]),
         precision_map_png=write_precision_map_png(data, out / REVIEW_FILES["precision_map_png"]),
+        sensitivity_png=write_sensitivity_png(data, out / REVIEW_FILES["sensitivity_png"]),
     )
 
 
@@ -46,4 +52,5 @@ def review_markdown(files: ReviewFiles, relative_to: str | Path) -> str:
         f"Interactive review (offline, one file): [{rel(files.html)}]({rel(files.html)})\n\n"
         f"![Pareto front]({rel(files.pareto_png)})\n\n"
         f"![Precision map of the front]({rel(files.precision_map_png)})\n"
+        + ("" if files.sensitivity_png is None else f"\n![Layer sensitivity ranking]({rel(files.sensitivity_png)})\n")
     )

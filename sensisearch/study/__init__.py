@@ -70,6 +70,12 @@ from sensisearch.study.run import (
     table_pipeline,
 )
 from sensisearch.study.search import (
+    PHASE_ATTR,
+    PROBE_COST_ATTR,
+    GuidedPlan,
+    GuidedSampler,
+    find_boundary,
+    rank_groups,
     SearchSpace,
     SensitivityProfile,
     compact_space,
@@ -110,6 +116,12 @@ from sensisearch.study.trial import (
 )
 
 __all__ = [
+    "PHASE_ATTR",
+    "PROBE_COST_ATTR",
+    "GuidedPlan",
+    "GuidedSampler",
+    "find_boundary",
+    "rank_groups",
     "FRONT_COLUMNS",
     "VERIFY_SUMMARY_ATTR",
     "SAMPLERS",

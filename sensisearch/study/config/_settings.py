@@ -39,8 +39,16 @@ INPUT_CHOICES: dict[str, tuple[str, ...]] = {
     "layout": ("nchw", "nhwc"),
     "letterbox": ("yolov5", "ultralytics"),
 }
-SAMPLERS = ("tpe", "random", "nsga2", "seeded")
+SAMPLERS = ("guided", "tpe", "random", "nsga2", "seeded")
 SEARCHES = ("full", "topk", "groups")
+BIAS_CORRECTION = ("auto", "search", "on", "off")
+# What `run` does with no search flags: the strategy that measured best (benchmarks/search_quality.py).
+DEFAULT_SAMPLER = "guided"
+DEFAULT_SEARCH = "groups"
+# What a stored study that records no sampler or search was run with: the defaults of the releases
+# before the guided one, so resuming it keeps proposing the way it started.
+LEGACY_SAMPLER = "tpe"
+LEGACY_SEARCH = "full"
 
 
 def _finite(flag: str, value: float | None) -> None:
@@ -134,13 +142,19 @@ class SearchSettings:
     """The algorithm of the baselines and the sensitivity probes."""
     profile: str | None = None
     """Quantization profile of the deployable ONNX (tensorrt, onnxruntime-cpu); None: the backend's own."""
-    sampler: str = "tpe"
-    """tpe, random, nsga2, or seeded (TPE after the sensitivity seeds)."""
-    search: str = "full"
+    sampler: str | None = None
+    """guided (sensitivity seeds, boundary search, multi-objective TPE, local search), tpe, random, nsga2,
+    or seeded (TPE after the sensitivity seeds). None: a stored study's own sampler when resuming one
+    (a study stored without one was made when TPE was the default), else :data:`DEFAULT_SAMPLER`."""
+    search: str | None = None
     """full (every layer a parameter), topk (the ``top_k`` most sensitive layers free, the rest INT8) or
-    groups (one parameter per fusion group, :func:`sensisearch.quantize.fusion_groups`)."""
+    groups (one parameter per fusion group, :func:`sensisearch.quantize.fusion_groups`).
+    None: like ``sampler``, the stored study's, else :data:`DEFAULT_SEARCH`."""
     top_k: int = 8
     """Layers ``search = "topk"`` leaves free."""
+    bias_correction: str = "auto"
+    """auto (searched by the guided study, off otherwise), search, on or off: fold each INT8 layer's mean
+    output shift on calibration data into its bias (a calibration choice, kept only where it helps)."""
     fidelity_subset: float | None = None
     """Images a searched trial scores first: a count (>= 1) or a fraction (< 1) of the evaluation set;
     None or 0: off (the default; see ``study/trial/_fidelity.py`` for the measurement behind it)."""
@@ -153,10 +167,12 @@ class SearchSettings:
         for p in self.percentiles:
             if not 0 < p <= 100:
                 raise SensisearchError(f"--percentiles {p}: must be in (0, 100]")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise SensisearchError(f"--sampler {self.sampler}: use one of {', '.join(SAMPLERS)}")
-        if self.search not in SEARCHES:
+        if self.search is not None and self.search not in SEARCHES:
             raise SensisearchError(f"--search {self.search}: use one of {', '.join(SEARCHES)}")
+        if self.bias_correction not in BIAS_CORRECTION:
+            raise SensisearchError(f"--bias-correction {self.bias_correction}: use one of {', '.join(BIAS_CORRECTION)}")
         if self.top_k <= 0:
             raise SensisearchError(f"--top-k {self.top_k}: must be a positive number of layers")
         if self.profile is not None and self.profile not in PROFILES:
@@ -589,3 +605,33 @@ def check_file_type(key: str, name: str, value: Any) -> None:
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, kinds) for v in value):
             example = {"sample_counts": "[128, 256]", "precisions": '["int8", "fp32"]'}.get(name, "[...]")
             fail(f"a list, e.g. {key} = {example}")
+
+
+def bias_choices(settings: StudySettings) -> tuple[bool, ...]:
+    """The bias-correction choices a study's INT8 trials take (auto: searched by the guided study only,
+    so a study made before it keeps its search space)."""
+    mode = settings.search.bias_correction
+    if mode == "auto":
+        mode = "search" if settings.search.sampler == "guided" else "off"
+    return {"search": (False, True), "on": (True,), "off": (False,)}[mode]
+
+
+def resolve_search(settings: StudySettings, stored: Mapping[str, Any] | None) -> StudySettings:
+    """``settings`` with sampler and search decided: given ones win, then a stored study's, then the defaults.
+
+    ``stored``: the settings a stored study recorded, nested or flat (None: there is no stored study yet).
+    """
+    search = settings.search
+    if search.sampler is not None and search.search is not None:
+        return settings
+    if stored is None and search.precisions is not None and Precision.INT8 not in search.precisions:
+        # No INT8 to rank layers by: nothing for the sensitivity probes to measure.
+        sampler, strategy = LEGACY_SAMPLER, DEFAULT_SEARCH
+    elif stored is None:
+        sampler, strategy = DEFAULT_SAMPLER, DEFAULT_SEARCH
+    else:
+        flat = flat_settings(stored)
+        sampler, strategy = flat.get("sampler") or LEGACY_SAMPLER, flat.get("search") or LEGACY_SEARCH
+    resolved = settings.replace(sampler=search.sampler or sampler, search=search.search or strategy)
+    resolved.search.validate()
+    return resolved

@@ -83,6 +83,8 @@ class StudyContext:
             "profile": self.backend.profile.name,
             "algorithms": [a.value for a in self.space.algorithms],
             "samples": self.space.default_calibration.samples,
+            # Probes on a fixed subset first, the layers near the ranking's cut on every image.
+            "probes": "subset-first",
         }
 
     def sensitivity_inputs(self) -> SensitivityInputs:

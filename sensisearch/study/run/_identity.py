@@ -120,6 +120,8 @@ def effective_config_key(config: TrialConfig) -> str:
         calibration = {"algorithm": choice.algorithm.value, "samples": choice.samples}
         if choice.algorithm.reads_percentile:
             calibration["percentile"] = choice.percentile
+        if choice.bias_correction:
+            calibration["bias_correction"] = True
     return json.dumps({"precisions": precisions, "calibration": calibration}, sort_keys=True, separators=(",", ":"))
 
 
@@ -172,6 +174,8 @@ def identity_of(
             "algorithms": [a.value for a in space.algorithms],
             "sample_counts": list(space.sample_counts),
             "percentiles": list(space.percentiles),
+            # Only where searched: a study made before bias correction keeps its identity.
+            **({"bias_correction": list(space.bias_correction)} if space.bias_correction != (False,) else {}),
         },
         device=device,
     )

@@ -212,9 +212,10 @@ def decide_trial(
     trial.set_user_attr(TrialRecord.attr_key("config_key"), key)
     # A re-queued trial carries the attributes of the one it replaces: decide afresh.
     trial.set_user_attr(TrialRecord.attr_key("role"), None)
+    budget = _budget.searched_budget(ctx.settings.search.budget, trial.study.user_attrs)
     # No trial may run longer than its two timeouts; past that (and the heartbeat grace) the one waited for is stuck.
     max_wait = ctx.settings.execution.build_timeout + ctx.settings.execution.eval_timeout + 2 * ctx.settings.execution.heartbeat_seconds
-    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, ctx.settings.search.budget,
+    decision = _budget.await_decision(trial.study, trial.number, key, baseline_name is not None, budget,
                                       stop=ctx.stop, max_wait_seconds=max_wait)
     if decision.action == _budget.EVALUATE:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.EVALUATE)
@@ -222,7 +223,7 @@ def decide_trial(
     if decision.action == _budget.OVER_BUDGET:
         trial.set_user_attr(TrialRecord.attr_key("role"), _budget.OVER_BUDGET)
         trial.study.stop()
-        raise optuna.TrialPruned(f"budget of {ctx.settings.search.budget} distinct configurations reached")
+        raise optuna.TrialPruned(f"budget of {budget} distinct configurations reached")
     assert decision.of is not None
     original = trial.study.get_trials(deepcopy=False)[decision.of]
     _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config, config_key=key,

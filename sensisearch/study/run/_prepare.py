@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection
+from typing import TYPE_CHECKING, Any, Collection
 
 import onnx
 import optuna
@@ -32,11 +32,12 @@ from sensisearch.study.run._identity import (
 from sensisearch.study.store._storage import mask_url, open_storage
 from sensisearch.calibration.ranges import prepare_calibration
 from sensisearch.study.trial._pipeline import TrialPipeline
-from sensisearch.study.config._settings import StudySettings
+from sensisearch.study.config._settings import StudySettings, bias_choices, resolve_search
 from sensisearch.study.search._space import SearchSpace, capped_sample_counts
 from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
 
 if TYPE_CHECKING:
+    from sensisearch.backends.base import Backend
     from sensisearch.calibration.statistics import StatisticsProgress
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,8 @@ def prepare(
     make_out_dir(out)
     storage_url = settings.storage.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     storage = open_storage(storage_url, settings.execution.heartbeat_seconds)
+    # A resumed study keeps the sampler and search it was made with unless a flag names another.
+    settings = resolve_search(settings, _stored_settings(storage, study_name))
     backend_settings = settings.backend_settings()
     choice = choose_backend(backend_settings, out)
     if not choice.can_run:
@@ -81,9 +84,9 @@ def prepare(
     backend, profile_warning = with_profile(choice.backend, settings.search.profile)  # --profile
     # A foreign profile or --latency-table: trials take their latency from a predictor, untimed.
     predictor = latency_predictor(settings, choice.backend.profile.name, backend, resolved.model, resolved.info)
-    precisions = tuple(settings.search.precisions or backend.capabilities.precisions)
+    precisions = tuple(settings.search.precisions or target_precisions(backend))
     unsupported = [p.value for p in precisions if p not in backend.capabilities.precisions]
-    if unsupported:
+    if unsupported and settings.search.precisions is not None:  # the target's own FP16 (no --precisions) is no surprise
         log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
     evaluation = build_evaluation(settings, resolved.input_spec, resolved.model, out, need_calibration=Precision.INT8 in precisions)
     check_task_settings(settings, evaluation.task, resolved.model)
@@ -102,6 +105,7 @@ def prepare(
         sample_counts=sample_counts,
         percentiles=tuple(settings.search.percentiles),
         default_calibration=CalibrationChoice(settings.search.default_algorithm, default_samples, 99.99),
+        bias_correction=bias_choices(settings) if Precision.INT8 in precisions else (False,),
     )
     timing, timing_warnings = timing_plan(settings, backend_settings, resolved.info.inputs[0] if len(resolved.info.inputs) == 1 else None)
     evaluation.warnings.extend(timing_warnings)
@@ -123,6 +127,11 @@ def prepare(
         LatencySettings(min_seconds=settings.measurement.timing_seconds), settings.backend.latency_batch, timing, predictor=predictor,
         subset=_fidelity.subset_plan(settings, evaluation.evaluator, evaluation.task),  # subset first
     )
+    if calib_source is not None and True in space.bias_correction:
+        source = calib_source
+        batch = source.static_batch or 8
+        # The study's calibration order; bias_shifts stops after its sample count.
+        pipeline.bias_feeds = lambda: ({source.input_name: b} for b in source.batches(list(range(source.size)), batch))
     ctx = StudyContext(
         settings=settings, out=out, model_path=resolved.model_path, model=resolved.model, info=resolved.info,
         backend_settings=backend_settings, backend=backend, evaluation=evaluation, space=space, pipeline=pipeline,
@@ -131,6 +140,30 @@ def prepare(
         storage=storage, identity=identity, identity_may_differ=ignore,
     )
     return apply_sensitivity(ctx)  # sensitivity profile and compact space when the search uses them
+
+
+def _stored_settings(storage: optuna.storages.BaseStorage, study_name: str) -> dict[str, Any] | None:
+    """The settings a stored study recorded ({} for one made before they were recorded); None: no such study yet."""
+    from sensisearch.study.store._worker import SETTINGS_ATTR
+
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return None
+    return dict(storage.get_study_user_attrs(study_id).get(SETTINGS_ATTR) or {})
+
+
+def target_precisions(backend: Backend) -> tuple[Precision, ...]:
+    """The precisions a study offers when ``--precisions`` is not given: the target's.
+
+    Scored off-target (``--profile tensorrt`` on ONNX Runtime) the target has FP16
+    kernels, so INT8, FP16 and FP32 are offered; FP16 layers then run with real
+    float16 weights and activations here, so their accuracy is the target's.
+    """
+    own = tuple(backend.capabilities.precisions)
+    if backend.profile.name == "tensorrt" and Precision.FP16 not in own:
+        return (Precision.INT8, Precision.FP16, Precision.FP32)
+    return own
 
 
 def make_out_dir(out: Path) -> None:

@@ -21,7 +21,7 @@ from sensisearch.study.run._trial_runner import trial_runner
 from sensisearch.study.run._objective import make_objective
 from sensisearch.study.run._prepare import check_stored_identity
 from sensisearch.study.store._record import TrialRecord
-from sensisearch.study.run._seeding import enqueue_seeds
+from sensisearch.study.run._seeding import enqueue_seeds, guided_plan
 from sensisearch.study.search._seeds import make_sampler
 from sensisearch.study.store._worker import artifact_pruner, store_settings
 from sensisearch.study.run._identity import identity_for, write_study_file
@@ -53,7 +53,11 @@ class TrialEvent:
 def open_study(ctx: StudyContext) -> optuna.Study:
     # Seeded per trial number: a resumed study or a second worker continues the
     # sampler instead of replaying the first run's proposals (see _budget).
-    sampler = make_sampler(ctx.settings.search.sampler, ctx.settings.search.seed)
+    if ctx.settings.search.sampler == "guided" and ctx.identity_may_differ:
+        sampler = make_sampler("tpe", ctx.settings.search.seed)  # reviewing proposes nothing: no profile needed
+    else:
+        plan = guided_plan(ctx) if ctx.settings.search.sampler == "guided" else None
+        sampler = make_sampler(ctx.settings.search.sampler, ctx.settings.search.seed, plan)
     storage = ctx.storage if ctx.storage is not None else open_storage(ctx.storage_url, ctx.settings.execution.heartbeat_seconds)
     masked = mask_url(ctx.storage_url)
     try:
@@ -137,7 +141,10 @@ def run_study(
         optuna.storages.fail_stale_trials(study)
     enqueue_baselines(ctx, study)
     enqueue_seeds(ctx, study)
-    budget = ctx.settings.search.budget
+    # The sensitivity probes were evaluations too: they take their share of --budget.
+    budget = _budget.searched_budget(ctx.settings.search.budget, study.user_attrs)
+    if budget < ctx.settings.search.budget:
+        log.info("budget %d: %d trials after the sensitivity probes' share", ctx.settings.search.budget, budget)
     guard = _RunGuard()
 
     def watch(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,11 @@ from sensisearch.study.search._seeds import (
     seed_configs,
     uses_sensitivity,
 )
-from sensisearch.study.search._sensitivity import sensitivity_profile
+from sensisearch.quantize.config import CalibrationChoice, TrialConfig
+from sensisearch.study.search._budget import PROBE_COST_ATTR, searched_budget
+from sensisearch.study.search._guided import GuidedPlan
+from sensisearch.study.search._seeds import rank_groups
+from sensisearch.study.search._sensitivity import SENSITIVITY_FILE, SensitivityProfile, load_cached, sensitivity_profile
 from sensisearch.study.store._record import TrialRecord
 
 if TYPE_CHECKING:
@@ -34,6 +39,10 @@ def apply_sensitivity(ctx: StudyContext) -> StudyContext:
         ctx.space = groups_space(ctx.space, groups)
     if not uses_sensitivity(ctx.settings):
         return ctx
+    if ctx.identity_may_differ and load_cached(ctx.out / SENSITIVITY_FILE, ctx.sensitivity_key()) is None:
+        # Reviewing (verify, report) runs no trial: never probes, even where the profile was not copied along.
+        log.info("reviewing without the study's sensitivity profile: not measured again")
+        return ctx
     profile, cached = sensitivity_profile(ctx.sensitivity_inputs())
     log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
     if ctx.settings.search.search == "topk":
@@ -41,20 +50,62 @@ def apply_sensitivity(ctx: StudyContext) -> StudyContext:
     return ctx
 
 
+def float_precision(ctx: StudyContext) -> Precision:
+    """The precision a seed keeps its sensitive layers in: FP16 where the target offers it (faster than FP32, nearly as exact)."""
+    return Precision.FP16 if Precision.FP16 in ctx.space.precisions else Precision.FP32
+
+
+def guided_plan(ctx: StudyContext) -> GuidedPlan:
+    """The guided sampler's plan: the fusion groups (or layers) ranked by the sensitivity profile."""
+    profile, _ = sensitivity_profile(ctx.sensitivity_inputs())
+    groups = ctx.space.groups if ctx.space.groups is not None else [(n,) for n in ctx.space.layers]
+    return GuidedPlan(
+        space=ctx.space, units=rank_groups(groups, profile.ranking), max_drop=ctx.settings.acceptance.max_drop,
+        budget=lambda study: searched_budget(ctx.settings.search.budget, study.user_attrs), float_precision=float_precision(ctx),
+    )
+
+
+def calibration_seeds(ctx: StudyContext, profile: SensitivityProfile) -> list[tuple[str, CalibrationChoice]]:
+    """The calibrations the guided seeds are tried under: every algorithm for all-INT8, the best two
+    (all-INT8 on the probes' subset) for the ranking's seeds, so the sampler narrows calibration from evidence."""
+    percentile = profile.calibration_choice.percentile
+    samples = profile.calibration_choice.samples
+    choices = [CalibrationChoice(a, samples, percentile) for a in ctx.space.algorithms]
+    from sensisearch.calibration.spread import calibration_label
+
+    scored = sorted(choices, key=lambda c: -profile.calibration_scores.get(calibration_label(c.algorithm, c.percentile), float("-inf")))
+    return [(calibration_label(c.algorithm, c.percentile), c) for c in scored]
+
+
 def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
     """Enqueue the sensitivity seeds once per study (a resumed run or another worker does not repeat them).
 
-    Returns the names enqueued now (empty when they were already, or the sampler is not ``seeded``).
+    Returns the names enqueued now (empty when they were already, or the sampler is neither ``seeded`` nor ``guided``).
+    The probes' cost is recorded in the study (:data:`~sensisearch.study.search._budget.PROBE_COST_ATTR`): it counts in the budget.
     """
-    if ctx.settings.search.sampler != "seeded" or SEEDS_ENQUEUED_ATTR in study.user_attrs:
+    if ctx.settings.search.sampler not in ("seeded", "guided") or SEEDS_ENQUEUED_ATTR in study.user_attrs:
         return []
     profile, _ = sensitivity_profile(ctx.sensitivity_inputs(), study)
-    float_precision = Precision.FP16 if Precision.FP16 in ctx.space.precisions else Precision.FP32
-    seeds = seed_configs(
-        ctx.space.layers, profile.ranking, profile.calibration_choice,
-        head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index), float_precision=float_precision,
-        groups=ctx.space.groups,
-    )
+    study.set_user_attr(PROBE_COST_ATTR, {"trials": profile.cost_trials, "seconds": profile.seconds, "probes": profile.probes})
+    head = head_rule_layers(ctx.model, ctx.info, ctx.pipeline.index)
+    seeds: list[tuple[str, TrialConfig]] = []
+    if ctx.settings.search.sampler == "guided":
+        ranked = calibration_seeds(ctx, profile)
+        for label, choice in ranked:
+            seeds.append((f"all-int8 {label}", TrialConfig.uniform(list(ctx.space.layers), Precision.INT8, choice)))
+        if True in ctx.space.bias_correction:
+            # Bias correction under the best calibrations; the walk takes the best all-INT8, so it stays only if it helps.
+            for label, choice in ranked[:2]:
+                corrected = dataclasses.replace(choice, bias_correction=True)
+                seeds.append((f"all-int8 {label} + bias correction", TrialConfig.uniform(list(ctx.space.layers), Precision.INT8, corrected)))
+        for label, choice in ranked[:2]:
+            seeds += [(f"{name} ({label})", config) for name, config in seed_configs(
+                ctx.space.layers, profile.ranking, choice, head, float_precision=float_precision(ctx), groups=ctx.space.groups)]
+    else:
+        seeds = seed_configs(
+            ctx.space.layers, profile.ranking, profile.calibration_choice, head,
+            float_precision=float_precision(ctx), groups=ctx.space.groups,
+        )
     names = []
     for name, config in seeds:
         if not ctx.space.expresses(config):

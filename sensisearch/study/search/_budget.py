@@ -12,6 +12,7 @@ whatever the number of workers, without a lock server.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -94,6 +95,18 @@ def decide(number: int, key: str, baseline: bool, trials: Sequence[TrialView], b
         return Decision(EVALUATE)
     counted = sum(1 for t in lower if t.evaluated and not t.baseline)
     return Decision(OVER_BUDGET) if counted >= budget else Decision(EVALUATE)
+
+
+PROBE_COST_ATTR = "sensitivity_cost"
+"""Study user attribute: what the sensitivity probes cost, in trial-equivalents and seconds."""
+
+
+def searched_budget(budget: int, study_attrs: dict[str, Any]) -> int:
+    """``--budget`` less the sensitivity probes' cost: probes are evaluations too, so a guided
+    study of budget N spends about as much evaluation as N trials of a plain one (at least one trial is left)."""
+    cost = study_attrs.get(PROBE_COST_ATTR) or {}
+    spent = int(math.ceil(float(cost.get("trials", 0.0)) - 1e-9))
+    return max(1, budget - spent)
 
 
 def counted_trials(trials: Sequence[TrialView]) -> int:

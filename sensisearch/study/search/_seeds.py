@@ -21,6 +21,7 @@ from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfi
 from sensisearch.quantize.graph import GraphIndex, activation_epilogue, feeds_layers
 from sensisearch.study.config._settings import SAMPLERS
 from sensisearch.study.search._budget import TrialSeededSampler
+from sensisearch.study.search._guided import GuidedPlan, GuidedSampler
 
 if TYPE_CHECKING:
     import onnx
@@ -38,8 +39,12 @@ SEEDS_ENQUEUED_ATTR = "sensitivity_seeds"
 HEAD_RULE = "first conv + head float"
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The study's sampler; ``seeded`` is TPE whose first trials are the sensitivity seeds."""
+def make_sampler(name: str, seed: int, plan: GuidedPlan | None = None) -> optuna.samplers.BaseSampler:
+    """The study's sampler; ``seeded`` is TPE whose first trials are the sensitivity seeds; ``guided`` needs its ``plan``."""
+    if name == "guided":
+        if plan is None:
+            raise SensisearchError("--sampler guided: needs the sensitivity profile (INT8 in --precisions and --calib-data)")
+        return GuidedSampler(plan, seed)
     # Seeded per trial number (TrialSeededSampler): a resumed study or a second worker continues
     # the sampler instead of replaying the first run's proposals.
     if name in ("tpe", "seeded"):
@@ -52,7 +57,7 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def uses_sensitivity(settings: StudySettings) -> bool:
-    return settings.search.sampler == "seeded" or settings.search.search == "topk"
+    return settings.search.sampler in ("seeded", "guided") or settings.search.search == "topk"
 
 
 def head_rule_layers(model: onnx.ModelProto, info: ModelInfo, index: GraphIndex | None = None) -> list[str]:

@@ -22,6 +22,7 @@ the scores depend on (model, data, profile, calibration search, evaluation subse
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -179,6 +180,15 @@ class SensitivityProfile:
     calibration_scores: dict[str, float] = field(default_factory=dict)
     """All-INT8 metric per calibration choice tried (label -> points)."""
     eval_count: int = 0
+    """Images each probe scored (the subset's size when the probes ran on one)."""
+    probes: int = 0
+    """Probe evaluations run (each a build and an evaluation)."""
+    cost_trials: float = 0.0
+    """Images the probes scored, in full evaluations: their share of ``--budget``."""
+    seconds: float = 0.0
+    """Wall time of the probes (every comparison counts it)."""
+    rescored: list[str] = field(default_factory=list)
+    """Layers scored again on every image (close to the ranking's decision on the subset)."""
 
     @property
     def ranking(self) -> list[str]:
@@ -196,6 +206,10 @@ class SensitivityProfile:
             "fp32": self.fp32,
             "all_int8": self.all_int8,
             "eval_count": self.eval_count,
+            "probes": self.probes,
+            "cost_trials": self.cost_trials,
+            "seconds": self.seconds,
+            "rescored": list(self.rescored),
             "calibration_scores": self.calibration_scores,
             "layers": [asdict(r) for r in self.layers],
             "tensors": [asdict(t) for t in self.tensors],
@@ -213,6 +227,10 @@ class SensitivityProfile:
             tensors=[TensorSensitivity(**t) for t in data.get("tensors", [])],
             calibration_scores={k: float(v) for k, v in data.get("calibration_scores", {}).items()},
             eval_count=int(data.get("eval_count", 0)),
+            probes=int(data.get("probes", 0)),
+            cost_trials=float(data.get("cost_trials", 0.0)),
+            seconds=float(data.get("seconds", 0.0)),
+            rescored=list(data.get("rescored", [])),
         )
 
 
@@ -233,12 +251,14 @@ def score_config(
     config: TrialConfig,
     work_dir: Path,
     probe_feeds: Mapping[str, np.ndarray] | None = None,
+    positions: np.ndarray | None = None,
 ) -> tuple[EvaluationResult, list[np.ndarray]]:
     """Accuracy only: emit, build, load and evaluate ``config`` (no latency), then delete the files.
 
     The same emit/build path as a study trial, so the score is that of exactly
     the deployable graph the profile produces. Also returns the outputs on
-    ``probe_feeds`` (empty without them).
+    ``probe_feeds`` (empty without them). ``positions``: score only these images
+    (the probes' fixed subset, :meth:`~sensisearch.evaluation.base.Evaluator.evaluate_part`).
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -246,6 +266,8 @@ def score_config(
         build = pipeline.build(deployable, work_dir, config)
         with pipeline.backend.load(build.artifact) as runner:
             outputs = [] if probe_feeds is None else runner.run(probe_feeds)
+            if positions is not None:
+                return pipeline.evaluator.evaluate_part(runner, positions).result, outputs
             return pipeline.evaluator.evaluate(runner), outputs
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -287,10 +309,54 @@ def _label(choice: CalibrationChoice) -> str:
     return calibration_label(choice.algorithm, choice.percentile)
 
 
+PROBE_SUBSET_FRACTION = 0.125
+"""Probes score this fraction of the evaluation images first (at least :data:`PROBE_SUBSET_MIN`)."""
+PROBE_SUBSET_MIN = 8
+MAX_RESCORED = 4
+"""At most this many layers, the closest to the cut, are scored again on every image (2 full evaluations each)."""
+CLOSE_FRACTION = 0.25
+""""Close": within this fraction of the cut score (or two images of a classifier's subset) of it."""
+
+
+def probe_subset(total: int | None, seed: int) -> np.ndarray | None:
+    """The probes' fixed subset of the evaluation images (None: score every image; too few to split)."""
+    if total is None or total < 2 * PROBE_SUBSET_MIN:
+        return None
+    from sensisearch.study.trial._fidelity import subset_positions
+
+    return subset_positions(total, max(PROBE_SUBSET_MIN, int(round(total * PROBE_SUBSET_FRACTION))), seed)
+
+
+def close_to_cut(scores: Mapping[str, float], ks: Sequence[int], margin: float) -> list[str]:
+    """Layers whose score is within ``margin`` of a cut the seeds make (the k-th highest score, for each k in
+    ``ks``): the decisions the subset might get wrong. Closest first."""
+    ordered = sorted(scores.values(), reverse=True)
+    distance: dict[str, float] = {}
+    for k in ks:
+        if not 0 < k < len(ordered):
+            continue
+        # The cut sits between rank k and rank k + 1: both sides of it are in question.
+        cut = (ordered[k - 1] + ordered[k]) / 2
+        for name, value in scores.items():
+            gap = abs(value - cut)
+            if gap <= max(margin, CLOSE_FRACTION * abs(cut)):
+                distance[name] = min(distance.get(name, gap), gap)
+    return sorted(distance, key=distance.__getitem__)
+
+
 def measure_sensitivity(
     inputs: SensitivityInputs, on_probe: Callable[[str, float], None] | None = None
 ) -> SensitivityProfile:
-    """Run every probe (2 per layer, plus FP32 and all-INT8 per calibration algorithm)."""
+    """Run every probe (2 per layer, plus FP32 and all-INT8 per calibration algorithm).
+
+    Multi-fidelity: every probe scores a fixed subset of the evaluation images
+    (:func:`probe_subset`); only the layers whose subset score is close to the
+    ranking's decision (:func:`close_to_cut`) are scored again on every image, with
+    FP32 and all-INT8 on every image to compare them with. The calibration
+    statistics are the study's own (one statistics pass for probes and trials).
+    """
+    import time
+
     space, pipeline = inputs.space, inputs.pipeline
     if Precision.INT8 not in space.precisions or inputs.calibration is None:
         from sensisearch.errors import SensisearchError
@@ -299,23 +365,34 @@ def measure_sensitivity(
     work = inputs.out / "sensitivity-work"
     layers = list(space.layers)
     samples = space.default_calibration.samples
+    total = pipeline.evaluator.image_count()
+    subset = probe_subset(total, int(inputs.key.get("seed", 0) or 0))
+    planned = 1 + len(space.algorithms) + 2 * len(layers)
+    started = time.perf_counter()
+    done = {"probes": 0, "images": 0}
 
-    counts: list[int] = []
     feeds = _probe_feeds(inputs)
     # Probes can take many minutes on a large model: a log gets a line with the ETA every half minute.
     progress = PhaseProgress("sensitivity probes", "probes")
-    total_probes = 1 + len(space.algorithms) + 2 * len(layers)
-    progress.start(f"{total_probes} probes")
+    progress.start(f"{planned} probes planned")
     reference: list[np.ndarray] = []
+    subset_count: list[int] = []
 
-    def score(name: str, config: TrialConfig) -> tuple[float, float]:
-        result, outputs = score_config(pipeline, config, work, feeds)
-        counts.append(result.count)
+    def score(name: str, config: TrialConfig, full: bool = False) -> tuple[float, float]:
+        positions = None if full or subset is None else subset
+        result, outputs = score_config(pipeline, config, work, feeds, positions)
+        done["probes"] += 1
+        done["images"] += result.count
+        if positions is not None and not subset_count:
+            subset_count.append(result.count)
         distortion = output_distortion(outputs, reference) if reference else 0.0
-        log.info("probe %s: %s %.3f, output distortion %.3g", name, pipeline.evaluator.metric, result.value, distortion)
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done["probes"] * max(planned - done["probes"], 0)
+        log.info("probe %d/%d %s (%s images): %s %.3f, output distortion %.3g; %.0f s so far, ETA %.0f s",
+                 done["probes"], planned, name, result.count, pipeline.evaluator.metric, result.value, distortion, elapsed, eta)
         if on_probe is not None:
             on_probe(name, result.value)
-        progress.step(len(counts), total_probes)
+        progress.step(done["probes"], planned)
         if not reference:
             reference.extend(outputs)
         return result.value, distortion
@@ -337,15 +414,48 @@ def measure_sensitivity(
             best = (value, choice)
     assert best is not None
     all_int8, choice = best
-    probes = []
-    for layer in layers:
+
+    def configs(layer: str) -> tuple[TrialConfig, TrialConfig]:
         only = {name: (Precision.INT8 if name == layer else Precision.FP32) for name in layers}
         but = {name: (Precision.FP32 if name == layer else Precision.INT8) for name in layers}
-        only_int8, distortion = score(f"only {layer}", TrialConfig(only, choice))
-        all_but, _ = score(f"all but {layer}", TrialConfig(but, choice))
-        probes.append(LayerProbe(layer, only_int8=only_int8, all_but=all_but, distortion=distortion))
+        return TrialConfig(only, choice), TrialConfig(but, choice)
+
+    probes: dict[str, LayerProbe] = {}
+    for layer in layers:
+        only, but = configs(layer)
+        only_int8, distortion = score(f"only {layer}", only)
+        all_but, _ = score(f"all but {layer}", but)
+        probes[layer] = LayerProbe(layer, only_int8=only_int8, all_but=all_but, distortion=distortion)
+    count = subset_count[0] if subset_count else 0
+    rescored: list[str] = []
+    if subset is not None:
+        resolution = 100.0 / max(count, 1) if inputs.classification else 0.0
+        scores = {n: (fp32 - p.only_int8) + (p.all_but - all_int8) for n, p in probes.items()}
+        # The seeds' cuts (all-INT8 minus the top 1, 2, 3, 5, 8); two full evaluations per rescored
+        # layer, so a small model affords fewer of them.
+        # The ranking decides which layers the seeds keep in float: a layer near one of those cuts is rescored.
+        from sensisearch.study.search._seeds import SEED_KS
+
+        ks = [k for k in SEED_KS if k < len(layers)]
+        rescored = close_to_cut(scores, ks, resolution)[:max(2, min(MAX_RESCORED, len(layers) // 8))]
+        planned += 2 + 2 * len(rescored)
+        log.info("sensitivity: %d of %d layers are close to the seeds' cuts (top %s) on the %d-image subset: scored on every image",
+                 len(rescored), len(layers), ks, count)
+        if rescored:
+            full_fp32, _ = score("fp32 (every image)", TrialConfig.uniform(layers, Precision.FP32), full=True)
+            full_int8, _ = score(f"all-int8 {_label(choice)} (every image)", TrialConfig.uniform(layers, Precision.INT8, choice), full=True)
+            for layer in rescored:
+                only, but = configs(layer)
+                only_int8, _ = score(f"only {layer} (every image)", only, full=True)
+                all_but, _ = score(f"all but {layer} (every image)", but, full=True)
+                # On the subset's scale, so full-image and subset scores rank together.
+                probes[layer] = dataclasses.replace(
+                    probes[layer], only_int8=fp32 - (full_fp32 - only_int8), all_but=all_int8 + (all_but - full_int8)
+                )
     shutil.rmtree(work, ignore_errors=True)
     progress.end()
+    seconds = time.perf_counter() - started
+    eval_total = total if total is not None else max(count, 1)
     return SensitivityProfile(
         key=dict(inputs.key),
         metric=pipeline.evaluator.metric,
@@ -353,10 +463,15 @@ def measure_sensitivity(
         fp32=fp32,
         all_int8=all_int8,
         # A classifier's metric moves in steps of one image; mAP is continuous.
-        layers=rank_layers(probes, fp32, all_int8, resolution=100.0 / max(counts[0], 1) if inputs.classification else 0.0),
+        layers=rank_layers(list(probes.values()), fp32, all_int8,
+                           resolution=100.0 / max(count or eval_total, 1) if inputs.classification else 0.0),
         tensors=tensor_sensitivity(inputs, samples),
         calibration_scores=calibration_scores,
-        eval_count=counts[0],
+        eval_count=count or eval_total,
+        probes=done["probes"],
+        cost_trials=done["images"] / max(eval_total, 1),
+        seconds=seconds,
+        rescored=rescored,
     )
 
 

@@ -20,6 +20,7 @@ GROUP_PREFIX = "group:"
 ALGORITHM = "calib_algorithm"
 SAMPLES = "calib_samples"
 PERCENTILE = "calib_percentile"
+BIAS = "calib_bias_correction"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class SearchSpace:
     # backend fuses across a residual Add or Concat, see quantize/_groups.py); every
     # layer of a group takes the group's precision. None: one parameter per layer.
     groups: tuple[tuple[str, ...], ...] | None = None
+    bias_correction: tuple[bool, ...] = (False,)
+    """Bias correction choices of an INT8 trial: (False,) off, (False, True) searched (the guided study)."""
 
     @property
     def searched_layers(self) -> tuple[str, ...]:
@@ -84,7 +87,10 @@ class SearchSpace:
             percentile = self.default_calibration.percentile
             if algorithm.reads_percentile:
                 percentile = float(trial.suggest_categorical(PERCENTILE, list(self.percentiles)))
-            calibration = CalibrationChoice(algorithm, samples, percentile)
+            bias = self.bias_correction[0]
+            if len(self.bias_correction) > 1:
+                bias = bool(trial.suggest_categorical(BIAS, list(self.bias_correction)))
+            calibration = CalibrationChoice(algorithm, samples, percentile, bias)
         return TrialConfig(precisions, calibration)
 
     def params_for(self, config: TrialConfig) -> dict[str, Any]:
@@ -100,6 +106,8 @@ class SearchSpace:
             params[SAMPLES] = config.calibration.samples
             if config.calibration.algorithm.reads_percentile:
                 params[PERCENTILE] = config.calibration.percentile
+            if len(self.bias_correction) > 1:
+                params[BIAS] = config.calibration.bias_correction
         return params
 
     def uniform(self, precision: Precision) -> TrialConfig:

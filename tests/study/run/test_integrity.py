@@ -39,7 +39,8 @@ from sensisearch.study.search._budget import (
 )
 
 SHARED = shared_data_dir()
-FAST = ["--latency-seconds", "0.05", "--sample-counts", "64"]
+# Plain TPE: these tests count trials against --budget, which the default guided study shares with its probes.
+FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", "--sampler", "tpe", "--search", "full"]
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -74,3 +74,7 @@ def test_a_study_made_by_the_previous_release_resumes_to_a_larger_budget(tmp_pat
     configs = {json.dumps(t.params, sort_keys=True) for t in searched}
     assert len(configs) == 5
     assert (out / "pareto.json").is_file()
+    # Made when TPE over every layer was the default: resumed without search flags it stays that study.
+    assert (study.user_attrs["settings"]["sampler"], study.user_attrs["settings"]["search"]) == ("tpe", "full")
+    assert not any("guided_phase" in t.system_attrs for t in trials)
+    assert not (out / "sensitivity.json").exists()

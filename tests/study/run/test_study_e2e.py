@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 
 def _run(*args: str) -> int:
-    return main(["run", *args])
+    # Trial counts are this file's subject: plain TPE, whose budget is all trials (the default guided
+    # study takes its probes' share off it; tests/study/run/test_default_guided.py covers that).
+    return main(["run", "--sampler", "tpe", "--search", "full", *args])
 
 
 @pytest.fixture(scope="module")

@@ -170,6 +170,7 @@ def test_digits_study_stops_certainly_infeasible_trials_early(tmp_path: Path) ->
         "example": "digits", "out": tmp_path / "run", "budget": 2, "precisions": ["int8", "fp32"],
         "algorithms": ["minmax", "percentile"], "percentiles": [1.0], "sample_counts": [64], "max_drop": max_drop,
         "fidelity_subset": 200, "timing_max_seconds": 0.3, "verify": False,
+        "sampler": "tpe", "search": "full",  # exactly the enqueued trials: no sensitivity seeds or probes' share
     }, None)
     ctx = prepare(settings)
     assert ctx.pipeline.subset is not None and len(ctx.pipeline.subset.positions) == 200

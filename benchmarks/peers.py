@@ -1,0 +1,316 @@
+"""The default study next to its peers: NNCF's accuracy control and ModelOpt's all-INT8, on the same inputs.
+
+Same model (YOLOv5n, or its opset-13 conversion with ``--opset13``: per-channel
+weight quantization, NNCF's better operating point), same calibration images,
+same evaluation images, same scorer (sensisearch's own COCO evaluator through
+its public API, on ONNX Runtime with the TensorRT Q/DQ profile's graph), same
+``--max-drop``. Prints, side by side, INT8 convs, drop, wall time and validation
+calls (full-set evaluations; the study's subset probes count as their share).
+
+- **sensisearch**: ``sensisearch run`` with no search flags (the guided study);
+  its wall time includes preparation and the sensitivity probes.
+- **NNCF** ``quantize_with_accuracy_control`` (``pip install .[peers]``): its
+  ``validation_fn`` scores the images NNCF asks for with the same evaluator.
+- **ModelOpt** ``python -m modelopt.onnx.quantization`` (entropy and max
+  calibration): all-INT8 only; its drop on the same images.
+
+The peers are slow (NNCF: 13-34 min on a quiet 2-core machine with the full set),
+so their results are cached in ``--cache`` (JSON keyed by everything they depend
+on); ``--rerun-peers`` measures them again. Wall times depend on the machine's
+load: say which load they were taken under. Figures are printed, never asserted.
+
+    python benchmarks/peers.py --quick              # 40 eval, 32 calibration images, budget 50
+    python benchmarks/peers.py                      # 85 eval, 85 calibration images, budget 50
+    python benchmarks/peers.py --opset13            # the per-channel operating point
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+
+SHARED = Path(os.environ.get("SENSISEARCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+log = logging.getLogger("peers")
+
+
+@dataclass
+class PeerResult:
+    """One row of the table."""
+
+    name: str
+    int8_convs: int
+    convs: int
+    metric: float
+    fp32: float
+    seconds: float
+    validation_calls: float
+    note: str = ""
+
+    @property
+    def drop(self) -> float:
+        return self.fp32 - self.metric
+
+
+# --------------------------------------------------------------------------- inputs
+def split_coco(coco: Path, out: Path, eval_images: int, calib_images: int) -> tuple[Path, Path]:
+    """Calibration and evaluation images that share none: the second half of the annotation file's images
+    calibrates (its first ``calib_images``), the first half evaluates (``eval_images`` via --eval-limit)."""
+    data = json.loads((coco / "instances.json").read_text())
+    names = [im["file_name"] for im in data["images"]]
+    half = len(names) // 2
+    calib = out / f"calib-{calib_images}"
+    calib.mkdir(parents=True, exist_ok=True)
+    for name in names[half:half + calib_images]:
+        link = calib / Path(name).name
+        if not link.exists():
+            link.symlink_to((coco / "images" / name).resolve())
+    return coco / "images", calib
+
+
+def opset13(model_path: Path, out: Path) -> Path:
+    """The model converted to opset 13 (onnx's version converter): per-channel QuantizeLinear axes become legal."""
+    target = out / f"{model_path.stem}-opset13.onnx"
+    if not target.is_file():
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(onnx.load(str(model_path)), 13)
+        onnx.checker.check_model(converted)
+        onnx.save(converted, str(target))
+    return target
+
+
+def int8_convs(model: onnx.ModelProto) -> tuple[int, int]:
+    """(Conv nodes whose weight comes through a DequantizeLinear, all Conv nodes)."""
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    quantized = sum(1 for n in convs if len(n.input) > 1 and getattr(produced_by.get(n.input[1]), "op_type", "") == "DequantizeLinear")
+    return quantized, len(convs)
+
+
+class Scorer:
+    """Scores any ONNX file with the study's own evaluator and backend, counting full-set-equivalent calls."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self.calls = 0.0
+        self.total = ctx.evaluator.image_count() or 1
+
+    def __call__(self, path: Path, positions: Sequence[int] | None = None) -> float:
+        with tempfile.TemporaryDirectory(prefix="peers-score-") as tmp:
+            build = self.ctx.backend.build(path, Path(tmp))
+            with self.ctx.backend.load(build.artifact) as runner:
+                if positions is None or len(positions) >= self.total:
+                    self.calls += 1
+                    return float(self.ctx.evaluator.evaluate(runner).value)
+                self.calls += len(positions) / self.total
+                return float(self.ctx.evaluator.evaluate_part(runner, np.sort(np.asarray(positions, np.int64))).result.value)
+
+
+def calibration_array(ctx: Any) -> np.ndarray:
+    """The study's calibration inputs, preprocessed exactly as its statistics pass sees them."""
+    source = ctx.evaluation.calibration
+    return np.concatenate(list(source.batches(list(range(source.size)), 1)), axis=0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- sensisearch
+def run_study(settings: Any) -> tuple[PeerResult, Any]:
+    from sensisearch.study import prepare, records, run_study as run
+    from sensisearch.study import PROBE_COST_ATTR
+
+    started = time.monotonic()
+    ctx = prepare(settings)
+    study = run(ctx)
+    seconds = time.monotonic() - started
+    rows = records(study)
+    fp32 = next(r.value for r in rows if r.baseline == "fp32")
+    convs = sum(1 for layer in ctx.info.layers if layer.op_type == "Conv")
+    feasible = [r for r in rows if r.value is not None and fp32 - r.value <= settings.acceptance.max_drop]
+
+    def int8_of(r: Any) -> int:
+        return sum(1 for layer in ctx.info.layers if layer.op_type == "Conv" and r.config["precisions"].get(layer.name) == "int8")
+
+    best = max(feasible, key=lambda r: (int8_of(r), r.value))
+    evaluated = sum(1 for r in rows if r.value is not None and r.role == "evaluate")
+    probe_cost = float((study.user_attrs.get(PROBE_COST_ATTR) or {}).get("trials", 0.0))
+    return PeerResult("sensisearch (default study)", int8_of(best), convs, best.value, fp32, seconds,
+                      evaluated + probe_cost, f"trial {best.number}, {best.config['calibration']['algorithm']}"), ctx
+
+
+# --------------------------------------------------------------------------- NNCF
+def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path) -> PeerResult:
+    import nncf
+
+    scorer = Scorer(ctx)
+    store = ctx.evaluator.store
+    input_name = ctx.evaluation.calibration.input_name
+    calib = calibration_array(ctx)
+    started = time.monotonic()
+    fp32 = scorer(model_path)
+    scorer.calls = 0.0
+
+    def validate(model: onnx.ModelProto, items: Any) -> float:
+        positions = [int(i) for i in items]
+        path = work / "nncf-candidate.onnx"
+        onnx.save(model, str(path))
+        return scorer(path, positions)
+
+    positions = list(range(scorer.total))
+    quantized = nncf.quantize_with_accuracy_control(
+        onnx.load(str(model_path)),
+        calibration_dataset=nncf.Dataset(list(range(len(calib))), lambda i: {input_name: calib[i:i + 1]}),
+        validation_dataset=nncf.Dataset(positions, lambda i: {input_name: store.batch([i])}),
+        validation_fn=validate,
+        max_drop=max_drop,
+        drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(calib),
+    )
+    seconds = time.monotonic() - started
+    path = work / "nncf-quantized.onnx"
+    onnx.save(quantized, str(path))
+    calls = scorer.calls
+    metric = scorer(path)
+    q, total = int8_convs(quantized)
+    return PeerResult(f"NNCF {nncf.__version__} accuracy control", q, total, metric, fp32, seconds, calls)
+
+
+# --------------------------------------------------------------------------- ModelOpt
+def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: str) -> PeerResult:
+    scorer = Scorer(ctx)
+    fp32 = scorer(model_path)
+    calib_path = work / "calib.npy"
+    np.save(calib_path, calibration_array(ctx))
+    out = work / f"modelopt-{method}.onnx"
+    # ModelOpt rewrites the file it is given (it saved its preprocessed graph over the input): a private copy.
+    private = work / f"modelopt-{method}-input.onnx"
+    shutil.copyfile(model_path, private)
+    started = time.monotonic()
+    done = subprocess.run(
+        [python, "-m", "modelopt.onnx.quantization", "--onnx_path", str(private), "--quantize_mode", "int8",
+         "--calibration_data_path", str(calib_path), "--calibration_method", method, "--output_path", str(out),
+         "--calibration_eps", "cpu"],
+        capture_output=True, text=True,
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0 or not out.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return PeerResult(f"ModelOpt {method}", 0, 0, float("nan"), fp32, seconds, 0, f"failed: {tail[0][:120]}")
+    quantized = onnx.load(str(out))
+    q, total = int8_convs(quantized)
+    return PeerResult(f"ModelOpt {method} (all-INT8)", q, total, scorer(out), fp32, seconds, 1)
+
+
+# --------------------------------------------------------------------------- cache and table
+def cache_key(digest: str, args: argparse.Namespace, peer: str) -> str:
+    return json.dumps({"model": digest, "eval": args.eval_images, "calib": args.calib_images, "max_drop": args.max_drop,
+                       "peer": peer}, sort_keys=True)
+
+
+def cached(cache: dict[str, Any], key: str, rerun: bool, measure: Callable[[], PeerResult], path: Path) -> PeerResult:
+    if not rerun and key in cache:
+        return PeerResult(**cache[key])
+    result = measure()
+    cache[key] = asdict(result)
+    path.write_text(json.dumps(cache, indent=1))
+    return result
+
+
+def print_table(rows: Sequence[PeerResult], load: str) -> None:
+    print(f"\n{'':<38} {'INT8 convs':>11} {'FP32':>7} {'metric':>7} {'drop':>7} {'wall s':>8} {'val. calls':>11}  note")
+    for r in rows:
+        print(f"{r.name:<38} {f'{r.int8_convs}/{r.convs}':>11} {r.fp32:>7.2f} {r.metric:>7.2f} {r.drop:>+7.2f} "
+              f"{r.seconds:>8.0f} {r.validation_calls:>11.1f}  {r.note}")
+    print(f"(wall times on this machine under load {load}; only comparable within one table)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="40 eval images, 32 calibration images: minutes on a quiet machine")
+    parser.add_argument("--opset13", action="store_true", help="the model converted to opset 13 (per-channel weights)")
+    parser.add_argument("--max-drop", type=float, default=0.5, help="points of mAP (both sides)")
+    parser.add_argument("--budget", type=int, default=None, help="the study's --budget (default 50, the probes included)")
+    parser.add_argument("--eval-images", type=int, default=None)
+    parser.add_argument("--calib-images", type=int, default=None)
+    parser.add_argument("--peers", default="nncf,modelopt", help="comma list of nncf, modelopt (empty: the study only)")
+    parser.add_argument("--skip-study", action="store_true", help="peers only (from the cache where it has them)")
+    parser.add_argument("--rerun-peers", action="store_true", help="measure the peers again instead of reading --cache")
+    parser.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", sys.executable),
+                        help="python that has nvidia-modelopt (default: this one)")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sensisearch-peers")
+    parser.add_argument("--cache", type=Path, default=None, help="peer results JSON (default OUT/peers.json)")
+    args = parser.parse_args()
+    quick = args.quick
+    args.eval_images = args.eval_images or (40 if quick else 85)
+    args.calib_images = args.calib_images or (32 if quick else 85)
+    budget = args.budget or 50
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from sensisearch.quantize.config import CalibrationAlgorithm
+    from sensisearch.study import StudySettings, prepare
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache_path = args.cache or args.out / "peers.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    model = SHARED / "yolov5n.onnx"
+    if args.opset13:
+        model = opset13(model, args.out)
+    # Peers get copies: a shared model file must never be rewritten (ModelOpt writes over its input).
+    original = model
+    model = args.out / model.name
+    if not model.is_file() or model.read_bytes() != original.read_bytes():
+        shutil.copyfile(original, model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
+    eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split", args.eval_images, args.calib_images)
+    tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}"
+    settings = StudySettings.from_flat(
+        model=model, eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json", calib_data=calib_dir,
+        out=args.out / f"study-{tag}", eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
+        sample_counts=[args.calib_images], max_drop=args.max_drop, budget=budget, verify=False, isolation="none",
+        algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY, CalibrationAlgorithm.PERCENTILE,
+                    CalibrationAlgorithm.MSE],
+    )
+    rows: list[PeerResult] = []
+    ctx = None
+    if not args.skip_study:
+        shutil.rmtree(settings.storage.out, ignore_errors=True)  # a fresh study: its wall time is the whole run
+        study_row, ctx = run_study(settings)
+        rows.append(study_row)
+    peers = [p for p in args.peers.split(",") if p]
+    if peers and ctx is None:
+        # Only the evaluator, backend and calibration inputs: no sensitivity probes for the peers' scorer.
+        ctx = prepare(dataclasses.replace(settings, sampler="tpe", search="full"))
+    work = args.out / "work"
+    work.mkdir(exist_ok=True)
+    for peer in peers:
+        if peer == "nncf":
+            rows.append(cached(cache, cache_key(digest, args, "nncf"), args.rerun_peers,
+                               lambda: run_nncf(ctx, model, args.max_drop, work), cache_path))
+        elif peer == "modelopt":
+            for method in ("entropy", "max"):
+                rows.append(cached(cache, cache_key(digest, args, f"modelopt-{method}"), args.rerun_peers,
+                                   lambda m=method: run_modelopt(ctx, model, m, work, args.modelopt_python), cache_path))
+        else:
+            raise SystemExit(f"--peers {peer}: use nncf and/or modelopt")
+    print(f"\n{model.name}; {args.eval_images} evaluation images, {args.calib_images} calibration images; "
+          f"--max-drop {args.max_drop}; study budget {budget}")
+    print_table(rows, " ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The guided search: the boundary bisection against brute force, the greedy walk, the local search's neighbours."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sensisearch.quantize.config import CalibrationAlgorithm, Precision, TrialConfig
+from sensisearch.study import StudySettings, prepare, score_config, sensitivity_profile
+from sensisearch.study.config._settings import resolve_search
+from sensisearch.study.search._guided import (
+    Evaluated,
+    boundary_k,
+    boundary_next,
+    find_boundary,
+    greedy_next,
+    local_next,
+    pareto,
+)
+from sensisearch.study.search._seeds import rank_groups
+
+
+def test_bisection_finds_the_first_feasible_k_of_a_monotone_curve() -> None:
+    curve = [50.0, 52.0, 55.0, 58.0, 59.0, 59.5, 59.8, 60.0]  # metric of all-INT8 minus the top-k units
+    for threshold in (51.0, 54.0, 58.5, 59.9):
+        k, seen = find_boundary(lambda k: curve[k], len(curve) - 1, threshold)
+        assert k == next(i for i, v in enumerate(curve) if v >= threshold)
+        assert len(seen) <= 4  # log2(8) + the all-INT8 end, not all 8
+
+
+def test_boundary_waits_for_a_pending_step_and_counts_all_float_as_feasible() -> None:
+    assert boundary_next({0: 50.0, 4: None}, 8, 55.0) is None  # 4 pending: nothing to decide from yet
+    assert boundary_k({0: 50.0}, 8, 55.0) == 8
+    assert boundary_next({0: 56.0}, 8, 55.0) is None  # all-INT8 already feasible
+
+
+def test_greedy_puts_back_least_sensitive_units_while_feasible() -> None:
+    known = {frozenset({0, 1}): 58.0, frozenset({0}): 57.0}
+    nxt, current = greedy_next(frozenset({0, 1, 2}), {frozenset({0, 1, 2}): 59.0}, 56.5)
+    assert nxt == frozenset({0, 1}) and current == frozenset({0, 1, 2})
+    known[frozenset({0, 1, 2})] = 59.0
+    nxt, current = greedy_next(frozenset({0, 1, 2}), known, 56.5)
+    assert current == frozenset({0}) and nxt is None or nxt == frozenset({0, 2})
+
+
+def test_local_search_flips_one_unit_of_a_front_member() -> None:
+    points = [Evaluated(frozenset({0}), 59.0, 2.0), Evaluated(frozenset(), 55.0, 1.0), Evaluated(frozenset({0, 1}), 58.0, 3.0)]
+    front = pareto(points)
+    assert {p.floats for p in front} == {frozenset({0}), frozenset()}
+    assert local_next(front, {p.floats for p in points}, 3) == frozenset({0, 2})
+
+
+def test_a_stored_study_keeps_its_sampler_and_a_new_one_gets_the_guided_default() -> None:
+    new = resolve_search(StudySettings.from_flat(example="digits"), None)
+    assert (new.sampler, new.search) == ("guided", "groups")
+    legacy = resolve_search(StudySettings.from_flat(example="digits"), {})  # stored before settings named a sampler
+    assert (legacy.sampler, legacy.search) == ("tpe", "full")
+    stored = resolve_search(StudySettings.from_flat(example="digits"), {"sampler": "seeded", "search": "topk"})
+    assert (stored.sampler, stored.search) == ("seeded", "topk")
+    flag = resolve_search(StudySettings.from_flat(example="digits", sampler="nsga2"), {"sampler": "tpe", "search": "full"})
+    assert (flag.sampler, flag.search) == ("nsga2", "full")
+
+
+@pytest.mark.slow
+def test_boundary_on_digits_matches_brute_force(tmp_path: Path) -> None:
+    """Real ORT builds: every "all-INT8 minus the top-k groups" of the digits ResNet scored (brute force),
+    then the bisection run against the same scorer must land on a transition the brute force confirms."""
+    ctx = prepare(StudySettings.from_flat(
+        example="digits", out=tmp_path, eval_limit=300, sample_counts=[128], algorithms=[CalibrationAlgorithm.MINMAX],
+        backend="onnxruntime", latency_seconds=0.05, search="groups", sampler="guided",
+    ))
+    profile, _ = sensitivity_profile(ctx.sensitivity_inputs())
+    assert ctx.space.groups is not None
+    units = rank_groups(ctx.space.groups, profile.ranking)
+    layers = list(ctx.space.layers)
+    choice = profile.calibration_choice
+    calls: list[int] = []
+
+    def metric(k: int) -> float:
+        calls.append(k)
+        floats = {n for u in units[:k] for n in u}
+        config = TrialConfig({n: Precision.FP32 if n in floats else Precision.INT8 for n in layers}, choice)
+        return score_config(ctx.pipeline, config, tmp_path / "work")[0].value
+
+    brute = [metric(k) for k in range(len(units) + 1)]
+    calls.clear()
+    # A bound between all-INT8 and FP32 so the boundary is not at either end, where the curve allows one.
+    # (all-float, k = every unit, is FP32: feasible by definition, so the bound is at most its value).
+    inner = sorted({v for v in brute[1:-1] if brute[0] < v <= brute[-1]})
+    threshold = inner[len(inner) // 2] if inner else brute[-1]
+    k, _ = find_boundary(lambda k: brute[k] if (calls.append(k) or True) else 0.0, len(units), threshold)
+    assert brute[k] >= threshold
+    assert k == 0 or brute[k - 1] < threshold  # a transition: feasible here, not one unit less
+    infeasible = [i for i, v in enumerate(brute) if v < threshold]
+    if infeasible == list(range(len(infeasible))):
+        assert k == len(infeasible)  # where the curve is monotone its one boundary is found
+    else:  # not monotone (digits INT8 layers can score above FP32): a transition the brute force confirms
+        assert k in {i + 1 for i in infeasible} or k == 0
+    assert len(calls) < len(brute)  # fewer evaluations than the brute force
+
+
+@pytest.mark.slow
+def test_bias_correction_is_a_calibration_choice_of_the_guided_study(tmp_path: Path) -> None:
+    """The guided study searches it (one more calibration parameter); a corrected all-INT8 builds and scores on
+    real ORT, differs from the uncorrected one in its deployable, and a study made without it keeps its space."""
+    import onnx
+
+    ctx = prepare(StudySettings.from_flat(
+        example="digits", out=tmp_path / "g", eval_limit=200, sample_counts=[128], algorithms=[CalibrationAlgorithm.MINMAX],
+        backend="onnxruntime", latency_seconds=0.05,
+    ))
+    assert ctx.space.bias_correction == (False, True)
+    plain = ctx.space.uniform(Precision.INT8)
+    corrected = TrialConfig(plain.precisions, dataclasses.replace(plain.calibration, bias_correction=True))
+    assert ctx.space.params_for(corrected)["calib_bias_correction"] is True
+    a, _ = ctx.pipeline.emit(plain, tmp_path / "a")
+    b, _ = ctx.pipeline.emit(corrected, tmp_path / "b")
+    biases = lambda p: {i.name: i.raw_data for i in onnx.load(str(p)).graph.initializer}  # noqa: E731
+    assert biases(a) != biases(b)
+    assert 0 < score_config(ctx.pipeline, corrected, tmp_path / "w")[0].value <= 100
+    tpe = resolve_search(StudySettings.from_flat(example="digits", sampler="tpe"), None)
+    from sensisearch.study.config._settings import bias_choices
+
+    assert bias_choices(tpe) == (False,)
+
+
+def test_a_study_without_int8_defaults_to_tpe_over_groups() -> None:
+    settings = resolve_search(StudySettings.from_flat(example="digits", precisions=[Precision.FP16, Precision.FP32]), None)
+    assert (settings.search.sampler, settings.search.search) == ("tpe", "groups")
