@@ -98,9 +98,11 @@ def route_output(consoles: list[Any], log_path: Path | None) -> IO[str] | None:
         progress.removeHandler(handler)
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     if not terminal:
-        to_stderr = logging.StreamHandler(RunOutput(sys.stderr.fileno()))
-        to_stderr.setFormatter(formatter)
-        progress.addHandler(to_stderr)
+        # Progress is the run's output, like its summary: stdout. stderr keeps only what went
+        # wrong, so a bad input is still exactly one line there.
+        to_stdout = logging.StreamHandler(RunOutput(sys.stdout.fileno()))
+        to_stdout.setFormatter(formatter)
+        progress.addHandler(to_stdout)
     if log is not None:
         to_log = logging.StreamHandler(log)
         to_log.setFormatter(formatter)
