@@ -6,6 +6,13 @@ One private module per concept: ``_console`` (rich consoles, logging), ``_parser
 on the terminal) and ``_main`` (:func:`main`, the one entry point).
 """
 
+import os
+
+# An image OpenCV cannot decode becomes one error line of ours; OpenCV's own log line about it
+# would be a second. OpenCV reads this when cv2 is first imported, which the imports below do;
+# a user's own setting wins.
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+
 from sensisearch.cli._console import PIPED_WIDTH, console, make_console, stdout
 from sensisearch.cli._main import main
 from sensisearch.cli._parser import MEASUREMENT_FLAGS, OVERRIDE_FLAGS, SETTING_FLAGS, build_parser

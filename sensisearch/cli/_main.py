@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Callable, Sequence
 
 from rich.markup import escape
@@ -28,9 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
-    # An image OpenCV cannot decode becomes one error line of ours; OpenCV's own log
-    # line about it would be a second. Read before cv2 is imported; a user's setting wins.
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     try:
         command = COMMANDS.get(args.command)
         if command is not None:

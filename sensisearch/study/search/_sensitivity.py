@@ -40,6 +40,7 @@ from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfi
 if TYPE_CHECKING:
     import optuna
 
+    from sensisearch.backends.base import Runner
     from sensisearch.calibration.ranges import CalibrationRanges
     from sensisearch.evaluation.base import EvaluationResult
     from sensisearch.study.search._space import SearchSpace
@@ -265,12 +266,26 @@ def score_config(
         deployable, _ = pipeline.emit(config, work_dir)
         build = pipeline.build(deployable, work_dir, config)
         with pipeline.backend.load(build.artifact) as runner:
-            outputs = [] if probe_feeds is None else runner.run(probe_feeds)
+            outputs = [] if probe_feeds is None else _run_probe(runner, probe_feeds)
             if positions is not None:
                 return pipeline.evaluator.evaluate_part(runner, positions).result, outputs
             return pipeline.evaluator.evaluate(runner), outputs
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _run_probe(runner: Runner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs on the probe batch; sample by sample when the model fails at that batch.
+
+    Some exports declare a dynamic batch but hard-code batch 1 inside (YOLOv5 v7.0's
+    Reshapes); the evaluator runs those one image at a time, and so do the probes.
+    """
+    try:
+        return runner.run(feeds)
+    except Exception:
+        batch = len(next(iter(feeds.values())))
+        parts = [runner.run({name: array[i:i + 1] for name, array in feeds.items()}) for i in range(batch)]
+        return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
 
 def _probe_feeds(inputs: SensitivityInputs) -> Mapping[str, np.ndarray]:
