@@ -7,7 +7,8 @@ from typing import Callable, Sequence
 
 from rich.markup import escape
 
-from sensisearch.cli._console import console, setup_logging
+from sensisearch.cli._console import console, setup_logging, stdout
+from sensisearch.cli._output import reset_output
 from sensisearch.cli._parser import build_parser
 from sensisearch.cli._review import cmd_export, cmd_report
 from sensisearch.cli._run import cmd_run, cmd_verify, cmd_worker
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "verbose", False))
+    reset_output([console, stdout])
     try:
         command = COMMANDS.get(args.command)
         if command is not None:

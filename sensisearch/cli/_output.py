@@ -85,6 +85,17 @@ def open_log(path: Path | None) -> IO[str] | None:
         raise SensisearchError(f"--log-file {path}: cannot write it ({exc.strerror}); pick a writable path") from exc
 
 
+def reset_output(consoles: list[Any]) -> None:
+    """Consoles back on the process's own sys.stdout/sys.stderr and no plain progress lines: what a command
+    starts from (a run routed them for itself; a later command in the same process must not inherit that)."""
+    for console in consoles:
+        console.file = None  # rich then writes to whatever sys.stdout / sys.stderr is at the time
+    progress = logging.getLogger(LOGGER_NAME)
+    for handler in list(progress.handlers):
+        progress.removeHandler(handler)
+    progress.setLevel(logging.WARNING)
+
+
 def route_output(consoles: list[Any], log_path: Path | None) -> IO[str] | None:
     """Point the CLI's consoles at never-blocking streams (and the log file); plain progress lines when not a terminal."""
     log = open_log(log_path)
