@@ -172,10 +172,11 @@ def test_stored_settings_mask_the_url_and_make_paths_absolute(tmp_path: Path) ->
 # --------------------------------------------------------------------------- what the previous release stored
 def _legacy_flags(out: str) -> StudySettings:
     """The flags that made the legacy study (``run --example digits --budget 3 --no-verify``), with the
-    example's files and preprocessing filled in as the stored settings record them."""
+    example's files and preprocessing filled in as the stored settings record them, and the sampler and
+    search that release defaulted to (TPE over every layer), which its stored settings name."""
     legacy = json.loads((LEGACY / "settings.json").read_text())
     return _from_flags(
-        "--example", "digits", "--budget", "3", "--no-verify", "--out", out,
+        "--example", "digits", "--budget", "3", "--no-verify", "--out", out, "--sampler", "tpe", "--search", "full",
         "--model", legacy["model"], "--calib-data", legacy["calib_data"], "--eval-data", legacy["eval_data"],
         "--mean", "0.5", "--std", "0.5",
     )
