@@ -22,7 +22,9 @@ from sensisearch.study import TrialRecord
 from sensisearch.study.search._budget import counted_trials, view_of
 
 from conftest import REPO
-FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300", "--no-verify"]
+# Plain TPE: these tests count trials against --budget, which the default guided study shares with its probes.
+PLAIN_TPE = ["--sampler", "tpe", "--search", "full"]
+FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300", "--no-verify", *PLAIN_TPE]
 _F_SETPIPE_SZ = 1031
 
 
@@ -50,7 +52,7 @@ def test_killed_trial_is_failed_at_once_and_an_immediate_rerun_finishes_the_budg
     trial is failed and re-run by the second run, which never reports the study complete beside a RUNNING trial."""
     out = tmp_path / "study"
     # Long timing: the kill lands inside a trial.
-    slow = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", "--eval-limit", "300",
+    slow = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", "--eval-limit", "300", *PLAIN_TPE,
             "--no-verify", "--latency-seconds", "4", "--timing-target-ci", "0.0001", "--isolation", "none"]
     proc = subprocess.Popen([sys.executable, "-m", "sensisearch", *slow], cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=_env())
@@ -251,7 +253,7 @@ def test_chaos_kill_9_at_random_moments_then_rerun_reaches_exactly_the_budget(tm
 
     rng = random.Random(20)
     out = tmp_path / "study"
-    argv = ["run", "--example", "digits", "--budget", "20", "--out", str(out), "--latency-seconds", "0.05", "--sample-counts", "64",
+    argv = ["run", "--example", "digits", "--budget", "20", "--out", str(out), "--latency-seconds", "0.05", "--sample-counts", "64", *PLAIN_TPE,
             "--eval-limit", "300", "--isolation", "none", "--verify-seconds", "2", "--cache-dir", str(tmp_path / "cache")]
     first_written: dict[Path, str] = {}
 

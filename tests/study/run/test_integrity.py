@@ -40,7 +40,8 @@ from sensisearch.study.search._budget import (
 
 SHARED = shared_data_dir()
 # Plain TPE: these tests count trials against --budget, which the default guided study shares with its probes.
-FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", "--sampler", "tpe", "--search", "full"]
+PLAIN_TPE = ["--sampler", "tpe", "--search", "full"]
+FAST = ["--latency-seconds", "0.05", "--sample-counts", "64", *PLAIN_TPE]
 
 
 def _cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -309,7 +310,7 @@ def test_kill_during_a_baseline_then_rerun_completes_both_baselines(tmp_path: Pa
     out = tmp_path / "study"
     # Long timing makes each trial last seconds, so the kill lands inside the baseline: paired timing
     # stops at its CI target, so ask for a width it cannot reach before the 4 s cap.
-    argv = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64",
+    argv = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", *PLAIN_TPE,
             "--heartbeat-seconds", "1", "--latency-seconds", "4", "--timing-target-ci", "0.0001"]
     proc = _popen(*argv, cwd=tmp_path)
     deadline = time.monotonic() + 300
@@ -322,7 +323,7 @@ def test_kill_during_a_baseline_then_rerun_completes_both_baselines(tmp_path: Pa
     killed = [(r.number, r.state, r.role) for r in _records(out) if r.baseline == name]
     # really killed inside the baseline
     assert killed and all(state == "RUNNING" for _, state, _ in killed), (killed, proc.returncode, err[-2000:])
-    rerun = _cli("run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64",
+    rerun = _cli("run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", *PLAIN_TPE,
                  "--heartbeat-seconds", "1", "--latency-seconds", "0.05", cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     records = _records(out)
@@ -381,7 +382,7 @@ def test_two_processes_on_one_storage_evaluate_exactly_the_budget(tmp_path: Path
 
 def test_sigterm_marks_the_trial_failed_requeues_it_and_exits_nonzero(tmp_path: Path) -> None:
     out = tmp_path / "study"
-    argv = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", "--latency-seconds", "3"]
+    argv = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", *PLAIN_TPE, "--latency-seconds", "3"]
     proc = _popen(*argv, cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (out / "trials" / "0000").is_dir() and time.monotonic() < deadline and proc.poll() is None:

@@ -54,13 +54,13 @@ def test_local_search_flips_one_unit_of_a_front_member() -> None:
 
 def test_a_stored_study_keeps_its_sampler_and_a_new_one_gets_the_guided_default() -> None:
     new = resolve_search(StudySettings.from_flat(example="digits"), None)
-    assert (new.sampler, new.search) == ("guided", "groups")
+    assert (new.search.sampler, new.search.search) == ("guided", "groups")
     legacy = resolve_search(StudySettings.from_flat(example="digits"), {})  # stored before settings named a sampler
-    assert (legacy.sampler, legacy.search) == ("tpe", "full")
+    assert (legacy.search.sampler, legacy.search.search) == ("tpe", "full")
     stored = resolve_search(StudySettings.from_flat(example="digits"), {"sampler": "seeded", "search": "topk"})
-    assert (stored.sampler, stored.search) == ("seeded", "topk")
+    assert (stored.search.sampler, stored.search.search) == ("seeded", "topk")
     flag = resolve_search(StudySettings.from_flat(example="digits", sampler="nsga2"), {"sampler": "tpe", "search": "full"})
-    assert (flag.sampler, flag.search) == ("nsga2", "full")
+    assert (flag.search.sampler, flag.search.search) == ("nsga2", "full")
 
 
 @pytest.mark.slow
