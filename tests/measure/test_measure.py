@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -246,7 +247,11 @@ def test_mnist_paired_drop_against_brute_force_loop(mnist_dir: Path, tmp_path: P
     data = load_images(mnist_dir, TensorSpec("input", (None, 1, 28, 28), np.dtype(np.float32)), "--eval-data")
     evaluator = ClassificationEvaluator(data, Preprocess((0.5,), (0.5,)), "input", 512)
     int8_path = tmp_path / "mnist_int8.onnx"
-    quantize_dynamic(str(mnist_dir / "mnist_cnn.onnx"), str(int8_path), weight_type=QuantType.QInt8)
+    # From a copy: ONNX Runtime's quantizer writes a shape-inferred model beside its input, and the
+    # shared data folder is read-only for everyone but root.
+    fp32_copy = tmp_path / "mnist_cnn.onnx"
+    shutil.copyfile(mnist_dir / "mnist_cnn.onnx", fp32_copy)
+    quantize_dynamic(str(fp32_copy), str(int8_path), weight_type=QuantType.QInt8)
     backend = OnnxRuntimeBackend()
     results = {}
     for name, path in (("fp32", mnist_dir / "mnist_cnn.onnx"), ("int8", int8_path)):

@@ -40,7 +40,7 @@ _FLAG_OF_FIELD: dict[str, str] = {
     "backend": "--backend",
     "profile": "the backend's quantization profile",
     "timing": "--objective / --latency-batch / --latency-table / --profile (where latency comes from)",
-    "search_space": "--precisions / --algorithms / --sample-counts / --percentiles",
+    "search_space": "--precisions / --algorithms / --sample-counts / --percentiles / --bias-correction (auto: searched by --sampler guided)",
     "device": "the machine (CPU model or GPU); run each device type in its own study",
 }
 
