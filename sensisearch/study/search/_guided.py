@@ -279,16 +279,12 @@ def propose(plan: GuidedPlan, trials: Sequence[FrozenTrial]) -> Proposal:
     return Proposal(SAMPLER, None)
 
 
-class GuidedSampler(optuna.samplers.BaseSampler):
+class GuidedSampler(TrialSeededSampler):
     """The guided phases (:func:`propose`) in front of a multi-objective TPE (seeded per trial number)."""
 
     def __init__(self, plan: GuidedPlan, seed: int) -> None:
+        super().__init__(seed, constant_liar=True)
         self._plan = plan
-        self._inner = TrialSeededSampler(seed, constant_liar=True)
-        self._proposal: dict[int, Proposal] = {}
-
-    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
-        self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self._plan.distributions)
@@ -303,12 +299,3 @@ class GuidedSampler(optuna.samplers.BaseSampler):
             log.info("guided %s: trial %d", proposal.phase, trial.number)
             return proposal.params
         return {}
-
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        return self._inner.sample_independent(study, trial, param_name, param_distribution)
-
-    def after_trial(self, study: Study, trial: FrozenTrial, state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
-        self._inner.after_trial(study, trial, state, values)
-
-    def reseed_rng(self) -> None:
-        self._inner.reseed_rng()
