@@ -21,6 +21,10 @@ from sensisearch.examples import load_example
 # Helpers that build the real model variants live beside the evaluation-side tests.
 from integration.evaluation.test_inputs import _dynamic_yolov5, _yolo_copy_of_coco_dev, _yolov8_layout_wrapper
 
+# These tests are about inputs, not the search: plain TPE over every layer, no sensitivity probes
+# (the default guided study would probe every layer of YOLOv5n first).
+PLAIN_TPE = ["--sampler", "tpe", "--search", "full"]
+
 REFERENCE_ALL = (35.63, 55.60)  # shared/data/README.md: YOLOv5n FP32 on the 170 coco-dev images, NMS IoU 0.6
 
 
@@ -78,7 +82,7 @@ def test_npy_and_keyed_npz_calibrate_like_the_image_source(tmp_path: Path) -> No
     np.savez(tmp_path / "calib_keyed.npz", input=tensors)
 
     common = ["--example", "digits", "--budget", "2", "--precisions", "int8,fp32", "--sample-counts", "32,96",
-              "--eval-limit", "300", "--latency-seconds", "0.05", "--algorithms", "minmax"]
+              "--eval-limit", "300", "--latency-seconds", "0.05", "--algorithms", "minmax", *PLAIN_TPE]
     outs = {}
     for name in ("images.npz", "calib.npy", "calib_keyed.npz"):
         outs[name] = tmp_path / f"run-{name.replace('.', '_')}"
@@ -264,7 +268,7 @@ def test_dynamic_batch_detector_evaluate_and_run(yolo_model: Path, coco_dev: Pat
         (calib / path.name).symlink_to(path)
     out = tmp_path / "study"
     _cli("run", "--model", str(batch1_inside), *data, "--calib-data", str(calib), "--batch-size", "4", "--budget", "2",
-         "--precisions", "int8,fp32", "--sample-counts", "6", "--latency-seconds", "0.05", "--out", str(out))
+         "--precisions", "int8,fp32", "--sample-counts", "6", "--latency-seconds", "0.05", "--out", str(out), *PLAIN_TPE)
     trials = _trials(out)
     assert [trials[k]["status"] for k in (0, 1)] == ["complete", "complete"]
     assert trials[0]["evaluation"]["value"] == pytest.approx(static["mAP50-95"], abs=1e-9)
@@ -298,7 +302,7 @@ def test_dynamic_batch_classifier_honours_batch_size(tmp_path: Path) -> None:
     # A dynamic-batch classifier through a study, evaluated at --batch-size 50.
     out = tmp_path / "study"
     _cli("run", "--example", "digits", "--eval-limit", "700", "--batch-size", "50", "--budget", "2", "--precisions", "int8,fp32",
-         "--sample-counts", "64", "--latency-seconds", "0.05", "--out", str(out))
+         "--sample-counts", "64", "--latency-seconds", "0.05", "--out", str(out), *PLAIN_TPE)
     trials = _trials(out)
     assert trials[0]["evaluation"]["metrics"] == {"top1": reference["top1"], "top5": reference["top5"]}
     assert trials[1]["status"] == "complete"

@@ -39,6 +39,7 @@ def yolo_study(yolo_model: Path, coco_dev: Path, tmp_path_factory: pytest.TempPa
         "--annotations", str(coco_dev / "instances.json"), "--budget", "1", "--out", str(out / "study"),
         "--eval-limit", str(EVAL_IMAGES), "--sample-counts", "16", "--latency-seconds", "0.1",
         "--algorithms", "minmax,percentile", "--max-class-drop", "50", "--verify-seconds", "5",
+        "--sampler", "tpe", "--search", "full",  # the detector's scoring is the subject, not the search
     ])  # --budget counts searched configurations: 2 baselines + 1
     assert code == 0
     return out / "study"

@@ -50,7 +50,7 @@ def study_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         code = main([
             "run", "--example", "digits", "--budget", "6", "--out", "run", "--latency-seconds", "0.2",
-            "--sample-counts", "64,128", "--seed", "3", "--max-drop", MAX_DROP,
+            "--sample-counts", "64,128", "--seed", "3", "--max-drop", MAX_DROP, "--sampler", "tpe", "--search", "full",
         ])
     finally:
         os.chdir(cwd)

@@ -32,7 +32,10 @@ pytestmark = pytest.mark.slow
 from conftest import REPO
 TESTS = REPO / "tests"
 # Small and quick: 300 evaluation images, one calibration count, short timing.
-DIGITS = ["--example", "digits", "--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300"]
+# Plain TPE: these tests count distinct configurations against --budget, which the default guided study
+# shares with its sensitivity probes.
+DIGITS = ["--example", "digits", "--latency-seconds", "0.05", "--sample-counts", "64", "--eval-limit", "300",
+          "--sampler", "tpe", "--search", "full"]
 
 
 def _env(**extra: str) -> dict[str, str]:
