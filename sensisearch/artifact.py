@@ -8,6 +8,7 @@ recorded ranges), so a configuration always turns into the same artifact.
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,10 +66,18 @@ class ArtifactPipeline:
         self.bias_feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None
         self._bias_cache: dict[str, np.ndarray] = {}
         self.index = GraphIndex(model)  # the same graph every trial: index it once
+        self._last_plan: tuple[str, Placement] | None = None
 
     def plan(self, config: TrialConfig) -> Placement:
-        """Where Q/DQ goes for ``config`` on this backend (once per trial)."""
-        return plan_placement(self.info, self.model, config, self.backend.profile, self.index)
+        """Where Q/DQ goes for ``config`` on this backend (once per configuration).
+
+        The placement is a pure function of the configuration here (model, index and profile are
+        fixed), so the trial's latency-class key and its emit share one plan.
+        """
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if self._last_plan is None or self._last_plan[0] != key:
+            self._last_plan = (key, plan_placement(self.info, self.model, config, self.backend.profile, self.index))
+        return self._last_plan[1]
 
     def ranges_for(
         self, config: TrialConfig, every_tensor: bool = False, placement: Placement | None = None
