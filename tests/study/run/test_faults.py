@@ -91,6 +91,7 @@ def small_disk(tmp_path: Path):  # noqa: ANN201 - yields the mount point
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow  # two whole studies on a tmpfs; whole-study tests run in the main suite only
 def test_disk_full_stops_the_study_with_one_line_and_no_budget_lost(tmp_path: Path, small_disk: Path) -> None:
     out = small_disk / "study"
     argv = ["run", "--example", "digits", "--budget", "4", "--out", str(out), *FAST, "--isolation", "none",
