@@ -29,7 +29,7 @@ def test_default_run_is_the_guided_study_and_its_probes_count_in_the_budget(tmp_
     cost = study.user_attrs[PROBE_COST_ATTR]
     assert cost["probes"] > 0 and 0 < cost["trials"] < cost["probes"]  # subset probes cost a fraction of a trial each
     assert finished_count(study) == budget - math.ceil(cost["trials"])
-    assert study.user_attrs[SETTINGS_ATTR]["sampler"] == "guided"  # stored explicitly: a resume keeps it
+    assert study.user_attrs[SETTINGS_ATTR]["search"]["sampler"] == "guided"  # stored explicitly: a resume keeps it
     phases = [t.system_attrs.get(PHASE_ATTR) for t in study.get_trials(deepcopy=False)]
     # After the seeds every proposal is a guided one (digits' all-INT8 is already within 0.5 points, so its boundary is
     # k = 0 and the walk goes straight to the sampler and the local search; the bisection has its own test).
