@@ -127,6 +127,7 @@ def _damaged_files(tmp: Path) -> list[tuple[list[str], str, str]]:
     ]
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_each_damaged_file_is_one_line_and_nonzero(tmp_path: Path) -> None:
     for args, must_name, must_say in _damaged_files(tmp_path):
         result = _cli("run", *args, "--budget", "1", "--out", str(tmp_path / "out"), cwd=tmp_path)

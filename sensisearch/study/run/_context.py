@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sensisearch.study.config._stop import StopFlag
 from sensisearch.study.search._sensitivity import SensitivityInputs
+from sensisearch.study.trial._isolation import IsolationSettings
 
 if TYPE_CHECKING:
     import onnx
@@ -93,4 +94,5 @@ class StudyContext:
             pipeline=self.pipeline, space=self.space, calibration=self.calibration, out=self.out,
             key=self.sensitivity_key(), latency_batch=self.settings.backend.latency_batch,
             classification=self.task == "classification",
+            isolation=None if self.settings.execution.isolation == "none" else IsolationSettings.from_settings(self.settings),
         )

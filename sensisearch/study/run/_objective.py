@@ -182,11 +182,13 @@ def requeue_interrupted(trial: optuna.Trial, config: TrialConfig, baseline_name:
 def fail_environmental(trial: optuna.Trial, config: TrialConfig, baseline_name: str | None, reason: str) -> None:
     """Record why the machine failed the trial and queue it again; best effort, since the storage
     itself may be what failed (then the trial stays RUNNING and its dead owner is failed on the next start)."""
-    with contextlib.suppress(Exception):
-        _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config.to_dict(),
+    try:
+        _store(trial, TrialRecord(trial.number, baseline=baseline_name, config=config,
                                   config_key=effective_config_key(config), role=_budget.INTERRUPTED, environmental=reason))
         trial.study.enqueue_trial(dict(trial.params), user_attrs=TrialRecord.baseline_attrs(baseline_name) if baseline_name else None)
         trial.study.stop()
+    except Exception as exc:  # said, not hidden: a bug here would otherwise count the machine's failure against the budget
+        log.warning("trial %d: could not record its environmental failure (%s: %s)", trial.number, type(exc).__name__, exc)
 
 
 def proposed_config(ctx: StudyContext, trial: optuna.Trial, baseline_name: str | None) -> TrialConfig:

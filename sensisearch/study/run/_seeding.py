@@ -107,7 +107,12 @@ def enqueue_seeds(ctx: StudyContext, study: optuna.Study) -> list[str]:
             float_precision=float_precision(ctx), groups=ctx.space.groups,
         )
     names = []
+    # A configuration whose probe did not build or run would only fail again as a trial.
+    failed_probes = {entry.split(": ", 1)[0] for entry in profile.failed}
     for name, config in seeds:
+        if name.split(" + ", 1)[0] in failed_probes:
+            log.info("seed %s: its probe failed to build or run, skipped", name)
+            continue
         if not ctx.space.expresses(config):
             log.info("seed %s: outside the search space (compact or groups), skipped", name)
             continue

@@ -39,24 +39,10 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from sensisearch.study.trial._isolation import die_with_parent
+
 if TYPE_CHECKING:
     from sensisearch.backends.base import Backend, BuildResult, Runner
-
-# prctl(PR_SET_PDEATHSIG): Linux sends this signal when the parent dies, so a
-# worker killed with -9 takes its trial server, and the server its trial, along.
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    if sys.platform.startswith("linux"):
-        parent = os.getppid()
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        except (OSError, AttributeError):
-            return
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
 
 def send(fd: int, message: dict[str, Any]) -> None:
     """One JSON line; short writes to a pipe are atomic, so server and child never interleave."""

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from sensisearch.calibration.ranges import CalibrationRanges
     from sensisearch.evaluation.base import EvaluationResult
     from sensisearch.study.search._space import SearchSpace
+    from sensisearch.study.trial._isolation import IsolationSettings
     from sensisearch.study.trial._pipeline import TrialPipeline
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class SensitivityInputs:
     """The batch to fall back on when the evaluator cannot give :data:`PROBE_BATCH` inputs."""
     classification: bool = False
     """A classifier's metric moves in steps of one image (the ranking's resolution)."""
+    isolation: IsolationSettings | None = None
+    """Each probe in a forked child with these deadlines (a crashing builder fails that probe, not the
+    study), as trials run under ``--isolation process``; None: in this process."""
 
 
 # --------------------------------------------------------------------------- pure ranking
@@ -190,6 +194,8 @@ class SensitivityProfile:
     """Wall time of the probes (every comparison counts it)."""
     rescored: list[str] = field(default_factory=list)
     """Layers scored again on every image (close to the ranking's decision on the subset)."""
+    failed: list[str] = field(default_factory=list)
+    """Probes whose configuration did not build or run (``"<probe>: <reason>"``), scored as 0."""
 
     @property
     def ranking(self) -> list[str]:
@@ -211,6 +217,7 @@ class SensitivityProfile:
             "cost_trials": self.cost_trials,
             "seconds": self.seconds,
             "rescored": list(self.rescored),
+            "failed": list(self.failed),
             "calibration_scores": self.calibration_scores,
             "layers": [asdict(r) for r in self.layers],
             "tensors": [asdict(t) for t in self.tensors],
@@ -232,6 +239,7 @@ class SensitivityProfile:
             cost_trials=float(data.get("cost_trials", 0.0)),
             seconds=float(data.get("seconds", 0.0)),
             rescored=list(data.get("rescored", [])),
+            failed=list(data.get("failed", [])),
         )
 
 
@@ -271,6 +279,43 @@ def score_config(
                 return pipeline.evaluator.evaluate_part(runner, positions).result, outputs
             return pipeline.evaluator.evaluate(runner), outputs
     finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+PROBE_RESULT_NAME = "probe.npz"
+
+
+def score_probe(
+    inputs: SensitivityInputs,
+    config: TrialConfig,
+    work_dir: Path,
+    probe_feeds: Mapping[str, np.ndarray] | None = None,
+    positions: np.ndarray | None = None,
+) -> tuple[float, int, list[np.ndarray]]:
+    """(metric, images scored, outputs on ``probe_feeds``) of :func:`score_config`, in a forked child
+    when ``inputs.isolation`` is set (raising :class:`~sensisearch.study.trial._isolation.TrialProcessError`
+    when the child crashes, exits or passes its deadline)."""
+    if inputs.isolation is None:
+        result, outputs = score_config(inputs.pipeline, config, work_dir, probe_feeds, positions)
+        return result.value, result.count, outputs
+    from sensisearch.study.trial._isolation import run_forked
+
+    scratch = work_dir.with_name(work_dir.name + "-hand-off")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    def probe(folder: Path) -> None:
+        result, outputs = score_config(inputs.pipeline, config, work_dir, probe_feeds, positions)
+        arrays = {f"output_{i}": np.asarray(o) for i, o in enumerate(outputs)}
+        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(result.value), count=np.int64(result.count), **arrays)
+
+    try:
+        # One deadline for the probe's build and its evaluation (a subset of the images at most).
+        run_forked(probe, scratch, inputs.isolation.build_timeout + inputs.isolation.eval_timeout, "probe")
+        with np.load(scratch / PROBE_RESULT_NAME) as data:
+            outputs = [data[f"output_{i}"] for i in range(sum(k.startswith("output_") for k in data.files))]
+            return float(data["value"]), int(data["count"]), outputs
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
@@ -372,10 +417,11 @@ def measure_sensitivity(
     """
     import time
 
+    from sensisearch.errors import SensisearchError
+    from sensisearch.study.trial._isolation import TrialProcessError
+
     space, pipeline = inputs.space, inputs.pipeline
     if Precision.INT8 not in space.precisions or inputs.calibration is None:
-        from sensisearch.errors import SensisearchError
-
         raise SensisearchError("sensitivity needs INT8 in --precisions and calibration data (--calib-data DIR)")
     work = inputs.out / "sensitivity-work"
     layers = list(space.layers)
@@ -393,34 +439,49 @@ def measure_sensitivity(
     reference: list[np.ndarray] = []
     subset_count: list[int] = []
 
+    failed: list[str] = []
+
     def score(name: str, config: TrialConfig, full: bool = False) -> tuple[float, float]:
         positions = None if full or subset is None else subset
-        result, outputs = score_config(pipeline, config, work, feeds, positions)
+        try:
+            value, count, outputs = score_probe(inputs, config, work, feeds, positions)
+        except TrialProcessError as exc:
+            if not reference:  # the FP32 probe: nothing to rank against
+                raise SensisearchError(f"sensitivity: the FP32 model failed to build or run: {exc}") from None
+            # A configuration that does not build or run delivers nothing: the worst score, and the
+            # ranking keeps the layers that cause it in float. The study's trials meet it as failed trials.
+            log.warning("sensitivity probe %s failed, scored %s 0: %s", name, pipeline.evaluator.metric, exc)
+            failed.append(f"{name}: {exc}")
+            value, count, outputs = 0.0, 0, []
         done["probes"] += 1
-        done["images"] += result.count
-        if positions is not None and not subset_count:
-            subset_count.append(result.count)
-        distortion = output_distortion(outputs, reference) if reference else 0.0
+        done["images"] += count
+        if positions is not None and not subset_count and count:
+            subset_count.append(count)
+        distortion = output_distortion(outputs, reference) if reference and outputs else 0.0
         elapsed = time.perf_counter() - started
         eta = elapsed / done["probes"] * max(planned - done["probes"], 0)
         log.info("probe %d/%d %s (%s images): %s %.3f, output distortion %.3g; %.0f s so far, ETA %.0f s",
-                 done["probes"], planned, name, result.count, pipeline.evaluator.metric, result.value, distortion, elapsed, eta)
+                 done["probes"], planned, name, count, pipeline.evaluator.metric, value, distortion, elapsed, eta)
         if on_probe is not None:
-            on_probe(name, result.value)
+            on_probe(name, value)
         progress.step(done["probes"], planned)
         if not reference:
             reference.extend(outputs)
-        return result.value, distortion
+        return value, distortion
 
+    # A clip the search space offers, so seeds built on this choice can be enqueued.
+    percentile = space.default_calibration.percentile
+    if space.percentiles and percentile not in space.percentiles:
+        percentile = space.percentiles[len(space.percentiles) // 2]
+    if inputs.isolation is not None:
+        # Thresholds are cached in this process: computed once here, before the forked probes, instead of in each child.
+        for algorithm in space.algorithms:
+            pipeline.ranges_for(TrialConfig.uniform(layers, Precision.INT8, CalibrationChoice(algorithm, samples, percentile)), every_tensor=True)
     fp32, _ = score("fp32", TrialConfig.uniform(layers, Precision.FP32))
     # The calibration the probes use: the best all-INT8 one on the subset (one
     # choice per algorithm; percentile at the default clip).
     calibration_scores: dict[str, float] = {}
     best: tuple[float, CalibrationChoice] | None = None
-    # A clip the search space offers, so seeds built on this choice can be enqueued.
-    percentile = space.default_calibration.percentile
-    if space.percentiles and percentile not in space.percentiles:
-        percentile = space.percentiles[len(space.percentiles) // 2]
     for algorithm in space.algorithms:
         choice = CalibrationChoice(algorithm, samples, percentile)
         value, _ = score(f"all-int8 {_label(choice)}", TrialConfig.uniform(layers, Precision.INT8, choice))
@@ -487,6 +548,7 @@ def measure_sensitivity(
         cost_trials=done["images"] / max(eval_total, 1),
         seconds=seconds,
         rescored=rescored,
+        failed=failed,
     )
 
 

@@ -15,6 +15,8 @@ study goes on.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import faulthandler
 import json
 import logging
 import os
@@ -190,6 +192,81 @@ def stderr_tail(path: Path, lines: int = STDERR_TAIL_LINES) -> str:
         return ""
     kept = [line.strip() for line in text.splitlines() if line.strip()][-lines:]
     return " | ".join(kept)
+
+
+# prctl(PR_SET_PDEATHSIG): Linux sends this signal when the parent dies, so a
+# worker killed with -9 takes its trial server, and the server its trial, along.
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def run_forked(work: Callable[[Path], None], scratch: Path, timeout: float, what: str, flag: str = "--build-timeout") -> None:
+    """``work(scratch)`` in a forked child, in its own process group, with a deadline.
+
+    For short jobs of the worker itself (the sensitivity probes) that build and run
+    an engine: a builder that segfaults, exits or hangs fails this one job with a
+    :class:`TrialProcessError` line (the reason and the tail of the child's stderr),
+    not the worker. ``work`` hands its result back through files in ``scratch``.
+    The child logs nothing and writes its output to ``scratch/stderr.log``: a lock
+    another thread of this process held at the fork (a console's) would never be
+    released in the child.
+    """
+    scratch.mkdir(parents=True, exist_ok=True)
+    stderr_path = scratch / STDERR_NAME
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            die_with_parent()
+            logging.disable(logging.CRITICAL)
+            # A crash is reported by its signal and what the job printed, not by a dump onto the parent's stderr.
+            faulthandler.disable()
+            fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            # Python-level writers too: sys.stderr may be another object than fd 2 (a test runner's capture).
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            work(scratch)
+            code = 0
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            kill_group(pid)
+            os.waitpid(pid, 0)
+            raise TrialProcessError(IsolatedTrialRunner._with_tail(f"{what} timed out after {timeout:g} s ({flag})", stderr_path))
+        time.sleep(0.02)
+    code = os.waitstatus_to_exitcode(status)
+    kill_group(pid)  # anything the job started goes with it
+    if code < 0:
+        raise TrialProcessError(IsolatedTrialRunner._with_tail(f"{signal_reason(code)} during {what}", stderr_path))
+    if code != 0:
+        raise TrialProcessError(IsolatedTrialRunner._with_tail(f"exited with code {code} during {what}", stderr_path))
 
 
 def kill_group(pid: int) -> None:

@@ -66,6 +66,7 @@ def _statistics_file(out: Path) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- tensor files
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_npy_and_keyed_npz_calibrate_like_the_image_source(tmp_path: Path) -> None:
     """The digits example calibrated from its uint8 images, from those images preprocessed into
     an .npy, and into an input-keyed .npz: the same statistics, thresholds and INT8 accuracy."""
@@ -209,6 +210,7 @@ def _subset_json(coco_dev: Path, out: Path, file_names: set[str]) -> Path:
     return out
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_dataset_yaml_evaluates_like_instances_json(yolo_model: Path, coco_dev: Path, tmp_path: Path, eval_cache: Path) -> None:
     """On coco-dev's val2017 half, whose instances.json boxes were converted from YOLO txt
     (shared/data/README.md), a dataset YAML of YOLO labels scores what the json scores."""
@@ -247,6 +249,7 @@ def test_dataset_yaml_evaluates_like_instances_json(yolo_model: Path, coco_dev: 
     )
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_dynamic_batch_detector_evaluate_and_run(yolo_model: Path, coco_dev: Path, tmp_path: Path, eval_cache: Path) -> None:
     dynamic = _dynamic_yolov5(yolo_model, tmp_path / "dyn.onnx")
     batch1_inside = _dynamic_yolov5(yolo_model, tmp_path / "dyn_reshape1.onnx", fix_reshapes=False)
@@ -290,6 +293,7 @@ def _batch7_inside(model_path: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_dynamic_batch_classifier_honours_batch_size(tmp_path: Path) -> None:
     example = load_example("digits")
     model = _batch7_inside(example.model, tmp_path / "digits_batch7.onnx")

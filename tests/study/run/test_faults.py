@@ -47,6 +47,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- dead trials
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_killed_trial_is_failed_at_once_and_an_immediate_rerun_finishes_the_budget(tmp_path: Path) -> None:
     """kill -9 inside a searched trial, then the same command at once (default 30 s heartbeat): the dead
     trial is failed and re-run by the second run, which never reports the study complete beside a RUNNING trial."""

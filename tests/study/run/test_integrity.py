@@ -221,6 +221,7 @@ def _bad_inputs(tmp: Path) -> list[tuple[str, list[str], str, tuple[str, ...]]]:
     return cases
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_every_bad_input_is_one_line_and_nonzero(tmp_path: Path) -> None:
     failures = []
     for case, argv, must_name, secrets in _bad_inputs(tmp_path):
@@ -242,6 +243,7 @@ def test_every_bad_input_is_one_line_and_nonzero(tmp_path: Path) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_build_refuses_a_config_missing_a_layer_or_with_an_unknown_precision(tmp_path: Path) -> None:
     out = tmp_path / "study"
     ok = _cli("run", "--example", "digits", "--budget", "1", "--out", str(out), *FAST, cwd=tmp_path)
@@ -272,6 +274,7 @@ def _hashes(out: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_second_model_into_an_existing_out_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "study"
     first = _cli("run", "--example", "digits", "--budget", "2", "--out", str(out), *FAST, cwd=tmp_path)
@@ -287,6 +290,7 @@ def test_second_model_into_an_existing_out_is_refused_and_changes_nothing(tmp_pa
         assert _hashes(out) == before
 
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_resume_with_other_evaluation_data_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "study"
     assert _cli("run", "--example", "digits", "--budget", "1", "--out", str(out), *FAST, cwd=tmp_path).returncode == 0
@@ -305,6 +309,7 @@ def test_resume_with_other_evaluation_data_is_refused(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- baselines survive kill -9
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 @pytest.mark.parametrize(("baseline_trial", "name"), [(0, "fp32"), (1, "int8")])
 def test_kill_during_a_baseline_then_rerun_completes_both_baselines(tmp_path: Path, baseline_trial: int, name: str) -> None:
     out = tmp_path / "study"
@@ -339,6 +344,7 @@ def _view(r: TrialRecord) -> TrialView:
 
 # ---------------------------------------------------------------------------- two workers, one storage
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_two_processes_on_one_storage_evaluate_exactly_the_budget(tmp_path: Path) -> None:
     out = tmp_path / "study"
     argv = ["run", "--example", "digits", "--budget", "12", "--out", str(out), *FAST,
@@ -380,6 +386,7 @@ def test_two_processes_on_one_storage_evaluate_exactly_the_budget(tmp_path: Path
 
 # ---------------------------------------------------------------------------- signals
 
+@pytest.mark.slow  # whole CLI processes, run in the main suite; the lowest-versions step skips them
 def test_sigterm_marks_the_trial_failed_requeues_it_and_exits_nonzero(tmp_path: Path) -> None:
     out = tmp_path / "study"
     argv = ["run", "--example", "digits", "--budget", "2", "--out", str(out), "--sample-counts", "64", *PLAIN_TPE, "--latency-seconds", "3"]

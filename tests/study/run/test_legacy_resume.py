@@ -17,7 +17,7 @@ import optuna
 import pytest
 
 from sensisearch.measure import machine_identity
-from sensisearch.study import TrialRecord, finished_count
+from sensisearch.study import StudySettings, TrialRecord, finished_count
 
 LEGACY = Path(__file__).resolve().parents[2] / "data" / "legacy_study"
 REPO = Path(__file__).resolve().parents[3]
@@ -75,6 +75,8 @@ def test_a_study_made_by_the_previous_release_resumes_to_a_larger_budget(tmp_pat
     assert len(configs) == 5
     assert (out / "pareto.json").is_file()
     # Made when TPE over every layer was the default: resumed without search flags it stays that study.
-    assert (study.user_attrs["settings"]["sampler"], study.user_attrs["settings"]["search"]) == ("tpe", "full")
+    # (Read through the one serializer: the resumed study's settings are written back nested.)
+    stored = StudySettings.from_dict(study.user_attrs["settings"])
+    assert (stored.search.sampler, stored.search.search) == ("tpe", "full")
     assert not any("guided_phase" in t.system_attrs for t in trials)
     assert not (out / "sensitivity.json").exists()

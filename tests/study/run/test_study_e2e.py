@@ -230,7 +230,8 @@ def test_kill_9_and_resume_loses_nothing(tmp_path: Path) -> None:
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "sensisearch", "run", "--example", "digits", "--budget", "5", "--out", str(out),
-            "--latency-seconds", "1.5", "--sample-counts", "64", "--heartbeat-seconds", "1"]
+            "--latency-seconds", "1.5", "--sample-counts", "64", "--heartbeat-seconds", "1",
+            "--sampler", "tpe", "--search", "full"]  # counts trials against --budget, which the guided default shares with its probes
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     # Wait until trial 2 is running (two trials finished), then kill -9.

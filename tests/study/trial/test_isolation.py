@@ -130,7 +130,8 @@ def test_a_real_outcome_crosses_the_process_boundary_field_by_field(
     clock_free = dataclasses.replace(
         isolated, deployable=reference.deployable, build=dataclasses.replace(isolated.build, artifact=reference.build.artifact,
         seconds=reference.build.seconds), latency=reference.latency, timings=reference.timings, paired=reference.paired,
-        latency_record=reference.latency_record, evaluation=dataclasses.replace(isolated.evaluation, timings=reference.evaluation.timings),
+        latency_record=reference.latency_record, timed=reference.timed,
+        evaluation=dataclasses.replace(isolated.evaluation, timings=reference.evaluation.timings),
     )
     assert_same_outcome(clock_free, reference)
     assert type(isolated.paired) is type(reference.paired) and type(isolated.latency) is type(reference.latency)
@@ -143,7 +144,7 @@ def test_hanging_build_is_killed_with_its_process_group(digits_ctx: StudyContext
     with pytest.raises(TrialProcessError) as info:
         runner.run(digits_ctx.space.uniform(Precision.FP32), out)
     message = str(info.value)
-    assert f"build timed out after {TIMEOUT} s (--build-timeout)" in message
+    assert f"build timed out after {TIMEOUT:g} s (--build-timeout)" in message
     assert "builder: waiting for a lock that never comes" in message
     assert "\n" not in message
     grandchild = int((out / "grandchild.pid").read_text())
@@ -166,7 +167,7 @@ def test_exit_code_is_named(digits_ctx: StudyContext, runner: IsolatedTrialRunne
 
 def test_hanging_evaluation_uses_the_eval_timeout(digits_ctx: StudyContext, runner: IsolatedTrialRunner, misbehaving_env: Path) -> None:
     misbehaving_env.write_text("hang-eval")
-    with pytest.raises(TrialProcessError, match=rf"evaluate timed out after {TIMEOUT} s \(--eval-timeout\).*timing forever"):
+    with pytest.raises(TrialProcessError, match=rf"evaluate timed out after {TIMEOUT:g} s \(--eval-timeout\).*timing forever"):
         runner.run(digits_ctx.space.uniform(Precision.FP32), digits_ctx.trials_dir / "hang-eval")
 
 
@@ -195,7 +196,7 @@ def test_signal_reason_and_stderr_tail(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("action", "reason"),
-    [("hang@int8", f"build timed out after {TIMEOUT} s (--build-timeout)"), ("segv@int8", "killed by SIGSEGV during build")],
+    [("hang@int8", f"build timed out after {TIMEOUT:g} s (--build-timeout)"), ("segv@int8", "killed by SIGSEGV during build")],
 )
 def test_study_completes_with_the_failed_trial_and_its_reason(
     tmp_path: Path, misbehaving_env: Path, action: str, reason: str
@@ -206,6 +207,7 @@ def test_study_completes_with_the_failed_trial_and_its_reason(
         # --budget counts searched configurations: FP32 and INT8 baselines, then one searched trial.
         "run", "--example", "digits", "--budget", "1", "--out", str(out), "--latency-seconds", "0.05",
         "--sample-counts", "64", "--eval-limit", "300", "--build-timeout", str(TIMEOUT), "--seed", "3",
+        "--sampler", "tpe", "--search", "full",  # the subject is one trial's failure, not the search's probes
     ])
     assert code == 0
     names = optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}")
@@ -216,6 +218,34 @@ def test_study_completes_with_the_failed_trial_and_its_reason(
     assert recs[1].host and recs[1].device
     assert json.loads((out / "trials" / "0001" / "trial.json").read_text())["status"] == "failed"
     assert (out / "pareto.json").is_file() and (out / "report.md").is_file()
+
+
+def test_a_probe_whose_build_segfaults_fails_that_probe_not_the_study(tmp_path: Path, misbehaving_env: Path) -> None:
+    """The default guided search probes every layer before its trials, in this very process's worker.
+    A builder that segfaults on all-INT8 must fail those probes (scored 0, named in sensitivity.json)
+    and the all-INT8 trials, while the study runs on to a winner: this test process survives it."""
+    misbehaving_env.write_text("segv@int8")
+    out = tmp_path / "run"
+    code = main([
+        "run", "--example", "digits", "--budget", "8", "--out", str(out), "--latency-seconds", "0.05",
+        "--sample-counts", "64", "--eval-limit", "300", "--build-timeout", str(TIMEOUT), "--seed", "3",
+    ])
+    assert code == 0
+    profile = json.loads((out / "sensitivity.json").read_text())
+    failed = profile["failed"]
+    # Every all-INT8 probe (one per calibration algorithm) and nothing else: the other probes keep a layer in FP32.
+    assert failed and all(f.startswith("all-int8 ") and "killed by SIGSEGV during probe" in f and "builder: parsing layer 7" in f
+                          for f in failed), failed
+    assert len(failed) >= len(profile["calibration_scores"]) and set(profile["calibration_scores"].values()) == {0.0}
+    study = optuna.load_study(study_name=optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}")[0],
+                              storage=f"sqlite:///{out / 'study.db'}")
+    recs = [TrialRecord.from_trial(t) for t in study.trials]
+    int8 = [r for r in recs if r.baseline == "int8"]
+    assert int8 and all(r.state == "FAIL" and "killed by SIGSEGV" in (r.error or "") for r in int8)
+    assert any(r.state == "COMPLETE" and r.baseline is None for r in recs), [(r.state, r.baseline, r.role, (r.error or "")[:60]) for r in recs]
+    # The seeds whose probe failed were not queued: no searched trial repeats the all-INT8 crash.
+    assert not any(r.seed and r.seed.startswith("all-int8") for r in recs)
+    assert (out / "winner" / "config.json").is_file()
 
 
 def test_fp32_reference_is_built_in_a_child_and_adopted(tmp_path: Path) -> None:
