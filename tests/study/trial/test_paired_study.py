@@ -275,7 +275,7 @@ def unverified_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = main([
         "run", "--example", "digits", "--budget", "3", "--out", str(out), "--sample-counts", "64", "--seed", "2",
         "--timing-max-seconds", "0.5", "--objective", "throughput", "--throughput-batch", "4", "--min-speedup", "50",
-        "--no-verify",
+        "--no-verify", "--sampler", "tpe", "--search", "full",  # every trial timed: no budget shared with probes
     ])
     assert code == 0
     return out
