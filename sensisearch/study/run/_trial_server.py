@@ -29,7 +29,6 @@ is safe, unlike forking the worker (heartbeat thread, database connections).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os

@@ -295,18 +295,21 @@ def score_probe(
     """(metric, images scored, outputs on ``probe_feeds``) of :func:`score_config`, in a forked child
     when ``inputs.isolation`` is set (raising :class:`~sensisearch.study.trial._isolation.TrialProcessError`
     when the child crashes, exits or passes its deadline)."""
-    if inputs.isolation is None:
+    def scored() -> tuple[float, int, list[np.ndarray]]:
         result, outputs = score_config(inputs.pipeline, config, work_dir, probe_feeds, positions)
         return result.value, result.count, outputs
+
+    if inputs.isolation is None:
+        return scored()
     from sensisearch.study.trial._isolation import run_forked
 
     scratch = work_dir.with_name(work_dir.name + "-hand-off")
     shutil.rmtree(scratch, ignore_errors=True)
 
     def probe(folder: Path) -> None:
-        result, outputs = score_config(inputs.pipeline, config, work_dir, probe_feeds, positions)
+        value, count, outputs = scored()
         arrays = {f"output_{i}": np.asarray(o) for i, o in enumerate(outputs)}
-        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(result.value), count=np.int64(result.count), **arrays)
+        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(value), count=np.int64(count), **arrays)
 
     try:
         # One deadline for the probe's build and its evaluation (a subset of the images at most).
@@ -316,7 +319,7 @@ def score_probe(
             return float(data["value"]), int(data["count"]), outputs
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)  # a child that crashed left its build behind
 
 
 def _run_probe(runner: Runner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
