@@ -131,6 +131,7 @@ def calibration_array(ctx: Any) -> np.ndarray:
 def run_study(settings: Any) -> tuple[PeerResult, Any]:
     from sensisearch.study import prepare, records, run_study as run
     from sensisearch.study import PROBE_COST_ATTR
+    from sensisearch.quantize.config import Precision
 
     started = time.monotonic()
     ctx = prepare(settings)
@@ -142,13 +143,13 @@ def run_study(settings: Any) -> tuple[PeerResult, Any]:
     feasible = [r for r in rows if r.value is not None and fp32 - r.value <= settings.acceptance.max_drop]
 
     def int8_of(r: Any) -> int:
-        return sum(1 for layer in ctx.info.layers if layer.op_type == "Conv" and r.config["precisions"].get(layer.name) == "int8")
+        return sum(1 for layer in ctx.info.layers if layer.op_type == "Conv" and r.config.precisions.get(layer.name) == Precision.INT8)
 
     best = max(feasible, key=lambda r: (int8_of(r), r.value))
     evaluated = sum(1 for r in rows if r.value is not None and r.role == "evaluate")
     probe_cost = float((study.user_attrs.get(PROBE_COST_ATTR) or {}).get("trials", 0.0))
     return PeerResult("sensisearch (default study)", int8_of(best), convs, best.value, fp32, seconds,
-                      evaluated + probe_cost, f"trial {best.number}, {best.config['calibration']['algorithm']}"), ctx
+                      evaluated + probe_cost, f"trial {best.number}, {best.config.calibration.algorithm.value}"), ctx
 
 
 # --------------------------------------------------------------------------- NNCF
