@@ -103,7 +103,7 @@ def remeasure(fp32_artifact: Path, artifact: Path, feeds: dict, rounds: int, see
     Deliberately not sensisearch.measure: its own loop, fresh sessions, random order per round,
     a block of runs per arm so sub-millisecond models are timed over ~2 ms.
     """
-    backend = OnnxRuntimeBackend()
+    backend = OnnxRuntimeBackend().timing_backend()  # sessions set up as the study times them
     with backend.load(fp32_artifact) as ref, backend.load(artifact) as cand:
         names_ref, names_cand = [o.name for o in ref.outputs], [o.name for o in cand.outputs]
         run_ref = lambda: ref._session.run(names_ref, feeds)  # noqa: E731

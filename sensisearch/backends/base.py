@@ -189,6 +189,16 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load(self, artifact: Path) -> Runner: ...
 
+    @property
+    def separate_timing_sessions(self) -> bool:
+        """True when timed runs need sessions of their own (:meth:`timing_backend` differs from this backend)."""
+        return False
+
+    def timing_backend(self) -> Backend:
+        """The backend whose loaded artifacts are timed: itself, unless timed sessions are set up differently
+        from evaluation ones (ONNX Runtime on CPU leaves one core free when timing, see ``default_timing_threads``)."""
+        return self
+
     def describe(self) -> dict[str, Any]:
         """Versions and settings, recorded with every trial."""
         return {"name": self.name, "profile": self.profile.name}

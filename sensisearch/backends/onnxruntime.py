@@ -52,11 +52,26 @@ def default_threads() -> int:
     Timing is most stable when the thread count is fixed and does not exceed the
     cores we may use; past 4 threads small CNNs gain nothing on CPU.
     """
+    return max(1, min(4, _process_cores()))
+
+
+def default_timing_threads() -> int:
+    """Threads of a *timed* session: as :func:`default_threads`, but never every core of the process.
+
+    A parallel section waits for its slowest thread, so a session that takes every core is
+    stalled by anything else that runs for a moment (the study's own Python, the load monitor,
+    the kernel, another job). On a 2-core machine (quiet, digits, the same sessions timed
+    again and again) 2-thread INT8/FP32 ratios wandered between 1.70x and 2.31x in runs of a
+    few seconds, while 1-thread ratios stayed within 2.857-2.898x. One core is left to the rest.
+    """
+    return max(1, min(4, _process_cores() - 1))
+
+
+def _process_cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+        return os.cpu_count() or 1
 
 
 def _spec(arg: Any) -> TensorSpec:
@@ -138,8 +153,11 @@ class OnnxRuntimeBackend(Backend):
         precisions: tuple[Precision, ...] = (Precision.INT8, Precision.FP32),
     ) -> None:
         self.threads = threads or default_threads()
+        self.timing_threads = threads or default_timing_threads()
+        """Threads of timed sessions (:meth:`timing_backend`): ``threads`` when given, else one core fewer than the process has."""
         self._profile = profile
         self._precisions = precisions
+        self._timing: OnnxRuntimeBackend | None = None
 
     @property
     def profile(self) -> QuantizationProfile:
@@ -208,11 +226,24 @@ class OnnxRuntimeBackend(Backend):
             raise SensisearchError(f"ONNX Runtime could not load {artifact}: {str(exc).splitlines()[0]}") from exc
         return OnnxRuntimeRunner(session, Path(artifact))
 
+    @property
+    def separate_timing_sessions(self) -> bool:
+        return self.timing_threads != self.threads
+
+    def timing_backend(self) -> OnnxRuntimeBackend:
+        """This backend with ``timing_threads`` per session (itself when they are the same)."""
+        if not self.separate_timing_sessions:
+            return self
+        if self._timing is None:
+            self._timing = OnnxRuntimeBackend(threads=self.timing_threads, profile=self._profile, precisions=self._precisions)
+        return self._timing
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "profile": self.profile.name,
             "onnxruntime": ort.__version__,
             "threads": self.threads,
+            "timing_threads": self.timing_threads,
             "providers": ["CPUExecutionProvider"],
         }

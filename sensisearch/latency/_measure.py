@@ -57,7 +57,8 @@ def end_to_end_ms(
     """
     from sensisearch.measure import PairedTimingSettings, time_interleaved
 
-    runners = {name: pipeline.backend.load(path) for name, path in artifacts.items()}
+    timing = pipeline.backend.timing_backend()
+    runners = {name: timing.load(path) for name, path in artifacts.items()}
     try:
         arms = {name: runner.timing_arm(feeds) for name, runner in runners.items()}
         paired = time_interleaved(arms, reference, PairedTimingSettings(max_seconds=seconds, min_rounds=10))

@@ -104,7 +104,7 @@ def run_references(ctx: StudyContext, samples: int) -> list[dict[str, Any]]:
             quantize_seconds = time.perf_counter() - start
             build = ctx.backend.build(path, folder)
             with ctx.backend.load(build.artifact) as runner:
-                latency = ctx.pipeline.latency_of(runner)  # paired with FP32, like every trial
+                latency = ctx.pipeline.latency_of(runner, artifact=build.artifact)  # paired with FP32, like every trial
                 evaluation = ctx.evaluator.evaluate(runner)
         except Exception as exc:  # a reference that fails must not stop the study
             log.warning("reference %s failed: %s", spec.name, exc)

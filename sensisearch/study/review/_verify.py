@@ -344,7 +344,7 @@ def _tournament(
     fp32_class = _class_of(fp32)
     arms_of[fp32_class] = fp32
     runners: dict[str, Runner] = {}
-    on = backend or ctx.backend
+    on = (backend or ctx.backend).timing_backend()
     try:
         note_step("building and loading artifacts" if backend is not None else "loading artifacts")
         for cls, r in arms_of.items():

@@ -79,12 +79,12 @@ def timing_plan(settings: StudySettings, backend_settings: BackendSettings, spec
 
 
 def needed_cores(backend_settings: BackendSettings) -> int:
-    """Cores a timed session needs: ONNX Runtime's intra-op threads on CPU, one host thread for a GPU backend."""
+    """Cores a timed session needs: ONNX Runtime's intra-op threads of a timed session on CPU, one host thread for a GPU backend."""
     if backend_settings.name not in (None, "onnxruntime", "auto"):
         return 1
-    from sensisearch.backends.onnxruntime import default_threads
+    from sensisearch.backends.onnxruntime import default_timing_threads
 
-    return max(1, backend_settings.threads or default_threads())
+    return max(1, backend_settings.threads or default_timing_threads())
 
 
 def in_study_load_policy(backend_settings: BackendSettings) -> LoadPolicy:

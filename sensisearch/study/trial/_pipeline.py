@@ -383,8 +383,12 @@ class TrialPipeline(ArtifactPipeline):
             return runner.throughput_arm(feeds)
         return runner.timing_arm(feeds)
 
-    def time_paired(self, runner: Runner) -> ControlledTiming:
+    def time_paired(self, runner: Runner, artifact: Path | None = None) -> ControlledTiming:
         """``runner`` interleaved with the FP32 reference (and the A/A control) on the same input.
+
+        Every timed session comes from the backend's :meth:`~Backend.timing_backend`; where that
+        sets sessions up differently from evaluation (ONNX Runtime leaves a core free), the
+        candidate is timed as ``artifact`` loaded afresh, not as the evaluation ``runner``.
 
         The reference is loaded for this timing and closed after it, like the candidate
         and the control: a session kept loaded for the worker's lifetime differs from a
@@ -396,10 +400,12 @@ class TrialPipeline(ArtifactPipeline):
         assert self.timing is not None
         feeds = self.timing_feeds()
         plan = self.timing
-        reference = self.backend.load(self.reference_artifact())
-        control = self.backend.load(self.control_artifact()) if plan.control else None
+        timing = self.backend.timing_backend()
+        reference = timing.load(self.reference_artifact())
+        control = timing.load(self.control_artifact()) if plan.control else None
+        candidate = timing.load(artifact) if artifact is not None and self.backend.separate_timing_sessions else None
         try:
-            arms = {REFERENCE_ARM: self.arm(reference, feeds), CANDIDATE_ARM: self.arm(runner, feeds)}
+            arms = {REFERENCE_ARM: self.arm(reference, feeds), CANDIDATE_ARM: self.arm(candidate or runner, feeds)}
             if control is not None:
                 arms[CONTROL_ARM] = self.arm(control, feeds)
             settings = dataclasses.replace(plan.settings, runs_per_round=runs_per_round(arms))
@@ -413,9 +419,9 @@ class TrialPipeline(ArtifactPipeline):
                 log.info("A/A control %.3fx [%.3f, %.3f] is off 1.00: timing again", checked.ratio, *checked.ci95)
                 settings = dataclasses.replace(settings, seed=settings.seed + 1)
         finally:
-            reference.close()
-            if control is not None:
-                control.close()
+            for opened in (reference, control, candidate):
+                if opened is not None:
+                    opened.close()
         paired = timed[CANDIDATE_ARM]
         ratios = [r / c for r, c in zip(timed[REFERENCE_ARM].candidate_times_ms, paired.candidate_times_ms) if c > 0]
         fixed = checked is not None and not checked.ok
@@ -440,12 +446,12 @@ class TrialPipeline(ArtifactPipeline):
         }
         return class_key(payload)
 
-    def latency_of(self, runner: Runner, reference_ms: float | None = None) -> dict[str, Any]:
+    def latency_of(self, runner: Runner, reference_ms: float | None = None, artifact: Path | None = None) -> dict[str, Any]:
         """A latency record for any loaded artifact (e.g. a reference quantizer's): paired with FP32 when
         the study times that way, so its speed-up is comparable with the trials'."""
         if self.timing is None:
             return runner.measure_latency(self.timing_feeds(), self.latency_settings).to_dict()
-        timed = self.time_paired(runner)
+        timed = self.time_paired(runner, artifact)
         ms = timed.paired.reference_median_ms if reference_ms is None else reference_ms
         return {**paired_latency_record(timed.paired, ms, self.timing.objective, self.timing.batch, timed.block),
                 "control": timed.control_dict()}
@@ -494,7 +500,7 @@ class TrialPipeline(ArtifactPipeline):
                     ms = paired.candidate_median_ms
                     latency = LatencyStats(ms, ms, ms, ms, 0, self.timing.batch)
                 else:
-                    timed = self.time_paired(runner)
+                    timed = self.time_paired(runner, build.artifact)
                     paired, block = timed.paired, timed.block
                     facts = runner.timing_facts()
                     latency = LatencyStats.from_samples(paired.candidate_times_ms, self.timing.batch)
