@@ -7,7 +7,8 @@ itself (a subprocess spinning on one core; it stops itself after
 gone, every verified front member and the winner is timed again, independently
 of the study's code: a hand-written loop that alternates FP32 and the candidate
 in random order for ``--rounds`` rounds (fresh ONNX Runtime sessions, same
-session options and input), median of the per-round ratios. It prints, per
+session options and input), median of the per-round ratios; five such re-timings a
+second apart, and their median is the reference (all five are printed). It prints, per
 configuration, the quiet run's and the loaded run's verified speed-ups side by
 side with their re-measurements, the A/A controls (in-study and per verify round)
 and the load record (what load-aware timing saw, retried and kept under load).
@@ -178,9 +179,17 @@ def report(name: str, condition: str, out: Path, rounds: int, elapsed: float, lo
     for number, r in sorted(rows.items(), key=lambda kv: kv[1].median_ms or 0.0):
         role = "winner" if number == winner.number else "front"
         if r.baseline == "fp32":
-            remeasured = 1.0
+            remeasured, spread = 1.0, ""
         else:
-            remeasured, _, _ = remeasure(Path(fp32.artifact), Path(r.artifact), feeds, rounds, seed=number)
+            # Five independent re-timings a second apart, their median the reference: on a shared VM a re-timing
+            # falls into a disturbed second now and then like any timing (digits in one process: 2.400, 2.747,
+            # 2.455, 2.849, 2.867, 2.610x; in the next: 2.846-2.890x throughout).
+            tries = []
+            for k in range(5):
+                time.sleep(1.0)
+                tries.append(remeasure(Path(fp32.artifact), Path(r.artifact), feeds, rounds, seed=number + 1000 * k)[0])
+            tries.sort()
+            remeasured, spread = tries[2], f" (re-timings {', '.join(f'{t:.3f}' for t in tries)}x)"
         lo, hi = r.speedup_ci95 or (float("nan"), float("nan"))
         diff = (r.speedup - remeasured) / remeasured
         worst = max(worst, abs(diff))
@@ -188,7 +197,7 @@ def report(name: str, condition: str, out: Path, rounds: int, elapsed: float, lo
         tag = "v" if r.is_verified else " "
         load_record = None if r.verified is None else r.verified.load_record
         print(f"  {label:>9} {role:>7} {r.speedup:>7.3f}x [{lo:.3f}, {hi:.3f}] {tag} {r.paired_speedup or float('nan'):>7.3f}x "
-              f"{remeasured:>10.3f}x {100 * diff:>+6.1f}%  {_load_text(load_record)}")
+              f"{remeasured:>10.3f}x {100 * diff:>+6.1f}%  {_load_text(load_record)}{spread}")
         figures[_config_key(r)] = {"label": label, "verified": r.speedup, "remeasured": remeasured}
     unverified = [r.number for r in front if not r.is_verified]
     if unverified:

@@ -139,6 +139,9 @@ def _verify(
         )
         if result.unverified:
             console.print(f"[yellow]not verified[/] (round cap reached): trials {', '.join(map(str, result.unverified))}", highlight=False)
+        if result.unsettled:
+            console.print(f"[yellow]unsettled[/] (no two timings agreed within 5% with a narrow CI; the machine was disturbed, "
+                          f"verify again when quiet): trials {', '.join(map(str, result.unsettled))}", highlight=False)
         if result.under_load:
             console.print("[yellow]figures taken under load[/]: the machine stayed busier than the sessions need", highlight=False)
 

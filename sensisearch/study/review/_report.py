@@ -235,6 +235,9 @@ def control_lines(recs: list[TrialRecord], summary: Mapping[str, Any] | None) ->
             lines.append("Verify ran with --force on a busy machine: its figures were taken under load.")
         if summary.get("unverified"):
             lines.append(f"Not verified (round cap reached) though they matter: trials {', '.join(map(str, summary['unverified']))}.")
+        if summary.get("unsettled"):
+            lines.append(f"Unsettled (verified, but no two timings agreed within 5% with a narrow CI: the machine was disturbed; "
+                         f"verify again when quiet): trials {', '.join(map(str, summary['unsettled']))}.")
     return lines
 
 

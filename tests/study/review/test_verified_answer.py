@@ -17,6 +17,7 @@ import pytest
 
 from sensisearch.cli import main
 from sensisearch.measure import control_ok
+from sensisearch.study.review._verify import MAX_VERIFY_ROUNDS, SETTLED_CI_WIDTH
 from sensisearch.study.store._classes import latency_class_attrs, read_latency_class, read_latency_classes
 from sensisearch.study.store._record import VERIFY_SUMMARY_ATTR
 from sensisearch.study.store._results import pareto_front, records
@@ -130,6 +131,10 @@ def test_verification_that_changes_the_front_ends_with_every_front_member_verifi
     assert front and all(r.is_verified for r in front)
     summary = study.user_attrs[VERIFY_SUMMARY_ATTR]
     assert summary["converged"] and summary["unverified"] == []
+    # A figure left wider than the settled bound is named, and only after every round was spent re-timing it.
+    for r in recs:
+        if r.is_verified and r.verified.relative_ci_width > SETTLED_CI_WIDTH:
+            assert r.number in summary["unsettled"] and len(summary["rounds"]) == MAX_VERIFY_ROUNDS, (r.number, summary)
     assert all(r.is_verified for r in recs if r.baseline in ("fp32", "int8"))
     pareto = json.loads((study_dir / "pareto.json").read_text())
     assert all(p["verified"] for p in pareto)
