@@ -112,7 +112,7 @@ class VerifyResult:
     under_load: bool = False
     control: dict[str, Any] | None = None
     unsettled: tuple[int, ...] = ()
-    """Verified trials whose figure stayed wider than :data:`SETTLED_CI_WIDTH` after the last round."""
+    """Verified trials whose figure was still not settled (:data:`SETTLED_CI_WIDTH`) after the last round."""
 
 
 def _in_study(r: TrialRecord) -> TrialRecord:
@@ -164,9 +164,9 @@ unverified; past this the result says which trials it could not verify."""
 SETTLED_CI_WIDTH = 0.05
 """A verified figure is settled when its 95% CI is narrower than this fraction of it and another timing taken
 at another time (the trial's in-study figure, or another tournament round) agrees with it within this fraction.
-Why: on a shared 2-core VM the machine has minutes in which INT8 kernels run 10-15% slower relative to FP32,
+Why: on a shared 2-core VM the machine has spells (seconds to a minute) in which INT8 kernels run 10-15% slower relative to FP32,
 which neither /proc nor the A/A control shows (both arms are one precision there). A timing that falls wholly
-inside such a minute has a narrow CI and is wrong (digits: 2.52x [2.49, 2.54] verified, 2.77x in-study, 2.80x
+inside such a spell has a narrow CI and is wrong (digits: 2.52x [2.49, 2.54] verified, 2.77x in-study, 2.80x
 on three re-timings); one that straddles its edge has a wide CI (YOLOv5n: 1.50x [1.39, 1.59], quiet 1.58x).
 An unsettled figure is timed again in the next round; the kept timing is the narrow one nearest the median of
 all the figures."""
