@@ -7,6 +7,7 @@ artifact, so ``evaluate`` and the winner export run exactly what was timed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -157,7 +158,6 @@ class OnnxRuntimeBackend(Backend):
         """Threads of timed sessions (:meth:`timing_backend`): ``threads`` when given, else one core fewer than the process has."""
         self._profile = profile
         self._precisions = precisions
-        self._timing: OnnxRuntimeBackend | None = None
 
     @property
     def profile(self) -> QuantizationProfile:
@@ -234,9 +234,11 @@ class OnnxRuntimeBackend(Backend):
         """This backend with ``timing_threads`` per session (itself when they are the same)."""
         if not self.separate_timing_sessions:
             return self
-        if self._timing is None:
-            self._timing = OnnxRuntimeBackend(threads=self.timing_threads, profile=self._profile, precisions=self._precisions)
-        return self._timing
+        # A copy taken now, not a new OnnxRuntimeBackend: a subclass (a wrapped or instrumented backend) stays
+        # itself, with its state as it is at this timing.
+        twin = copy.copy(self)
+        twin.threads = self.timing_threads
+        return twin
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -43,7 +43,7 @@ def test_a_timed_session_leaves_one_core_free_and_evaluation_uses_all(mnist_dir:
         assert (default_threads(), default_timing_threads()) == (cores, cores - 1)
         backend = OnnxRuntimeBackend()
         timing = backend.timing_backend()
-        assert backend.separate_timing_sessions and timing is not backend and timing is backend.timing_backend()
+        assert backend.separate_timing_sessions and timing is not backend and not timing.separate_timing_sessions
         assert (backend.threads, timing.threads) == (cores, cores - 1)
         # Counted by the OS, not read back from our own settings: the pool ORT really started.
         assert new_threads_when_loading(backend, model) == cores - 1
