@@ -190,9 +190,9 @@ def unsettled(histories: Mapping[int, Sequence[Verification]], in_study: Mapping
     return sorted(n for n, history in histories.items() if history and not settle(history, in_study.get(n))[1])
 
 
-def _in_study_figures(recs: Sequence[TrialRecord], fp32: TrialRecord) -> dict[int, float | None]:
-    """Each trial's in-study paired speed-up; the FP32 reference is 1.00 by definition in every tournament."""
-    return {**{r.number: r.paired_speedup for r in recs}, fp32.number: 1.0}
+def _in_study_figure(r: TrialRecord, fp32: TrialRecord) -> float | None:
+    """A trial's in-study paired speed-up; the FP32 reference is 1.00 by definition in every tournament."""
+    return 1.0 if r.number == fp32.number else r.paired_speedup
 
 
 @dataclass(frozen=True)
@@ -350,14 +350,13 @@ def _to_fixed_point(
         for key, value in verified_attrs(entries).items():
             study.set_user_attr(key, value)
         usable = _usable(records(study), usable_file)
-        pending = still_unverified(usable, max_drop, min_speedup)
-        wide = set(unsettled(timings, _in_study_figures(usable, fp32)))
-        pending += [r for r in usable if r.number in wide and r.number not in {p.number for p in pending}]
+        missing = still_unverified(usable, max_drop, min_speedup)
+        wide_left = unsettled(timings, {r.number: _in_study_figure(r, fp32) for r in usable})
+        pending = missing + [r for r in usable if r.number in wide_left and r.number not in {m.number for m in missing}]
         if not pending:
             break
         pending = [fp32, *(r for r in pending if r.number != fp32.number)]
-    left = [r.number for r in still_unverified(_usable(records(study), usable_file), max_drop, min_speedup)]
-    wide_left = unsettled(timings, _in_study_figures(records(study), fp32))
+    left = [r.number for r in missing]
     summary = {
         "rounds": [t.to_dict() for t in done_rounds], "converged": not left, "unverified": left, "unsettled": wide_left,
         "forced_under_load": forced_loaded, "before": verdict.to_dict(),
@@ -434,7 +433,7 @@ def _tournament(
         drop = drops.get(r.number)
         history = timings.setdefault(r.number, [])
         history.append(Verification(entry, None if drop is None else (drop[0], drop[1])))
-        kept, _ = settle(history, r.paired_speedup)
+        kept, _ = settle(history, _in_study_figure(r, fp32))
         if entries.get(r.number) is not kept:
             entries[r.number] = kept
             _write_verified_json(r, kept.timing, None if kept.drop_ci95 is None else list(kept.drop_ci95))
