@@ -60,6 +60,10 @@ class PeerResult:
     seconds: float
     validation_calls: float
     note: str = ""
+    held_out_drop: float | None = None
+    """FP32 minus this answer's metric on the held-out images (neither searched on nor calibrated on)."""
+    model_path: str = ""
+    """The answer's ONNX file (the held-out scoring reads it)."""
 
     @property
     def drop(self) -> float:
@@ -67,6 +71,22 @@ class PeerResult:
 
 
 # --------------------------------------------------------------------------- inputs
+def held_out_annotations(coco: Path, out: Path, eval_images: int, calib_images: int) -> Path:
+    """An annotation file of the images no tool saw: not among the evaluation images every answer was picked on
+    (the first ``eval_images`` of the first half) nor among the calibration images (the first ``calib_images`` of
+    the second half). Each tool chose its answer on the evaluation images, so its drop there is optimistic;
+    scored here, the answers show whether they generalise."""
+    data = json.loads((coco / "instances.json").read_text())
+    names = [im["file_name"] for im in data["images"]]
+    half = len(names) // 2
+    keep = set(names[eval_images:half] + names[half + calib_images:])
+    images = [im for im in data["images"] if im["file_name"] in keep]
+    ids = {im["id"] for im in images}
+    path = out / f"held-out-{eval_images}e-{calib_images}c.json"
+    path.write_text(json.dumps(dict(data, images=images, annotations=[a for a in data["annotations"] if a["image_id"] in ids])))
+    return path
+
+
 def split_coco(coco: Path, out: Path, eval_images: int, calib_images: int) -> tuple[Path, Path]:
     """Calibration and evaluation images that share none: the second half of the annotation file's images
     calibrates (its first ``calib_images``), the first half evaluates (``eval_images`` via --eval-limit)."""
@@ -128,7 +148,7 @@ def calibration_array(ctx: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- sensisearch
-def run_study(settings: Any) -> tuple[PeerResult, Any]:
+def run_study(settings: Any) -> tuple[PeerResult, Any, list[tuple[int, float, str, Any]]]:
     from sensisearch.study import prepare, records, run_study as run
     from sensisearch.study import PROBE_COST_ATTR
     from sensisearch.quantize.config import Precision
@@ -148,8 +168,31 @@ def run_study(settings: Any) -> tuple[PeerResult, Any]:
     best = max(feasible, key=lambda r: (int8_of(r), r.value))
     evaluated = sum(1 for r in rows if r.value is not None and r.role == "evaluate")
     probe_cost = float((study.user_attrs.get(PROBE_COST_ATTR) or {}).get("trials", 0.0))
+    # Every evaluated configuration (INT8 convs, metric, label): the table also reads the study at a peer's INT8 count.
+    points = [(int8_of(r), float(r.value), f"trial {r.number}, {r.config.calibration.algorithm.value}", r.config)
+              for r in rows if r.value is not None and r.baseline != "fp32"]
     return PeerResult("sensisearch (default study)", int8_of(best), convs, best.value, fp32, seconds,
-                      evaluated + probe_cost, f"trial {best.number}, {best.config.calibration.algorithm.value}"), ctx
+                      evaluated + probe_cost, f"trial {best.number}, {best.config.calibration.algorithm.value}",
+                      model_path=str(deployable(ctx, best.config, f"trial-{best.number}"))), ctx, points
+
+
+def deployable(ctx: Any, config: Any, name: str) -> Path:
+    """The study's deployable Q/DQ ONNX of ``config`` (what a trial built), written again for the held-out scoring."""
+    folder = ctx.out / "peers-answers" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path, _ = ctx.pipeline.emit(config, folder)
+    return Path(path)
+
+
+def at_peer_count(ctx: Any, study_row: PeerResult, points: Sequence[tuple[int, float, str, Any]], peer: PeerResult) -> PeerResult | None:
+    """The study's best configuration with at least as many INT8 convs as ``peer`` (same run, same wall time):
+    the comparison the peer's own operating point asks for."""
+    eligible = [p for p in points if p[0] >= peer.int8_convs]
+    if not eligible or peer.convs == 0:
+        return None
+    q, metric, label, config = max(eligible, key=lambda p: (p[1], p[0]))
+    return dataclasses.replace(study_row, name=f"  sensisearch at >= {peer.int8_convs} INT8", int8_convs=q, metric=metric,
+                               note=label, model_path=str(deployable(ctx, config, label.split(",")[0].replace(" ", "-"))))
 
 
 # --------------------------------------------------------------------------- NNCF
@@ -181,12 +224,12 @@ def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path) -> PeerRes
         subset_size=len(calib),
     )
     seconds = time.monotonic() - started
-    path = work / "nncf-quantized.onnx"
+    path = work / f"nncf-quantized-{hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]}-{max_drop}.onnx"
     onnx.save(quantized, str(path))
     calls = scorer.calls
     metric = scorer(path)
     q, total = int8_convs(quantized)
-    return PeerResult(f"NNCF {nncf.__version__} accuracy control", q, total, metric, fp32, seconds, calls)
+    return PeerResult(f"NNCF {nncf.__version__} accuracy control", q, total, metric, fp32, seconds, calls, model_path=str(path))
 
 
 # --------------------------------------------------------------------------- ModelOpt
@@ -212,7 +255,7 @@ def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: st
         return PeerResult(f"ModelOpt {method}", 0, 0, float("nan"), fp32, seconds, 0, f"failed: {tail[0][:120]}")
     quantized = onnx.load(str(out))
     q, total = int8_convs(quantized)
-    return PeerResult(f"ModelOpt {method} (all-INT8)", q, total, scorer(out), fp32, seconds, 1)
+    return PeerResult(f"ModelOpt {method} (all-INT8)", q, total, scorer(out), fp32, seconds, 1, model_path=str(out))
 
 
 # --------------------------------------------------------------------------- cache and table
@@ -230,11 +273,24 @@ def cached(cache: dict[str, Any], key: str, rerun: bool, measure: Callable[[], P
     return result
 
 
-def print_table(rows: Sequence[PeerResult], load: str) -> None:
-    print(f"\n{'':<38} {'INT8 convs':>11} {'FP32':>7} {'metric':>7} {'drop':>7} {'wall s':>8} {'val. calls':>11}  note")
+def score_held_out(rows: Sequence[PeerResult], held_out_ctx: Any, model: Path) -> float:
+    """Each row's drop on the held-out images (its ``held_out_drop``); returns FP32's held-out metric."""
+    scorer = Scorer(held_out_ctx)
+    fp32 = scorer(model)
     for r in rows:
-        print(f"{r.name:<38} {f'{r.int8_convs}/{r.convs}':>11} {r.fp32:>7.2f} {r.metric:>7.2f} {r.drop:>+7.2f} "
+        if r.model_path and Path(r.model_path).is_file():
+            r.held_out_drop = fp32 - scorer(Path(r.model_path))
+    return fp32
+
+
+def print_table(rows: Sequence[PeerResult], load: str, held_out: tuple[int, float] | None = None) -> None:
+    print(f"\n{'':<38} {'INT8 convs':>11} {'FP32':>7} {'metric':>7} {'drop':>7} {'held-out':>9} {'wall s':>8} {'val. calls':>11}  note")
+    for r in rows:
+        other = "n/a" if r.held_out_drop is None else f"{r.held_out_drop:+.2f}"
+        print(f"{r.name:<38} {f'{r.int8_convs}/{r.convs}':>11} {r.fp32:>7.2f} {r.metric:>7.2f} {r.drop:>+7.2f} {other:>9} "
               f"{r.seconds:>8.0f} {r.validation_calls:>11.1f}  {r.note}")
+    if held_out is not None:
+        print(f"(held-out: drop on {held_out[0]} images neither searched on nor calibrated on; FP32 there {held_out[1]:.2f})")
     print(f"(wall times on this machine under load {load}; only comparable within one table)")
 
 
@@ -248,6 +304,7 @@ def main() -> None:
     parser.add_argument("--calib-images", type=int, default=None)
     parser.add_argument("--peers", default="nncf,modelopt", help="comma list of nncf, modelopt (empty: the study only)")
     parser.add_argument("--skip-study", action="store_true", help="peers only (from the cache where it has them)")
+    parser.add_argument("--no-held-out", action="store_true", help="skip scoring every answer on the held-out images")
     parser.add_argument("--rerun-peers", action="store_true", help="measure the peers again instead of reading --cache")
     parser.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", sys.executable),
                         help="python that has nvidia-modelopt (default: this one)")
@@ -279,18 +336,22 @@ def main() -> None:
     digest = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
     eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split", args.eval_images, args.calib_images)
     tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}"
-    settings = StudySettings.from_flat(
-        model=model, eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json", calib_data=calib_dir,
-        out=args.out / f"study-{tag}", eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
-        sample_counts=[args.calib_images], max_drop=args.max_drop, budget=budget, verify=False, isolation="none",
-        algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY, CalibrationAlgorithm.PERCENTILE,
-                    CalibrationAlgorithm.MSE],
-    )
+    def study_settings(**changes: Any) -> StudySettings:
+        flat: dict[str, Any] = dict(
+            model=model, eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json", calib_data=calib_dir,
+            out=args.out / f"study-{tag}", eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
+            sample_counts=[args.calib_images], max_drop=args.max_drop, budget=budget, verify=False, isolation="none",
+            algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY, CalibrationAlgorithm.PERCENTILE,
+                        CalibrationAlgorithm.MSE],
+        )
+        return StudySettings.from_flat(**{**flat, **changes})
+
+    settings = study_settings()
     rows: list[PeerResult] = []
     ctx = None
     if not args.skip_study:
         shutil.rmtree(settings.storage.out, ignore_errors=True)  # a fresh study: its wall time is the whole run
-        study_row, ctx = run_study(settings)
+        study_row, ctx, points = run_study(settings)
         rows.append(study_row)
     peers = [p for p in args.peers.split(",") if p]
     if peers and ctx is None:
@@ -308,9 +369,22 @@ def main() -> None:
                                    lambda m=method: run_modelopt(ctx, model, m, work, args.modelopt_python), cache_path))
         else:
             raise SystemExit(f"--peers {peer}: use nncf and/or modelopt")
+    if not args.skip_study:
+        for peer_row in [r for r in rows[1:] if r.name.startswith("NNCF")]:
+            extra = at_peer_count(ctx, rows[0], points, peer_row)
+            if extra is not None:
+                rows.insert(1, extra)
+    held_out = None
+    if args.eval_images + args.calib_images >= 170 and not args.no_held_out:
+        print("no held-out images: coco-dev's 170 are all evaluation or calibration images (use fewer of either)")
+    elif not args.no_held_out:
+        annotations = held_out_annotations(SHARED / "coco-dev", args.out / "split", args.eval_images, args.calib_images)
+        held_out_ctx = prepare(study_settings(annotations=annotations, eval_limit=None, out=args.out / "held-out",
+                                              sampler="tpe", search="full"))
+        held_out = (held_out_ctx.evaluator.image_count() or 0, score_held_out(rows, held_out_ctx, model))
     print(f"\n{model.name}; {args.eval_images} evaluation images, {args.calib_images} calibration images; "
           f"--max-drop {args.max_drop}; study budget {budget}")
-    print_table(rows, " ".join(f"{x:.1f}" for x in os.getloadavg()))
+    print_table(rows, " ".join(f"{x:.1f}" for x in os.getloadavg()), held_out)
 
 
 if __name__ == "__main__":

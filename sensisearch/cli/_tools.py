@@ -62,7 +62,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("", total=probes - 1)
         profile, cached = sensitivity_profile(
-            ctx.sensitivity_inputs(), study, refresh=args.refresh,
+            ctx.sensitivity_inputs(within_budget=False), study, refresh=args.refresh,
             on_probe=lambda name, value: progress.update(task, advance=1, description=escape(f"{name}: {value:.2f}")),
         )
     if args.json:
@@ -75,7 +75,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for col in ("rank", "layer", "only-this-INT8 drop", "all-but-this recovery", "score", "output distortion"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in profile.layers:
-        table.add_row(str(row.rank), escape(row.layer), f"{row.alone_drop:+.2f}", f"{row.recovery:+.2f}", f"{row.score:+.2f}", f"{row.distortion:.2e}")
+        table.add_row(str(row.rank), escape(row.layer), "not scored" if row.alone_drop is None else f"{row.alone_drop:+.2f}", f"{row.recovery:+.2f}", f"{row.score:+.2f}", f"{row.distortion:.2e}")
     stdout.print(table)
     clipping = [t for t in profile.tensors if t.needs_clipping]
     stdout.print(f"{len(clipping)}/{len(profile.tensors)} activation tensors need clipping (some algorithm's amax < half their min-max):")

@@ -88,11 +88,13 @@ class StudyContext:
             "probes": "subset-first",
         }
 
-    def sensitivity_inputs(self) -> SensitivityInputs:
-        """The parts of this study the sensitivity probes use."""
+    def sensitivity_inputs(self, within_budget: bool = True) -> SensitivityInputs:
+        """The parts of this study the sensitivity probes use; ``within_budget``: the probes keep to their
+        share of ``--budget`` (a study), else every probe runs (``sensisearch sensitivity``)."""
         return SensitivityInputs(
             pipeline=self.pipeline, space=self.space, calibration=self.calibration, out=self.out,
             key=self.sensitivity_key(), latency_batch=self.settings.backend.latency_batch,
             classification=self.task == "classification",
             isolation=None if self.settings.execution.isolation == "none" else IsolationSettings.from_settings(self.settings),
+            budget=self.settings.search.budget if within_budget else None,
         )

@@ -22,13 +22,14 @@ the scores depend on (model, data, profile, calibration search, evaluation subse
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -81,6 +82,9 @@ class SensitivityInputs:
     isolation: IsolationSettings | None = None
     """Each probe in a forked child with these deadlines (a crashing builder fails that probe, not the
     study), as trials run under ``--isolation process``; None: in this process."""
+    budget: int | None = None
+    """The study's ``--budget``: the probes spend at most :data:`PROBE_BUDGET_SHARE` of it
+    (:func:`probe_plan`); None: every probe (``sensisearch sensitivity``)."""
 
 
 # --------------------------------------------------------------------------- pure ranking
@@ -89,8 +93,9 @@ class LayerProbe:
     """Metric (points) of the two probes of one layer."""
 
     layer: str
-    only_int8: float
-    """Only this layer INT8, every other layer FP32."""
+    only_int8: float | None
+    """Only this layer INT8, every other layer FP32; None: not scored (the probes' budget share
+    left room for its output distortion only)."""
     all_but: float
     """Every layer INT8 except this one (FP32)."""
     distortion: float = 0.0
@@ -106,12 +111,13 @@ class LayerSensitivity:
     layer: str
     rank: int
     """1 = most sensitive."""
-    alone_drop: float
-    """FP32 metric minus the only-this-layer-INT8 metric."""
+    alone_drop: float | None
+    """FP32 metric minus the only-this-layer-INT8 metric (None: not scored, see :attr:`LayerProbe.only_int8`)."""
     recovery: float
     """All-but-this-layer metric minus the all-INT8 metric."""
     score: float
-    """``alone_drop + recovery``: the damage in isolation plus the damage in context."""
+    """``alone_drop + recovery``: the damage in isolation plus the damage in context (``recovery`` alone
+    where the layer's alone drop was not scored)."""
     distortion: float = 0.0
     """:attr:`LayerProbe.distortion`."""
 
@@ -129,20 +135,21 @@ def rank_layers(
     evaluation set for a classifier, ``100 / count`` points each) is no measurable effect:
     such layers are ordered by their output distortion instead, which is
     continuous, so the tail of the ranking is not decided by a single image's
-    flip. Remaining ties keep the probes' order (graph order).
+    flip. Remaining ties keep the probes' order (graph order). A layer whose alone
+    probe was not scored (``only_int8`` None) is ranked by its recovery.
     """
     scored = []
     for order, probe in enumerate(probes):
-        alone = fp32 - probe.only_int8
+        alone = None if probe.only_int8 is None else fp32 - probe.only_int8
         recovery = probe.all_but - all_int8
-        score = alone + recovery
+        score = (alone or 0.0) + recovery
         # An apparent gain from INT8 (negative score) is noise at this scale.
         measurable = score if score > 2 * resolution else 0.0
         scored.append((-measurable, -probe.distortion, order, probe, alone, recovery))
     scored.sort(key=lambda row: row[:3])
     return [
         LayerSensitivity(
-            layer=probe.layer, rank=i + 1, alone_drop=alone, recovery=recovery, score=alone + recovery,
+            layer=probe.layer, rank=i + 1, alone_drop=alone, recovery=recovery, score=(alone or 0.0) + recovery,
             distortion=probe.distortion,
         )
         for i, (_, _, _, probe, alone, recovery) in enumerate(scored)
@@ -269,15 +276,22 @@ def score_config(
     ``probe_feeds`` (empty without them). ``positions``: score only these images
     (the probes' fixed subset, :meth:`~sensisearch.evaluation.base.Evaluator.evaluate_part`).
     """
+    with _built(pipeline, config, work_dir) as runner:
+        outputs = [] if probe_feeds is None else _run_probe(runner, probe_feeds)
+        if positions is not None:
+            return pipeline.evaluator.evaluate_part(runner, positions).result, outputs
+        return pipeline.evaluator.evaluate(runner), outputs
+
+
+@contextlib.contextmanager
+def _built(pipeline: TrialPipeline, config: TrialConfig, work_dir: Path) -> Iterator[Runner]:
+    """``config`` emitted, built and loaded in ``work_dir`` (deleted afterwards): the trial's own path."""
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         deployable, _ = pipeline.emit(config, work_dir)
         build = pipeline.build(deployable, work_dir, config)
         with pipeline.backend.load(build.artifact) as runner:
-            outputs = [] if probe_feeds is None else _run_probe(runner, probe_feeds)
-            if positions is not None:
-                return pipeline.evaluator.evaluate_part(runner, positions).result, outputs
-            return pipeline.evaluator.evaluate(runner), outputs
+            yield runner
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -291,11 +305,16 @@ def score_probe(
     work_dir: Path,
     probe_feeds: Mapping[str, np.ndarray] | None = None,
     positions: np.ndarray | None = None,
-) -> tuple[float, int, list[np.ndarray]]:
+    metric: bool = True,
+) -> tuple[float | None, int, list[np.ndarray]]:
     """(metric, images scored, outputs on ``probe_feeds``) of :func:`score_config`, in a forked child
     when ``inputs.isolation`` is set (raising :class:`~sensisearch.study.trial._isolation.TrialProcessError`
-    when the child crashes, exits or passes its deadline)."""
-    def scored() -> tuple[float, int, list[np.ndarray]]:
+    when the child crashes, exits or passes its deadline). ``metric=False``: the outputs only
+    (metric None, no image scored)."""
+    def scored() -> tuple[float | None, int, list[np.ndarray]]:
+        if not metric:
+            with _built(inputs.pipeline, config, work_dir) as runner:
+                return None, 0, _run_probe(runner, probe_feeds or {})
         result, outputs = score_config(inputs.pipeline, config, work_dir, probe_feeds, positions)
         return result.value, result.count, outputs
 
@@ -309,14 +328,15 @@ def score_probe(
     def probe(folder: Path) -> None:
         value, count, outputs = scored()
         arrays = {f"output_{i}": np.asarray(o) for i, o in enumerate(outputs)}
-        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(value), count=np.int64(count), **arrays)
+        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(np.nan if value is None else value), count=np.int64(count), **arrays)
 
     try:
         # One deadline for the probe's build and its evaluation (a subset of the images at most).
         run_forked(probe, scratch, inputs.isolation.build_timeout + inputs.isolation.eval_timeout, "probe")
         with np.load(scratch / PROBE_RESULT_NAME) as data:
             outputs = [data[f"output_{i}"] for i in range(sum(k.startswith("output_") for k in data.files))]
-            return float(data["value"]), int(data["count"]), outputs
+            value = float(data["value"])
+            return (None if np.isnan(value) else value), int(data["count"]), outputs
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)  # a child that crashed left its build behind
@@ -381,6 +401,44 @@ CLOSE_FRACTION = 0.25
 """"Close": within this fraction of the cut score (or two images of a classifier's subset) of it."""
 
 
+PROBE_BUDGET_SHARE = 0.3
+"""The probes spend at most this share of the study's ``--budget`` (images scored, in full evaluations):
+the rest is the search's. On a small evaluation set every probe costs nearly a trial's build, so
+without a cap the probes took up to 35 of 50 trials (YOLOv5n, 40 images)."""
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """Which optional probes fit the probes' share of the budget (:func:`probe_plan`)."""
+
+    score_alone: bool
+    """Score each only-this-layer-INT8 probe's metric (else its output distortion only)."""
+    rescored: int
+    """At most this many layers close to the ranking's cut are scored again on every image."""
+
+
+def probe_plan(layers: int, algorithms: int, per_probe: int, total: int | None, budget: int | None, subset: bool) -> ProbePlan:
+    """What the probes can afford within :data:`PROBE_BUDGET_SHARE` of ``budget`` trials of ``total`` images.
+
+    Always (the ranking's core): FP32, all-INT8 under each of the ``algorithms`` and every
+    all-but-this-layer probe, ``per_probe`` images each; putting one unit back to float is
+    the move the guided search makes, so these probes say most about its choices. Then,
+    while room is left: the only-this-layer-INT8 probes' metric (their output distortion is
+    measured anyway), then the rescoring on every image (2 references, then 1 or 2
+    evaluations per layer). No ``budget`` or image count: everything, as before the cap.
+    """
+    most_rescored = max(2, min(MAX_RESCORED, layers // 8)) if subset else 0
+    if budget is None or not total:
+        return ProbePlan(True, most_rescored)
+    room = PROBE_BUDGET_SHARE * budget * total - (1 + algorithms + layers) * per_probe
+    score_alone = room >= layers * per_probe
+    if score_alone:
+        room -= layers * per_probe
+    per_layer = 2 if score_alone else 1
+    fits = int((room / total - 2) // per_layer) if room > 0 else 0
+    return ProbePlan(score_alone, max(0, min(most_rescored, fits)))
+
+
 def probe_subset(total: int | None, seed: int) -> np.ndarray | None:
     """The probes' fixed subset of the evaluation images (None: score every image; too few to split)."""
     if total is None or total < 2 * PROBE_SUBSET_MIN:
@@ -415,7 +473,8 @@ def measure_sensitivity(
     Multi-fidelity: every probe scores a fixed subset of the evaluation images
     (:func:`probe_subset`); only the layers whose subset score is close to the
     ranking's decision (:func:`close_to_cut`) are scored again on every image, with
-    FP32 and all-INT8 on every image to compare them with. The calibration
+    FP32 and all-INT8 on every image to compare them with. Within a study the probes
+    keep to their share of its budget (:func:`probe_plan`). The calibration
     statistics are the study's own (one statistics pass for probes and trials).
     """
     import time
@@ -431,6 +490,11 @@ def measure_sensitivity(
     samples = space.default_calibration.samples
     total = pipeline.evaluator.image_count()
     subset = probe_subset(total, int(inputs.key.get("seed", 0) or 0))
+    plan = probe_plan(len(layers), len(space.algorithms), len(subset) if subset is not None else (total or 0), total,
+                      inputs.budget, subset is not None)
+    if not plan.score_alone:
+        log.info("sensitivity: only-this-layer-INT8 probes by output distortion (their metric would pass the probes' "
+                 "%.0f%% of --budget %s)", 100 * PROBE_BUDGET_SHARE, inputs.budget)
     planned = 1 + len(space.algorithms) + 2 * len(layers)
     started = time.perf_counter()
     done = {"probes": 0, "images": 0}
@@ -444,10 +508,10 @@ def measure_sensitivity(
 
     failed: list[str] = []
 
-    def score(name: str, config: TrialConfig, full: bool = False) -> tuple[float, float]:
+    def score(name: str, config: TrialConfig, full: bool = False, metric: bool = True) -> tuple[float | None, float]:
         positions = None if full or subset is None else subset
         try:
-            value, count, outputs = score_probe(inputs, config, work, feeds, positions)
+            value, count, outputs = score_probe(inputs, config, work, feeds, positions, metric)
         except TrialProcessError as exc:
             if not reference:  # the FP32 probe: nothing to rank against
                 raise SensisearchError(f"sensitivity: the FP32 model failed to build or run: {exc}") from None
@@ -455,17 +519,20 @@ def measure_sensitivity(
             # ranking keeps the layers that cause it in float. The study's trials meet it as failed trials.
             log.warning("sensitivity probe %s failed, scored %s 0: %s", name, pipeline.evaluator.metric, exc)
             failed.append(f"{name}: {exc}")
-            value, count, outputs = 0.0, 0, []
+            value, count, outputs = (0.0 if metric else None), 0, []
         done["probes"] += 1
+        # Evaluation images are the cost (as a trial's); the probe batch every probe runs for its output
+        # distortion is one batch, no scoring, and counts in neither kind of probe.
         done["images"] += count
         if positions is not None and not subset_count and count:
             subset_count.append(count)
         distortion = output_distortion(outputs, reference) if reference and outputs else 0.0
         elapsed = time.perf_counter() - started
         eta = elapsed / done["probes"] * max(planned - done["probes"], 0)
-        log.info("probe %d/%d %s (%s images): %s %.3f, output distortion %.3g; %.0f s so far, ETA %.0f s",
-                 done["probes"], planned, name, count, pipeline.evaluator.metric, value, distortion, elapsed, eta)
-        if on_probe is not None:
+        log.info("probe %d/%d %s (%s images): %s %s, output distortion %.3g; %.0f s so far, ETA %.0f s",
+                 done["probes"], planned, name, count, pipeline.evaluator.metric,
+                 "not scored" if value is None else f"{value:.3f}", distortion, elapsed, eta)
+        if on_probe is not None and value is not None:
             on_probe(name, value)
         progress.step(done["probes"], planned)
         if not reference:
@@ -480,14 +547,14 @@ def measure_sensitivity(
         # Thresholds are cached in this process: computed once here, before the forked probes, instead of in each child.
         for algorithm in space.algorithms:
             pipeline.ranges_for(TrialConfig.uniform(layers, Precision.INT8, CalibrationChoice(algorithm, samples, percentile)), every_tensor=True)
-    fp32, _ = score("fp32", TrialConfig.uniform(layers, Precision.FP32))
+    fp32 = _scored(score("fp32", TrialConfig.uniform(layers, Precision.FP32))[0])
     # The calibration the probes use: the best all-INT8 one on the subset (one
     # choice per algorithm; percentile at the default clip).
     calibration_scores: dict[str, float] = {}
     best: tuple[float, CalibrationChoice] | None = None
     for algorithm in space.algorithms:
         choice = CalibrationChoice(algorithm, samples, percentile)
-        value, _ = score(f"all-int8 {_label(choice)}", TrialConfig.uniform(layers, Precision.INT8, choice))
+        value = _scored(score(f"all-int8 {_label(choice)}", TrialConfig.uniform(layers, Precision.INT8, choice))[0])
         calibration_scores[_label(choice)] = value
         if best is None or value > best[0]:
             best = (value, choice)
@@ -502,35 +569,36 @@ def measure_sensitivity(
     probes: dict[str, LayerProbe] = {}
     for layer in layers:
         only, but = configs(layer)
-        only_int8, distortion = score(f"only {layer}", only)
-        all_but, _ = score(f"all but {layer}", but)
+        only_int8, distortion = score(f"only {layer}", only, metric=plan.score_alone)
+        all_but = _scored(score(f"all but {layer}", but)[0])
         probes[layer] = LayerProbe(layer, only_int8=only_int8, all_but=all_but, distortion=distortion)
     count = subset_count[0] if subset_count else 0
     rescored: list[str] = []
     if subset is not None:
         resolution = 100.0 / max(count, 1) if inputs.classification else 0.0
-        scores = {n: (fp32 - p.only_int8) + (p.all_but - all_int8) for n, p in probes.items()}
+        scores = {n: (0.0 if p.only_int8 is None else fp32 - p.only_int8) + (p.all_but - all_int8) for n, p in probes.items()}
         # The seeds' cuts (all-INT8 minus the top 1, 2, 3, 5, 8); two full evaluations per rescored
         # layer, so a small model affords fewer of them.
         # The ranking decides which layers the seeds keep in float: a layer near one of those cuts is rescored.
         from sensisearch.study.search._seeds import SEED_KS
 
         ks = [k for k in SEED_KS if k < len(layers)]
-        rescored = close_to_cut(scores, ks, resolution)[:max(2, min(MAX_RESCORED, len(layers) // 8))]
-        planned += 2 + 2 * len(rescored)
+        rescored = close_to_cut(scores, ks, resolution)[:plan.rescored]
+        planned += (2 + (2 if plan.score_alone else 1) * len(rescored)) if rescored else 0
         log.info("sensitivity: %d of %d layers are close to the seeds' cuts (top %s) on the %d-image subset: scored on every image",
                  len(rescored), len(layers), ks, count)
         if rescored:
-            full_fp32, _ = score("fp32 (every image)", TrialConfig.uniform(layers, Precision.FP32), full=True)
-            full_int8, _ = score(f"all-int8 {_label(choice)} (every image)", TrialConfig.uniform(layers, Precision.INT8, choice), full=True)
+            full_fp32 = _scored(score("fp32 (every image)", TrialConfig.uniform(layers, Precision.FP32), full=True)[0])
+            full_int8 = _scored(score(f"all-int8 {_label(choice)} (every image)",
+                                      TrialConfig.uniform(layers, Precision.INT8, choice), full=True)[0])
             for layer in rescored:
                 only, but = configs(layer)
-                only_int8, _ = score(f"only {layer} (every image)", only, full=True)
-                all_but, _ = score(f"all but {layer} (every image)", but, full=True)
+                all_but = _scored(score(f"all but {layer} (every image)", but, full=True)[0])
                 # On the subset's scale, so full-image and subset scores rank together.
-                probes[layer] = dataclasses.replace(
-                    probes[layer], only_int8=fp32 - (full_fp32 - only_int8), all_but=all_int8 + (all_but - full_int8)
-                )
+                alone = probes[layer].only_int8
+                if plan.score_alone:
+                    alone = fp32 - (full_fp32 - _scored(score(f"only {layer} (every image)", only, full=True)[0]))
+                probes[layer] = dataclasses.replace(probes[layer], only_int8=alone, all_but=all_int8 + (all_but - full_int8))
     shutil.rmtree(work, ignore_errors=True)
     progress.end()
     seconds = time.perf_counter() - started
@@ -553,6 +621,12 @@ def measure_sensitivity(
         rescored=rescored,
         failed=failed,
     )
+
+
+def _scored(value: float | None) -> float:
+    """A metric probe's value (never None: only outputs-only probes have none)."""
+    assert value is not None
+    return value
 
 
 def load_cached(path: Path, key: Mapping[str, Any]) -> SensitivityProfile | None:

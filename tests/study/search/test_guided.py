@@ -36,6 +36,17 @@ def test_boundary_waits_for_a_pending_step_and_counts_all_float_as_feasible() ->
     assert boundary_next({0: 56.0}, 8, 55.0) is None  # all-INT8 already feasible
 
 
+def test_boundary_of_a_noisy_curve_is_its_smallest_feasible_k() -> None:
+    # Seeds at k = 0, 2, 5, 8 (the k = 5 point fell below the bound by noise): the feasible k = 2 stands,
+    # the bisection only asks k = 1 between it and the infeasible all-INT8.
+    noisy = {0: 50.0, 2: 56.0, 5: 54.0, 8: 58.0}
+    assert boundary_next(noisy, 20, 55.0) == 1
+    assert boundary_k({**noisy, 1: 54.9}, 20, 55.0) == 2
+    assert boundary_next({**noisy, 1: 54.9}, 20, 55.0) is None
+    # All-INT8 within the bound: the boundary is k = 0 whatever failed above it.
+    assert boundary_next({0: 55.5, 3: 54.0}, 20, 55.0) is None and boundary_k({0: 55.5, 3: 54.0}, 20, 55.0) == 0
+
+
 def test_greedy_puts_back_least_sensitive_units_while_feasible() -> None:
     known = {frozenset({0, 1}): 58.0, frozenset({0}): 57.0}
     nxt, current = greedy_next(frozenset({0, 1, 2}), {frozenset({0, 1, 2}): 59.0}, 56.5)
@@ -49,7 +60,58 @@ def test_local_search_flips_one_unit_of_a_front_member() -> None:
     points = [Evaluated(frozenset({0}), 59.0, 2.0), Evaluated(frozenset(), 55.0, 1.0), Evaluated(frozenset({0, 1}), 58.0, 3.0)]
     front = pareto(points)
     assert {p.floats for p in front} == {frozenset({0}), frozenset()}
-    assert local_next(front, {p.floats for p in points}, 3) == frozenset({0, 2})
+    # The fastest member (all-INT8) first, its most sensitive unit first: {0} is known, so {1}.
+    assert local_next(front, {p.floats for p in points}, 3) == frozenset({1})
+    # Its neighbours all known (all-float is FP32, never a neighbour): the next member's, {0} ^ {2}.
+    known = {p.floats for p in points} | {frozenset({1}), frozenset({2})}
+    assert local_next(front, known, 3) == frozenset({0, 2})
+
+
+def test_the_sampler_phase_holds_the_least_sensitive_units_int8() -> None:
+    """A real Optuna study: after FP32 and an all-INT8 within the bound (boundary k = 0), the sampler phase
+    chooses only the 8 most sensitive of 20 groups; the 12 others come back INT8 in every proposal, and only the
+    calibration whose all-INT8 is within the bound."""
+    import optuna
+
+    from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision
+    from sensisearch.study.search._guided import GuidedPlan, GuidedSampler, SAMPLER_FREE_UNITS
+    from sensisearch.study.search._space import ALGORITHM, SearchSpace
+
+    names = [f"conv{i}" for i in range(20)]
+    choice = CalibrationChoice(CalibrationAlgorithm.MINMAX, 32, 99.99)
+    space = SearchSpace(tuple(names), (Precision.INT8, Precision.FP32), (CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY),
+                        (32,), (99.99,), choice, groups=tuple((n,) for n in names))
+    plan = GuidedPlan(space, [(n,) for n in names], max_drop=1.0, budget=lambda study: 40)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=GuidedSampler(plan, seed=3))
+    dists = plan.distributions
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(range(20)), choice), distributions=dists, values=[50.0, 1.0],
+        user_attrs={"baseline": "fp32", "role": "evaluate"}))
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(), choice), distributions=dists, values=[49.5, 0.5], user_attrs={"role": "evaluate"}))
+    entropy = CalibrationChoice(CalibrationAlgorithm.ENTROPY, 32, 99.99)  # all-INT8 under entropy: far outside the bound
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(), entropy), distributions=dists, values=[40.0, 0.5], user_attrs={"role": "evaluate"}))
+    held = [plan.param(u) for u in plan.units[SAMPLER_FREE_UNITS:]]
+    free = [plan.param(u) for u in plan.units[:SAMPLER_FREE_UNITS]]
+    proposals = []
+    for _ in range(12):
+        trial = study.ask(dists)
+        proposals.append(trial.params)
+        study.tell(trial, [49.0, 0.7])
+    assert all(p[name] == Precision.INT8.value for p in proposals for name in held)
+    assert {p[ALGORITHM] for p in proposals} == {"minmax"}
+    # The free units are really sampled: some proposal keeps one of them in float.
+    assert any(p[name] != Precision.INT8.value for p in proposals for name in free)
+
+
+def test_the_sampler_chooses_among_calibrations_within_the_bound_on_all_int8() -> None:
+    from sensisearch.study.search._guided import competitive_algorithms
+
+    seen = [(36.9, "mse"), (36.88, "percentile"), (34.7, "minmax"), (27.7, "entropy"), (35.3, "mse")]  # mse twice (bias)
+    assert competitive_algorithms(seen, 0.5) == ("mse", "percentile")
+    assert competitive_algorithms(seen, 3.0) == ("mse", "percentile", "minmax")
+    assert competitive_algorithms([], 0.5) == ()
 
 
 def test_a_stored_study_keeps_its_sampler_and_a_new_one_gets_the_guided_default() -> None:

@@ -19,9 +19,11 @@ from sensisearch.study import finished_count
 from sensisearch.study.search._budget import searched_budget
 from sensisearch.study.search._seeds import SEEDS_ENQUEUED_ATTR, head_rule_layers, seed_configs
 from sensisearch.study.search._sensitivity import (
+    PROBE_BUDGET_SHARE,
     LayerProbe,
     SensitivityProfile,
     output_distortion,
+    probe_plan,
     rank_layers,
     sensitivity_profile,
     spearman,
@@ -48,6 +50,52 @@ def test_rank_layers_orders_by_measured_damage_then_distortion() -> None:
     assert by_name["d"].score == pytest.approx(0.1)
     # Without a resolution every positive score counts as measured.
     assert [r.layer for r in rank_layers(probes, 100.0, 80.0)] == ["a", "b", "d", "e", "c"]
+
+
+def test_a_layer_without_an_alone_score_is_ranked_by_its_recovery() -> None:
+    probes = [
+        LayerProbe("a", only_int8=None, all_but=83.0, distortion=1e-5),  # recovery 3
+        LayerProbe("b", only_int8=None, all_but=81.0, distortion=9e-3),  # recovery 1, though far more distortion
+        LayerProbe("c", only_int8=None, all_but=80.0, distortion=1e-3),  # no recovery: by distortion after b
+        LayerProbe("d", only_int8=None, all_but=80.0, distortion=2e-3),
+    ]
+    rows = rank_layers(probes, fp32=100.0, all_int8=80.0)
+    assert [r.layer for r in rows] == ["a", "b", "d", "c"]
+    assert rows[0].alone_drop is None and rows[0].score == pytest.approx(3.0) == rows[0].recovery
+    again = SensitivityProfile({}, "m", {}, 100.0, 80.0, rows)
+    assert SensitivityProfile.from_dict(json.loads(json.dumps(again.to_dict()))).layers == rows
+
+
+def _plan_cost(plan, layers: int, algorithms: int, per_probe: int, total: int, subset: bool) -> float:  # noqa: ANN001
+    """Images the plan scores, counted independently of probe_plan: every probe it runs, one by one."""
+    images = (1 + algorithms + layers) * per_probe + (layers * per_probe if plan.score_alone else 0)
+    if subset and plan.rescored:
+        images += (2 + (2 if plan.score_alone else 1) * plan.rescored) * total
+    return images / total
+
+
+@pytest.mark.parametrize(("layers", "algorithms", "per_probe", "total", "budget"), [
+    (60, 4, 8, 40, 50),  # YOLOv5n, 40 images: only the core fits
+    (60, 4, 11, 86, 50),  # YOLOv5n, 86 images: the core and some rescoring
+    (60, 4, 125, 1000, 50),  # a large set (probes on an eighth): core 8 trials, the alone scores just miss
+    (10, 1, 25, 200, 24),  # digits
+    (10, 1, 25, 200, 5),  # a tiny budget: the core alone is over the share, still run (the ranking needs it)
+])
+def test_probe_plan_keeps_the_probes_within_their_share_of_the_budget(layers, algorithms, per_probe, total, budget) -> None:  # noqa: ANN001
+    plan = probe_plan(layers, algorithms, per_probe, total, budget, subset=True)
+    share = PROBE_BUDGET_SHARE * budget
+    core = (1 + algorithms + layers) * per_probe / total
+    cost = _plan_cost(plan, layers, algorithms, per_probe, total, True)
+    assert cost <= max(share, core) + 1e-9
+    # Nothing that would still fit is left out: one more rescored layer, or the alone scores, would pass the share.
+    most = max(2, min(4, layers // 8))
+    if plan.rescored < most:
+        more = type(plan)(plan.score_alone, plan.rescored + 1)
+        assert _plan_cost(more, layers, algorithms, per_probe, total, True) > share
+    if not plan.score_alone:
+        assert _plan_cost(type(plan)(True, 0), layers, algorithms, per_probe, total, True) > share
+    # Without a budget (``sensisearch sensitivity``) every probe runs.
+    assert probe_plan(layers, algorithms, per_probe, total, None, subset=True) == type(plan)(True, most)
 
 
 def test_output_distortion_is_relative_squared_error() -> None:
