@@ -11,7 +11,7 @@ lets a sampler explore. The phases, each decided from the study's trials alone
 1. **seeds** (enqueued, :mod:`~sensisearch.study.run._seeding`): all-INT8 under
    every calibration algorithm, and the ranking's seeds;
 2. **boundary**: bisection over k for "all-INT8 minus the top-k groups" between
-   the largest k known to break ``max_drop`` and the smallest k known to keep it;
+   the smallest k known to keep ``max_drop`` and the largest k below it known to break it;
 3. **greedy**: from that boundary, each float group (least sensitive first) is
    put back to INT8 while the drop stays within ``max_drop``;
 4. **sampler**: multi-objective TPE over the most sensitive groups (at least
