@@ -384,19 +384,28 @@ def _tournament(
     """Time one arm per latency class of ``chosen`` (FP32 the reference, plus the A/A control); add an entry
     for every usable member of those classes to ``entries``."""
     usable = _usable(records(study), usable_file)
-    arms_of: dict[str, TrialRecord] = {}
+    # Every chosen member of a class may stand for it: if one's files went (another worker sharing the study prunes
+    # its own trials' artifacts, --keep-artifacts, while this one verifies), the next one is timed instead.
+    candidates_of: dict[str, list[TrialRecord]] = {}
     for r in chosen:
-        arms_of.setdefault(_class_of(r), r)
+        candidates_of.setdefault(_class_of(r), []).append(r)
     # The reference is FP32's own arm; FP32's class (the FP32 baseline) is timed as the reference.
     fp32_class = _class_of(fp32)
-    arms_of[fp32_class] = fp32
+    candidates_of[fp32_class] = [fp32]
+    arms_of: dict[str, TrialRecord] = {}
     runners: dict[str, Runner] = {}
     on = (backend or ctx.backend).timing_backend()
     try:
         note_step("building and loading artifacts" if backend is not None else "loading artifacts")
-        for cls, r in arms_of.items():
-            artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
-            runners[str(r.number)] = on.load(artifact)
+        for cls, candidates in candidates_of.items():
+            for r in candidates:
+                runner = _load_arm(ctx, on, backend, r, usable_file)
+                if runner is not None:
+                    arms_of[cls], runners[str(r.number)] = r, runner
+                    break
+        if fp32_class not in arms_of:
+            raise SensisearchError(f"verify: the FP32 baseline's {usable_file} (trial {fp32.number}) is gone; "
+                                   f"run the study again to rebuild it")
         runners[CONTROL_ARM] = on.load(_control_artifact(ctx, backend))
         feeds = ctx.pipeline.timing_feeds()
         arms = {name: ctx.pipeline.arm(runner, feeds) for name, runner in runners.items()}
@@ -440,6 +449,22 @@ def _tournament(
     first = timed[str(fp32.number)]
     return TournamentRound(tuple(sorted(r.number for r in members)), tuple(r.number for r in arms_of.values()),
                            first.rounds, first.seconds, control_dict, under_load)
+
+
+def _load_arm(
+    ctx: StudyContext, on: Backend, backend: Backend | None, r: TrialRecord, usable_file: str
+) -> Runner | None:
+    """Trial ``r``'s runner for a tournament; None when its file was removed since it was chosen."""
+    source = Path(getattr(r, usable_file))
+    try:
+        artifact = source if backend is None else _build_on(ctx, backend, r)
+        return on.load(artifact)
+    except SensisearchError:
+        if source.is_file():
+            raise  # a real build or load failure, not a file that went away
+        log.warning("verify: trial %d's %s was removed while verify ran (pruned by the worker that made it, "
+                    "--keep-artifacts): not timed", r.number, usable_file)
+        return None
 
 
 def _control_artifact(ctx: StudyContext, backend: Backend | None) -> Path:

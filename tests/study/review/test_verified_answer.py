@@ -150,3 +150,36 @@ def test_fp32_vs_fp32_control_is_one_within_its_ci(study_dir: Path) -> None:
     control = study.user_attrs[VERIFY_SUMMARY_ATTR]["rounds"][-1]["control"]
     assert control_ok(control["ratio"], tuple(control["ci95"]), control["tolerance"]), control
     assert read_latency_classes(study.user_attrs)
+
+
+def test_an_arm_whose_artifact_went_after_selection_is_left_out_and_a_broken_one_fails(study_dir: Path, tmp_path: Path) -> None:
+    """Workers sharing a study each prune their own trials' artifacts (--keep-artifacts) while another one may be
+    verifying: a chosen trial whose file is gone by the time its arm loads is not timed, and the tournament goes on.
+    A file that is there but cannot be loaded is still an error."""
+    import dataclasses
+
+    from sensisearch.errors import SensisearchError
+    from sensisearch.study import open_study, prepare
+    from sensisearch.study.review._verify import (
+        VerifySettings, _tournament, load_run_settings, select_for_verification, verify_load_policy,
+    )
+
+    ctx = prepare(load_run_settings(study_dir), reviewing=True)
+    study = open_study(ctx)
+    chosen = select_for_verification(records(study))
+    fp32, target = chosen[0], chosen[1]
+    assert fp32.baseline == "fp32" and target.latency_class != fp32.latency_class
+    settings, policy = VerifySettings(seconds=1.0, rounds=3), verify_load_policy(ctx)
+
+    gone = dataclasses.replace(target, artifact=str(tmp_path / "pruned" / "deployable.ort.onnx"))
+    entries: dict = {}
+    timed = _tournament(ctx, study, settings, None, fp32, [fp32, gone], "artifact", entries, {}, policy, True)
+    assert timed.arms == (fp32.number,)
+    same_class = {r.number for r in records(study) if r.latency_class == target.latency_class}
+    assert fp32.number in entries and not same_class & set(entries)
+
+    broken = tmp_path / "broken.ort.onnx"
+    broken.write_bytes(b"not an onnx model")
+    with pytest.raises(SensisearchError, match="could not load"):
+        _tournament(ctx, study, settings, None, fp32, [fp32, dataclasses.replace(target, artifact=str(broken))],
+                    "artifact", {}, {}, policy, True)

@@ -43,6 +43,10 @@ def test_tensorrt_profile_study_predicts_latency_and_verify_measures_it(tmp_path
     info, model = analyze_model(Path(study.user_attrs["model_path"]))
     estimate = MacEstimate.for_model(model, info)
     for t in complete:
+        original = t.user_attrs.get("duplicate_of")
+        if original is not None:  # a repeated proposal is not built again: it takes the first one's figures
+            assert t.values == study.trials[original].values
+            continue
         latency = t.user_attrs["latency"]
         precisions = json.loads((out / "trials" / f"{t.number:04d}" / "trial.json").read_text())["config"]["precisions"]
         assert latency["source"] == "estimate" and latency["label"] == ESTIMATE_LABEL
