@@ -434,7 +434,10 @@ class TrialPipeline(ArtifactPipeline):
     def latency_class_key(self, config: TrialConfig) -> str:
         """The key of ``config``'s latency class: its Q/DQ tensors (and whose scale each reuses) and its
         per-layer precisions under this backend's profile. Calibration is left out: it changes the
-        numbers in the Q/DQ nodes, not the graph the backend builds."""
+        numbers in the Q/DQ nodes, not the graph the backend builds. The timing sessions' thread count is part
+        of it: a speed-up is a property of the session as much as of the graph (digits all-INT8 over FP32: 2.9x
+        with 1 thread, 1.7-2.3x with 2 on a 2-core machine), so a study resumed or shared by a worker with
+        other threads times its classes afresh instead of pooling unlike figures."""
         placement = self.plan(config)
         payload = {
             "profile": placement.profile.name,
@@ -444,6 +447,9 @@ class TrialPipeline(ArtifactPipeline):
             "precisions": sorted(config.to_dict().get("precisions", {}).items()),
             "batch": None if self.timing is None else [self.timing.objective, self.timing.batch],
         }
+        threads = self.backend.describe().get("timing_threads")
+        if threads is not None:  # backends without a thread setting (TensorRT) keep the keys they had
+            payload["timing_threads"] = threads
         return class_key(payload)
 
     def latency_of(self, runner: Runner, reference_ms: float | None = None, artifact: Path | None = None) -> dict[str, Any]:

@@ -183,3 +183,17 @@ def test_an_arm_whose_artifact_went_after_selection_is_left_out_and_a_broken_one
     with pytest.raises(SensisearchError, match="could not load"):
         _tournament(ctx, study, settings, None, fp32, [fp32, dataclasses.replace(target, artifact=str(broken))],
                     "artifact", {}, {}, policy, True)
+
+
+def test_the_latency_class_names_the_timing_threads(study_dir: Path) -> None:
+    """A class's figure is a speed-up of sessions with a given thread count: the key is the same on the same
+    machine and settings (the resumed run above reused it), and another timing thread count makes another class."""
+    from sensisearch.study import prepare
+    from sensisearch.study.review._verify import load_run_settings
+
+    ctx = prepare(load_run_settings(study_dir), reviewing=True)
+    int8 = next(r for r in records(_study(study_dir)) if r.baseline == "int8")
+    assert int8.config is not None
+    assert ctx.pipeline.latency_class_key(int8.config) == int8.latency_class
+    ctx.backend.timing_threads += 1
+    assert ctx.pipeline.latency_class_key(int8.config) != int8.latency_class
