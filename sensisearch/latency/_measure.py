@@ -101,7 +101,11 @@ def measure_table(
             deployable, _ = pipeline.emit(config, work_dir / name, placement=placement)
             artifacts[name] = pipeline.build(deployable, work_dir / name, config).artifact
         if pipeline.backend.name == "onnxruntime":
-            nodes = profile_interleaved(pipeline.backend, artifacts, feeds, repeats, work_dir / "profiles", seed)  # type: ignore[arg-type]
+            # The timing sessions' threads, as the end-to-end anchor below and every study timing use: per-kernel
+            # INT8 gains differ with the thread count (digits all-INT8: 2.9x at 1 thread, 1.7-2.3x at 2 on 2 cores),
+            # so kernels profiled at another count than the anchor mis-predict mixes the anchor cannot rescale.
+            profiler = pipeline.backend.timing_backend()
+            nodes = profile_interleaved(profiler, artifacts, feeds, repeats, work_dir / "profiles", seed)  # type: ignore[arg-type]
             attributed = {name: attribute(nodes[name], attribution) for name in configs}
         else:  # TensorRT: trtexec's per-layer profiler on each built engine (GPU machine)
             from sensisearch.latency._profile_tensorrt import attribute_tensorrt, trtexec_profile
