@@ -134,7 +134,7 @@ def select_for_verification(
     """
     plain = [_in_study(r) for r in recs]
     # usable_file: "artifact" (timed as the study built it) or "deployable" (stage 2 builds it on another backend).
-    usable = [r for r in plain if r.state == "COMPLETE" and getattr(r, usable_file) and Path(getattr(r, usable_file)).is_file()]
+    usable = _usable(plain, usable_file)
     fp32 = baseline(usable, "fp32")
     if fp32 is None:
         return []
@@ -242,7 +242,13 @@ def refusal_line(verdict: QuietVerdict, policy: LoadPolicy) -> str:
 
 
 def _usable(recs: list[TrialRecord], usable_file: str) -> list[TrialRecord]:
-    return [r for r in recs if r.state == "COMPLETE" and getattr(r, usable_file) and Path(getattr(r, usable_file)).is_file()]
+    return [r for r in recs if r.state == "COMPLETE" and _has_file(r, usable_file)]
+
+
+def _has_file(r: TrialRecord, usable_file: str) -> bool:
+    """Whether trial ``r``'s ``usable_file`` ("artifact" or "deployable") is on this host now."""
+    path = getattr(r, usable_file)
+    return bool(path) and Path(path).is_file()
 
 
 def _class_of(r: TrialRecord) -> str:
@@ -455,12 +461,11 @@ def _load_arm(
     ctx: StudyContext, on: Backend, backend: Backend | None, r: TrialRecord, usable_file: str
 ) -> Runner | None:
     """Trial ``r``'s runner for a tournament; None when its file was removed since it was chosen."""
-    source = Path(getattr(r, usable_file))
     try:
-        artifact = source if backend is None else _build_on(ctx, backend, r)
+        artifact = Path(r.artifact) if backend is None else _build_on(ctx, backend, r)  # type: ignore[arg-type]
         return on.load(artifact)
     except SensisearchError:
-        if source.is_file():
+        if _has_file(r, usable_file):
             raise  # a real build or load failure, not a file that went away
         log.warning("verify: trial %d's %s was removed while verify ran (pruned by the worker that made it, "
                     "--keep-artifacts): not timed", r.number, usable_file)
