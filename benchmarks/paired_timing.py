@@ -26,6 +26,7 @@ import contextlib
 import io
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -143,6 +144,29 @@ def coco_accumulate(repeats: int) -> None:
     print(f"  COCOeval.accumulate:                         {t_coco * 1e3:8.1f} ms / call (takes no weights)")
     print(f"  DetectionMatches.accumulate():               {t_ours * 1e3:8.1f} ms / call ({t_coco / t_ours:.1f}x faster)")
     print(f"  DetectionMatches.accumulate(bootstrap w):    {t_weighted * 1e3:8.1f} ms / call; 1000 resamples x 2 models = {2000 * t_weighted:.0f} s")
+    trial_drop_ci(matches)
+
+
+def trial_drop_ci(matches, resamples: int = 200, rounds: int = 4) -> None:  # noqa: ANN001
+    """One trial's drop CI as the study computes it (``--drop-resamples`` 200): a fresh bootstrap per trial
+    (FP32's side re-scored each time) against the worker's reused one, in alternating pairs."""
+    from sensisearch.measure import PairedBootstrap, map50_95_points
+
+    reused = PairedBootstrap(matches, map50_95_points, resamples, seed=0)
+    reused.drop(matches)  # FP32's side, computed once per worker
+    ratios, fresh_s, reused_s = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        PairedBootstrap(matches, map50_95_points, resamples, seed=0).drop(matches)
+        t1 = time.perf_counter()
+        reused.drop(matches)
+        t2 = time.perf_counter()
+        fresh_s.append(t1 - t0)
+        reused_s.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    print(f"  one trial's drop CI ({resamples} resamples), {rounds} alternating pairs (load {os.getloadavg()[0]:.1f}):")
+    print(f"    fresh bootstrap per trial: median {statistics.median(fresh_s):.2f} s; reused FP32 side: {statistics.median(reused_s):.2f} s;"
+          f" paired ratio median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
   shuffled, interleaved rounds and returns a :class:`PairedLatency` per arm
   (median per-round speed-up, its bootstrap CI, spread, machine load).
 - :func:`bootstrap_ci` and :func:`paired_bootstrap_drop` give percentile
-  bootstrap intervals; :func:`within_noise` labels a difference whose CI holds 0.
+  bootstrap intervals (:class:`PairedBootstrap`: many candidates against one reference); :func:`within_noise` labels a difference whose CI holds 0.
 - :class:`DetectionMatches` keeps pycocotools' per-image matching and
   re-accumulates COCO mAP exactly, with per-image bootstrap weights.
 - :class:`MachineLoad` / :func:`machine_identity` say what the machine was doing
@@ -18,6 +18,7 @@
 
 from sensisearch.measure._bootstrap import (
     DropEstimate,
+    PairedBootstrap,
     accuracy_points,
     bootstrap_ci,
     paired_bootstrap_drop,
@@ -78,6 +79,7 @@ __all__ = [
     "LoadSample",
     "MachineIdentity",
     "MachineLoad",
+    "PairedBootstrap",
     "PairedLatency",
     "PairedTimingSettings",
     "QuietVerdict",

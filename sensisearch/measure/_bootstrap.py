@@ -10,7 +10,7 @@ COCO re-accumulation per left-out image would cost more than the bootstrap.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sized, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Sized, TypeVar
 
 import numpy as np
 
@@ -93,6 +93,53 @@ class DropEstimate:
         return cls(float(data["drop"]), (float(lo), float(hi)), int(data["items"]), int(data["resamples"]))
 
 
+class PairedBootstrap(Generic[ItemsT]):
+    """A paired bootstrap over items against one fixed reference: ``metric(reference) - metric(candidate)``.
+
+    The resample weights and the reference's metric under each of them are computed
+    once (on the first :meth:`drop`) and reused for every candidate. A study compares
+    every trial with the same FP32 results under the same seeded resamples, so
+    recomputing the reference side per trial repeated half the work: about 1 s of a
+    7 s YOLOv5n trial on 40 images (200 resamples, 5 ms per COCO re-accumulation).
+    Results are bit-for-bit those of :func:`paired_bootstrap_drop`.
+    """
+
+    def __init__(
+        self,
+        reference_items: ItemsT,
+        metric_fn: Callable[[ItemsT, np.ndarray | None], float],
+        n_resamples: int = DEFAULT_RESAMPLES,
+        confidence: float = DEFAULT_CONFIDENCE,
+        seed: int | np.random.Generator | None = 0,
+    ) -> None:
+        self.reference_items = reference_items
+        self.metric_fn = metric_fn
+        self.n_resamples = n_resamples
+        self.confidence = confidence
+        self._seed = seed
+        self._weights: np.ndarray | None = None
+        self._reference_value = 0.0
+        self._reference_resampled = np.zeros(0)
+
+    def _prepare(self) -> np.ndarray:
+        if self._weights is None:
+            weights = resample_weights(len(self.reference_items), self.n_resamples, self._seed)
+            self._reference_value = float(self.metric_fn(self.reference_items, None))
+            self._reference_resampled = np.array([self.metric_fn(self.reference_items, w) for w in weights], dtype=np.float64)
+            self._weights = weights
+        return self._weights
+
+    def drop(self, candidate_items: ItemsT) -> DropEstimate:
+        """The candidate's drop against the reference, with its percentile CI."""
+        n = len(self.reference_items)
+        if len(candidate_items) != n:
+            raise ValueError(f"paired bootstrap needs the same items on both sides ({n} vs {len(candidate_items)})")
+        weights = self._prepare()
+        drop = float(self._reference_value - self.metric_fn(candidate_items, None))
+        drops = self._reference_resampled - np.array([self.metric_fn(candidate_items, w) for w in weights], dtype=np.float64)
+        return DropEstimate(drop, _quantiles(drops, self.confidence), n, self.n_resamples)
+
+
 def paired_bootstrap_drop(
     reference_items: ItemsT,
     candidate_items: ItemsT,
@@ -109,14 +156,12 @@ def paired_bootstrap_drop(
     sides, so per-image difficulty cancels and the interval reflects only how
     the two models differ. Items: a bool correctness array (see
     :func:`accuracy_points`) or :class:`DetectionMatches` (see :func:`map_points`).
+    Many candidates against one reference: :class:`PairedBootstrap`.
     """
     n = len(reference_items)
     if len(candidate_items) != n:
         raise ValueError(f"paired bootstrap needs the same items on both sides ({n} vs {len(candidate_items)})")
-    drop = float(metric_fn(reference_items, None) - metric_fn(candidate_items, None))
-    weights = resample_weights(n, n_resamples, seed)
-    drops = np.array([metric_fn(reference_items, w) - metric_fn(candidate_items, w) for w in weights])
-    return DropEstimate(drop, _quantiles(drops, confidence), n, n_resamples)
+    return PairedBootstrap(reference_items, metric_fn, n_resamples, confidence, seed).drop(candidate_items)
 
 
 def accuracy_points(correct: np.ndarray, weights: np.ndarray | None = None) -> float:

@@ -16,6 +16,7 @@ from sensisearch.measure import (
     DetectionMatches,
     DropEstimate,
     MachineLoad,
+    PairedBootstrap,
     PairedLatency,
     PairedTimingSettings,
     accuracy_points,
@@ -228,6 +229,37 @@ def test_paired_drop_matches_paired_normal_theory() -> None:
     unpaired_half = 1.96 * 100 * np.sqrt(2 * 0.9 * 0.1 / d.size)
     assert (est.ci95[1] - est.ci95[0]) / 2 < 0.5 * unpaired_half
     assert DropEstimate.from_dict(json.loads(json.dumps(est.to_dict()))) == est
+
+
+def test_paired_bootstrap_scores_the_reference_once_for_many_candidates() -> None:
+    """Against one reference, every candidate's drop CI equals the bootstrap written out by hand with the same
+    draws, and the reference is re-scored once per resample in all, not once per resample per candidate."""
+    rng = np.random.default_rng(21)
+    ref = rng.random(800) < 0.9
+    candidates = []
+    for flips in (5, 20, 60):
+        cand = ref.copy()
+        idx = rng.choice(ref.size, flips, replace=False)
+        cand[idx] = ~cand[idx]
+        candidates.append(cand)
+    reference_calls = 0
+
+    def counted(items: np.ndarray, weights: np.ndarray | None) -> float:
+        nonlocal reference_calls
+        reference_calls += items is ref
+        return accuracy_points(items, weights)
+
+    bootstrap = PairedBootstrap(ref, counted, n_resamples=300, seed=8)
+    weights = resample_weights(ref.size, 300, seed=8)
+    for cand in candidates:
+        est = bootstrap.drop(cand)
+        brute = np.array([100 * (w @ ref - w @ cand) / w.sum() for w in weights])
+        assert est.drop == pytest.approx(100 * (ref.mean() - cand.mean()), abs=1e-12)
+        assert est.ci95 == pytest.approx(tuple(np.quantile(brute, [0.025, 0.975])), abs=1e-9)
+        assert est == paired_bootstrap_drop(ref, cand, accuracy_points, n_resamples=300, seed=8)
+    assert reference_calls == 300 + 1
+    with pytest.raises(ValueError, match="same items"):
+        bootstrap.drop(ref[:-1])
 
 
 def test_within_noise() -> None:

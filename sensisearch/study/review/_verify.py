@@ -26,6 +26,7 @@ from sensisearch.progress import doing, format_seconds, note_step
 from sensisearch.measure import (
     CONTROL_ARM,
     LoadPolicy,
+    PairedBootstrap,
     PairedLatency,
     PairedTimingSettings,
     QuietVerdict,
@@ -538,10 +539,13 @@ def _drop_cis(study: optuna.Study, chosen: list[TrialRecord], fp32: TrialRecord,
     else:
         return {}
     out: dict[int, list[float]] = {}
+    bootstraps: dict[str, PairedBootstrap | None] = {}  # per metric: the FP32 side computed once
     for r in chosen:
         if not r.per_image or not Path(r.per_image).is_file() or r.metric is None:
             continue
-        estimate = _accuracy.drop_estimate(reference, _accuracy.load_per_image(Path(r.per_image)), r.metric, settings.drop_resamples, settings.seed)
+        if r.metric not in bootstraps:
+            bootstraps[r.metric] = _accuracy.drop_bootstrap(reference, r.metric, settings.drop_resamples, settings.seed)
+        estimate = _accuracy.estimate_with(bootstraps[r.metric], _accuracy.load_per_image(Path(r.per_image)), r.metric)
         if estimate is not None:
             out[r.number] = [estimate.ci95[0], estimate.ci95[1]]
     return out

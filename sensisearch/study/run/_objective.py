@@ -17,7 +17,7 @@ from sensisearch.quantize.config import Precision, TrialConfig
 from sensisearch.study.config._faults import EnvironmentalFailure, check_free_space, classify, classify_text, trial_bytes_estimate
 from sensisearch.study.search import _budget
 from sensisearch.study.store._owner import claim
-from sensisearch.study.trial import _fidelity
+from sensisearch.study.trial import _accuracy, _fidelity
 from sensisearch.study.run._context import StudyContext
 from sensisearch.study.trial._isolation import RunTrial
 from sensisearch.study.trial._measurement import (
@@ -46,6 +46,8 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
     )
 
     model_bytes = ctx.model_path.stat().st_size if ctx.model_path.is_file() else 0
+    # The bootstrap against FP32's per-image results: its reference side is computed once, not per trial.
+    fp32_bootstraps = _accuracy.FP32Bootstraps(ctx.settings.measurement.drop_resamples, ctx.settings.search.seed)
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         # A progress line during a long trial says which one runs and in which step.
@@ -126,7 +128,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             write_json_atomic(trial_json, {**header, "status": "stopped_early", **outcome.to_dict()})
             raise optuna.TrialPruned(outcome.early_stop.text)
         evaluation = outcome.evaluation
-        measured = measured_fields(trial.study, outcome, baseline_name, trial_dir, ctx.settings)
+        measured = measured_fields(trial.study, outcome, baseline_name, trial_dir, ctx.settings, fp32_bootstraps)
         pool_into_class(trial.study, trial.number, outcome)
         if outcome.latency_class is not None:
             measured["latency_class"] = outcome.latency_class

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Union
 import numpy as np
 
 from sensisearch.fileio import write_bytes_atomic
-from sensisearch.measure import DetectionMatches, DropEstimate, accuracy_points, map50_95_points, map50_points, paired_bootstrap_drop
+from sensisearch.measure import DetectionMatches, DropEstimate, PairedBootstrap, accuracy_points, map50_95_points, map50_points
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -74,10 +74,43 @@ def metric_function(metric: str, per_image: PerImage) -> Callable[[PerImage, np.
     return accuracy_points  # type: ignore[return-value]
 
 
+def drop_bootstrap(reference: PerImage, metric: str, n_resamples: int, seed: int = 0) -> PairedBootstrap | None:
+    """The paired bootstrap of FP32 minus a candidate against ``reference``; None if ``metric`` is not per-image."""
+    fn = metric_function(metric, reference)
+    return None if fn is None else PairedBootstrap(reference, fn, n_resamples, seed=seed)  # type: ignore[arg-type]
+
+
 def drop_estimate(reference: PerImage, candidate: PerImage, metric: str, n_resamples: int, seed: int = 0) -> DropEstimate | None:
     """FP32 minus candidate, in points, with its paired bootstrap 95% CI over images; None if not computable."""
-    fn = metric_function(metric, reference)
-    if fn is None or type(reference) is not type(candidate) or len(reference) != len(candidate):
+    return estimate_with(drop_bootstrap(reference, metric, n_resamples, seed), candidate, metric)
+
+
+def estimate_with(bootstrap: PairedBootstrap | None, candidate: PerImage, metric: str) -> DropEstimate | None:
+    """``bootstrap.drop(candidate)``, or None (said in the log) when the candidate's results cannot be paired."""
+    reference = None if bootstrap is None else bootstrap.reference_items
+    if bootstrap is None or type(reference) is not type(candidate) or len(reference) != len(candidate):  # type: ignore[arg-type]
         log.warning("no drop CI for metric %s: per-image results are missing or do not match FP32's", metric)
         return None
-    return paired_bootstrap_drop(reference, candidate, fn, n_resamples=n_resamples, seed=seed)
+    return bootstrap.drop(candidate)
+
+
+class FP32Bootstraps:
+    """One worker's bootstrap against the study's stored FP32 per-image results, reused by every trial.
+
+    Keyed by the stored text itself, so a study whose FP32 results change (another
+    evaluation set on resume) gets a new one; the reference side of every resample
+    is then computed once per worker instead of once per trial (:class:`PairedBootstrap`).
+    """
+
+    def __init__(self, n_resamples: int, seed: int) -> None:
+        self.n_resamples = n_resamples
+        self.seed = seed
+        self._key: tuple[str, str] | None = None
+        self._bootstrap: PairedBootstrap | None = None
+
+    def estimate(self, encoded_fp32: str, candidate: PerImage, metric: str) -> DropEstimate | None:
+        key = (encoded_fp32, metric)
+        if key != self._key:
+            self._bootstrap = drop_bootstrap(decode(encoded_fp32), metric, self.n_resamples, self.seed)
+            self._key = key
+        return estimate_with(self._bootstrap, candidate, metric)

@@ -130,10 +130,14 @@ def study_reference_ms(study: optuna.Study) -> float | None:
 
 
 def measured_fields(
-    study: optuna.Study, outcome: TrialOutcome, baseline: str | None, trial_dir: Path, settings: StudySettings
+    study: optuna.Study, outcome: TrialOutcome, baseline: str | None, trial_dir: Path, settings: StudySettings,
+    fp32_bootstraps: _accuracy.FP32Bootstraps | None = None,
 ) -> dict[str, Any]:
     """``TrialRecord`` fields from the paired timing and the per-image results; the FP32 baseline
-    also fixes the study's reference latency and FP32 per-image results (study attributes)."""
+    also fixes the study's reference latency and FP32 per-image results (study attributes).
+
+    ``fp32_bootstraps``: the worker's bootstrap against the stored FP32 results, reused
+    across its trials (None: one made for this trial)."""
     fields: dict[str, Any] = {}
     if outcome.paired is not None:
         fields["paired"] = PairedTiming.of(outcome.paired, outcome.timing_facts)
@@ -148,18 +152,17 @@ def measured_fields(
         return fields
     fields["per_image"] = str(_accuracy.save_per_image(per_image, trial_dir))
     encoded = read_fp32_per_image(study.user_attrs)
-    if baseline == "fp32":
-        if encoded is None:
-            for key, value in fp32_per_image_attrs(_accuracy.encode(per_image)).items():
-                study.set_user_attr(key, value)
-        reference = per_image
-    elif encoded is None:
+    if baseline == "fp32" and encoded is None:
+        encoded = _accuracy.encode(per_image)
+        for key, value in fp32_per_image_attrs(encoded).items():
+            study.set_user_attr(key, value)
+    if encoded is None:
         log.warning("no FP32 per-image results in the study yet: no drop CI for this trial (verify computes it)")
         return fields
-    else:
-        reference = _accuracy.decode(encoded)
     started = time.perf_counter()
-    estimate = _accuracy.drop_estimate(reference, per_image, evaluation.metric, settings.measurement.drop_resamples, seed=settings.search.seed)
+    # FP32's own trial too: its drop against itself is 0, and the FP32 side it computes is what every later trial reuses.
+    bootstraps = fp32_bootstraps or _accuracy.FP32Bootstraps(settings.measurement.drop_resamples, settings.search.seed)
+    estimate = bootstraps.estimate(encoded, per_image, evaluation.metric)
     if estimate is not None:
         fields["drop_ci95"] = [estimate.ci95[0], estimate.ci95[1]]
         fields["drop_within_noise"] = estimate.within_noise

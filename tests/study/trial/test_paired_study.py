@@ -148,6 +148,23 @@ def test_classification_drop_ci_equals_brute_force_paired_bootstrap() -> None:
     assert (estimate.ci95[1] - estimate.ci95[0]) / 2 == pytest.approx(half_width, rel=0.15)
 
 
+def test_worker_bootstrap_follows_the_stored_fp32_results() -> None:
+    """The worker's reused bootstrap gives each trial what a fresh one gives, and a changed FP32 record
+    (another evaluation set on resume) is a new reference, not the old one's resamples."""
+    rng = np.random.default_rng(11)
+    fp32 = rng.random(600) < 0.93
+    other_fp32 = rng.random(600) < 0.80
+    candidate = fp32.copy()
+    candidate[rng.choice(600, 25, replace=False)] ^= True
+    bootstraps = _accuracy.FP32Bootstraps(n_resamples=250, seed=4)
+    for reference in (fp32, other_fp32, fp32):
+        got = bootstraps.estimate(_accuracy.encode(reference), candidate, "top1")
+        assert got == _accuracy.drop_estimate(reference, candidate, "top1", n_resamples=250, seed=4)
+        assert got.drop == pytest.approx(100 * (reference.mean() - candidate.mean()), abs=1e-12)
+    # Results that cannot be paired (another image count): no CI, as before.
+    assert bootstraps.estimate(_accuracy.encode(fp32), candidate[:-1], "top1") is None
+
+
 def test_per_image_results_round_trip_for_study_storage(tmp_path: Path) -> None:
     correct = np.random.default_rng(0).random(123) < 0.9
     assert np.array_equal(_accuracy.decode(_accuracy.encode(correct)), correct)
