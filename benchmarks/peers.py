@@ -22,6 +22,7 @@ load: say which load they were taken under. Figures are printed, never asserted.
     python benchmarks/peers.py --quick              # 40 eval, 32 calibration images, budget 50
     python benchmarks/peers.py                      # 85 eval, 85 calibration images, budget 50
     python benchmarks/peers.py --opset13            # the per-channel operating point
+    python benchmarks/peers.py --quick --opset13 --their-floats   # NNCF's float choice, our quantizer
 """
 
 from __future__ import annotations
@@ -116,10 +117,39 @@ def opset13(model_path: Path, out: Path) -> Path:
 
 def int8_convs(model: onnx.ModelProto) -> tuple[int, int]:
     """(Conv nodes whose weight comes through a DequantizeLinear, all Conv nodes)."""
-    produced_by = {o: n for n in model.graph.node for o in n.output}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    quantized = sum(1 for n in convs if len(n.input) > 1 and getattr(produced_by.get(n.input[1]), "op_type", "") == "DequantizeLinear")
-    return quantized, len(convs)
+    return len(convs) - len(float_convs(model)), len(convs)
+
+
+def float_convs(model: onnx.ModelProto) -> set[str]:
+    """Names of the Conv nodes whose weight does not come through a DequantizeLinear: those kept in float."""
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    return {n.name for n in model.graph.node if n.op_type == "Conv"
+            and not (len(n.input) > 1 and getattr(produced_by.get(n.input[1]), "op_type", "") == "DequantizeLinear")}
+
+
+def their_floats(ctx: Any, held_out_ctx: Any, model: Path, peer: PeerResult) -> None:
+    """Prints the peer's choice of float convs quantized by sensisearch, under every calibration the study offers.
+
+    Tells a peer's better search (its choice of float layers wins with our quantizer too)
+    from its better quantized graph (placement, calibration, bias correction: it does not).
+    """
+    from sensisearch.quantize.config import CalibrationChoice, Precision, TrialConfig
+
+    floats = float_convs(onnx.load(peer.model_path))
+    layers = [layer.name for layer in ctx.info.layers]
+    float_precision = Precision.FP16 if Precision.FP16 in ctx.space.precisions else Precision.FP32
+    search, held = Scorer(ctx), Scorer(held_out_ctx)
+    fp32 = (search(model), held(model))
+    print(f"\n{peer.name}'s float convs ({', '.join(sorted(floats)) or 'none'}), the rest INT8, quantized by sensisearch"
+          f" ({float_precision.value} floats; drop = FP32 - metric):")
+    for algorithm in ctx.space.algorithms:
+        for bias in ctx.space.bias_correction:
+            calibration = CalibrationChoice(algorithm, max(ctx.space.sample_counts), ctx.space.default_calibration.percentile, bias)
+            config = TrialConfig({n: float_precision if n in floats else Precision.INT8 for n in layers}, calibration)
+            path = deployable(ctx, config, f"their-floats-{algorithm.value}{'-bias' if bias else ''}")
+            print(f"  {algorithm.value:<11} bias correction {'on ' if bias else 'off'}  search drop {fp32[0] - search(path):+.2f}"
+                  f"  held-out drop {fp32[1] - held(path):+.2f}", flush=True)
 
 
 class Scorer:
@@ -306,6 +336,8 @@ def main() -> None:
     parser.add_argument("--skip-study", action="store_true", help="peers only (from the cache where it has them)")
     parser.add_argument("--no-held-out", action="store_true", help="skip scoring every answer on the held-out images")
     parser.add_argument("--rerun-peers", action="store_true", help="measure the peers again instead of reading --cache")
+    parser.add_argument("--their-floats", action="store_true",
+                        help="also score NNCF's choice of float convs quantized by sensisearch (search or quantizer?)")
     parser.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", sys.executable),
                         help="python that has nvidia-modelopt (default: this one)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sensisearch-peers")
@@ -356,7 +388,8 @@ def main() -> None:
     peers = [p for p in args.peers.split(",") if p]
     if peers and ctx is None:
         # Only the evaluator, backend and calibration inputs: no sensitivity probes for the peers' scorer.
-        ctx = prepare(dataclasses.replace(settings, sampler="tpe", search="full"))
+        # Its own folder: a stored study there holds other search settings. Bias correction offered, as the study does.
+        ctx = prepare(study_settings(sampler="tpe", search="full", bias_correction="search", out=args.out / "peers-scorer"))
     work = args.out / "work"
     work.mkdir(exist_ok=True)
     for peer in peers:
@@ -385,6 +418,11 @@ def main() -> None:
     print(f"\n{model.name}; {args.eval_images} evaluation images, {args.calib_images} calibration images; "
           f"--max-drop {args.max_drop}; study budget {budget}")
     print_table(rows, " ".join(f"{x:.1f}" for x in os.getloadavg()), held_out)
+    if args.their_floats:
+        if held_out is None:
+            raise SystemExit("--their-floats needs the held-out images (drop --no-held-out, use fewer images)")
+        for peer_row in [r for r in rows if r.name.startswith("NNCF") and r.model_path and Path(r.model_path).is_file()]:
+            their_floats(ctx, held_out_ctx, model, peer_row)
 
 
 if __name__ == "__main__":
