@@ -156,11 +156,9 @@ def paired_bootstrap_drop(
     sides, so per-image difficulty cancels and the interval reflects only how
     the two models differ. Items: a bool correctness array (see
     :func:`accuracy_points`) or :class:`DetectionMatches` (see :func:`map_points`).
-    Many candidates against one reference: :class:`PairedBootstrap`.
+    Many candidates against one reference: :class:`PairedBootstrap` (whose :meth:`~PairedBootstrap.drop`
+    refuses items that do not pair).
     """
-    n = len(reference_items)
-    if len(candidate_items) != n:
-        raise ValueError(f"paired bootstrap needs the same items on both sides ({n} vs {len(candidate_items)})")
     return PairedBootstrap(reference_items, metric_fn, n_resamples, confidence, seed).drop(candidate_items)
 
 
