@@ -134,9 +134,11 @@ def measure_table(
             end_to_end_ms=timed.get(name),
         ))
     batch = int(next(iter(feeds.values())).shape[0]) if feeds else 1
+    threads = getattr(pipeline.backend.timing_backend(), "threads", None) if pipeline.backend.name == "onnxruntime" else None
     table = fit_table(
         profiles, info.layer_names, model=str(model_path), model_sha256=info.sha256,
         profile=pipeline.backend.profile.name, backend=pipeline.backend.name, device=device, repeats=repeats, batch=batch,
+        threads=threads,
     )
     table.bind(model, info)
     for record, config in zip(table.configs, configs.values()):

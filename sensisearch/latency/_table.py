@@ -199,13 +199,18 @@ class LatencyTable:
     """What was profiled: name, measured total and the table's prediction for it (ms)."""
     repeats: int = 0
     batch: int = 1
+    threads: int | None = None
+    """Threads per session that the kernels were profiled and the anchor timed at (ONNX Runtime: the timing
+    sessions'); None for TensorRT and for tables written before it was recorded. A kernel's INT8 gain changes
+    with the thread count, so a table predicts timings taken at its own count."""
     source: str = SOURCE_TABLE
     unit: str = "ms"
     _bound: Any = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
-        return f"predicted from latency table ({self.backend} on {self.device}, profile {self.profile})"
+        threads = "" if self.threads is None else f", {self.threads} thread{'s' if self.threads != 1 else ''}"
+        return f"predicted from latency table ({self.backend} on {self.device}{threads}, profile {self.profile})"
 
     @property
     def layer_names(self) -> list[str]:
@@ -413,7 +418,7 @@ def fit_table(
     """A table from attributed profiles: medians per layer and precision, mean Q/DQ cost per tensor, fitted rest,
     the same for kernel counts, and the end-to-end anchor (:func:`fit_overhead`) over the profiles timed end to end.
 
-    ``identity``: model, model_sha256, profile, backend, device, repeats, batch.
+    ``identity``: model, model_sha256, profile, backend, device, repeats, batch, threads.
     """
     if not profiles:
         raise ValueError("no profiled configurations")

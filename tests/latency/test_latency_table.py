@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from sensisearch.backends.onnxruntime import OnnxRuntimeBackend
 from sensisearch.errors import SensisearchError
 from sensisearch.latency import LatencyPredictor, LatencyTable, load_latency_table
 from sensisearch.latency._table import fit_overhead
@@ -18,6 +20,8 @@ from sensisearch.latency._measure import end_to_end_ms, measure_table
 from sensisearch.study.run import table_pipeline
 from sensisearch.latency._profile_tensorrt import attribute_tensorrt, parse_trtexec_profile
 from sensisearch.quantize.config import Precision, TrialConfig
+from sensisearch.quantize.profiles import PROFILES
+from sensisearch.study.trial._predicted import latency_predictor
 from sensisearch.study.config._settings import StudySettings
 from conftest import TESTS
 
@@ -49,6 +53,36 @@ def test_table_round_trips_through_json_exactly(digits):
     # The loaded table binds itself to the model it names and predicts the same.
     config = {n: "int8" if i % 3 else "fp32" for i, n in enumerate(table.layers)}
     assert loaded.predict(config) == pytest.approx(table.predict(config))
+
+
+def test_table_records_its_threads_and_a_study_timing_at_other_threads_is_told(digits, caplog):
+    pipeline, _, _, table, tmp = digits
+    # Profiled and anchored on the timing sessions, and recorded as such.
+    threads = pipeline.backend.timing_backend().threads
+    assert table.threads == threads >= 1
+    assert f"{threads} thread" in table.label
+    path = tmp / "table-threads.json"
+    table.save(path)
+    settings = StudySettings.from_flat(example="digits", latency_table=path)
+    for study_threads, told in ((threads, False), (threads + 1, True)):
+        caplog.clear()
+        backend = OnnxRuntimeBackend(threads=study_threads, profile=PROFILES["onnxruntime-cpu"])
+        with caplog.at_level(logging.WARNING):
+            predictor = latency_predictor(settings, "onnxruntime-cpu", backend, pipeline.model, pipeline.info)
+        assert predictor is not None and predictor.predict(dict.fromkeys(table.layers, "int8")) == pytest.approx(
+            table.predict(dict.fromkeys(table.layers, "int8")))
+        assert (f"profiled at {threads} threads per session, this study times at {threads + 1}" in caplog.text) == told
+    # A table written before the thread count was recorded reads as unknown, and nothing is told.
+    data = table.to_dict()
+    del data["threads"]
+    old = tmp / "table-no-threads.json"
+    old.write_text(json.dumps(data))
+    assert load_latency_table(old).threads is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        latency_predictor(StudySettings.from_flat(example="digits", latency_table=old), "onnxruntime-cpu",
+                          OnnxRuntimeBackend(threads=threads + 1, profile=PROFILES["onnxruntime-cpu"]), pipeline.model, pipeline.info)
+    assert "threads per session" not in caplog.text
 
 
 def test_attribution_accounts_for_the_profiled_time(digits):

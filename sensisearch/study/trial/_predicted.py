@@ -69,7 +69,17 @@ def latency_predictor(
     MAC estimate when the profile is another backend's; else None.
     """
     if settings.backend.latency_table is not None:
-        return load_table(settings.backend.latency_table, model, info, backend.profile.name)
+        table = load_table(settings.backend.latency_table, model, info, backend.profile.name)
+        timing_threads = getattr(backend, "timing_threads", None)
+        if (getattr(table, "threads", None) is not None and getattr(table, "backend", None) == backend.name
+                and timing_threads is not None and timing_threads != table.threads):
+            log.warning(
+                "--latency-table %s: profiled at %d threads per session, this study times at %d; a kernel's INT8 gain "
+                "changes with the thread count, so its predictions may be off: pass --threads %d, or measure the table "
+                "again with --threads %d", settings.backend.latency_table, table.threads, timing_threads, table.threads,
+                timing_threads,
+            )
+        return table
     if settings.search.profile is not None and settings.search.profile != native_profile:
         return MacEstimate.for_model(model, info)
     return None
