@@ -11,6 +11,10 @@ calls (full-set evaluations; the study's subset probes count as their share).
   its wall time includes preparation and the sensitivity probes.
 - **NNCF** ``quantize_with_accuracy_control`` (``pip install .[peers]``): its
   ``validation_fn`` scores the images NNCF asks for with the same evaluator.
+  Its ONNX graphs quantize non-negative tensors (the input image, YOLO's box
+  decoding) as uint8, which TensorRT cannot run; the ", int8" row is the same
+  answer with those quantizers made int8 over the same range, as TensorRT could
+  deploy it (NNCF 3.4 refuses to force signed activations on this model).
 - **ModelOpt** ``python -m modelopt.onnx.quantization`` (entropy and max
   calibration): all-INT8 only; its drop on the same images.
 
@@ -189,7 +193,11 @@ def conv_sqnr(rows: Sequence[PeerResult], ctx: Any, model: Path, images: int = 8
         present = {o for node in graph.graph.node for o in node.output}
         names = [t for _, t in tensors if t in present or t in {o.name for o in graph.graph.output}]
         listed = {o.name for o in graph.graph.output}
-        graph.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in listed)
+        # Each tensor as the graph types it (ModelOpt's graphs compute in FP16 between its Q/DQ), FP32 where not inferred.
+        inferred = onnx.shape_inference.infer_shapes(graph)
+        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.type.tensor_type.elem_type}
+        graph.graph.output.extend(onnx.helper.make_tensor_value_info(t, types.get(t, onnx.TensorProto.FLOAT), None)
+                                  for t in names if t not in listed)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as named
         session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -344,7 +352,38 @@ def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path) -> PeerRes
     calls = scorer.calls
     metric = scorer(path)
     q, total = int8_convs(quantized)
-    return PeerResult(f"NNCF {nncf.__version__} accuracy control", q, total, metric, fp32, seconds, calls, model_path=str(path))
+    return PeerResult(f"NNCF {nncf.__version__} accuracy control", q, total, metric, fp32, seconds, calls,
+                      "uint8 where non-negative", model_path=str(path))
+
+
+def as_tensorrt_deployable(peer: PeerResult, ctx: Any, work: Path) -> PeerResult:
+    """``peer``'s answer as TensorRT could run it: NNCF quantizes non-negative tensors (the input image, YOLO's box
+    decoding) as uint8, and TensorRT's Q/DQ are signed (UINT8 "cannot be used to represent quantized floating-point
+    values"). Each uint8 quantizer with zero point 0 becomes int8 over the same range (scale x 255/127): what a
+    TensorRT user of this answer deploys. Same search, same wall time; only the graph's integer type changes."""
+    model = onnx.load(peer.model_path)
+    inits = {i.name: i for i in model.graph.initializer}
+    changed: set[str] = set()
+    retyped: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        zero = onnx.numpy_helper.to_array(inits[node.input[2]])
+        if zero.dtype != np.uint8 or np.any(zero != 0) or node.input[1] not in inits or node.input[2] in changed:
+            continue
+        scale = onnx.numpy_helper.to_array(inits[node.input[1]])
+        # Shared by the DequantizeLinear that reads this quantizer's output, so both change together.
+        inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array((scale * (255.0 / 127.0)).astype(scale.dtype), node.input[1]))
+        inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(zero.astype(np.int8), node.input[2]))
+        changed.add(node.input[2])
+        retyped.update((node.output[0], node.input[2]))
+    for info in model.graph.value_info:  # the declared types of the quantized tensor and its zero point follow
+        if info.name in retyped:
+            info.type.tensor_type.elem_type = onnx.TensorProto.INT8
+    path = work / (Path(peer.model_path).stem + "-int8.onnx")
+    onnx.save(model, str(path))
+    return dataclasses.replace(peer, name=f"{peer.name}, int8", metric=Scorer(ctx)(path), model_path=str(path),
+                               note=f"{len(changed)} uint8 quantizers made int8 (TensorRT-deployable)")
 
 
 # --------------------------------------------------------------------------- ModelOpt
@@ -519,6 +558,8 @@ def main() -> None:
         if peer == "nncf":
             rows.append(cached(cache, cache_key(digest, args, "nncf"), args.rerun_peers,
                                lambda: run_nncf(ctx, model, args.max_drop, work), cache_path))
+            if Path(rows[-1].model_path).is_file():
+                rows.append(as_tensorrt_deployable(rows[-1], ctx, work))
         elif peer == "modelopt":
             for method in ("entropy", "max"):
                 rows.append(cached(cache, cache_key(digest, args, f"modelopt-{method}"), args.rerun_peers,
@@ -528,7 +569,7 @@ def main() -> None:
     if not args.skip_study:
         for peer_row in [r for r in rows[1:] if r.name.startswith("NNCF")]:
             extra = at_peer_count(ctx, rows[0], points, peer_row)
-            if extra is not None:
+            if extra is not None and extra.name not in {r.name for r in rows}:  # one row per INT8 count
                 rows.insert(1, extra)
     control = fp16_control(ctx, rows[0].fp32) if rows else None
     if control is not None:
@@ -554,7 +595,8 @@ def main() -> None:
     if args.their_floats:
         if held_out is None:
             raise SystemExit("--their-floats needs the held-out images (drop --no-held-out, use fewer images)")
-        for peer_row in [r for r in rows if r.name.startswith("NNCF") and r.model_path and Path(r.model_path).is_file()]:
+        for peer_row in [r for r in rows if r.name.startswith("NNCF") and not r.name.endswith(", int8")
+                         and r.model_path and Path(r.model_path).is_file()]:
             their_floats(ctx, held_out_ctx, model, peer_row)
 
 
