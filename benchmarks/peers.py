@@ -356,11 +356,12 @@ def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path) -> PeerRes
                       "uint8 where non-negative", model_path=str(path))
 
 
-def as_tensorrt_deployable(peer: PeerResult, ctx: Any, work: Path) -> PeerResult:
+def as_tensorrt_deployable(peer: PeerResult, ctx: Any, work: Path) -> PeerResult | None:
     """``peer``'s answer as TensorRT could run it: NNCF quantizes non-negative tensors (the input image, YOLO's box
     decoding) as uint8, and TensorRT's Q/DQ are signed (UINT8 "cannot be used to represent quantized floating-point
     values"). Each uint8 quantizer with zero point 0 becomes int8 over the same range (scale x 255/127): what a
-    TensorRT user of this answer deploys. Same search, same wall time; only the graph's integer type changes."""
+    TensorRT user of this answer deploys. Same search, same wall time; only the graph's integer type changes.
+    None when the answer has no such quantizer (it is deployable as it is)."""
     model = onnx.load(peer.model_path)
     inits = {i.name: i for i in model.graph.initializer}
     changed: set[str] = set()
@@ -377,6 +378,8 @@ def as_tensorrt_deployable(peer: PeerResult, ctx: Any, work: Path) -> PeerResult
         inits[node.input[2]].CopyFrom(onnx.numpy_helper.from_array(zero.astype(np.int8), node.input[2]))
         changed.add(node.input[2])
         retyped.update((node.output[0], node.input[2]))
+    if not changed:
+        return None
     for info in model.graph.value_info:  # the declared types of the quantized tensor and its zero point follow
         if info.name in retyped:
             info.type.tensor_type.elem_type = onnx.TensorProto.INT8
@@ -558,8 +561,9 @@ def main() -> None:
         if peer == "nncf":
             rows.append(cached(cache, cache_key(digest, args, "nncf"), args.rerun_peers,
                                lambda: run_nncf(ctx, model, args.max_drop, work), cache_path))
-            if Path(rows[-1].model_path).is_file():
-                rows.append(as_tensorrt_deployable(rows[-1], ctx, work))
+            deployable_peer = as_tensorrt_deployable(rows[-1], ctx, work) if Path(rows[-1].model_path).is_file() else None
+            if deployable_peer is not None:
+                rows.append(deployable_peer)
         elif peer == "modelopt":
             for method in ("entropy", "max"):
                 rows.append(cached(cache, cache_key(digest, args, f"modelopt-{method}"), args.rerun_peers,
@@ -571,6 +575,8 @@ def main() -> None:
             extra = at_peer_count(ctx, rows[0], points, peer_row)
             if extra is not None and extra.name not in {r.name for r in rows}:  # one row per INT8 count
                 rows.insert(1, extra)
+    if ctx is None:
+        raise SystemExit("nothing to compare: --skip-study with no --peers")
     control = fp16_control(ctx, rows[0].fp32) if rows else None
     if control is not None:
         rows.append(control)
