@@ -41,6 +41,7 @@ load: say which load they were taken under. Figures are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -54,7 +55,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -227,23 +228,26 @@ class Scorer:
         self.calls = 0.0
         self.total = ctx.evaluator.image_count() or 1
 
+    @contextlib.contextmanager
+    def _runner(self, path: Path) -> Iterator[Any]:
+        """``path`` built and loaded by the study's backend, in a throwaway folder."""
+        with tempfile.TemporaryDirectory(prefix="peers-score-") as tmp:
+            build = self.ctx.backend.build(path, Path(tmp))
+            with self.ctx.backend.load(build.artifact) as runner:
+                yield runner
+
     def result(self, path: Path) -> EvaluationResult:
         """The full evaluation of ``path``, per-image results included (for paired CIs)."""
         self.calls += 1
-        with tempfile.TemporaryDirectory(prefix="peers-score-") as tmp:
-            build = self.ctx.backend.build(path, Path(tmp))
-            with self.ctx.backend.load(build.artifact) as runner:
-                return self.ctx.evaluator.evaluate(runner)
+        with self._runner(path) as runner:
+            return self.ctx.evaluator.evaluate(runner)
 
     def __call__(self, path: Path, positions: Sequence[int] | None = None) -> float:
-        with tempfile.TemporaryDirectory(prefix="peers-score-") as tmp:
-            build = self.ctx.backend.build(path, Path(tmp))
-            with self.ctx.backend.load(build.artifact) as runner:
-                if positions is None or len(positions) >= self.total:
-                    self.calls += 1
-                    return float(self.ctx.evaluator.evaluate(runner).value)
-                self.calls += len(positions) / self.total
-                return float(self.ctx.evaluator.evaluate_part(runner, np.sort(np.asarray(positions, np.int64))).result.value)
+        if positions is None or len(positions) >= self.total:
+            return float(self.result(path).value)
+        self.calls += len(positions) / self.total
+        with self._runner(path) as runner:
+            return float(self.ctx.evaluator.evaluate_part(runner, np.sort(np.asarray(positions, np.int64))).result.value)
 
 
 def calibration_array(ctx: Any) -> np.ndarray:
