@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--study-name", help="study name in the storage (default: model stem)")
     run.add_argument("--seed", type=int, help="sampler and calibration-order seed (default 0)")
     run.add_argument("--max-drop", type=float, help="winner's allowed metric drop vs FP32, in points (default 1.0)")
+    run.add_argument(
+        "--holdout", type=float,
+        help="hold this many evaluation images (or this fraction, e.g. 0.3) out of the search: trials score on the "
+             "rest, then FP32, all-INT8, the front and the winner are scored on the held-out images with a paired CI, "
+             "and a winner whose held-out drop CI lies wholly above --max-drop is passed over (the best of many trials "
+             "scored on one image set looks better there than it is). Off by default (0)",
+    )
     run.add_argument("--precisions", type=_csv(str), help="precisions to search, e.g. int8,fp32 (default: backend's)")
     run.add_argument("--algorithms", type=_csv(str), help="calibration algorithms (default minmax,entropy,percentile,mse,mixed)")
     run.add_argument("--sample-counts", type=_csv(int), help="calibration sample counts (default 128,256,512,1024, capped by data)")
@@ -288,7 +295,7 @@ SETTING_FLAGS = (
     "batch_size", "eval_limit", "threads", "backend", "iou", "budget", "out", "storage", "study_name", "seed",
     "max_drop", "precisions", "algorithms", "sample_counts", "percentiles", "latency_batch", "latency_seconds",
     "calib_limit", "max_class_drop", "cache_dir", "shapes", "workspace_mb", "opt_level", "heartbeat_seconds", "compare_ort_quantizer",
-    "profile", "sampler", "search", "top_k", "bias_correction",
+    "profile", "sampler", "search", "top_k", "bias_correction", "holdout",
     "latency_table",
     "isolation", "build_timeout", "eval_timeout", "keep_artifacts",
 )

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> None:
     from sensisearch.study import (
+        accuracy_resolution_line,
         baseline,
         front_cells,
         front_columns,
@@ -42,6 +43,13 @@ def print_summary(ctx: StudyContext, summary: StudySummary, seconds: float) -> N
     _print_prediction_check(summary)
     for line in timing_noise_lines(summary.records):
         stdout.print(escape(line))
+    resolution = accuracy_resolution_line(summary.records, ctx.settings.acceptance.max_drop, ctx.evaluator.image_count())
+    if resolution is not None:
+        stdout.print(escape(resolution), highlight=False)
+    held = summary.holdout
+    if held is not None and held.scored:
+        stdout.print(escape(f"held-out check: trials {', '.join(map(str, held.scored))} scored on the {held.images} "
+                            f"evaluation images the search never saw ({held.seconds:.1f} s)"), highlight=False)
     choice = summary.winner
     if choice.record is None:
         stdout.print(f"[red]No winner:[/] {escape(choice.reason)}")

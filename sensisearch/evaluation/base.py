@@ -117,3 +117,67 @@ class Evaluator(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"metric": self.metric}
+
+
+class ImageSubset(Evaluator):
+    """An evaluator seen through a fixed subset of its images: the subset is its whole data set.
+
+    How a study holds images out of the search (``--holdout``): trials score on the
+    search images only, and the front is confirmed afterwards on the others, which no
+    choice of the search has seen (the best of many trials on the same images is
+    optimistically scored there: the winner's curse). Built on the inner evaluator's
+    :meth:`Evaluator.evaluate_part`, so the subset's scores are exactly what
+    ``evaluate_part`` gives for these positions.
+    """
+
+    def __init__(self, inner: Evaluator, positions: Sequence[int], role: str) -> None:
+        total = inner.image_count()
+        chosen = np.unique(np.asarray(positions, dtype=np.int64))
+        if total is None:
+            raise ValueError(f"{type(inner).__name__} scores only all its images at once; it has no subsets")
+        if chosen.size == 0 or chosen[0] < 0 or chosen[-1] >= total:
+            raise ValueError(f"subset positions must be 1..{total} distinct positions in 0..{total - 1}")
+        self.inner = inner
+        self.positions = chosen
+        """Sorted positions in the inner evaluator's image order."""
+        self.role = role
+        """What the subset is for ("search" or "holdout"), as :meth:`describe` says."""
+        self.metric = inner.metric
+
+    def evaluate(self, runner: Runner) -> EvaluationResult:
+        return self.inner.evaluate_part(runner, self.positions).result
+
+    def image_count(self) -> int | None:
+        return int(self.positions.size)
+
+    def evaluate_part(self, runner: Runner, positions: Sequence[int]) -> PartialEvaluation:
+        local = np.unique(np.asarray(positions, dtype=np.int64))
+        part = self.inner.evaluate_part(runner, self.positions[local])
+        return PartialEvaluation(local, part.result, part.state)
+
+    def evaluate_rest(self, runner: Runner, part: PartialEvaluation) -> EvaluationResult:
+        # The inner evaluator finishes a part over *all* its images, the held-out ones included;
+        # a study refuses --fidelity-subset with --holdout, so nothing asks for this.
+        raise NotImplementedError("a subset of an evaluator's images cannot be finished in stages")
+
+    def per_image_subset(self, per_image: Any, positions: Sequence[int]) -> Any:
+        raise NotImplementedError("a subset of an evaluator's images cannot be finished in stages")
+
+    def latency_feeds(self, batch_size: int) -> Mapping[str, np.ndarray]:
+        return self.inner.latency_feeds(batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        inner = self.inner.describe()
+        return {**inner, "images": int(self.positions.size), "subset": {"role": self.role, "of": self.inner.image_count()}}
+
+
+def holdout_positions(total: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(search, held-out) positions of ``total`` images, ``size`` held out, both sorted and disjoint.
+
+    Drawn at random with their own seed stream (not the first or last images: evaluation
+    sets are often ordered by class or source), the same for every worker of a study.
+    """
+    if not 0 < size < total:
+        raise ValueError(f"held-out size {size} must be in 1..{total - 1}")
+    held = np.sort(np.random.default_rng([seed, 0x401D]).choice(total, size=size, replace=False)).astype(np.int64)
+    return np.setdiff1d(np.arange(total, dtype=np.int64), held), held

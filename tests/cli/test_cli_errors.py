@@ -49,6 +49,8 @@ def _cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--model", model, "--eval-data", str(tmp / "wrong.npz")], "wrong.npz"),
         (["--example", "digits", "--budget", "0"], "--budget"),
         (["--example", "digits", "--budget", "-3"], "--budget"),
+        (["--example", "digits", "--holdout", "2.5"], "--holdout 2.5"),
+        (["--example", "digits", "--holdout", "5000"], "--holdout 5000"),  # more than the 2000 images
     ]
 
 

@@ -15,7 +15,7 @@ import onnx
 
 from sensisearch.calibration.source import CalibrationSource
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.base import Evaluator
+from sensisearch.evaluation.base import Evaluator, ImageSubset, holdout_positions
 from sensisearch.evaluation.classification import ClassificationEvaluator
 from sensisearch.evaluation.custom import FunctionEvaluator, load_function
 from sensisearch.evaluation.datasets import ImageArray, Preprocess, load_images
@@ -75,6 +75,8 @@ class EvaluationSetup:
     """Content fingerprint of the evaluation data, including any limit ("" for ``--evaluator``)."""
     evaluation: Mapping[str, Any] = field(default_factory=dict)
     """Every evaluation setting that changes the metric: preprocessing, detector layout, NMS and letterbox."""
+    holdout: Evaluator | None = None
+    """The images ``--holdout`` keeps from the search (``evaluator`` then scores the others); None: off."""
 
     def identity_parts(self) -> dict[str, Any]:
         """The study-identity fields this setup decides, as plain JSON values.
@@ -377,3 +379,31 @@ def _detection(
     source = CalibrationSource(key, len(paths), spec.name, batches, calib_batch)
     return EvaluationSetup(evaluator, "detection", source, preprocess, warnings, **identity)
 
+
+def hold_out(evaluation: EvaluationSetup, requested: float | None, seed: int) -> EvaluationSetup:
+    """``evaluation`` with ``--holdout`` applied: its evaluator sees the search images only and
+    :attr:`EvaluationSetup.holdout` the others; unchanged when ``requested`` is None or 0.
+
+    The split (its size and seed) is part of the evaluation's identity: a study resumed with
+    another split would mix trials scored on other images.
+    """
+    if not requested:
+        return evaluation
+    total = evaluation.evaluator.image_count()
+    if total is None:
+        raise SensisearchError(
+            f"--holdout {requested:g}: this evaluator scores only all images at once (a user's --evaluator); leave --holdout out"
+        )
+    size = max(1, int(round(requested * total))) if requested < 1 else int(requested)
+    if not 2 <= size <= total - 2:
+        raise SensisearchError(
+            f"--holdout {requested:g}: would hold out {size} of the {total} evaluation images; leave at least 2 on each side "
+            "(a count such as 50 or a fraction such as 0.3; 0 turns it off)"
+        )
+    search, held = holdout_positions(total, size, seed)
+    return dataclasses.replace(
+        evaluation,
+        evaluator=ImageSubset(evaluation.evaluator, search, "search"),
+        holdout=ImageSubset(evaluation.evaluator, held, "holdout"),
+        evaluation={**evaluation.evaluation, "holdout": {"images": size, "of": total, "seed": seed}},
+    )

@@ -186,19 +186,19 @@ class SearchSettings:
             raise SensisearchError("--algorithms: give at least one of minmax, entropy, percentile, mse, mixed")
         if not self.percentiles:
             raise SensisearchError("--percentiles: give at least one clip percentile, e.g. 99.99")
-        self._validate_fidelity()
+        _check_image_count("--fidelity-subset", self.fidelity_subset)
 
-    def _validate_fidelity(self) -> None:
-        """``--fidelity-subset``: None (default), 0 (off), a fraction in (0, 1) or a whole number of images."""
-        value = self.fidelity_subset
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise SensisearchError(
-                f"--fidelity-subset {value}: give a number of images (e.g. 40), a fraction of them (e.g. 0.25), or 0 to turn it off"
-            )
-        if value >= 1 and value != int(value):
-            raise SensisearchError(f"--fidelity-subset {value}: a number of images must be whole (or give a fraction below 1)")
+
+def _check_image_count(flag: str, value: float | None) -> None:
+    """A number of evaluation images: None (default), 0 (off), a fraction in (0, 1) or a whole number of images."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise SensisearchError(
+            f"{flag} {value}: give a number of images (e.g. 40), a fraction of them (e.g. 0.25), or 0 to turn it off"
+        )
+    if value >= 1 and value != int(value):
+        raise SensisearchError(f"{flag} {value}: a number of images must be whole (or give a fraction below 1)")
 
 
 @dataclass
@@ -301,8 +301,13 @@ class AcceptanceSettings:
     """``max_class_drop`` judges only classes with at least this many ground-truth instances."""
     min_speedup: float = 1.0
     """The winner's verified speed-up CI lower bound must exceed this."""
+    holdout: float | None = None
+    """Evaluation images the search never sees (a count, or a fraction below 1): trials score on the
+    others, and the front and the winner are confirmed on these afterwards (:mod:`sensisearch.study.review`);
+    a winner whose drop CI there lies wholly above ``max_drop`` is passed over. None or 0: off."""
 
     def validate(self) -> None:
+        _check_image_count("--holdout", self.holdout)
         if self.max_drop < 0:
             raise SensisearchError(f"--max-drop {self.max_drop}: must be >= 0 (points of the metric)")
         if self.min_speedup <= 0:

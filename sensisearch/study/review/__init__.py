@@ -1,9 +1,11 @@
 """What a finished study tells a reviewer: the verified front, the winner, report.md/html, PNGs, references."""
 
+from sensisearch.study.review._holdout import HoldoutResult, score_holdout
 from sensisearch.study.review._references import quiet_quantizer
 from sensisearch.study.review._report import (
     FRONT_COLUMNS,
     ReportContext,
+    accuracy_resolution_line,
     front_cells,
     front_columns,
     front_row,
@@ -27,10 +29,12 @@ from sensisearch.study.review._verify import (
 
 __all__ = [
     "FRONT_COLUMNS",
+    "HoldoutResult",
     "ReportContext",
     "StudySummary",
     "VerifyResult",
     "VerifySettings",
+    "accuracy_resolution_line",
     "front_cells",
     "front_columns",
     "front_row",
@@ -39,6 +43,7 @@ __all__ = [
     "quiet_quantizer",
     "report_context",
     "save_run_settings",
+    "score_holdout",
     "select_for_verification",
     "timing_noise_lines",
     "verify_backend",

@@ -18,6 +18,7 @@ from sensisearch.study.trial._predicted import partial_int8_verdict
 from sensisearch.quantize.ranges import ranges_to_dict
 from sensisearch.report import review_markdown, write_review
 from sensisearch.study.review._review import build_review, recorded_thresholds
+from sensisearch.study.review._holdout import HoldoutResult, score_holdout
 from sensisearch.study.review._references import run_references
 from sensisearch.study.review._report import ReportContext, int8_speed_verdict, write_report
 from sensisearch.study.store._results import (
@@ -43,10 +44,18 @@ class StudySummary:
     partial_int8_verdict: str | None = None
     """The sentence on partial-INT8 configurations slower than FP32, if they are."""
     prediction_check: PredictionCheck | None = None
+    holdout: HoldoutResult | None = None
+    """What scoring the held-out images did (``--holdout``), if the study holds images out."""
 
 
 def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
-    """pareto.json/.csv, winner/ and report.md from what the storage holds now."""
+    """pareto.json/.csv, winner/ and report.md from what the storage holds now.
+
+    With ``--holdout`` the front and the winner are first scored on the held-out images
+    (:func:`~sensisearch.study.review._holdout.score_holdout`; only what is not scored yet),
+    so the winner written is one that holds there too.
+    """
+    holdout = score_holdout(ctx, study)
     recs = records(study)
     front = pareto_front(recs)
     references: list[dict[str, Any]] = []
@@ -90,7 +99,8 @@ def write_results(ctx: StudyContext, study: optuna.Study) -> StudySummary:
         review_markdown=review_markdown(files, ctx.out), float_evidence=review.float_layer_evidence,
     )
     verdict, text = int8_speed_verdict(recs)
-    return StudySummary(recs, front, choice, winner_dir, report, verdict, text, partial_int8_verdict(recs), context.prediction_check)
+    return StudySummary(recs, front, choice, winner_dir, report, verdict, text, partial_int8_verdict(recs), context.prediction_check,
+                        holdout)
 
 
 def kernels_apply(ctx: StudyContext) -> bool:
@@ -128,4 +138,5 @@ def report_context(ctx: StudyContext, references: list[dict[str, Any]]) -> Repor
         min_speedup=ctx.settings.acceptance.min_speedup,
         max_class_drop=ctx.settings.acceptance.max_class_drop,
         min_class_instances=ctx.settings.acceptance.min_class_instances,
+        eval_images=ctx.evaluator.image_count(),
     )

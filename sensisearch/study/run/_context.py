@@ -86,6 +86,8 @@ class StudyContext:
             "samples": self.space.default_calibration.samples,
             # Probes on a fixed subset first, the layers near the ranking's cut on every image.
             "probes": "subset-first",
+            # Probes score the search images only when --holdout keeps some back.
+            **({"holdout": self.evaluation.evaluation["holdout"]} if "holdout" in self.evaluation.evaluation else {}),
         }
 
     def sensitivity_inputs(self, within_budget: bool = True) -> SensitivityInputs:

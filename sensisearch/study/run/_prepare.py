@@ -34,7 +34,7 @@ from sensisearch.calibration.ranges import prepare_calibration
 from sensisearch.study.trial._pipeline import TrialPipeline
 from sensisearch.study.config._settings import StudySettings, bias_choices, resolve_search
 from sensisearch.study.search._space import SearchSpace, capped_sample_counts
-from sensisearch.study.config._inputs import build_evaluation, resolve_inputs
+from sensisearch.study.config._inputs import build_evaluation, hold_out, resolve_inputs
 
 if TYPE_CHECKING:
     from sensisearch.backends.base import Backend
@@ -89,6 +89,10 @@ def prepare(
     if unsupported and settings.search.precisions is not None:  # the target's own FP16 (no --precisions) is no surprise
         log.warning("backend %s: %s offered anyway (%s)", backend.name, unsupported, backend.capabilities.fp16_note)
     evaluation = build_evaluation(settings, resolved.input_spec, resolved.model, out, need_calibration=Precision.INT8 in precisions)
+    if settings.acceptance.holdout and settings.search.fidelity_subset:
+        raise SensisearchError("--fidelity-subset with --holdout: a trial scored in stages cannot leave the held-out images "
+                               "out; use one of the two")
+    evaluation = hold_out(evaluation, settings.acceptance.holdout, settings.search.seed)  # search images only
     check_task_settings(settings, evaluation.task, resolved.model)
     calib_source = evaluation.calibration
     calibration = None

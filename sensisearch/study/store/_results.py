@@ -100,6 +100,8 @@ class WinnerChoice:
     record: TrialRecord | None
     qualified: bool
     reason: str
+    passed_over: tuple[int, ...] = ()
+    """Trials within ``max_drop`` on the search images that clearly failed on the held-out ones (``--holdout``)."""
 
 
 NOT_SIGNIFICANT = "no configuration is significantly faster than FP32 on this backend for this model"
@@ -155,7 +157,10 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
     if fp32 is None or fp32.value is None or fp32.median_ms is None:
         best = max(candidates, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
         return WinnerChoice(best, False, "the FP32 baseline did not complete, so no accuracy drop can be judged; best-effort: the most accurate trial")
-    within = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
+    near = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
+    # --holdout: a trial scored on the held-out images must not clearly fail there (HoldoutScore.fails).
+    held_out = [r for r in near if r.fails_holdout(max_drop)]
+    within = [r for r in near if not r.fails_holdout(max_drop)]
     paired = any(r.speedup_ci95 is not None for r in recs)
     verified = any(r.is_verified for r in candidates)
     if paired:
@@ -177,7 +182,8 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         rule = "faster than FP32 (unpaired timing: recorded before speed-up CIs)"
     if qualifying:
         best = min(qualifying, key=lambda r: (r.median_ms, -r.value))  # type: ignore[arg-type, return-value]
-        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32 {rule}: {speed_text(best)}")
+        return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32 {rule}: {speed_text(best)}"
+                            + _holdout_text(best, held_out), tuple(sorted(r.number for r in held_out)))
     pool = [r for r in candidates if r.baseline is None] or candidates
     best = max(pool, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
     if within and paired:
@@ -199,7 +205,20 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         )
     else:
         reason = f"no trial stays within {max_drop:g} points of FP32; best-effort export of the most accurate non-baseline trial"
-    return WinnerChoice(best, False, reason)
+    return WinnerChoice(best, False, reason + _holdout_text(None, held_out), tuple(sorted(r.number for r in held_out)))
+
+
+def _holdout_text(best: TrialRecord | None, passed_over: list[TrialRecord]) -> str:
+    """What the held-out images said of the winner and of the trials they ruled out ("" without --holdout)."""
+    parts = []
+    if best is not None and best.holdout is not None:
+        ci = best.holdout.drop_ci95
+        parts.append(f"held-out drop {best.holdout.drop:.2f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+                     + f" on {best.holdout.images} images")
+    if passed_over:
+        worst = ", ".join(f"{r.number} ({r.holdout.drop:.2f})" for r in sorted(passed_over, key=lambda r: r.number))  # type: ignore[union-attr]
+        parts.append(f"passed over for their held-out drop: trial {worst}")
+    return "".join(f"; {p}" for p in parts)
 
 
 def export_winner(
@@ -241,6 +260,8 @@ def export_winner(
         "speedup_source": record.speedup_source,
         "speedup_label": record.latency.get("label") if record.is_predicted and not record.is_verified else None,
         "drop_ci95": None if record.drop_ci is None else list(record.drop_ci),
+        # --holdout: the same on the evaluation images the search never saw (None: the study held none out).
+        "holdout": None if record.holdout is None else record.holdout.to_dict(),
         "layers_run": record.layer_precisions,
         "files": files,
         # Calibrated ranges of every tensor any backend may quantize: `sensisearch
