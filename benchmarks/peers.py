@@ -186,8 +186,8 @@ def conv_sqnr(rows: Sequence[PeerResult], ctx: Any, model: Path, images: int = 8
     fp32_model = onnx.load(str(model))
     tensors = [(n.name, n.output[0]) for n in fp32_model.graph.node if n.op_type == "Conv"]
     tensors += [(o.name, o.name) for o in fp32_model.graph.output]
-    store, input_name = ctx.evaluator.store, ctx.evaluation.calibration.input_name
-    batches = [store.batch([i]) for i in np.linspace(0, (ctx.evaluator.image_count() or len(store)) - 1, images).astype(int)]
+    input_name = ctx.evaluation.calibration.input_name
+    batches = [search_batch(ctx, i) for i in np.linspace(0, (ctx.evaluator.image_count() or 1) - 1, images).astype(int)]
 
     def outputs(path: Path) -> dict[str, np.ndarray]:
         graph = onnx.load(str(path))
@@ -220,13 +220,24 @@ def conv_sqnr(rows: Sequence[PeerResult], ctx: Any, model: Path, images: int = 8
         print(f"{label[-34:]:<34}" + "".join(cells))
 
 
+def search_batch(ctx: Any, position: int) -> np.ndarray:
+    """The preprocessed input of the search image at ``position`` (of the study's search images: with --holdout its
+    evaluator is a subset of the evaluation images, :class:`~sensisearch.evaluation.base.ImageSubset`)."""
+    evaluator = ctx.evaluator
+    inner = getattr(evaluator, "inner", evaluator)
+    to_inner = getattr(evaluator, "positions", None)
+    return inner.store.batch([int(position if to_inner is None else to_inner[position])])
+
+
 class Scorer:
     """Scores any ONNX file with the study's own evaluator and backend, counting full-set-equivalent calls."""
 
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, evaluator: Any = None) -> None:
         self.ctx = ctx
+        self.evaluator = evaluator or ctx.evaluator
+        """The study's search images by default; the held-out ones for :class:`HeldOutCheck`."""
         self.calls = 0.0
-        self.total = ctx.evaluator.image_count() or 1
+        self.total = self.evaluator.image_count() or 1
 
     @contextlib.contextmanager
     def _runner(self, path: Path) -> Iterator[Any]:
@@ -240,14 +251,14 @@ class Scorer:
         """The full evaluation of ``path``, per-image results included (for paired CIs)."""
         self.calls += 1
         with self._runner(path) as runner:
-            return self.ctx.evaluator.evaluate(runner)
+            return self.evaluator.evaluate(runner)
 
     def __call__(self, path: Path, positions: Sequence[int] | None = None) -> float:
         if positions is None or len(positions) >= self.total:
             return float(self.result(path).value)
         self.calls += len(positions) / self.total
         with self._runner(path) as runner:
-            return float(self.ctx.evaluator.evaluate_part(runner, np.sort(np.asarray(positions, np.int64))).result.value)
+            return float(self.evaluator.evaluate_part(runner, np.sort(np.asarray(positions, np.int64))).result.value)
 
 
 def calibration_array(ctx: Any) -> np.ndarray:
@@ -257,7 +268,65 @@ def calibration_array(ctx: Any) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- sensisearch
-def run_study(settings: Any) -> tuple[PeerResult, Any, list[tuple[int, float, str, Any, float | None]]]:
+Point = tuple[int, float, str, Any, "float | None", int]
+"""An evaluated configuration of the study: INT8 convs, metric, label, config, found at s, trial number."""
+
+
+class HeldOutCheck:
+    """The study's own held-out images (``--holdout``): an answer counts only if it does not clearly fail there
+    (its held-out drop CI wholly above ``--max-drop``), as the product's winner must not. The product scores FP32,
+    the baselines, its front and its winner (``score_holdout``, what ``write_results`` runs); the benchmark's picks
+    (most INT8 convs within ``--max-drop``) are scored in turn until one holds, by the same rule
+    (:meth:`~sensisearch.study.store._record.HoldoutScore.fails`), and that time and those calls are the study's too."""
+
+    def __init__(self, ctx: Any, study: Any, max_drop: float, model: Path) -> None:
+        from sensisearch.study import score_holdout
+        from sensisearch.study.review._verify import DROP_RESAMPLE_FACTOR
+        from sensisearch.study.store._record import read_holdout
+        from sensisearch.study.trial import _accuracy
+
+        self.ctx, self.max_drop = ctx, max_drop
+        self.seconds, self.calls = 0.0, 0.0
+        self.scores: dict[int, Any] = {}
+        self.scorer = None if ctx.evaluation.holdout is None else Scorer(ctx, ctx.evaluation.holdout)
+        if self.scorer is None:
+            return
+        started = time.monotonic()
+        score_holdout(ctx, study)
+        self.scores = read_holdout(study.user_attrs)
+        # FP32's per-image results on the held-out images, for the CIs of the picks the product did not score.
+        self.reference = self.scorer.result(model)
+        self.bootstrap = _accuracy.drop_bootstrap(self.reference.per_image, self.reference.metric,
+                                                  int(DROP_RESAMPLE_FACTOR * ctx.settings.measurement.drop_resamples))
+        self.calls = (len(self.scores) + 1) * self.scorer.total / (ctx.evaluator.image_count() or 1)
+        self.seconds = time.monotonic() - started
+
+    def passes(self, number: int, config: Any) -> bool:
+        from sensisearch.study.store._record import HoldoutScore
+
+        if self.scorer is None:
+            return True
+        if number not in self.scores:
+            started = time.monotonic()
+            result = self.scorer.result(deployable(self.ctx, config, f"trial-{number}"))
+            estimate = self.bootstrap.drop(result.per_image)
+            self.scores[number] = HoldoutScore(result.value, self.reference.value, result.count, estimate.ci95)
+            self.calls += self.scorer.total / (self.ctx.evaluator.image_count() or 1)
+            self.seconds += time.monotonic() - started
+        return not self.scores[number].fails(self.max_drop)
+
+    def note(self, number: int) -> str:
+        score = self.scores.get(number)
+        if score is None:
+            return ""
+        ci = "" if score.drop_ci95 is None else f" [{score.drop_ci95[0]:+.2f}, {score.drop_ci95[1]:+.2f}]"
+        return f", study's held-out drop {score.drop:+.2f}{ci}"
+
+    def first_passing(self, ranked: Sequence[Point]) -> Point | None:
+        return next((p for p in ranked if self.passes(p[5], p[3])), None)
+
+
+def run_study(settings: Any) -> tuple[PeerResult, Any, list[Point], HeldOutCheck]:
     from sensisearch.study import prepare, records, run_study as run
     from sensisearch.study import PROBE_COST_ATTR
     from sensisearch.quantize.config import Precision
@@ -266,6 +335,7 @@ def run_study(settings: Any) -> tuple[PeerResult, Any, list[tuple[int, float, st
     ctx = prepare(settings)
     study = run(ctx)
     seconds = time.monotonic() - started
+    check = HeldOutCheck(ctx, study, settings.acceptance.max_drop, Path(settings.data.model))
     rows = records(study)
     # When each trial ended, counted from the start of the run: the study's answer at that moment. A peer that
     # stops itself (NNCF) is compared with the time our answer took to appear, beside the whole budget's time.
@@ -277,15 +347,18 @@ def run_study(settings: Any) -> tuple[PeerResult, Any, list[tuple[int, float, st
     def int8_of(r: Any) -> int:
         return sum(1 for layer in ctx.info.layers if layer.op_type == "Conv" and r.config.precisions.get(layer.name) == Precision.INT8)
 
-    best = max(feasible, key=lambda r: (int8_of(r), r.value))
     evaluated = sum(1 for r in rows if r.value is not None and r.role == "evaluate")
     probe_cost = float((study.user_attrs.get(PROBE_COST_ATTR) or {}).get("trials", 0.0))
     # Every evaluated configuration (INT8 convs, metric, label): the table also reads the study at a peer's INT8 count.
-    points = [(int8_of(r), float(r.value), f"trial {r.number}, {r.config.calibration.algorithm.value}", r.config,
-               found.get(r.number)) for r in rows if r.value is not None and r.baseline != "fp32"]
-    return PeerResult("sensisearch (default study)", int8_of(best), convs, best.value, fp32, seconds,
-                      evaluated + probe_cost, f"trial {best.number}, {best.config.calibration.algorithm.value}",
-                      model_path=str(deployable(ctx, best.config, f"trial-{best.number}")), found_s=found.get(best.number)), ctx, points
+    points: list[Point] = [(int8_of(r), float(r.value), f"trial {r.number}, {r.config.calibration.algorithm.value}", r.config,
+                            found.get(r.number), r.number) for r in rows if r.value is not None and r.baseline != "fp32"]
+    # The most INT8 convs within --max-drop (and, with --holdout, within it on the study's held-out images too).
+    ranked = sorted((p for p in points if fp32 - p[1] <= settings.acceptance.max_drop), key=lambda p: (p[0], p[1]), reverse=True)
+    best = check.first_passing(ranked) or ranked[0]
+    q, metric, label, config, found_s, number = best
+    return PeerResult("sensisearch (default study)", q, convs, metric, fp32, seconds, evaluated + probe_cost,
+                      label + check.note(number), model_path=str(deployable(ctx, config, f"trial-{number}")),
+                      found_s=found_s), ctx, points, check
 
 
 def deployable(ctx: Any, config: Any, name: str) -> Path:
@@ -297,16 +370,17 @@ def deployable(ctx: Any, config: Any, name: str) -> Path:
 
 
 def at_peer_count(
-    ctx: Any, study_row: PeerResult, points: Sequence[tuple[int, float, str, Any, float | None]], peer: PeerResult
+    ctx: Any, study_row: PeerResult, points: Sequence[Point], peer: PeerResult, check: HeldOutCheck
 ) -> PeerResult | None:
     """The study's best configuration with at least as many INT8 convs as ``peer`` (same run, same wall time):
-    the comparison the peer's own operating point asks for."""
-    eligible = [p for p in points if p[0] >= peer.int8_convs]
+    the comparison the peer's own operating point asks for (with --holdout: the best that holds on the study's
+    held-out images)."""
+    eligible = sorted((p for p in points if p[0] >= peer.int8_convs), key=lambda p: (p[1], p[0]), reverse=True)
     if not eligible or peer.convs == 0:
         return None
-    q, metric, label, config, found_s = max(eligible, key=lambda p: (p[1], p[0]))
+    q, metric, label, config, found_s, number = check.first_passing(eligible) or eligible[0]
     return dataclasses.replace(study_row, name=f"  sensisearch at >= {peer.int8_convs} INT8", int8_convs=q, metric=metric,
-                               note=label, model_path=str(deployable(ctx, config, label.split(",")[0].replace(" ", "-"))),
+                               note=label + check.note(number), model_path=str(deployable(ctx, config, f"trial-{number}")),
                                found_s=found_s)
 
 
@@ -323,11 +397,12 @@ def fp16_control(ctx: Any, fp32: float) -> PeerResult | None:
 
 
 # --------------------------------------------------------------------------- NNCF
-def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path) -> PeerResult:
+def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path, name: str) -> PeerResult:
+    """NNCF's answer, saved as ``work/<name>.onnx`` (``name`` from its cache key: a run on other images or another
+    model must not overwrite the file a cached row points to)."""
     import nncf
 
     scorer = Scorer(ctx)
-    store = ctx.evaluator.store
     input_name = ctx.evaluation.calibration.input_name
     calib = calibration_array(ctx)
     started = time.monotonic()
@@ -344,14 +419,14 @@ def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path) -> PeerRes
     quantized = nncf.quantize_with_accuracy_control(
         onnx.load(str(model_path)),
         calibration_dataset=nncf.Dataset(list(range(len(calib))), lambda i: {input_name: calib[i:i + 1]}),
-        validation_dataset=nncf.Dataset(positions, lambda i: {input_name: store.batch([i])}),
+        validation_dataset=nncf.Dataset(positions, lambda i: {input_name: search_batch(ctx, i)}),
         validation_fn=validate,
         max_drop=max_drop,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(calib),
     )
     seconds = time.monotonic() - started
-    path = work / f"nncf-quantized-{hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]}-{max_drop}.onnx"
+    path = work / f"{name}.onnx"
     onnx.save(quantized, str(path))
     calls = scorer.calls
     metric = scorer(path)
@@ -394,12 +469,12 @@ def as_tensorrt_deployable(peer: PeerResult, ctx: Any, work: Path) -> PeerResult
 
 
 # --------------------------------------------------------------------------- ModelOpt
-def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: str) -> PeerResult:
+def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: str, name: str) -> PeerResult:
     scorer = Scorer(ctx)
     fp32 = scorer(model_path)
     calib_path = work / "calib.npy"
     np.save(calib_path, calibration_array(ctx))
-    out = work / f"modelopt-{method}.onnx"
+    out = work / f"{name}.onnx"
     # ModelOpt rewrites the file it is given (it saved its preprocessed graph over the input): a private copy.
     private = work / f"modelopt-{method}-input.onnx"
     shutil.copyfile(model_path, private)
@@ -421,8 +496,15 @@ def run_modelopt(ctx: Any, model_path: Path, method: str, work: Path, python: st
 
 # --------------------------------------------------------------------------- cache and table
 def cache_key(digest: str, args: argparse.Namespace, peer: str) -> str:
-    return json.dumps({"model": digest, "eval": args.eval_images, "calib": args.calib_images, "max_drop": args.max_drop,
-                       "peer": peer}, sort_keys=True)
+    key = {"model": digest, "eval": args.eval_images, "calib": args.calib_images, "max_drop": args.max_drop, "peer": peer}
+    if args.holdout and not args.reserve_only:  # the search images are drawn from more images, so they are other images
+        key["holdout"] = args.holdout
+    return json.dumps(key, sort_keys=True)
+
+
+def answer_name(peer: str, key: str) -> str:
+    """The file stem of a peer's answer: one file per cache entry."""
+    return f"{peer}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def cached(cache: dict[str, Any], key: str, rerun: bool, measure: Callable[[], PeerResult], path: Path) -> PeerResult:
@@ -497,6 +579,13 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=0.5, help="points of mAP (both sides)")
     parser.add_argument("--budget", type=int, default=None, help="the study's --budget (default 50, the probes included)")
     parser.add_argument("--eval-images", type=int, default=None)
+    parser.add_argument("--holdout", type=int, default=0,
+                        help="the study's --holdout: this many more evaluation images, the search runs on --eval-images of "
+                             "them (so do the peers) and the study confirms its answer on the rest; the table's held-out "
+                             "images are fewer by as many")
+    parser.add_argument("--reserve-only", action="store_true",
+                        help="with --holdout: keep those images out of the table's held-out set but do not give them to "
+                             "the study (no confirmation): the control run, scored on the same held-out images")
     parser.add_argument("--calib-images", type=int, default=None)
     parser.add_argument("--peers", default="nncf,modelopt", help="comma list of nncf, modelopt (empty: the study only)")
     parser.add_argument("--skip-study", action="store_true", help="peers only (from the cache where it has them)")
@@ -535,12 +624,16 @@ def main() -> None:
     if not model.is_file() or model.read_bytes() != original.read_bytes():
         shutil.copyfile(original, model)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()[:16]
-    eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split", args.eval_images, args.calib_images)
-    tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}"
+    # --holdout: the study's evaluation images are --eval-images search images plus the held-out ones.
+    study_images = args.eval_images + args.holdout
+    confirm = args.holdout if args.holdout and not args.reserve_only else 0
+    eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split", study_images, args.calib_images)
+    tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}" + (f"-h{args.holdout}" if confirm else "")
     def study_settings(**changes: Any) -> StudySettings:
         flat: dict[str, Any] = dict(
             model=model, eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json", calib_data=calib_dir,
-            out=args.out / f"study-{tag}", eval_limit=args.eval_images, backend="onnxruntime", profile="tensorrt",
+            out=args.out / f"study-{tag}", eval_limit=args.eval_images + confirm, holdout=confirm or None, backend="onnxruntime",
+            profile="tensorrt",
             sample_counts=[args.calib_images], max_drop=args.max_drop, budget=budget, verify=False, isolation="none",
             algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY, CalibrationAlgorithm.PERCENTILE,
                         CalibrationAlgorithm.MSE],
@@ -552,33 +645,40 @@ def main() -> None:
     ctx = None
     if not args.skip_study:
         shutil.rmtree(settings.storage.out, ignore_errors=True)  # a fresh study: its wall time is the whole run
-        study_row, ctx, points = run_study(settings)
+        study_row, ctx, points, check = run_study(settings)
         rows.append(study_row)
     peers = [p for p in args.peers.split(",") if p]
     if peers and ctx is None:
         # Only the evaluator, backend and calibration inputs: no sensitivity probes for the peers' scorer.
         # Its own folder: a stored study there holds other search settings. Bias correction offered, as the study does.
-        ctx = prepare(study_settings(sampler="tpe", search="full", bias_correction="search", out=args.out / "peers-scorer"))
+        ctx = prepare(study_settings(sampler="tpe", search="full", bias_correction="search", out=args.out / f"peers-scorer-{tag}"))
     work = args.out / "work"
     work.mkdir(exist_ok=True)
     for peer in peers:
         if peer == "nncf":
-            rows.append(cached(cache, cache_key(digest, args, "nncf"), args.rerun_peers,
-                               lambda: run_nncf(ctx, model, args.max_drop, work), cache_path))
+            key = cache_key(digest, args, "nncf")
+            rows.append(cached(cache, key, args.rerun_peers,
+                               lambda: run_nncf(ctx, model, args.max_drop, work, answer_name("nncf", key)), cache_path))
             deployable_peer = as_tensorrt_deployable(rows[-1], ctx, work) if Path(rows[-1].model_path).is_file() else None
             if deployable_peer is not None:
                 rows.append(deployable_peer)
         elif peer == "modelopt":
             for method in ("entropy", "max"):
-                rows.append(cached(cache, cache_key(digest, args, f"modelopt-{method}"), args.rerun_peers,
-                                   lambda m=method: run_modelopt(ctx, model, m, work, args.modelopt_python), cache_path))
+                key = cache_key(digest, args, f"modelopt-{method}")
+                rows.append(cached(cache, key, args.rerun_peers,
+                                   lambda m=method, k=key: run_modelopt(ctx, model, m, work, args.modelopt_python,
+                                                                        answer_name(f"modelopt-{m}", k)), cache_path))
         else:
             raise SystemExit(f"--peers {peer}: use nncf and/or modelopt")
     if not args.skip_study:
         for peer_row in [r for r in rows[1:] if r.name.startswith("NNCF")]:
-            extra = at_peer_count(ctx, rows[0], points, peer_row)
+            extra = at_peer_count(ctx, rows[0], points, peer_row, check)
             if extra is not None and extra.name not in {r.name for r in rows}:  # one row per INT8 count
                 rows.insert(1, extra)
+        for r in rows:  # the held-out check is the study's time and calls (the product runs it before its results)
+            if r.name.lstrip().startswith("sensisearch"):
+                r.seconds += check.seconds
+                r.validation_calls += check.calls
     if ctx is None:
         raise SystemExit("nothing to compare: --skip-study with no --peers")
     control = fp16_control(ctx, rows[0].fp32) if rows else None
@@ -587,17 +687,20 @@ def main() -> None:
     resamples = args.resamples
     _, differences = paired_drops(rows, ctx, model, held_out=False, resamples=resamples)
     held_out = None
-    if args.eval_images + args.calib_images >= 170 and not args.no_held_out:
+    if study_images + args.calib_images >= 170 and not args.no_held_out:
         print("no held-out images: coco-dev's 170 are all evaluation or calibration images (use fewer of either)")
     elif not args.no_held_out:
-        annotations = held_out_annotations(SHARED / "coco-dev", args.out / "split", args.eval_images, args.calib_images)
-        held_out_ctx = prepare(study_settings(annotations=annotations, eval_limit=None, out=args.out / "held-out",
-                                              sampler="tpe", search="full"))
+        annotations = held_out_annotations(SHARED / "coco-dev", args.out / "split", study_images, args.calib_images)
+        held_out_ctx = prepare(study_settings(annotations=annotations, eval_limit=None, holdout=None,
+                                              out=args.out / f"held-out-{study_images}e", sampler="tpe", search="full"))
         held_fp32, held_differences = paired_drops(rows, held_out_ctx, model, held_out=True, resamples=resamples)
         held_out = (held_out_ctx.evaluator.image_count() or 0, held_fp32)
         differences = [f" on the {args.eval_images} evaluation images:", *differences,
                        f" on the {held_out[0]} held-out images:", *held_differences]
-    print(f"\n{model.name}; {args.eval_images} evaluation images, {args.calib_images} calibration images; "
+    print(f"\n{model.name}; {args.eval_images} evaluation images"
+          + (f" (+ {confirm} the study holds out to confirm its answer)" if confirm else "")
+          + (f" ({args.holdout} more kept out of the held-out set, unused)" if args.holdout and not confirm else "")
+          + f", {args.calib_images} calibration images; "
           f"--max-drop {args.max_drop}; study budget {budget}")
     print_table(rows, " ".join(f"{x:.1f}" for x in os.getloadavg()), held_out, differences)
     if args.tensors:
