@@ -36,6 +36,8 @@ load: say which load they were taken under. Figures are printed, never asserted.
     python benchmarks/peers.py --opset13            # the per-channel operating point
     python benchmarks/peers.py --quick --opset13 --their-floats   # NNCF's float choice, our quantizer
     python benchmarks/peers.py --quick --opset13 --tensors        # SQNR of every Conv output, answer by answer
+    python benchmarks/peers.py --quick --opset13 --holdout 40     # the study confirms its answer on 40 more images
+    python benchmarks/peers.py --quick --opset13 --holdout 40 --reserve-only   # its control, same final images
 """
 
 from __future__ import annotations
