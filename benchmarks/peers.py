@@ -282,10 +282,7 @@ class HeldOutCheck:
     (:meth:`~sensisearch.study.store._record.HoldoutScore.fails`), and that time and those calls are the study's too."""
 
     def __init__(self, ctx: Any, study: Any, max_drop: float, model: Path) -> None:
-        from sensisearch.study import score_holdout
-        from sensisearch.study.review._verify import DROP_RESAMPLE_FACTOR
-        from sensisearch.study.store._record import read_holdout
-        from sensisearch.study.trial import _accuracy
+        from sensisearch.study import records, score_holdout
 
         self.ctx, self.max_drop = ctx, max_drop
         self.seconds, self.calls = 0.0, 0.0
@@ -295,16 +292,17 @@ class HeldOutCheck:
             return
         started = time.monotonic()
         score_holdout(ctx, study)
-        self.scores = read_holdout(study.user_attrs)
-        # FP32's per-image results on the held-out images, for the CIs of the picks the product did not score.
+        self.scores = {r.number: r.holdout for r in records(study) if r.holdout is not None}
+        # FP32's per-image results on the held-out images, for the CIs of the picks the product did not score,
+        # with as many resamples as the product's (verify's 2.5 x --drop-resamples).
         self.reference = self.scorer.result(model)
-        self.bootstrap = _accuracy.drop_bootstrap(self.reference.per_image, self.reference.metric,
-                                                  int(DROP_RESAMPLE_FACTOR * ctx.settings.measurement.drop_resamples))
+        self.bootstrap = PairedBootstrap(self.reference.per_image, metric_points(self.reference.metric),
+                                         int(2.5 * ctx.settings.measurement.drop_resamples))
         self.calls = (len(self.scores) + 1) * self.scorer.total / (ctx.evaluator.image_count() or 1)
         self.seconds = time.monotonic() - started
 
     def passes(self, number: int, config: Any) -> bool:
-        from sensisearch.study.store._record import HoldoutScore
+        from sensisearch.study import HoldoutScore
 
         if self.scorer is None:
             return True
@@ -529,7 +527,7 @@ def paired_drops(rows: Sequence[PeerResult], ctx: Any, model: Path, held_out: bo
     Returns FP32's metric on these images and the lines of the difference table."""
     scorer = Scorer(ctx)
     fp32 = scorer.result(model)
-    metric_fn = {"mAP50-95": map50_95_points, "mAP50": map50_points}.get(fp32.metric, accuracy_points)
+    metric_fn = metric_points(fp32.metric)
     against_fp32 = PairedBootstrap(fp32.per_image, metric_fn, resamples)
     results: dict[str, EvaluationResult] = {}
     for r in rows:
@@ -549,6 +547,11 @@ def paired_drops(rows: Sequence[PeerResult], ctx: Any, model: Path, held_out: bo
             verdict = "within noise" if within_noise(d.ci95) else (f"{peer.name} better" if d.drop > 0 else "sensisearch better")
             lines.append(f"  {r.name.strip():<34} minus {peer.name:<30} {d.drop:+.2f} [{d.ci95[0]:+.2f}, {d.ci95[1]:+.2f}]  {verdict}")
     return float(fp32.value), lines
+
+
+def metric_points(metric: str) -> Callable[..., float]:
+    """The per-image metric function (points) of ``metric``, for paired bootstraps."""
+    return {"mAP50-95": map50_95_points, "mAP50": map50_points}.get(metric, accuracy_points)
 
 
 def _ci(ci: Sequence[float] | None) -> str:

@@ -92,6 +92,7 @@ from sensisearch.study.search import (
 from sensisearch.study.store import (
     VERIFY_SUMMARY_ATTR,
     FinishedRun,
+    HoldoutScore,
     LatencyRecord,
     Owner,
     TrialRecord,
@@ -127,6 +128,7 @@ __all__ = [
     "rank_groups",
     "FRONT_COLUMNS",
     "HoldoutResult",
+    "HoldoutScore",
     "VERIFY_SUMMARY_ATTR",
     "SAMPLERS",
     "SEARCHES",

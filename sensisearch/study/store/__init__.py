@@ -2,7 +2,7 @@
 
 from sensisearch.study.store._finished import FinishedRun, export_run_trial, open_finished_run, run_settings
 from sensisearch.study.store._owner import Owner, fail_dead_owner_trials
-from sensisearch.study.store._record import VERIFY_SUMMARY_ATTR, LatencyRecord, TrialRecord, WorstClass
+from sensisearch.study.store._record import VERIFY_SUMMARY_ATTR, HoldoutScore, LatencyRecord, TrialRecord, WorstClass
 from sensisearch.study.store._results import WinnerChoice, baseline, choose_winner, pareto_front, records
 from sensisearch.study.store._storage import mask_url, open_storage
 from sensisearch.study.store._worker import append_disk_section, stored_settings
@@ -12,6 +12,7 @@ __all__ = [
     "fail_dead_owner_trials",
     "VERIFY_SUMMARY_ATTR",
     "FinishedRun",
+    "HoldoutScore",
     "LatencyRecord",
     "TrialRecord",
     "WinnerChoice",
