@@ -159,7 +159,8 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         return WinnerChoice(best, False, "the FP32 baseline did not complete, so no accuracy drop can be judged; best-effort: the most accurate trial")
     near = [r for r in candidates if fp32.value - r.value <= max_drop + 1e-9]  # type: ignore[operator]
     # --holdout: a trial scored on the held-out images must not clearly fail there (HoldoutScore.fails).
-    held_out = [r for r in near if r.fails_holdout(max_drop)]
+    held_out = sorted((r for r in near if r.fails_holdout(max_drop)), key=lambda r: r.number)
+    passed_over = tuple(r.number for r in held_out)
     within = [r for r in near if not r.fails_holdout(max_drop)]
     paired = any(r.speedup_ci95 is not None for r in recs)
     verified = any(r.is_verified for r in candidates)
@@ -183,7 +184,7 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
     if qualifying:
         best = min(qualifying, key=lambda r: (r.median_ms, -r.value))  # type: ignore[arg-type, return-value]
         return WinnerChoice(best, True, f"fastest trial within {max_drop:g} points of FP32 {rule}: {speed_text(best)}"
-                            + _holdout_text(best, held_out), tuple(sorted(r.number for r in held_out)))
+                            + _holdout_text(best, held_out), passed_over)
     pool = [r for r in candidates if r.baseline is None] or candidates
     best = max(pool, key=lambda r: r.value)  # type: ignore[arg-type, return-value]
     if within and paired:
@@ -205,18 +206,18 @@ def choose_winner(recs: list[TrialRecord], max_drop: float, min_speedup: float =
         )
     else:
         reason = f"no trial stays within {max_drop:g} points of FP32; best-effort export of the most accurate non-baseline trial"
-    return WinnerChoice(best, False, reason + _holdout_text(None, held_out), tuple(sorted(r.number for r in held_out)))
+    return WinnerChoice(best, False, reason + _holdout_text(None, held_out), passed_over)
 
 
 def _holdout_text(best: TrialRecord | None, passed_over: list[TrialRecord]) -> str:
-    """What the held-out images said of the winner and of the trials they ruled out ("" without --holdout)."""
+    """What the held-out images said of the winner and of the trials they ruled out, in trial order ("" without --holdout)."""
     parts = []
     if best is not None and best.holdout is not None:
         ci = best.holdout.drop_ci95
         parts.append(f"held-out drop {best.holdout.drop:.2f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
                      + f" on {best.holdout.images} images")
     if passed_over:
-        worst = ", ".join(f"{r.number} ({r.holdout.drop:.2f})" for r in sorted(passed_over, key=lambda r: r.number))  # type: ignore[union-attr]
+        worst = ", ".join(f"{r.number} ({r.holdout.drop:.2f})" for r in passed_over)  # type: ignore[union-attr]
         parts.append(f"passed over for their held-out drop: trial {worst}")
     return "".join(f"; {p}" for p in parts)
 
