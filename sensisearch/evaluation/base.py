@@ -171,6 +171,12 @@ class ImageSubset(Evaluator):
         return {**inner, "images": int(self.positions.size), "subset": {"role": self.role, "of": self.inner.image_count()}}
 
 
+def images_requested(requested: float, total: int) -> int:
+    """How many of ``total`` images a ``--fidelity-subset`` / ``--holdout`` value asks for: a fraction below 1
+    (rounded, at least one image) or a whole count."""
+    return max(1, int(round(requested * total))) if requested < 1 else int(requested)
+
+
 def holdout_positions(total: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(search, held-out) positions of ``total`` images, ``size`` held out, both sorted and disjoint.
 

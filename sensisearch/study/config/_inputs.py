@@ -15,7 +15,7 @@ import onnx
 
 from sensisearch.calibration.source import CalibrationSource
 from sensisearch.errors import SensisearchError
-from sensisearch.evaluation.base import Evaluator, ImageSubset, holdout_positions
+from sensisearch.evaluation.base import Evaluator, ImageSubset, holdout_positions, images_requested
 from sensisearch.evaluation.classification import ClassificationEvaluator
 from sensisearch.evaluation.custom import FunctionEvaluator, load_function
 from sensisearch.evaluation.datasets import ImageArray, Preprocess, load_images
@@ -394,7 +394,7 @@ def hold_out(evaluation: EvaluationSetup, requested: float | None, seed: int) ->
         raise SensisearchError(
             f"--holdout {requested:g}: this evaluator scores only all images at once (a user's --evaluator); leave --holdout out"
         )
-    size = max(1, int(round(requested * total))) if requested < 1 else int(requested)
+    size = images_requested(requested, total)
     if not 2 <= size <= total - 2:
         raise SensisearchError(
             f"--holdout {requested:g}: would hold out {size} of the {total} evaluation images; leave at least 2 on each side "

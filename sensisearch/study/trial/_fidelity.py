@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from sensisearch.errors import SensisearchError
+from sensisearch.evaluation.base import images_requested
 from sensisearch.study.trial import _accuracy
 from sensisearch.study.store._record import TrialRecord, read_fp32_per_image
 from sensisearch.study.store._timing import PairedTiming
@@ -78,7 +79,7 @@ def subset_size(requested: float | None, task: str, total: int | None) -> int | 
             f"--fidelity-subset {requested:g}: this evaluator scores only all images at once (a user's --evaluator); "
             "leave --fidelity-subset out or set it to 0"
         )
-    size = max(1, int(round(requested * total))) if requested < 1 else int(requested)
+    size = images_requested(requested, total)
     if size >= total:
         raise SensisearchError(
             f"--fidelity-subset {requested:g}: must be fewer than the {total} evaluation images "
