@@ -499,6 +499,8 @@ def cache_key(digest: str, args: argparse.Namespace, peer: str) -> str:
     key = {"model": digest, "eval": args.eval_images, "calib": args.calib_images, "max_drop": args.max_drop, "peer": peer}
     if args.holdout and not args.reserve_only:  # the search images are drawn from more images, so they are other images
         key["holdout"] = args.holdout
+        if args.seed:  # the study's seed draws them
+            key["seed"] = args.seed
     return json.dumps(key, sort_keys=True)
 
 
@@ -588,6 +590,9 @@ def main() -> None:
                         help="the study's --holdout: this many more evaluation images, the search runs on --eval-images of "
                              "them (so do the peers) and the study confirms its answer on the rest; the table's held-out "
                              "images are fewer by as many")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the study's --seed (its sampler and, with --holdout, which images it holds out): "
+                             "repeat a comparison over seeds to see how much of a difference is one draw")
     parser.add_argument("--reserve-only", action="store_true",
                         help="with --holdout: keep those images out of the table's held-out set but do not give them to "
                              "the study (no confirmation): the control run, scored on the same held-out images")
@@ -633,13 +638,14 @@ def main() -> None:
     study_images = args.eval_images + args.holdout
     confirm = args.holdout if args.holdout and not args.reserve_only else 0
     eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split", study_images, args.calib_images)
-    tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}" + (f"-h{args.holdout}" if confirm else "")
+    tag = f"{model.stem}-{args.eval_images}e-{args.calib_images}c-b{budget}" + (f"-h{args.holdout}" if confirm else "") + (
+        f"-s{args.seed}" if args.seed else "")
     def study_settings(**changes: Any) -> StudySettings:
         flat: dict[str, Any] = dict(
             model=model, eval_data=eval_dir, annotations=SHARED / "coco-dev" / "instances.json", calib_data=calib_dir,
             out=args.out / f"study-{tag}", eval_limit=args.eval_images + confirm, holdout=confirm or None, backend="onnxruntime",
             profile="tensorrt",
-            sample_counts=[args.calib_images], max_drop=args.max_drop, budget=budget, verify=False, isolation="none",
+            sample_counts=[args.calib_images], max_drop=args.max_drop, budget=budget, verify=False, isolation="none", seed=args.seed,
             algorithms=[CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY, CalibrationAlgorithm.PERCENTILE,
                         CalibrationAlgorithm.MSE],
         )

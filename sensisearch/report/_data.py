@@ -70,6 +70,10 @@ class ReviewPoint:
     relative_cost: float | None = None
     """The MAC estimate's relative cost (FP32 = 1) when nothing was measured: shown as that cost,
     never as the speed-up ``speedup`` (its inverse) would suggest."""
+    holdout_drop: float | None = None
+    """The drop on the images ``--holdout`` kept from the search (None: not scored there): the honest
+    figure for a trial picked as the best of many on the search images."""
+    holdout_drop_ci95: tuple[float, float] | None = None
 
     @property
     def speed_value(self) -> float:
@@ -86,7 +90,12 @@ class ReviewPoint:
 
     @property
     def metric_change(self) -> float:
-        return -self.drop
+        return 0.0 - self.drop  # not -self.drop: FP32's change reads +0.000, never -0.000
+
+    @property
+    def holdout_change(self) -> float | None:
+        """The change vs FP32 on the held-out images (None: not scored there)."""
+        return None if self.holdout_drop is None else 0.0 - self.holdout_drop
 
     @property
     def name(self) -> str:
@@ -156,6 +165,12 @@ class ReviewData:
     """(trial, in-study speed-up, verified speed-up)."""
     prediction_source: str = ""
     """Where the in-study figures came from ("estimate": shown as relative costs, not speed-ups)."""
+    holdout_images: int = 0
+    """How many evaluation images ``--holdout`` kept from the search (0: none; the points'
+    ``holdout_drop`` are scored on them)."""
+    accuracy_notes: Sequence[str] = ()
+    """Sentences on how far the accuracy figures can be trusted: how finely the images resolve a drop
+    against ``--max-drop``, and which trials the held-out images ruled out."""
 
     @property
     def cost_axis(self) -> bool:

@@ -204,10 +204,20 @@ def _front_table(data: ReviewData) -> str:
             "/".join(str(counts[k]) for k in PRECISION_ORDER),
             _e(p.calibration),
         ])
-    return _table(
-        ["trial", "kind", "front", data.metric_name, "change vs FP32 [95% CI]", f"{data.speed_axis} [95% CI]", "INT8/FP16/FP32", "calibration"],
-        rows, numeric={3, 4, 5},
-    )
+        if data.holdout_images:
+            rows[-1].insert(5, _holdout_change(p))
+    header = ["trial", "kind", "front", data.metric_name, "change vs FP32 [95% CI]", f"{data.speed_axis} [95% CI]",
+              "INT8/FP16/FP32", "calibration"]
+    if data.holdout_images:
+        header.insert(5, f"held-out change [95% CI] ({data.holdout_images} images)")
+    return _table(header, rows, numeric={3, 4, 5, 6} if data.holdout_images else {3, 4, 5})
+
+
+def _holdout_change(p: ReviewPoint) -> str:
+    """The change vs FP32 on the held-out images (``-``: not scored there)."""
+    if p.holdout_change is None:
+        return "-"
+    return f"{p.holdout_change:+.3f}{_e(_ci_text(negate_ci(p.holdout_drop_ci95)))}"
 
 
 def _classes_table(data: ReviewData) -> str:
@@ -246,11 +256,15 @@ def render_report_html(data: ReviewData) -> str:
             f"({winner.metric_change:+.3f}{_e(_ci_text(negate_ci(winner.drop_ci95)))} vs FP32), "
             f"{_e(winner.speed_text())} {_e(data.speed_axis)}; {_e(winner.calibration)}.</p>"
         )
+        if winner.holdout_drop is not None:
+            parts.append(f"<p>On the {data.holdout_images} held-out images the search never saw: change vs FP32 "
+                         f"{_holdout_change(winner)}.</p>")
     else:
         parts.append("<p><b>No winner</b>: no trial met the accuracy and speed criteria.</p>")
     if data.noise:
         parts.append(f'<p class="note">{_e(data.noise)}</p>')
     parts += [f"<p>{_e(v.replace('**', ''))}</p>" for v in data.verdicts]
+    parts += [f'<p class="note">{_e(v)}</p>' for v in data.accuracy_notes]
     if data.prediction_summary:
         estimate = data.prediction_source == "estimate"  # an estimate is a relative cost, never a speed-up
         rows = [[str(n), f"{1.0 / a:.2f}" if estimate else f"{a:.2f}x", f"{b:.2f}x"] for n, a, b in data.prediction_rows]

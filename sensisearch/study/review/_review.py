@@ -25,6 +25,7 @@ from sensisearch.report import (
     ReviewPoint,
     SensitivityRow,
 )
+from sensisearch.study.review._report import accuracy_resolution_line
 from sensisearch.study.search._sensitivity import SENSITIVITY_FILE, SensitivityProfile
 from sensisearch.study.store._results import baseline, is_estimate, trial_file
 
@@ -198,6 +199,9 @@ def _points(
             calibration=r.calibration_text,
             latencies_ms=() if r.timing is None else r.timing.candidate_times_ms,
             relative_cost=1.0 / speed if is_estimate(r) and speed else None,
+            holdout_drop=None if r.holdout is None else r.holdout.drop,
+            # FP32 is the reference it pairs with: its drop there is 0 by definition, with no CI.
+            holdout_drop_ci95=None if r.holdout is None or r.baseline == "fp32" else r.holdout.drop_ci95,
         ))
     # Reference quantizers are not trials: numbered below zero so they never clash with one.
     scored = [row for row in references if "error" not in row and row.get("value") is not None]
@@ -350,6 +354,11 @@ def build_review(
         noise = predicted_note(list(recs), predicted_label, ctx.out)
     if winner is not None and not choice.qualified:
         noise = (noise + " " if noise else "") + f"The exported trial is best-effort: {choice.reason}."
+    resolution = accuracy_resolution_line(recs, ctx.settings.acceptance.max_drop, ctx.evaluator.image_count())
+    accuracy_notes = [] if resolution is None else [resolution]
+    if choice.qualified and choice.passed_over:  # a best-effort winner's reason is in ``noise`` already
+        accuracy_notes.append(f"The winner: {choice.reason}.")
+    holdout = ctx.evaluation.holdout
     return ReviewData(
         metric_name=ctx.evaluator.metric,
         points=points,
@@ -361,6 +370,8 @@ def build_review(
         float_layer_evidence=evidence,
         provenance=provenance(ctx),
         noise=noise,
+        holdout_images=0 if holdout is None else int(holdout.image_count() or 0),
+        accuracy_notes=accuracy_notes,
         **_stage2_fields(ctx, recs, predicted_label is not None),
     )
 

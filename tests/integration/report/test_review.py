@@ -13,6 +13,9 @@ of the emitter.
 
 from __future__ import annotations
 
+import dataclasses
+import html
+
 import json
 import re
 import shutil
@@ -178,6 +181,23 @@ def test_html_without_evidence_says_so():
     data = _review_data()
     bare = ReviewData(data.metric_name, data.points, data.layers)
     assert "no evidence was recorded" in render_report_html(bare)
+
+
+def test_html_shows_the_held_out_change_only_for_a_study_that_holds_images_out():
+    data = _review_data()
+    assert "held-out" not in render_report_html(data)
+    scored = {0: (0.0, None), 1: (2.5, (1.9, 3.1)), 8: (0.4, (-0.3, 1.2))}  # FP32, all-INT8, the winner
+    points = [dataclasses.replace(p, holdout_drop=scored[p.trial][0], holdout_drop_ci95=scored[p.trial][1])
+              if p.trial in scored else p for p in data.points]
+    note = "Accuracy resolution: on these 40 evaluation images a trial's drop is known to +-1.50 points"
+    page = render_report_html(dataclasses.replace(data, points=points, holdout_images=40, accuracy_notes=[note]))
+    # The winner's line and its row give the change (the negated drop) with the negated CI.
+    assert "On the 40 held-out images the search never saw: change vs FP32 -0.400 [-1.20, 0.30]" in page
+    assert "<th>held-out change [95% CI] (40 images)</th>" in page and html.escape(note) in page
+    rows = re.findall(r"<tr>(.*?)</tr>", page.split("<h2>Pareto front</h2>", 1)[1].split("</table>", 1)[0])
+    cells = {re.sub(r"<.*?>", "", r.split("</td>", 1)[0]).split(" ")[0]: re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows[1:]}
+    assert cells["#1"][5] == "-2.500 [-3.10, -1.90]" and cells["#0"][5] == "+0.000"
+    assert cells["#4"][5] == "-"  # not scored on the held-out images
 
 
 def _chromium(tmp: Path, url: str, *extra: str) -> tuple[subprocess.CompletedProcess, set[str]]:

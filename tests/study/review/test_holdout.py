@@ -8,6 +8,7 @@ the winner rule on constructed records; and a whole digits study end to end.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -152,6 +153,9 @@ def test_digits_study_confirms_its_answer_on_held_out_images(tmp_path: Path) -> 
     config = json.loads((summary.winner_dir / "config.json").read_text())
     assert config["holdout"]["images"] == 600 and config["holdout"]["value"] == pytest.approx(winner.holdout.value)
     assert "held-out images the search never saw" in summary.report.read_text()
+    page = html.unescape((ctx.out / "report.html").read_text())
+    assert f"On the 600 held-out images the search never saw: change vs FP32 {-winner.holdout.drop:+.3f}" in page
+    assert "held-out change [95% CI] (600 images)" in page and "Accuracy resolution: on these 1400 evaluation images" in page
 
     # A winner that clearly fails on the held-out images is passed over, and the next one is scored in turn.
     first, reference = winner.number, fp32.holdout.value
