@@ -332,7 +332,8 @@ def score_probe(
 
     try:
         # One deadline for the probe's build and its evaluation (a subset of the images at most).
-        run_forked(probe, scratch, inputs.isolation.build_timeout + inputs.isolation.eval_timeout, "probe")
+        run_forked(probe, scratch, inputs.isolation.build_timeout + inputs.isolation.eval_timeout, "probe",
+                   flag="--build-timeout plus --eval-timeout")
         with np.load(scratch / PROBE_RESULT_NAME) as data:
             outputs = [data[f"output_{i}"] for i in range(sum(k.startswith("output_") for k in data.files))]
             value = float(data["value"])

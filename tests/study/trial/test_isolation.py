@@ -220,6 +220,21 @@ def test_study_completes_with_the_failed_trial_and_its_reason(
     assert (out / "pareto.json").is_file() and (out / "report.md").is_file()
 
 
+def test_a_hanging_probe_is_killed_at_its_deadline_which_names_both_flags(digits_ctx: StudyContext, misbehaving_env: Path) -> None:
+    """A sensitivity probe builds and scores in one child, so its deadline is --build-timeout plus --eval-timeout,
+    and the message names both: a user who raises only --build-timeout may still not give it enough."""
+    from sensisearch.study.search._sensitivity import score_probe
+
+    misbehaving_env.write_text("hang")
+    inputs = dataclasses.replace(digits_ctx.sensitivity_inputs(), isolation=IsolationSettings(build_timeout=1.0, eval_timeout=1.5))
+    with pytest.raises(TrialProcessError) as info:
+        score_probe(inputs, digits_ctx.space.uniform(Precision.INT8), digits_ctx.out / "probe-hang")
+    message = str(info.value)
+    assert "probe timed out after 2.5 s (--build-timeout plus --eval-timeout)" in message
+    assert "builder: waiting for a lock that never comes" in message
+    assert not (digits_ctx.out / "probe-hang").exists()  # the killed child's build is removed
+
+
 def test_a_probe_whose_build_segfaults_fails_that_probe_not_the_study(tmp_path: Path, misbehaving_env: Path) -> None:
     """The default guided search probes every layer before its trials, in this very process's worker.
     A builder that segfaults on all-INT8 must fail those probes (scored 0, named in sensitivity.json)
