@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sensisearch.backends.base import LatencySettings
 from sensisearch.measure import PairedLatency, PairedTimingSettings, noise_summary, time_interleaved
 from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision, TrialConfig
@@ -144,7 +146,76 @@ def coco_accumulate(repeats: int) -> None:
     print(f"  COCOeval.accumulate:                         {t_coco * 1e3:8.1f} ms / call (takes no weights)")
     print(f"  DetectionMatches.accumulate():               {t_ours * 1e3:8.1f} ms / call ({t_coco / t_ours:.1f}x faster)")
     print(f"  DetectionMatches.accumulate(bootstrap w):    {t_weighted * 1e3:8.1f} ms / call; 1000 resamples x 2 models = {2000 * t_weighted:.0f} s")
+    for images in (40, len(matches)):  # a study's 40 search images, and all of coco-dev
+        vectorized_against_loop(matches.restricted_to(matches.image_ids[:images]), 200)
     trial_drop_ci(matches)
+
+
+def looped_precision(m, weights):  # noqa: ANN001, ANN201
+    """The loop this package used before (pycocotools' own: per category, per IoU threshold), on the same
+    arrays: the reference the vectorized :meth:`DetectionMatches.precision` is timed against."""
+    from sensisearch.measure import IOU_THRESHOLDS, RECALL_THRESHOLDS
+
+    n_iou, n_rec, n_cat = IOU_THRESHOLDS.size, RECALL_THRESHOLDS.size, m.category_ids.size
+    precision = -np.ones((n_iou, n_rec, n_cat))
+    # Detection indices with image i's block of each category repeated weights[i] times, whole.
+    key = m.det_category.astype(np.int64) * len(m) + m.det_image
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    lengths = np.diff(np.r_[starts, m.num_detections])
+    expanded = lengths * weights[m.det_image[starts]]
+    segment = np.repeat(np.arange(starts.size), expanded)
+    local = np.arange(int(expanded.sum())) - np.repeat(np.cumsum(expanded) - expanded, expanded)
+    order = starts[segment] + local % lengths[segment]
+    npig = weights @ m.gt_counts.astype(np.int64)
+    ranked = order[np.lexsort((-m.det_score[order], m.det_category[order]))]
+    category = m.det_category[ranked]
+    bounds = np.searchsorted(category, np.arange(n_cat + 1), side="left")
+    matched, ignore = m.det_matched[ranked].T, m.det_ignore[ranked].T
+    tps, fps = matched & ~ignore, ~matched & ~ignore
+    for k in range(n_cat):
+        if npig[k] == 0:
+            continue
+        lo, hi = bounds[k], bounds[k + 1]
+        if hi == lo:
+            precision[:, :, k] = 0.0
+            continue
+        tp = np.cumsum(tps[:, lo:hi], axis=1).astype(float)
+        fp = np.cumsum(fps[:, lo:hi], axis=1).astype(float)
+        rc = tp / npig[k]
+        pr = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+        for t in range(n_iou):
+            inds = np.searchsorted(rc[t], RECALL_THRESHOLDS, side="left")
+            valid = inds < hi - lo
+            row = np.zeros(n_rec)
+            row[valid] = pr[t, inds[valid]]
+            precision[t, :, k] = row
+    return precision
+
+
+def vectorized_against_loop(matches, resamples: int, rounds: int = 5) -> None:  # noqa: ANN001
+    """One trial's bootstrap re-accumulations (``resamples`` weighted calls), the loop against the vectorized
+    version in alternating pairs: the paired ratio and its range, and whether every result is the same float."""
+    from sensisearch.measure import resample_weights
+
+    weights = resample_weights(len(matches), resamples, seed=1)
+    same = all(np.array_equal(looped_precision(matches, w), matches.precision(w)) for w in weights[:20])
+    matches.precision(weights[0])  # the ranking is computed once per model, as in a study
+    ratios, loop_s, vector_s = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for w in weights:
+            looped_precision(matches, w)
+        t1 = time.perf_counter()
+        for w in weights:
+            matches.precision(w)
+        t2 = time.perf_counter()
+        loop_s.append(t1 - t0)
+        vector_s.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    print(f"  {resamples} bootstrap re-accumulations on {len(matches)} images ({matches.num_detections} detections), "
+          f"{rounds} alternating pairs (load {os.getloadavg()[0]:.1f}): loop {statistics.median(loop_s):.2f} s, vectorized "
+          f"{statistics.median(vector_s):.2f} s; paired ratio median {statistics.median(ratios):.2f}x "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f}); same floats on 20 resamples: {same}")
 
 
 def trial_drop_ci(matches, resamples: int = 200, rounds: int = 4) -> None:  # noqa: ANN001

@@ -28,6 +28,11 @@ the seeded and greedy searches pay for them once per model.
 
     python benchmarks/search_quality.py              # ~15 min on 2 cores: 12 trials, 24 eval images
     python benchmarks/search_quality.py --full       # the issue's figures: 50 trials (random 100), 128 calibration images
+    python benchmarks/search_quality.py --digits --trials 50   # the MNIST CNN: whole studies, real paired latency
+
+``--digits`` runs every sampler (the default, random, TPE, NSGA-II, seeded) as a whole
+``sensisearch run`` of the bundled MNIST CNN with the ONNX Runtime profile: there the
+speed axis is each trial's paired speed-up measured on this machine, not an estimate.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -82,21 +88,107 @@ def hypervolume(points: list[tuple[float, float]], fp32_value: float, fp32_cost:
     return float(compute_hypervolume(np.asarray(loss), np.asarray(ref)))
 
 
+# --------------------------------------------------------------------------- the MNIST CNN, real paired latency
+DIGITS_STRATEGIES: dict[str, dict[str, str]] = {
+    "default": {},  # `sensisearch run` with no search flags: guided, fusion groups, probes on its budget and clock
+    "random": {"sampler": "random", "search": "full"},
+    "tpe": {"sampler": "tpe", "search": "full"},
+    "nsga2": {"sampler": "nsga2", "search": "full"},
+    "seeded": {"sampler": "seeded", "search": "groups"},
+}
+
+
+def digits_quality(args: argparse.Namespace) -> None:
+    """Every sampler as a whole ``sensisearch run`` of the bundled MNIST CNN with the ONNX Runtime profile: each
+    trial's speed is its paired speed-up against FP32 timed in that study on this machine (no estimate), so the
+    hypervolume is of (top-1, 1 / speed-up) and carries the timing noise of a shared machine. The reference front
+    is the union of every strategy's points; a lucky timing anywhere lifts it, so a strategy's share is a lower
+    bound. Each study's budget is ``--trials`` (the default's probes come off it, as in a user's run)."""
+    import datetime
+
+    from sensisearch.study import prepare, records, run_study
+
+    results: dict[str, list[tuple[float, float, int]]] = {}
+    elapsed: dict[str, list[float]] = {}
+    fp32_values: list[float] = []
+    for name, flags in DIGITS_STRATEGIES.items():
+        settings = StudySettings.from_flat(example="digits", out=args.out / f"digits-{name}", budget=args.trials,
+                                           eval_limit=args.eval_images, verify=False, seed=0, **flags)
+        shutil.rmtree(settings.storage.out, ignore_errors=True)  # a fresh study: its wall time is the whole run
+        t0, started_at = time.monotonic(), datetime.datetime.now()
+        ctx = prepare(settings)
+        study = run_study(ctx)
+        done = {t.number: (t.datetime_complete - started_at).total_seconds() for t in study.trials if t.datetime_complete}
+        recs = [r for r in records(study) if r.state == "COMPLETE" and r.value is not None and r.speedup]
+        fp32 = next(r for r in recs if r.baseline == "fp32")
+        fp32_values.append(float(fp32.value))
+        recs.sort(key=lambda r: r.number)
+        # Points as (metric change vs this study's FP32, cost = 1 / paired speed-up, INT8 layers): each study's own
+        # FP32 is the reference its speed-ups pair with.
+        results[name] = [(float(r.value) - float(fp32.value), 1.0 / float(r.speedup),
+                          sum(1 for p in r.config.precisions.values() if p is Precision.INT8)) for r in recs]
+        elapsed[name] = [done[r.number] for r in recs]
+        print(f"{name}: {len(study.trials)} trials in {time.monotonic() - t0:.0f} s (preparation and probes included); "
+              f"FP32 top-1 {fp32.value:.2f} on {ctx.evaluator.image_count()} images")
+    print_curves(results, elapsed, 0.0, 1.0, args.trials, args.trials, "top-1 change vs FP32 x 1 / paired speed-up",
+                 len(ctx.space.layers), "top-1")
+
+
+def print_curves(results: dict[str, list[tuple[float, float, int]]], elapsed: dict[str, list[float]], fp32_value: float,
+                 fp32_cost: float, trials: int, random_trials: int, axes: str, layers: int, metric: str = "mAP") -> None:
+    """Hypervolume against trials and against wall time, goal 1 and goal 2, for every strategy."""
+    checkpoints = sorted({n for n in (5, 10, 12, 20, 25, 50, 100) if n <= random_trials} | {trials, random_trials})
+    print(f"\nhypervolume ({axes}; ref = FP32 cost, FP32 {metric} - 5) after n trials")
+    print("strategy  " + "".join(f"{n:>9d}" for n in checkpoints))
+    for name, points in results.items():
+        row = [hypervolume([(v, c) for v, c, _ in points[:n]], fp32_value, fp32_cost) if n <= len(points) else None for n in checkpoints]
+        print(f"{name:<9} " + "".join(f"{h:9.3g}" if h is not None else f"{'-':>9}" for h in row))
+    longest = max(t[-1] for t in elapsed.values() if t)
+    marks = [longest * f for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    print("\nhypervolume against wall time (s; probes included where a strategy uses them; this machine's load: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
+    print("strategy  " + "".join(f"{m:>9.0f}" for m in marks))
+    for name, points in results.items():
+        times = elapsed.get(name, [])
+        row = [hypervolume([(v, c) for (v, c, _), t in zip(points, times) if t <= m], fp32_value, fp32_cost) for m in marks]
+        print(f"{name:<9} " + "".join(f"{h:9.3g}" for h in row))
+    print(f"\ngoal 1 (FP32 {fp32_value:.2f}): best with >= {layers - 3}/{layers} INT8 / best all-INT8, drop in {metric} points")
+    for name, points in results.items():
+        near = [fp32_value - v for v, _, n in points if n >= layers - 3]
+        full = [fp32_value - v for v, _, n in points if n == layers]
+        print(f"{name:<9} {min(near) if near else float('nan'):+.2f} / {min(full) if full else float('nan'):+.2f}")
+    reference = hypervolume([(v, c) for points in results.values() for v, c, _ in points], fp32_value, fp32_cost)
+    random_hv = hypervolume([(v, c) for v, c, _ in results["random"][:random_trials]], fp32_value, fp32_cost)
+    print(f"\ngoal 2: hypervolume after {trials} trials / reference front (union of all {sum(map(len, results.values()))} "
+          f"points, hv {reference:.3g}); and / random after {random_trials}")
+    for name, points in results.items():
+        hv = hypervolume([(v, c) for v, c, _ in points[:trials]], fp32_value, fp32_cost)
+        print(f"{name:<9} {hv / reference if reference else float('nan'):7.1%}  {hv / random_hv if random_hv else float('nan'):7.2f}x random")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12, help="trials per strategy (random gets --random-trials)")
     parser.add_argument("--random-trials", type=int, default=None, help="default: 2 x --trials")
-    parser.add_argument("--eval-images", type=int, default=24)
+    parser.add_argument("--eval-images", type=int, default=None, help="default: 24 (YOLOv5n), 2000 (--digits)")
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--max-drop", type=float, default=0.5, help="the default study's --max-drop (points)")
     parser.add_argument("--full", action="store_true", help="50 trials, random 100, 85 eval images, 128 calibration images")
+    parser.add_argument("--digits", action="store_true",
+                        help="the MNIST CNN instead: every sampler as a whole study with real paired latency "
+                             "(ONNX Runtime profile); --trials is each study's --budget, --eval-images its --eval-limit")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "sensisearch-search-quality")
     args = parser.parse_args()
     if args.full:
         args.trials, args.random_trials, args.eval_images, args.calib_images = 50, 100, 85, 128
-    random_trials = args.random_trials or 2 * args.trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.digits:
+        args.eval_images = args.eval_images or 2000
+        digits_quality(args)
+        return
+    args.eval_images = args.eval_images or 24
+    random_trials = args.random_trials or 2 * args.trials
 
     eval_dir, calib_dir = split_coco(SHARED / "coco-dev", args.out / "split")
     settings = StudySettings.from_flat(
@@ -194,33 +286,7 @@ def main() -> None:
         elapsed["greedy"].append(probe_seconds + time.monotonic() - t0)
     results["greedy"] = greedy
 
-    checkpoints = sorted({n for n in (5, 10, 12, 20, 25, 50, 100) if n <= random_trials} | {args.trials, random_trials})
-    print(f"\nhypervolume (mAP x estimated cost, ref = FP32 cost, FP32 mAP - 5) after n trials")
-    print("strategy  " + "".join(f"{n:>9d}" for n in checkpoints))
-    for name, points in results.items():
-        row = [hypervolume([(v, c) for v, c, _ in points[:n]], fp32_value, fp32_cost) if n <= len(points) else None for n in checkpoints]
-        print(f"{name:<9} " + "".join(f"{h:9.3g}" if h is not None else f"{'-':>9}" for h in row))
-    longest = max(t[-1] for t in elapsed.values() if t)
-    marks = [longest * f for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
-    print("\nhypervolume against wall time (s; probes included where a strategy uses them; this machine's load: "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
-    print("strategy  " + "".join(f"{m:>9.0f}" for m in marks))
-    for name, points in results.items():
-        times = elapsed.get(name, [])
-        row = [hypervolume([(v, c) for (v, c, _), t in zip(points, times) if t <= m], fp32_value, fp32_cost) for m in marks]
-        print(f"{name:<9} " + "".join(f"{h:9.3g}" for h in row))
-    print(f"\ngoal 1 (FP32 {fp32_value:.2f}): best with >= {len(layers) - 3}/{len(layers)} INT8 / best all-INT8, drop in mAP points")
-    for name, points in results.items():
-        near = [fp32_value - v for v, _, n in points if n >= len(layers) - 3]
-        full = [fp32_value - v for v, _, n in points if n == len(layers)]
-        print(f"{name:<9} {min(near) if near else float('nan'):+.2f} / {min(full) if full else float('nan'):+.2f}")
-    reference = hypervolume([(v, c) for points in results.values() for v, c, _ in points], fp32_value, fp32_cost)
-    random_hv = hypervolume([(v, c) for v, c, _ in results["random"][:random_trials]], fp32_value, fp32_cost)
-    print(f"\ngoal 2: hypervolume after {args.trials} trials / reference front (union of all {sum(map(len, results.values()))} "
-          f"points, hv {reference:.3g}); and / random after {random_trials}")
-    for name, points in results.items():
-        hv = hypervolume([(v, c) for v, c, _ in points[:args.trials]], fp32_value, fp32_cost)
-        print(f"{name:<9} {hv / reference if reference else float('nan'):7.1%}  {hv / random_hv if random_hv else float('nan'):7.2f}x random")
+    print_curves(results, elapsed, fp32_value, fp32_cost, args.trials, random_trials, "mAP x estimated cost", len(layers))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from sensisearch.measure._control import (
     time_with_control,
 )
 from sensisearch.measure._detection import (
+    IOU_THRESHOLDS,
+    RECALL_THRESHOLDS,
     DetectionMatches,
     map50_95_points,
     map50_points,
@@ -72,6 +74,8 @@ __all__ = [
     "CONTROL_ARM",
     "ControlResult",
     "DetectionMatches",
+    "IOU_THRESHOLDS",
+    "RECALL_THRESHOLDS",
     "DropEstimate",
     "LoadMonitor",
     "LoadPolicy",
