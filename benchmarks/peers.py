@@ -396,6 +396,34 @@ def fp16_control(ctx: Any, fp32: float) -> PeerResult | None:
                       Scorer(ctx)(path), fp32, 0.0, 1.0, "rounding only", model_path=str(path))
 
 
+CALIBRATION_ROW = "all-INT8 {} (control)"
+REFERENCE_CALIBRATION = "mse"
+
+
+def calibration_rows(ctx: Any, fp32: float) -> list[PeerResult]:
+    """All-INT8 under every calibration the study offers (with and without bias correction when it offers both):
+    how each one generalises from the images the study picks on to images it never saw. Each is paired with
+    all-INT8 MSE on the same images (:func:`paired_drops`): a calibration that loses there only by the search
+    images' noise is one the study should not be able to pick."""
+    import dataclasses
+
+    from sensisearch.quantize.config import Precision, TrialConfig
+
+    base = ctx.space.default_calibration
+    corrections = sorted(set(ctx.space.bias_correction))
+    convs = len([x for x in ctx.info.layers if x.op_type == "Conv"])
+    rows = []
+    for algorithm in ctx.space.algorithms:
+        for corrected in corrections:
+            choice = dataclasses.replace(base, algorithm=algorithm, bias_correction=corrected)
+            label = algorithm.value + (" + bias correction" if corrected else "")
+            config = TrialConfig.uniform(list(ctx.space.layers), Precision.INT8, choice)
+            path = deployable(ctx, config, "all-int8-" + label.replace(" ", "-").replace("+", "bc"))
+            rows.append(PeerResult(CALIBRATION_ROW.format(label), convs, convs, Scorer(ctx)(path), fp32, 0.0, 1.0,
+                                   f"{choice.samples} samples", model_path=str(path)))
+    return rows
+
+
 # --------------------------------------------------------------------------- NNCF
 def run_nncf(ctx: Any, model_path: Path, max_drop: float, work: Path, name: str) -> PeerResult:
     """NNCF's answer, saved as ``work/<name>.onnx`` (``name`` from its cache key: a run on other images or another
@@ -542,7 +570,16 @@ def paired_drops(rows: Sequence[PeerResult], ctx: Any, model: Path, held_out: bo
         else:
             r.drop_ci = list(estimate.ci95)
     lines = []
-    for peer in [r for r in rows if not r.name.lstrip().startswith("sensisearch") and r.name in results]:
+    calibrations = [r for r in rows if r.name.startswith("all-INT8 ") and r.name in results]
+    reference = CALIBRATION_ROW.format(REFERENCE_CALIBRATION)
+    if reference in results:  # each calibration against all-INT8 MSE on the same images and resamples
+        against_reference = PairedBootstrap(results[reference].per_image, metric_fn, resamples)
+        for r in [r for r in calibrations if r.name != reference]:
+            d = against_reference.drop(results[r.name].per_image)
+            verdict = "within noise" if within_noise(d.ci95) else (f"{REFERENCE_CALIBRATION} better" if d.drop > 0 else "better")
+            lines.append(f"  {r.name:<34} minus {reference:<30} {d.drop:+.2f} [{d.ci95[0]:+.2f}, {d.ci95[1]:+.2f}]  {verdict}")
+    for peer in [r for r in rows if not r.name.lstrip().startswith("sensisearch") and r.name in results
+                 and r not in calibrations]:
         against_peer = PairedBootstrap(results[peer.name].per_image, metric_fn, resamples)
         for r in [r for r in rows if r.name.lstrip().startswith("sensisearch") and r.name in results]:
             d = against_peer.drop(results[r.name].per_image)
@@ -604,6 +641,9 @@ def main() -> None:
     parser.add_argument("--tensors", action="store_true",
                         help="also print every answer's SQNR against FP32 at each Conv output (where the graphs part)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the paired CIs")
+    parser.add_argument("--calibrations", action="store_true",
+                        help="also score all-INT8 under every calibration the study offers (control rows), each paired "
+                             "with all-INT8 MSE: which calibrations generalise from the search images")
     parser.add_argument("--their-floats", action="store_true",
                         help="also score NNCF's choice of float convs quantized by sensisearch (search or quantizer?)")
     parser.add_argument("--modelopt-python", default=os.environ.get("MODELOPT_PYTHON", sys.executable),
@@ -659,7 +699,7 @@ def main() -> None:
         study_row, ctx, points, check = run_study(settings)
         rows.append(study_row)
     peers = [p for p in args.peers.split(",") if p]
-    if peers and ctx is None:
+    if (peers or args.calibrations) and ctx is None:
         # Only the evaluator, backend and calibration inputs: no sensitivity probes for the peers' scorer.
         # Its own folder: a stored study there holds other search settings. Bias correction offered, as the study does.
         ctx = prepare(study_settings(sampler="tpe", search="full", bias_correction="search", out=args.out / f"peers-scorer-{tag}"))
@@ -695,6 +735,8 @@ def main() -> None:
     control = fp16_control(ctx, rows[0].fp32) if rows else None
     if control is not None:
         rows.append(control)
+    if args.calibrations:
+        rows += calibration_rows(ctx, rows[0].fp32 if rows else Scorer(ctx)(model))
     resamples = args.resamples
     _, differences = paired_drops(rows, ctx, model, held_out=False, resamples=resamples)
     held_out = None

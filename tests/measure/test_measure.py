@@ -399,6 +399,51 @@ def test_weighted_reaccumulate_equals_cocoeval_on_duplicated_images(yolo_scored,
     assert np.allclose(matches.accumulate(small), stats[:2], rtol=0, atol=1e-12)
 
 
+def _coco_evaluated(gt_data: dict, results: list[dict]):  # noqa: ANN202
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = gt_data
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.evaluate()
+    return ev
+
+
+def test_tied_scores_within_an_image_interleave_its_copies_as_cocoeval_does() -> None:
+    """Two detections of one image and class with one score (a true and a false positive): drawn twice, COCOeval
+    ranks the copies T F T F, not T T F F, and the recall thresholds then land on different precisions. The
+    weighted re-accumulation must equal COCOeval on the duplicated image list, and the unweighted one COCOeval."""
+    def box(x: float) -> list[float]:
+        return [x, 10.0, 40.0, 40.0]
+
+    def dataset(copies: dict[int, int]) -> tuple[dict, list[dict]]:
+        images, annotations, results = [], [], []
+        gts = {1: [box(0), box(100)], 2: [box(0)]}
+        dets = {1: [(box(0), 0.9), (box(300), 0.9), (box(100), 0.8)], 2: [(box(0), 0.9), (box(200), 0.7)]}
+        for image_id in (1, 2):
+            for copy in range(copies[image_id]):
+                new_id = image_id * 100 + copy  # copies sort next to each other, in image order
+                images.append({"id": new_id, "width": 640, "height": 480})
+                for b in gts[image_id]:
+                    annotations.append({"id": len(annotations) + 1, "image_id": new_id, "category_id": 1, "bbox": b,
+                                        "area": b[2] * b[3], "iscrowd": 0})
+                results += [{"image_id": new_id, "category_id": 1, "bbox": b, "score": score} for b, score in dets[image_id]]
+        return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}, results
+
+    matches = DetectionMatches.from_cocoeval(_coco_evaluated(*dataset({1: 1, 2: 1})))
+    assert matches.num_detections == 5
+    for weights in ({1: 1, 2: 1}, {1: 2, 2: 1}, {1: 3, 2: 2}, {1: 0, 2: 2}, {1: 2, 2: 0}):
+        stats = _coco_stats(*dataset(weights))
+        got = matches.accumulate(np.array([weights[1], weights[2]]))
+        assert np.allclose(got, stats[:2], rtol=0, atol=1e-12), (weights, got, stats[:2])
+    # The case that tells the orders apart: T F T F gives 0.714 at recall 0.4, T T F F would give 1.0.
+    precision = matches.precision(np.array([2, 1]))
+    assert precision[0, 40, 0] == pytest.approx(5 / 7)
+
+
 def test_detection_paired_drop_of_a_model_against_itself_is_zero(yolo_scored) -> None:  # noqa: ANN001
     _, result = yolo_scored
     est = paired_bootstrap_drop(result.per_image, result.per_image, map50_95_points, n_resamples=20, seed=9)
