@@ -311,8 +311,8 @@ def yolo_scored(coco_evaluator, yolo_fp32_predictions):  # noqa: ANN001, ANN201
     return yolo_fp32_predictions, coco_evaluator.score(yolo_fp32_predictions)
 
 
-def _coco_stats(gt_data: dict, results: list[dict]) -> np.ndarray:
-    """pycocotools with its default bbox parameters: accumulate() + summarize() stats."""
+def _coco_evaluated(gt_data: dict, results: list[dict]):  # noqa: ANN202
+    """pycocotools' COCOeval with its default bbox parameters, after evaluate()."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -322,6 +322,13 @@ def _coco_stats(gt_data: dict, results: list[dict]) -> np.ndarray:
         gt.createIndex()
         ev = COCOeval(gt, gt.loadRes(results), "bbox")
         ev.evaluate()
+    return ev
+
+
+def _coco_stats(gt_data: dict, results: list[dict]) -> np.ndarray:
+    """pycocotools with its default bbox parameters: accumulate() + summarize() stats."""
+    ev = _coco_evaluated(gt_data, results)
+    with contextlib.redirect_stdout(io.StringIO()):
         ev.accumulate()
         ev.summarize()
     return ev.stats
@@ -397,19 +404,6 @@ def test_weighted_reaccumulate_equals_cocoeval_on_duplicated_images(yolo_scored,
             results.extend({**r, "image_id": new_id} for r in by_image.get(image_id, []))
     stats = _coco_stats({**data, "images": images, "annotations": annotations}, results)
     assert np.allclose(matches.accumulate(small), stats[:2], rtol=0, atol=1e-12)
-
-
-def _coco_evaluated(gt_data: dict, results: list[dict]):  # noqa: ANN202
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = gt_data
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(results), "bbox")
-        ev.evaluate()
-    return ev
 
 
 def test_tied_scores_within_an_image_interleave_its_copies_as_cocoeval_does() -> None:
