@@ -209,15 +209,18 @@ def main() -> None:
     print(f"sensitivity: {profile.probes} probes ({profile.cost_trials:.1f} full evaluations, counted in the default "
           f"study's trials), {probe_seconds:.0f} s{' (cached)' if cached else ''}; "
           f"calibration {profile.calibration}; top-8 {profile.ranking[:8]}")
-    fp32_value = profile.fp32
     fp32_cost = estimated_cost(macs, {n: Precision.FP32 for n in layers})
-    print(f"FP32 mAP {fp32_value:.2f} on {profile.eval_count} images; all-INT8 {profile.all_int8:.2f}; cost: {ESTIMATE_LABEL}")
     work = args.out / "work"
     results: dict[str, list[tuple[float, float, int]]] = {}
 
     def evaluate(config: TrialConfig) -> tuple[float, float, int]:
         value = score_config(ctx.pipeline, config, work)[0].value
         return value, estimated_cost(macs, config.precisions), len(config.layers_with(Precision.INT8))
+
+    # FP32 on the images every strategy is scored on: the probes' own FP32 is on their subset (subset-first).
+    fp32_value = evaluate(ctx.space.uniform(Precision.FP32))[0]
+    print(f"FP32 mAP {fp32_value:.2f} on {ctx.evaluator.image_count()} images (probes: {profile.fp32:.2f} on "
+          f"{profile.eval_count}); cost: {ESTIMATE_LABEL}")
 
     elapsed: dict[str, list[float]] = {}
 
@@ -256,12 +259,13 @@ def main() -> None:
     guided_seeds = [grouped.uniform(Precision.FP32), grouped.uniform(Precision.INT8)]
     guided_attrs = [TrialRecord.baseline_attrs("fp32"), TrialRecord.baseline_attrs("int8")]
     percentile = profile.calibration_choice.percentile
+    samples = max(grouped.sample_counts)  # --calib-images capped by the images there are (coco-dev's half: 85)
     ranked = sorted(grouped.algorithms, key=lambda a: -profile.calibration_scores.get(calibration_label(a, percentile), -1e9))
     for algorithm in ranked:
-        guided_seeds.append(TrialConfig.uniform(layers, Precision.INT8, CalibrationChoice(algorithm, args.calib_images, percentile)))
+        guided_seeds.append(TrialConfig.uniform(layers, Precision.INT8, CalibrationChoice(algorithm, samples, percentile)))
         guided_attrs.append({})
     for algorithm in ranked[:2]:
-        for _, config in seed_configs(layers, profile.ranking, CalibrationChoice(algorithm, args.calib_images, percentile), head,
+        for _, config in seed_configs(layers, profile.ranking, CalibrationChoice(algorithm, samples, percentile), head,
                                       float_precision=plan.float_precision, groups=groups):
             guided_seeds.append(config)
             guided_attrs.append({})
