@@ -12,13 +12,13 @@ hundreds of re-accumulations with images drawn several times, and
 ``COCOeval.accumulate`` takes no weights; the only way to weight it is to re-run
 ``COCOeval.evaluate`` on a duplicated image list (0.5-1.5 s per resample for
 YOLOv5n on coco-dev). Even unweighted it is slower: measured on the real YOLOv5n /
-coco-dev results (34,831 detections, 2-core shared machine),
-``COCOeval.accumulate`` 48 ms per call against 13 ms here, 81-96 against 22-26
-ms at load avg ~7 (3.3-3.7x; see
-``benchmarks/paired_timing.py --coco``). It is vectorized except for one loop
-over categories and reproduces ``accumulate() + summarize()`` stats[0]/[1]
-bit-for-bit without weights, and COCOeval on the duplicated image list with
-them (tests/test_measure.py checks both on the real YOLOv5n).
+coco-dev results (34,831 detections, 2-core shared machine at load ~2.4),
+``COCOeval.accumulate`` 59 ms per call against 2.9 ms here (20x; see
+``benchmarks/paired_timing.py --coco``). It is vectorized over categories and
+IoU thresholds (:func:`_interpolated_precision` says how it stays exact) and
+reproduces ``accumulate() + summarize()`` stats[0]/[1] bit-for-bit without
+weights, and COCOeval on the duplicated image list with them
+(tests/measure/test_measure.py checks both on the real YOLOv5n, and ties).
 """
 
 from __future__ import annotations
@@ -224,7 +224,6 @@ class DetectionMatches:
         tps = np.ascontiguousarray(self.det_matched[ranked].T) & ~ignore
         same = (category[1:] == category[:-1]) & (image[1:] == image[:-1]) & (score[1:] == score[:-1])
         return _Ranking(tps, ignore if ignore.any() else None, category, image, np.flatnonzero(np.r_[True, ~same]))
-
 
     def accumulate(self, weights: np.ndarray | None = None) -> tuple[float, float]:
         """(mAP@[.5:.95], mAP@.5) as fractions, as COCOeval ``stats[0]``, ``stats[1]`` (-1 when undefined)."""
