@@ -198,12 +198,7 @@ class DetectionMatches:
             raise ValueError(f"weights must be {len(self)} non-negative integers, one per image")
         npig = weights @ self.gt_counts.astype(np.int64)
         ranking = self._ranking
-        reps = weights[ranking.image[ranking.tie_starts]]
-        if ranking.tie_starts.size == ranking.category.size:  # no ties: each detection's copies in a row
-            ignored = None if ranking.ignored is None else np.repeat(ranking.ignored, reps, axis=1)
-            return _interpolated_precision(np.repeat(ranking.tps, reps, axis=1), ignored,
-                                           np.repeat(ranking.category, reps), npig, self.category_ids.size)
-        columns = _repeat_segments(ranking.tie_starts, ranking.category.size, reps)
+        columns = _repeat_segments(ranking.tie_starts, ranking.category.size, weights[ranking.image[ranking.tie_starts]])
         ignored = None if ranking.ignored is None else ranking.ignored[:, columns]
         return _interpolated_precision(ranking.tps[:, columns], ignored, ranking.category[columns], npig,
                                        self.category_ids.size)
@@ -259,8 +254,9 @@ def _interpolated_precision(tps: np.ndarray, ignored: np.ndarray | None, categor
     with ``npig[k]`` ground truths per category.
 
     Vectorized over categories and IoU thresholds (pycocotools, and this module before, loop over both:
-    5-7 ms per call on YOLOv5n / 40 coco-dev images, most of a paired bootstrap's time; 2-3x less now,
-    ``benchmarks/paired_timing.py --coco``). Bit-for-bit the same floats, from the same integer counts:
+    5-7 ms per call on YOLOv5n / 40 coco-dev images, most of a paired bootstrap's time; a trial's 200
+    resamples now 4.35x faster, paired, ``benchmarks/paired_timing.py --coco``). Bit-for-bit the same
+    floats, from the same integer counts:
     - Recall is ``tp / npig``, nondecreasing along a category's run, so pycocotools' ``searchsorted(rc,
       recThrs, "left")`` lands on the first detection whose TP count reaches the least count giving that
       recall in float division (:func:`_least_counts`): the n-th true positive of the run.
