@@ -282,7 +282,7 @@ class HeldOutCheck:
     (:meth:`~sensisearch.study.store._record.HoldoutScore.fails`), and that time and those calls are the study's too."""
 
     def __init__(self, ctx: Any, study: Any, max_drop: float, model: Path) -> None:
-        from sensisearch.study import records, score_holdout
+        from sensisearch.study import DROP_RESAMPLE_FACTOR, records, score_holdout
 
         self.ctx, self.max_drop = ctx, max_drop
         self.seconds, self.calls = 0.0, 0.0
@@ -294,10 +294,10 @@ class HeldOutCheck:
         score_holdout(ctx, study)
         self.scores = {r.number: r.holdout for r in records(study) if r.holdout is not None}
         # FP32's per-image results on the held-out images, for the CIs of the picks the product did not score,
-        # with as many resamples as the product's (verify's 2.5 x --drop-resamples).
+        # with as many resamples as the product's (verify's DROP_RESAMPLE_FACTOR x --drop-resamples).
         self.reference = self.scorer.result(model)
         self.bootstrap = PairedBootstrap(self.reference.per_image, metric_points(self.reference.metric),
-                                         int(2.5 * ctx.settings.measurement.drop_resamples))
+                                         int(DROP_RESAMPLE_FACTOR * ctx.settings.measurement.drop_resamples))
         self.calls = (len(self.scores) + 1) * self.scorer.total / (ctx.evaluator.image_count() or 1)
         self.seconds = time.monotonic() - started
 

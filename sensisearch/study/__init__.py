@@ -36,6 +36,7 @@ from sensisearch.study.config import (
     resolve_inputs,
 )
 from sensisearch.study.review import (
+    DROP_RESAMPLE_FACTOR,
     FRONT_COLUMNS,
     HoldoutResult,
     ReportContext,
@@ -126,6 +127,7 @@ __all__ = [
     "GuidedSampler",
     "find_boundary",
     "rank_groups",
+    "DROP_RESAMPLE_FACTOR",
     "FRONT_COLUMNS",
     "HoldoutResult",
     "HoldoutScore",

@@ -18,6 +18,7 @@ from sensisearch.study.review._results_writer import (
     write_results,
 )
 from sensisearch.study.review._verify import (
+    DROP_RESAMPLE_FACTOR,
     VerifyResult,
     VerifySettings,
     load_run_settings,
@@ -28,6 +29,7 @@ from sensisearch.study.review._verify import (
 )
 
 __all__ = [
+    "DROP_RESAMPLE_FACTOR",
     "FRONT_COLUMNS",
     "HoldoutResult",
     "ReportContext",
