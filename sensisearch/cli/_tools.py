@@ -72,11 +72,21 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     cal = profile.calibration
     table = Table(title=f"Layer sensitivity ({metric}, {profile.eval_count} samples; FP32 {profile.fp32:.2f}, "
                         f"all-INT8 {profile.all_int8:.2f} with {cal['algorithm']} n={cal['samples']})")
-    for col in ("rank", "layer", "only-this-INT8 drop", "all-but-this recovery", "score", "output distortion"):
+    timed = any(row.revert_speedup is not None for row in profile.layers)
+    columns = ["rank", "layer", "only-this-INT8 drop", "all-but-this recovery", "score", "output distortion"]
+    for col in columns + (["all-but-this speed vs all-INT8 (95% CI)"] if timed else []):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for row in profile.layers:
-        table.add_row(str(row.rank), escape(row.layer), "not scored" if row.alone_drop is None else f"{row.alone_drop:+.2f}", f"{row.recovery:+.2f}", f"{row.score:+.2f}", f"{row.distortion:.2e}")
+        cells = [str(row.rank), escape(row.layer), "not scored" if row.alone_drop is None else f"{row.alone_drop:+.2f}",
+                 f"{row.recovery:+.2f}", f"{row.score:+.2f}", f"{row.distortion:.2e}"]
+        if timed:
+            cells.append("-" if row.revert_speedup is None else "{:.2f}x [{:.2f}, {:.2f}]".format(*row.revert_speedup))
+        table.add_row(*cells)
     stdout.print(table)
+    if timed:
+        faster = profile.faster_in_float
+        stdout.print(f"faster in float than in INT8 (the model with only it in float beats all-INT8): "
+                     f"{', '.join(f'{escape(n)} {g:.2f}x' for n, g in faster.items()) if faster else 'none'}")
     clipping = [t for t in profile.tensors if t.needs_clipping]
     stdout.print(f"{len(clipping)}/{len(profile.tensors)} activation tensors need clipping (some algorithm's amax < half their min-max):")
     for t in sorted(clipping, key=lambda t: t.clipping)[:10]:

@@ -113,6 +113,8 @@ class SensitivityRow:
     layer: str
     drop_only_this_int8: float | None
     drop_all_but_this_int8: float | None
+    speed_all_but_this_int8: tuple[float, float, float] | None = None
+    """Every layer but this one INT8, its speed over all-INT8 (median, 95% CI; timed interleaved with it); None: not timed."""
 
 
 @dataclass(frozen=True)

@@ -233,7 +233,13 @@ def _sensitivity_table(data: ReviewData) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     rows = [[_e(r.layer), f(r.drop_only_this_int8), f(r.drop_all_but_this_int8)] for r in data.sensitivity]
-    return _table(["layer (graph order)", "drop, only this INT8", "drop, all but this INT8"], rows, numeric={1, 2})
+    header = ["layer (graph order)", "drop, only this INT8", "drop, all but this INT8"]
+    if any(r.speed_all_but_this_int8 is not None for r in data.sensitivity):
+        # Where the probes were timed: how fast the model is with only this layer in float, against all-INT8.
+        header.append("all but this INT8: speed vs all-INT8 [95% CI]")
+        for row, r in zip(rows, data.sensitivity):
+            row.append("n/a" if r.speed_all_but_this_int8 is None else "{:.2f}x [{:.2f}, {:.2f}]".format(*r.speed_all_but_this_int8))
+    return _table(header, rows, numeric=set(range(1, len(header))))
 
 
 def render_report_html(data: ReviewData) -> str:

@@ -96,7 +96,7 @@ def read_sensitivity(out: Path) -> list[SensitivityRow]:
         return []
     all_int8_drop = profile.fp32 - profile.all_int8
     # recovery = all-but-this - all-INT8, so FP32 - all-but-this = (FP32 - all-INT8) - recovery.
-    return [SensitivityRow(r.layer, r.alone_drop, all_int8_drop - r.recovery) for r in profile.layers]
+    return [SensitivityRow(r.layer, r.alone_drop, all_int8_drop - r.recovery, r.revert_speedup) for r in profile.layers]
 
 
 def float_layer_evidence(
@@ -126,6 +126,10 @@ def float_layer_evidence(
                 parts.append(f"only this layer INT8: {_change_words(-row.drop_only_this_int8)} vs FP32")
             if row.drop_all_but_this_int8 is not None:
                 parts.append(f"every layer but this one INT8: {_change_words(-row.drop_all_but_this_int8)} vs FP32")
+            if row.speed_all_but_this_int8 is not None:
+                # A layer can be kept in float for speed: INT8 kernels are slower for some shapes (one input channel).
+                speed, low, high = row.speed_all_but_this_int8
+                parts.append(f"that model ran {speed:.2f}x [{low:.2f}, {high:.2f}] the speed of all-INT8 (timed interleaved)")
             out.append(FloatLayerEvidence(layer, precision, "sensitivity profile: " + "; ".join(parts)))
             continue
         out.append(FloatLayerEvidence(layer, precision, _trial_evidence(layer, winner, done, fp32, int8)))

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -125,13 +125,15 @@ def _overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> b
 
 
 def select_for_verification(
-    recs: list[TrialRecord], max_band: int = MAX_NOISE_BAND, usable_file: str = "artifact",
+    recs: list[TrialRecord], max_band: int = MAX_NOISE_BAND, usable_file: str = "artifact", nominated: Collection[int] = (),
 ) -> list[TrialRecord]:
-    """FP32, all-INT8, the in-study front and the trials within its noise band, FP32 first.
+    """FP32, all-INT8, the in-study front, the trials within its noise band and the feasible ``nominated`` ones, FP32 first.
 
     Chosen on in-study figures, so verifying twice selects the same trials. The
     noise band: complete feasible trials off the front whose in-study speed-up CI
     overlaps a front member's, i.e. that noise alone may have kept off the front.
+    ``nominated``: trials a direct comparison called faster than their own timing may
+    say (the guided search's speed walk, :func:`~sensisearch.study.search._guided.speed_trials`).
     """
     plain = [_in_study(r) for r in recs]
     # usable_file: "artifact" (timed as the study built it) or "deployable" (stage 2 builds it on another backend).
@@ -155,6 +157,9 @@ def select_for_verification(
     band.sort(key=lambda r: min(abs((r.paired_speedup or 0.0) - (m.paired_speedup or 0.0)) for m in front))
     for r in band[:max_band]:
         chosen[r.number] = r
+    for r in usable:
+        if r.number in nominated and r.feasible and r.value is not None:
+            chosen.setdefault(r.number, r)
     return list(chosen.values())
 
 
@@ -322,7 +327,9 @@ def verify_study(
         return None
     usable_file = "artifact" if backend is None else "deployable"
     recs = records(study)
-    chosen = select_for_verification(recs, usable_file=usable_file)
+    from sensisearch.study.search._guided import speed_trials
+
+    chosen = select_for_verification(recs, usable_file=usable_file, nominated=speed_trials(study.get_trials(deepcopy=False)))
     if len(chosen) < 2:
         log.warning("verify: needs the FP32 baseline and at least one other complete trial with its artifact")
         return None

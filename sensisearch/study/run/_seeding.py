@@ -14,11 +14,12 @@ from sensisearch.study.search._seeds import (
     groups_space,
     head_rule_layers,
     seed_configs,
+    split_faster_in_float,
     uses_sensitivity,
 )
 from sensisearch.quantize.config import CalibrationChoice, TrialConfig
 from sensisearch.study.search._budget import PROBE_COST_ATTR, searched_budget
-from sensisearch.study.search._guided import GuidedPlan
+from sensisearch.study.search._guided import GuidedPlan, faster_units, predicted_faster_units
 from sensisearch.study.search._seeds import rank_groups
 from sensisearch.study.search._sensitivity import SENSITIVITY_FILE, SensitivityProfile, load_cached, sensitivity_profile
 from sensisearch.study.store._record import TrialRecord
@@ -45,6 +46,12 @@ def apply_sensitivity(ctx: StudyContext) -> StudyContext:
         return ctx
     profile, cached = sensitivity_profile(ctx.sensitivity_inputs())
     log.info("sensitivity profile %s; most sensitive: %s", "from cache" if cached else "measured", profile.ranking[:5])
+    if ctx.space.groups is not None and profile.faster_in_float:
+        split = split_faster_in_float(ctx.space.groups, profile.faster_in_float)
+        if len(split) != len(ctx.space.groups):
+            log.info("--search groups: %s measured faster in float on their own than in INT8: out of their fusion groups (%d groups)",
+                     ", ".join(profile.faster_in_float), len(split))
+            ctx.space = groups_space(ctx.space, split)
     if ctx.settings.search.search == "topk":
         ctx.space = compact_space(ctx.space, profile.ranking, ctx.settings.search.top_k)
     return ctx
@@ -59,9 +66,21 @@ def guided_plan(ctx: StudyContext) -> GuidedPlan:
     """The guided sampler's plan: the fusion groups (or layers) ranked by the sensitivity profile."""
     profile, _ = sensitivity_profile(ctx.sensitivity_inputs())
     groups = ctx.space.groups if ctx.space.groups is not None else [(n,) for n in ctx.space.layers]
+    units = rank_groups(groups, profile.ranking)
+    precision = float_precision(ctx)
+    # Which units run faster in float: the predictor's figure where trials are predicted, else the timed probes'.
+    predictor = ctx.pipeline.predictor
+    if predictor is not None:
+        faster = predicted_faster_units(predictor, list(ctx.space.layers), units, precision)
+    else:
+        faster = faster_units(units, profile.faster_in_float)
+    if faster:
+        log.info("guided: %d of %d units are faster in float than in INT8: %s", len(faster), len(units),
+                 ", ".join(units[i][0] for i in faster))
     return GuidedPlan(
-        space=ctx.space, units=rank_groups(groups, profile.ranking), max_drop=ctx.settings.acceptance.max_drop,
-        budget=lambda study: searched_budget(ctx.settings.search.budget, study.user_attrs), float_precision=float_precision(ctx),
+        space=ctx.space, units=units, max_drop=ctx.settings.acceptance.max_drop,
+        budget=lambda study: searched_budget(ctx.settings.search.budget, study.user_attrs), float_precision=precision,
+        faster_in_float=faster,
     )
 
 

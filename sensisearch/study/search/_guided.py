@@ -14,8 +14,18 @@ lets a sampler explore. The phases, each decided from the study's trials alone
    the smallest k known to keep ``max_drop`` and the largest k below it known to break it;
 3. **greedy**: from that boundary, each float group (least sensitive first) is
    put back to INT8 while the drop stays within ``max_drop``;
+3b. **speed**: from the greedy answer, each group that is *faster in float* (its
+   INT8 kernels are slower: :func:`~sensisearch.study.search._sensitivity.faster_in_float`
+   from the timed probes, or the latency predictor) is put back to float while the
+   result stays within the bound, largest gain first, at most :data:`SPEED_SHARE`
+   of the budget. A ranking by accuracy proposes these by chance only: the MNIST
+   CNN's first conv runs slower in INT8 (its probe: 1.14x over all-INT8 with it in
+   float, CI 1.11-1.16), and a study whose ranking put it last never tried
+   "all-INT8 but it", the fastest configuration. These trials join the verify
+   tournament whatever their own timing said (:func:`speed_trials`);
 4. **sampler**: multi-objective TPE over the most sensitive groups (at least
-   :data:`SAMPLER_FREE_UNITS`, and twice the boundary's), the others held INT8; its
+   :data:`SAMPLER_FREE_UNITS`, and twice the boundary's), the others held INT8 (or in
+   float, where the speed walk kept them there); its
    history already holds the boundary and the greedy walk (it is "seeded" with them);
 5. **local**: each feasible front member with one group flipped (INT8 <-> float),
    fastest member and most sensitive group first; when no neighbour is left, the sampler again.
@@ -40,12 +50,19 @@ if TYPE_CHECKING:
     from optuna.study import Study
     from optuna.trial import FrozenTrial
 
+    from sensisearch.latency import LatencyPredictor
+
 log = logging.getLogger(__name__)
 
 PHASE_ATTR = "guided_phase"
-BOUNDARY, GREEDY, SAMPLER, LOCAL = "boundary", "greedy", "sampler", "local"
+BOUNDARY, GREEDY, SPEED, SAMPLER, LOCAL = "boundary", "greedy", "speed", "sampler", "local"
 LOCAL_SHARE = 0.25
 """Fraction of the searched budget kept for the local search around the front."""
+SPEED_SHARE = 0.2
+"""At most this fraction of the searched budget (and at least one trial) goes to the speed phase: where INT8
+is slower nearly everywhere (YOLOv5n on a CPU without VNNI), every group is faster in float."""
+MIN_PREDICTED_GAIN = 0.01
+"""A latency predictor's figure has no noise: a group is faster in float when it predicts at least this gain."""
 SAMPLER_FREE_UNITS = 8
 """The sampler chooses among the most sensitive units only, at least this many (and twice the boundary's);
 the others stay INT8. Over every unit, multi-objective TPE spent YOLOv5n's sampler trials on nearly-FP32
@@ -160,6 +177,62 @@ def greedy_next(
     return None, current
 
 
+def speed_next(
+    start: frozenset[int], faster: Sequence[int], known: Mapping[frozenset[int], float | None], threshold: float,
+) -> tuple[frozenset[int] | None, frozenset[int]]:
+    """The speed walk replayed from the history: (next float set to evaluate or None, the current answer).
+
+    From ``start`` (the greedy answer) each unit of ``faster`` (faster in float, largest gain first)
+    goes back to float; the change is kept when the result stays at or above ``threshold``.
+
+    Kept on accuracy alone, not on the trials' latencies: those are each timed against FP32 at
+    their own moment, and on the 2-core machine they contradicted the probe's direct comparison
+    by more than the gain (MNIST CNN, first conv in float: 1.78x against all-INT8's 2.54x in one
+    study, 2.41x against 2.10x in the next; interleaved with all-INT8, 1.14x [1.11, 1.16]).
+    The verify tournament times these trials together with all-INT8 (:func:`speed_trials`).
+    """
+    current = start
+    for unit in faster:
+        if unit in current:
+            continue
+        candidate = current | {unit}
+        if candidate not in known:
+            return candidate, current
+        value = known[candidate]
+        if value is None:
+            return None, current  # pending (another worker)
+        if value >= threshold:
+            current = candidate
+    return None, current
+
+
+def speed_trials(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of the trials the speed walk proposed: the verify tournament times them beside the front."""
+    return {t.number for t in trials if t.system_attrs.get(PHASE_ATTR) == SPEED}
+
+
+def faster_units(units: Sequence[Sequence[str]], faster_layers: Mapping[str, float]) -> tuple[int, ...]:
+    """Positions of the units holding a layer that is faster in float (``layer -> gain``), largest gain first."""
+    gains = {i: max(faster_layers[n] for n in unit if n in faster_layers) for i, unit in enumerate(units)
+             if any(n in faster_layers for n in unit)}
+    return tuple(sorted(gains, key=lambda i: (-gains[i], i)))
+
+
+def predicted_faster_units(
+    predictor: LatencyPredictor, layers: Sequence[str], units: Sequence[Sequence[str]], float_precision: Precision,
+    min_gain: float = MIN_PREDICTED_GAIN,
+) -> tuple[int, ...]:
+    """Positions of the units whose return to ``float_precision`` alone the predictor says makes all-INT8 faster,
+    largest gain first (a measured latency table can say so; the MAC estimate never does)."""
+    all_int8 = predictor.predict({n: Precision.INT8 for n in layers})
+    gains: dict[int, float] = {}
+    for i, unit in enumerate(units):
+        reverted = predictor.predict({n: (float_precision if n in unit else Precision.INT8) for n in layers})
+        if reverted > 0 and all_int8 / reverted >= 1 + min_gain:
+            gains[i] = all_int8 / reverted
+    return tuple(sorted(gains, key=lambda i: (-gains[i], i)))
+
+
 def pareto(points: Sequence[Evaluated]) -> list[Evaluated]:
     """Evaluated points no other point beats in metric (higher) and latency (lower)."""
     done = [p for p in points if p.value is not None and p.latency is not None]
@@ -202,6 +275,8 @@ class GuidedPlan:
     distributions: dict[str, BaseDistribution] = field(default_factory=dict)
     searched_budget: int | None = None
     """The budget as of the trial being proposed (set by the sampler from ``budget``)."""
+    faster_in_float: tuple[int, ...] = ()
+    """Positions of the units faster in float (:func:`faster_units`, :func:`predicted_faster_units`), largest gain first."""
 
     def __post_init__(self) -> None:
         choices = [p.value for p in self.space.precisions]
@@ -259,6 +334,8 @@ class Proposal:
     algorithms: tuple[str, ...] | None = None
     """With ``params`` None: the calibration algorithms the sampler may choose, best all-INT8 first
     (:func:`competitive_algorithms`); None: every one offered."""
+    held_float: frozenset[int] = frozenset()
+    """With ``free_units``: units beyond them held in float instead of INT8 (the speed walk found them faster so)."""
 
 
 def propose(plan: GuidedPlan, trials: Sequence[FrozenTrial]) -> Proposal:
@@ -311,9 +388,14 @@ def propose(plan: GuidedPlan, trials: Sequence[FrozenTrial]) -> Proposal:
         return Proposal(SAMPLER, None)  # a bisection step is pending on another worker
     boundary = boundary_k(values, n, threshold)
     start = frozenset(range(boundary))
-    candidate, _ = greedy_next(start, known, threshold)
+    candidate, answer = greedy_next(start, known, threshold)
     if candidate is not None and len(candidate) < n:
         return Proposal(GREEDY, plan.params(candidate, calibration))
+    if plan.faster_in_float:
+        step, answer = speed_next(answer, plan.faster_in_float, known, threshold)
+        room = max(1, int(SPEED_SHARE * (plan.searched_budget or searched + 1)))
+        if step is not None and len(step) < n and phases.get(SPEED, 0) < room:
+            return Proposal(SPEED, plan.params(step, calibration))
     free = sampler_free_units(n, boundary)
     algorithms = competitive_algorithms([(v, c.algorithm.value) for v, c in all_int8], plan.max_drop) or None
     local_from = int(round((plan.searched_budget or searched + 1) * (1 - LOCAL_SHARE)))
@@ -324,7 +406,7 @@ def propose(plan: GuidedPlan, trials: Sequence[FrozenTrial]) -> Proposal:
         if neighbour is not None:
             member_cal = calibration
             return Proposal(LOCAL, plan.params(neighbour, member_cal))
-    return Proposal(SAMPLER, None, free, algorithms)
+    return Proposal(SAMPLER, None, free, algorithms, frozenset(u for u in answer if u >= free and u in plan.faster_in_float))
 
 
 class GuidedSampler(TrialSeededSampler):
@@ -333,8 +415,8 @@ class GuidedSampler(TrialSeededSampler):
     def __init__(self, plan: GuidedPlan, seed: int) -> None:
         super().__init__(seed, constant_liar=True)
         self._plan = plan
-        self._held_int8: dict[int, frozenset[str]] = {}
-        """Per trial number: the unit parameters the sampler phase holds at INT8 (beyond its free units)."""
+        self._held: dict[int, dict[str, str]] = {}
+        """Per trial number: the unit parameters the sampler phase holds (beyond its free units) and their precision."""
         self._algorithms: dict[int, tuple[str, ...]] = {}
         """Per trial number: the calibration algorithms its sampler phase may choose (best first)."""
 
@@ -351,14 +433,18 @@ class GuidedSampler(TrialSeededSampler):
             log.info("guided %s: trial %d", proposal.phase, trial.number)
             return proposal.params
         if proposal.free_units is not None:
-            self._held_int8[trial.number] = frozenset(self._plan.param(u) for u in self._plan.units[proposal.free_units:])
+            self._held[trial.number] = {
+                self._plan.param(u): (self._plan.float_precision if i in proposal.held_float else Precision.INT8).value
+                for i, u in enumerate(self._plan.units) if i >= proposal.free_units
+            }
         if proposal.algorithms:
             self._algorithms[trial.number] = proposal.algorithms
         return {}
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution) -> Any:
-        if param_name in self._held_int8.get(trial.number, ()):
-            return Precision.INT8.value
+        held = self._held.get(trial.number, {})
+        if param_name in held:
+            return held[param_name]
         value = super().sample_independent(study, trial, param_name, param_distribution)
         allowed = self._algorithms.get(trial.number)
         if param_name == ALGORITHM and allowed and value not in allowed:
@@ -368,6 +454,6 @@ class GuidedSampler(TrialSeededSampler):
         return value
 
     def after_trial(self, study: Study, trial: FrozenTrial, state: optuna.trial.TrialState, values: Sequence[float] | None) -> None:
-        self._held_int8.pop(trial.number, None)
+        self._held.pop(trial.number, None)
         self._algorithms.pop(trial.number, None)
         super().after_trial(study, trial, state, values)

@@ -8,6 +8,18 @@ so a probe is exactly the deployable graph a trial would build:
 * **all INT8 except this layer** (it stays FP32): how much keeping it in float
   recovers from all-INT8, i.e. the damage it does in context.
 
+INT8 kernels are not faster everywhere: the MNIST CNN's first conv (one input
+channel) runs slower in INT8 on ONNX Runtime's CPU kernels, and "all-INT8 but
+that conv" is the fastest configuration there, which a ranking by accuracy
+proposes by chance only. So in a study timed here (no latency predictor), every
+all-but-this-layer probe is also timed briefly, interleaved with an all-INT8
+build (:data:`PROBE_TIMING_SECONDS`): a layer whose model gets significantly
+faster when it alone goes back to float is *faster in float*
+(:func:`faster_in_float`). Timed against all-INT8 in the same rounds, not each
+against FP32 at its own moment: on the 2-core machine, the all-INT8 speed-up over
+FP32 read 2.31x in a probe and 2.10x in a trial minutes later, a shift as large
+as the gain to detect.
+
 The ranking (:func:`rank_layers`) is a pure function of the probe scores. The
 marginal "what each choice did" table of the report averages over random trials;
 these probes change one layer at a time, which is what an exclude list needs.
@@ -29,7 +41,7 @@ import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -102,6 +114,9 @@ class LayerProbe:
     """Relative squared error of the model outputs vs FP32 with only this layer INT8,
     on a fixed probe batch: a continuous signal where the metric moves by less
     than its resolution (one sample)."""
+    revert_speedup: tuple[float, float, float] | None = None
+    """The all-but-this-layer probe's speed-up over all-INT8, timed interleaved with it (median, 95% CI low,
+    high; > 1: the model is faster with this layer in float); None: not timed."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,8 @@ class LayerSensitivity:
     where the layer's alone drop was not scored)."""
     distortion: float = 0.0
     """:attr:`LayerProbe.distortion`."""
+    revert_speedup: tuple[float, float, float] | None = None
+    """:attr:`LayerProbe.revert_speedup`."""
 
 
 def rank_layers(
@@ -150,10 +167,29 @@ def rank_layers(
     return [
         LayerSensitivity(
             layer=probe.layer, rank=i + 1, alone_drop=alone, recovery=recovery, score=(alone or 0.0) + recovery,
-            distortion=probe.distortion,
+            distortion=probe.distortion, revert_speedup=probe.revert_speedup,
         )
         for i, (_, _, _, probe, alone, recovery) in enumerate(scored)
     ]
+
+
+MIN_REVERT_GAIN = 0.03
+"""A layer is faster in float when its all-but-this-layer probe is at least this much faster than all-INT8
+(and the CI excludes 1): below it, a second's timing cannot tell a gain from the machine's drift."""
+
+
+def faster_in_float(layers: Sequence[LayerSensitivity], min_gain: float = MIN_REVERT_GAIN) -> dict[str, float]:
+    """Layers whose return to float alone makes the all-INT8 model faster: layer -> speed-up over all-INT8, largest first.
+
+    A layer counts when its :attr:`~LayerSensitivity.revert_speedup` is at least ``1 + min_gain`` and its
+    95% CI lies wholly above 1. Layers not timed never count.
+    """
+    gains = {
+        row.layer: row.revert_speedup[0]
+        for row in layers
+        if row.revert_speedup is not None and row.revert_speedup[1] > 1.0 and row.revert_speedup[0] >= 1.0 + min_gain
+    }
+    return dict(sorted(gains.items(), key=lambda item: -item[1]))
 
 
 def output_distortion(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
@@ -205,6 +241,11 @@ class SensitivityProfile:
     """Probes whose configuration did not build or run (``"<probe>: <reason>"``), scored as 0."""
 
     @property
+    def faster_in_float(self) -> dict[str, float]:
+        """:func:`faster_in_float` of this profile."""
+        return faster_in_float(self.layers)
+
+    @property
     def ranking(self) -> list[str]:
         return [row.layer for row in sorted(self.layers, key=lambda r: r.rank)]
 
@@ -238,7 +279,7 @@ class SensitivityProfile:
             calibration=dict(data["calibration"]),
             fp32=float(data["fp32"]),
             all_int8=float(data["all_int8"]),
-            layers=[LayerSensitivity(**r) for r in data["layers"]],
+            layers=[LayerSensitivity(**{**r, "revert_speedup": _triple(r.get("revert_speedup"))}) for r in data["layers"]],
             tensors=[TensorSensitivity(**t) for t in data.get("tensors", [])],
             calibration_scores={k: float(v) for k, v in data.get("calibration_scores", {}).items()},
             eval_count=int(data.get("eval_count", 0)),
@@ -248,6 +289,14 @@ class SensitivityProfile:
             rescored=list(data.get("rescored", [])),
             failed=list(data.get("failed", [])),
         )
+
+
+def _triple(value: Sequence[float] | None) -> tuple[float, float, float] | None:
+    """A stored (median, low, high) speed-up (JSON keeps it as a list)."""
+    if value is None:
+        return None
+    median, low, high = (float(v) for v in value)
+    return median, low, high
 
 
 def spearman(a: Sequence[str], b: Sequence[str]) -> float:
@@ -276,27 +325,47 @@ def score_config(
     ``probe_feeds`` (empty without them). ``positions``: score only these images
     (the probes' fixed subset, :meth:`~sensisearch.evaluation.base.Evaluator.evaluate_part`).
     """
-    with _built(pipeline, config, work_dir) as runner:
-        outputs = [] if probe_feeds is None else _run_probe(runner, probe_feeds)
-        if positions is not None:
-            return pipeline.evaluator.evaluate_part(runner, positions).result, outputs
-        return pipeline.evaluator.evaluate(runner), outputs
+    with _built(pipeline, config, work_dir) as (runner, _):
+        return _evaluated(pipeline, runner, positions), ([] if probe_feeds is None else _run_probe(runner, probe_feeds))
+
+
+def _evaluated(pipeline: TrialPipeline, runner: Runner, positions: np.ndarray | None) -> EvaluationResult:
+    if positions is not None:
+        return pipeline.evaluator.evaluate_part(runner, positions).result
+    return pipeline.evaluator.evaluate(runner)
 
 
 @contextlib.contextmanager
-def _built(pipeline: TrialPipeline, config: TrialConfig, work_dir: Path) -> Iterator[Runner]:
-    """``config`` emitted, built and loaded in ``work_dir`` (deleted afterwards): the trial's own path."""
+def _built(pipeline: TrialPipeline, config: TrialConfig, work_dir: Path) -> Iterator[tuple[Runner, Path]]:
+    """``config`` emitted, built and loaded in ``work_dir`` (deleted afterwards): the trial's own path.
+    Yields the loaded runner and its artifact."""
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         deployable, _ = pipeline.emit(config, work_dir)
         build = pipeline.build(deployable, work_dir, config)
         with pipeline.backend.load(build.artifact) as runner:
-            yield runner
+            yield runner, build.artifact
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
 PROBE_RESULT_NAME = "probe.npz"
+PROBE_TIMING_SECONDS = 1.0
+"""Cap on a probe's timing against all-INT8: a screen for layers faster in float, which a trial then times in full.
+The MNIST CNN's first conv in float: 1.13x [1.10, 1.15] and 1.14x [1.11, 1.16] over all-INT8 in two studies'
+probes, each within this second."""
+BASELINE_ARM, PROBE_ARM = "all-int8", "probe"
+
+
+class ProbeScore(NamedTuple):
+    value: float | None
+    """The metric (None: outputs only, see ``metric`` of :func:`score_probe`)."""
+    count: int
+    """Images scored."""
+    outputs: list[np.ndarray]
+    """The outputs on the probe batch."""
+    speedup: tuple[float, float, float] | None = None
+    """Speed-up over the ``timed_against`` build (median, 95% CI) when timed."""
 
 
 def score_probe(
@@ -306,17 +375,21 @@ def score_probe(
     probe_feeds: Mapping[str, np.ndarray] | None = None,
     positions: np.ndarray | None = None,
     metric: bool = True,
-) -> tuple[float | None, int, list[np.ndarray]]:
-    """(metric, images scored, outputs on ``probe_feeds``) of :func:`score_config`, in a forked child
+    timed_against: Path | None = None,
+) -> ProbeScore:
+    """The metric, images scored and outputs on ``probe_feeds`` of :func:`score_config`, in a forked child
     when ``inputs.isolation`` is set (raising :class:`~sensisearch.study.trial._isolation.TrialProcessError`
     when the child crashes, exits or passes its deadline). ``metric=False``: the outputs only
-    (metric None, no image scored)."""
-    def scored() -> tuple[float | None, int, list[np.ndarray]]:
-        if not metric:
-            with _built(inputs.pipeline, config, work_dir) as runner:
-                return None, 0, _run_probe(runner, probe_feeds or {})
-        result, outputs = score_config(inputs.pipeline, config, work_dir, probe_feeds, positions)
-        return result.value, result.count, outputs
+    (metric None, no image scored). ``timed_against``: also time the probe interleaved with this built
+    artifact (:func:`time_against`)."""
+    pipeline = inputs.pipeline
+
+    def scored() -> ProbeScore:
+        with _built(pipeline, config, work_dir) as (runner, artifact):
+            outputs = [] if probe_feeds is None else _run_probe(runner, probe_feeds)
+            result = _evaluated(pipeline, runner, positions) if metric else None
+            speedup = None if timed_against is None else time_against(pipeline, runner, artifact, timed_against)
+            return ProbeScore(None if result is None else result.value, 0 if result is None else result.count, outputs, speedup)
 
     if inputs.isolation is None:
         return scored()
@@ -326,9 +399,10 @@ def score_probe(
     shutil.rmtree(scratch, ignore_errors=True)
 
     def probe(folder: Path) -> None:
-        value, count, outputs = scored()
+        value, count, outputs, speedup = scored()
         arrays = {f"output_{i}": np.asarray(o) for i, o in enumerate(outputs)}
-        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(np.nan if value is None else value), count=np.int64(count), **arrays)
+        np.savez(folder / PROBE_RESULT_NAME, value=np.float64(np.nan if value is None else value), count=np.int64(count),
+                 speedup=np.asarray(speedup if speedup is not None else [np.nan] * 3, np.float64), **arrays)
 
     try:
         # One deadline for the probe's build and its evaluation (a subset of the images at most).
@@ -337,10 +411,40 @@ def score_probe(
         with np.load(scratch / PROBE_RESULT_NAME) as data:
             outputs = [data[f"output_{i}"] for i in range(sum(k.startswith("output_") for k in data.files))]
             value = float(data["value"])
-            return (None if np.isnan(value) else value), int(data["count"]), outputs
+            timing = data["speedup"]
+            return ProbeScore((None if np.isnan(value) else value), int(data["count"]), outputs,
+                              None if np.isnan(timing).any() else _triple(timing.tolist()))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)  # a child that crashed left its build behind
+
+
+def time_against(pipeline: TrialPipeline, runner: Runner, artifact: Path, baseline: Path) -> tuple[float, float, float]:
+    """``runner`` (built as ``artifact``) timed interleaved with the ``baseline`` artifact for at most
+    :data:`PROBE_TIMING_SECONDS`, with the study's timing plan (objective, batch, load policy):
+    its speed-up over the baseline (median, 95% CI)."""
+    import dataclasses
+
+    from sensisearch.measure import time_interleaved
+    from sensisearch.study.trial._pipeline import runs_per_round
+
+    plan = pipeline.timing
+    assert plan is not None
+    feeds = pipeline.timing_feeds()
+    timing = pipeline.backend.timing_backend()
+    opened = [timing.load(baseline)]
+    if pipeline.backend.separate_timing_sessions:  # timing sessions are set up unlike evaluation ones (see time_paired)
+        opened.append(timing.load(artifact))
+    try:
+        arms = {BASELINE_ARM: pipeline.arm(opened[0], feeds), PROBE_ARM: pipeline.arm(opened[-1] if len(opened) > 1 else runner, feeds)}
+        settings = dataclasses.replace(plan.settings, runs_per_round=runs_per_round(arms),
+                                       max_seconds=min(plan.settings.max_seconds, PROBE_TIMING_SECONDS))
+        paired = time_interleaved(arms, BASELINE_ARM, settings, load=plan.load)[PROBE_ARM]
+    finally:
+        for session in opened:
+            session.close()
+    low, high = paired.speedup_ci95
+    return paired.speedup, low, high
 
 
 def _run_probe(runner: Runner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -487,6 +591,7 @@ def measure_sensitivity(
     if Precision.INT8 not in space.precisions or inputs.calibration is None:
         raise SensisearchError("sensitivity needs INT8 in --precisions and calibration data (--calib-data DIR)")
     work = inputs.out / "sensitivity-work"
+    timing_dir = inputs.out / "sensitivity-all-int8"  # beside ``work``, which each probe empties
     layers = list(space.layers)
     samples = space.default_calibration.samples
     total = pipeline.evaluator.image_count()
@@ -508,11 +613,17 @@ def measure_sensitivity(
     subset_count: list[int] = []
 
     failed: list[str] = []
+    # Where trials are timed here (not predicted): the all-INT8 build every all-but-this-layer probe is timed against.
+    timed_against: Path | None = None
 
-    def score(name: str, config: TrialConfig, full: bool = False, metric: bool = True) -> tuple[float | None, float]:
+    def score(
+        name: str, config: TrialConfig, full: bool = False, metric: bool = True, time_it: bool = False,
+    ) -> tuple[float | None, float, tuple[float, float, float] | None]:
         positions = None if full or subset is None else subset
+        speedup = None
         try:
-            value, count, outputs = score_probe(inputs, config, work, feeds, positions, metric)
+            value, count, outputs, speedup = score_probe(
+                inputs, config, work, feeds, positions, metric, timed_against=timed_against if time_it else None)
         except TrialProcessError as exc:
             if not reference:  # the FP32 probe: nothing to rank against
                 raise SensisearchError(f"sensitivity: the FP32 model failed to build or run: {exc}") from None
@@ -530,15 +641,16 @@ def measure_sensitivity(
         distortion = output_distortion(outputs, reference) if reference and outputs else 0.0
         elapsed = time.perf_counter() - started
         eta = elapsed / done["probes"] * max(planned - done["probes"], 0)
-        log.info("probe %d/%d %s (%s images): %s %s, output distortion %.3g; %.0f s so far, ETA %.0f s",
+        log.info("probe %d/%d %s (%s images): %s %s, output distortion %.3g%s; %.0f s so far, ETA %.0f s",
                  done["probes"], planned, name, count, pipeline.evaluator.metric,
-                 "not scored" if value is None else f"{value:.3f}", distortion, elapsed, eta)
+                 "not scored" if value is None else f"{value:.3f}", distortion,
+                 "" if speedup is None else ", speed-up {:.3f}x [{:.3f}, {:.3f}]".format(*speedup), elapsed, eta)
         if on_probe is not None and value is not None:
             on_probe(name, value)
         progress.step(done["probes"], planned)
         if not reference:
             reference.extend(outputs)
-        return value, distortion
+        return value, distortion, speedup
 
     # A clip the search space offers, so seeds built on this choice can be enqueued.
     percentile = space.default_calibration.percentile
@@ -561,6 +673,8 @@ def measure_sensitivity(
             best = (value, choice)
     assert best is not None
     all_int8, choice = best
+    if pipeline.timing is not None and pipeline.predictor is None:
+        timed_against = _kept_build(inputs, TrialConfig.uniform(layers, Precision.INT8, choice), timing_dir)
 
     def configs(layer: str) -> tuple[TrialConfig, TrialConfig]:
         only = {name: (Precision.INT8 if name == layer else Precision.FP32) for name in layers}
@@ -570,9 +684,10 @@ def measure_sensitivity(
     probes: dict[str, LayerProbe] = {}
     for layer in layers:
         only, but = configs(layer)
-        only_int8, distortion = score(f"only {layer}", only, metric=plan.score_alone)
-        all_but = _scored(score(f"all but {layer}", but)[0])
-        probes[layer] = LayerProbe(layer, only_int8=only_int8, all_but=all_but, distortion=distortion)
+        only_int8, distortion, _ = score(f"only {layer}", only, metric=plan.score_alone)
+        all_but, _, speedup = score(f"all but {layer}", but, time_it=True)
+        probes[layer] = LayerProbe(layer, only_int8=only_int8, all_but=_scored(all_but), distortion=distortion,
+                                   revert_speedup=speedup)
     count = subset_count[0] if subset_count else 0
     rescored: list[str] = []
     if subset is not None:
@@ -601,6 +716,7 @@ def measure_sensitivity(
                     alone = fp32 - (full_fp32 - _scored(score(f"only {layer} (every image)", only, full=True)[0]))
                 probes[layer] = dataclasses.replace(probes[layer], only_int8=alone, all_but=all_int8 + (all_but - full_int8))
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(timing_dir, ignore_errors=True)
     progress.end()
     seconds = time.perf_counter() - started
     eval_total = total if total is not None else max(count, 1)
@@ -622,6 +738,32 @@ def measure_sensitivity(
         rescored=rescored,
         failed=failed,
     )
+
+
+def _kept_build(inputs: SensitivityInputs, config: TrialConfig, folder: Path) -> Path | None:
+    """``config`` emitted and built into ``folder`` (kept for timing against), in a forked child under isolation
+    as a probe is; None when it fails (a warning: the probes then go untimed)."""
+    from sensisearch.study.trial._isolation import TrialProcessError, run_forked
+
+    pipeline = inputs.pipeline
+
+    def build(scratch: Path) -> None:
+        deployable, _ = pipeline.emit(config, folder)
+        (scratch / "artifact.txt").write_text(str(pipeline.build(deployable, folder, config).artifact))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    scratch = folder.with_name(folder.name + "-hand-off")
+    try:
+        if inputs.isolation is None:
+            deployable, _ = pipeline.emit(config, folder)
+            return pipeline.build(deployable, folder, config).artifact
+        run_forked(build, scratch, inputs.isolation.build_timeout, "all-INT8 build for the probes' timing")
+        return Path((scratch / "artifact.txt").read_text())
+    except (TrialProcessError, OSError) as exc:
+        log.warning("sensitivity: the all-INT8 build to time the probes against failed, probes not timed: %s", exc)
+        return None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _scored(value: float | None) -> float:

@@ -33,7 +33,7 @@ def test_default_run_is_the_guided_study_and_its_probes_count_in_the_budget(tmp_
     phases = [t.system_attrs.get(PHASE_ATTR) for t in study.get_trials(deepcopy=False)]
     # After the seeds every proposal is a guided one (digits' all-INT8 is already within 0.5 points, so its boundary is
     # k = 0 and the walk goes straight to the sampler and the local search; the bisection has its own test).
-    assert {p for p in phases if p is not None} <= {"boundary", "greedy", "sampler", "local"}
+    assert {p for p in phases if p is not None} <= {"boundary", "greedy", "speed", "sampler", "local"}
     assert "local" in phases
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= finished_count(study)

@@ -105,6 +105,93 @@ def test_the_sampler_phase_holds_the_least_sensitive_units_int8() -> None:
     assert any(p[name] != Precision.INT8.value for p in proposals for name in free)
 
 
+def test_the_speed_walk_puts_faster_in_float_units_back_while_feasible() -> None:
+    from sensisearch.study.search._guided import speed_next
+
+    # Greedy answer {0}; units 5 and 2 are faster in float (5 the larger gain).
+    start, faster = frozenset({0}), (5, 2)
+    assert speed_next(start, faster, {start: 59.0}, 56.5) == (frozenset({0, 5}), start)
+    # {0, 5} within the bound: kept, then 2 on top of it.
+    assert speed_next(start, faster, {start: 59.0, frozenset({0, 5}): 57.0}, 56.5) == (frozenset({0, 2, 5}), frozenset({0, 5}))
+    # {0, 5} below the bound: dropped, 2 tried on the greedy answer instead; a unit already float is skipped.
+    assert speed_next(start, faster, {start: 59.0, frozenset({0, 5}): 56.0}, 56.5) == (frozenset({0, 2}), start)
+    assert speed_next(start, (0, 5), {start: 59.0}, 56.5) == (frozenset({0, 5}), start)
+    # Pending on another worker: nothing to propose from this walk yet.
+    assert speed_next(start, faster, {start: 59.0, frozenset({0, 5}): None}, 56.5) == (None, start)
+    assert speed_next(start, faster, {start: 59.0, frozenset({0, 5}): 57.0, frozenset({0, 2, 5}): 58.0}, 56.5) == (
+        None, frozenset({0, 2, 5}))
+
+
+def test_a_layer_faster_in_float_leaves_its_fusion_group() -> None:
+    from sensisearch.study.search._seeds import split_faster_in_float
+
+    groups = (("stem", "l1c2"), ("l1c1",), ("l2c1", "l2c2", "l2d"))
+    assert split_faster_in_float(groups, {"stem"}) == (("l1c2",), ("stem",), ("l1c1",), ("l2c1", "l2c2", "l2d"))
+    assert split_faster_in_float(groups, {"l1c1", "l2c2"}) == (("stem", "l1c2"), ("l1c1",), ("l2c1", "l2d"), ("l2c2",))
+    assert split_faster_in_float(groups, set()) == groups
+    # Every layer still in exactly one group.
+    split = split_faster_in_float(groups, {"stem", "l2d"})
+    assert sorted(n for g in split for n in g) == sorted(n for g in groups for n in g)
+
+
+def test_faster_units_of_groups_and_from_a_predictor() -> None:
+    from sensisearch.study.search._guided import faster_units, predicted_faster_units
+
+    units = [("a", "b"), ("c",), ("d", "e")]
+    assert faster_units(units, {"e": 1.05, "c": 1.2, "d": 1.01}) == (1, 2)
+    assert faster_units(units, {}) == ()
+
+    class Table:
+        """A per-layer latency table with an INT8 penalty on "c" (ms per layer and precision; Q/DQ left out)."""
+
+        source, label, unit = "table", "test table", "ms"
+        ms = {"a": (1.0, 2.0), "b": (1.0, 2.0), "c": (3.0, 2.0), "d": (0.5, 1.0), "e": (0.5, 0.5)}
+
+        def predict(self, precisions: dict) -> float:
+            return sum(int8 if precisions[n] is Precision.INT8 else flt for n, (int8, flt) in self.ms.items())
+
+        def speedup(self, precisions: dict) -> float:
+            return self.predict({n: Precision.FP32 for n in self.ms}) / self.predict(precisions)
+
+    # All-INT8 6.5 ms; c in float 5.5 ms (1.18x); d+e in float 7.0; a+b in float 8.5.
+    assert predicted_faster_units(Table(), list(Table.ms), units, Precision.FP16) == (1,)
+
+
+def test_the_speed_phase_follows_greedy_and_the_sampler_holds_what_it_kept_in_float() -> None:
+    """A real Optuna study: all-INT8 within the bound (boundary k = 0, greedy has nothing to put back), unit 15 faster
+    in float: the next proposal is all-INT8 but unit 15 (phase "speed"); once that is within the bound, the sampler's
+    proposals keep unit 15 in float and the other held units INT8, and the speed trial is what verify is told of."""
+    import optuna
+
+    from sensisearch.quantize.config import CalibrationChoice
+    from sensisearch.study.search._guided import PHASE_ATTR, SAMPLER_FREE_UNITS, SPEED, GuidedPlan, GuidedSampler, speed_trials
+    from sensisearch.study.search._space import SearchSpace
+
+    names = [f"conv{i}" for i in range(20)]
+    choice = CalibrationChoice(CalibrationAlgorithm.MINMAX, 32, 99.99)
+    space = SearchSpace(tuple(names), (Precision.INT8, Precision.FP32), (CalibrationAlgorithm.MINMAX,),
+                        (32,), (99.99,), choice, groups=tuple((n,) for n in names))
+    plan = GuidedPlan(space, [(n,) for n in names], max_drop=1.0, budget=lambda study: 40, faster_in_float=(15,))
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=GuidedSampler(plan, seed=3))
+    dists = plan.distributions
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(range(20)), choice), distributions=dists, values=[50.0, 1.0],
+        user_attrs={"baseline": "fp32", "role": "evaluate"}))
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(), choice), distributions=dists, values=[49.5, 0.5], user_attrs={"role": "evaluate"}))
+    trial = study.ask(dists)
+    assert plan.floats_of(trial.params) == frozenset({15})
+    assert study._storage.get_trial(trial._trial_id).system_attrs[PHASE_ATTR] == SPEED
+    study.tell(trial, [49.4, 0.6])  # its own timing says slower: kept all the same (within the bound)
+    held = [plan.param(u) for i, u in enumerate(plan.units) if i >= SAMPLER_FREE_UNITS and i != 15]
+    for _ in range(6):
+        proposal = study.ask(dists)
+        assert proposal.params[plan.param(plan.units[15])] == Precision.FP32.value
+        assert all(proposal.params[name] == Precision.INT8.value for name in held)
+        study.tell(proposal, [49.0, 0.7])
+    assert speed_trials(study.get_trials(deepcopy=False)) == {trial.number}
+
+
 def test_the_sampler_chooses_among_calibrations_within_the_bound_on_all_int8() -> None:
     from sensisearch.study.search._guided import competitive_algorithms
 

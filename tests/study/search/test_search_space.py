@@ -148,6 +148,13 @@ def test_digits_study_with_groups_search(tmp_path: Path) -> None:
     assert len(complete) >= 3
     info, model = analyze_model(load_example("digits").model)
     groups = fusion_groups(GraphIndex(model), info.layers, ONNXRUNTIME_CPU)
+    # A layer the timed probes found faster in float on its own leaves its group (split_faster_in_float).
+    from sensisearch.study.search._seeds import split_faster_in_float
+    from sensisearch.study.search._sensitivity import SensitivityProfile
+
+    profile = SensitivityProfile.from_dict(json.loads((out / "sensitivity.json").read_text()))
+    assert all(r.revert_speedup is not None for r in profile.layers)
+    groups = split_faster_in_float(groups, profile.faster_in_float)
     for t in complete:
         layer_params = [k for k in t.params if k.startswith("layer:")]
         assert not layer_params

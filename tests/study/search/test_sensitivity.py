@@ -19,9 +19,12 @@ from sensisearch.study import finished_count
 from sensisearch.study.search._budget import searched_budget
 from sensisearch.study.search._seeds import SEEDS_ENQUEUED_ATTR, head_rule_layers, seed_configs
 from sensisearch.study.search._sensitivity import (
+    MIN_REVERT_GAIN,
     PROBE_BUDGET_SHARE,
     LayerProbe,
+    LayerSensitivity,
     SensitivityProfile,
+    faster_in_float,
     output_distortion,
     probe_plan,
     rank_layers,
@@ -197,6 +200,33 @@ def test_top_layer_is_the_one_whose_int8_hurts_most_measured_directly(
     assert max(drops, key=drops.__getitem__) == digits_profiles[0].ranking[0]
 
 
+def test_timed_probes_give_each_layer_its_speed_over_all_int8(digits_profiles: list[SensitivityProfile]) -> None:
+    """The digits study is timed here (ONNX Runtime profile): every all-but-this-layer probe was timed against
+    all-INT8, the figures survive the JSON round trip, and faster_in_float lists exactly the layers its rule admits."""
+    profile = digits_profiles[0]
+    for row in profile.layers:
+        assert row.revert_speedup is not None
+        median, low, high = row.revert_speedup
+        assert 0 < low <= median <= high
+    again = SensitivityProfile.from_dict(json.loads(json.dumps(profile.to_dict())))
+    assert again.layers == profile.layers
+    expected = {r.layer for r in profile.layers if r.revert_speedup[1] > 1 and r.revert_speedup[0] >= 1 + MIN_REVERT_GAIN}
+    assert set(profile.faster_in_float) == expected
+
+
+def test_faster_in_float_needs_the_gain_and_a_ci_above_one() -> None:
+    rows = [
+        LayerSensitivity("stem", 1, 0.0, 0.0, 0.0, revert_speedup=(1.14, 1.11, 1.16)),
+        LayerSensitivity("wide-ci", 2, 0.0, 0.0, 0.0, revert_speedup=(1.10, 0.98, 1.2)),  # CI reaches 1: noise
+        LayerSensitivity("small", 3, 0.0, 0.0, 0.0, revert_speedup=(1.02, 1.01, 1.03)),  # below the 3% gain
+        LayerSensitivity("fc", 4, 0.0, 0.0, 0.0, revert_speedup=(1.31, 1.2, 1.4)),
+        LayerSensitivity("untimed", 5, 0.0, 0.0, 0.0),
+        LayerSensitivity("slower", 6, 0.0, 0.0, 0.0, revert_speedup=(0.7, 0.68, 0.72)),
+    ]
+    assert list(faster_in_float(rows).items()) == [("fc", 1.31), ("stem", 1.14)]
+    assert list(faster_in_float(rows, min_gain=0.0)) == ["fc", "stem", "small"]
+
+
 def test_profile_is_cached_and_keyed(digits_profiles: list[SensitivityProfile], tmp_path: Path) -> None:
     ctx = _digits_ctx(tmp_path, seed=0, eval_limit=200)
     first, cached = sensitivity_profile(ctx.sensitivity_inputs())
@@ -256,6 +286,25 @@ def test_seeds_are_enqueued_exactly_once_and_topk_holds_the_rest_int8(tmp_path: 
         if "seed" in t.user_attrs and "minus" in t.user_attrs["seed"]:
             k = int(t.user_attrs["seed"].rsplit("-", 1)[1])
             assert {n for n, p in config.items() if p != "int8"} == set(ranking[:k])  # FP16 where the target has it
+
+
+def test_sensitivity_command_shows_each_layers_speed_in_float_only_where_timed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Timed here (ONNX Runtime profile): a speed column and the faster-in-float line, from the profile it wrote.
+    Predicted (TensorRT profile on ONNX Runtime, MAC estimate): the probes are not timed, no such column."""
+    common = ["sensitivity", "--example", "digits", "--sample-counts", "128", "--algorithms", "minmax",
+              "--eval-limit", "200", "--backend", "onnxruntime"]
+    assert main([*common, "--out", str(tmp_path / "timed")]) == 0
+    shown = capsys.readouterr().out
+    profile = SensitivityProfile.from_dict(json.loads((tmp_path / "timed" / "sensitivity.json").read_text()))
+    assert "all-but-this speed vs all-INT8" in shown and all(r.revert_speedup is not None for r in profile.layers)
+    listed = ", ".join(f"{n} {g:.2f}x" for n, g in profile.faster_in_float.items()) or "none"
+    assert f"faster in float than in INT8 (the model with only it in float beats all-INT8): {listed}" in " ".join(shown.split())
+    assert main([*common, "--out", str(tmp_path / "predicted"), "--profile", "tensorrt"]) == 0
+    shown = capsys.readouterr().out
+    profile = SensitivityProfile.from_dict(json.loads((tmp_path / "predicted" / "sensitivity.json").read_text()))
+    assert "speed vs all-INT8" not in shown and all(r.revert_speedup is None for r in profile.layers)
 
 
 def test_tensorrt_profile_on_onnxruntime_scores_the_symmetric_int8_graph(tmp_path: Path) -> None:

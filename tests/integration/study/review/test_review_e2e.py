@@ -351,6 +351,11 @@ def test_evidence_prefers_profile_then_identical_trial_then_nearest_then_all_int
     assert "all-INT8 baseline (#1)" in evidence["c"].evidence and "-1.50 points" in evidence["c"].evidence
     assert evidence["d"].evidence.startswith("sensitivity profile") and "-0.70 points" in evidence["d"].evidence
     assert evidence["b"].precision == "fp16"
+    # A layer kept in float for speed: the profile's timed all-but-this-layer probe is part of its evidence.
+    timed = {e.layer: e for e in float_layer_evidence(winner, recs, [SensitivityRow("c", 0.0, 1.2, (1.13, 1.10, 1.15))])}
+    assert timed["c"].evidence == ("sensitivity profile: only this layer INT8: +0.00 points (no change) vs FP32; every layer but "
+                                   "this one INT8: -1.20 points (a loss) vs FP32; that model ran 1.13x [1.10, 1.15] the speed "
+                                   "of all-INT8 (timed interleaved)")
 
 
 def test_speedup_paired_when_measured_else_unpaired_ratio() -> None:
