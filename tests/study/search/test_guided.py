@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -20,6 +21,11 @@ from sensisearch.study.search._guided import (
     pareto,
 )
 from sensisearch.study.search._seeds import rank_groups
+
+if TYPE_CHECKING:
+    import optuna
+
+    from sensisearch.study.search._guided import GuidedPlan
 
 
 def test_bisection_finds_the_first_feasible_k_of_a_monotone_curve() -> None:
@@ -67,28 +73,42 @@ def test_local_search_flips_one_unit_of_a_front_member() -> None:
     assert local_next(front, known, 3) == frozenset({0, 2})
 
 
+def _twenty_unit_study(algorithms: tuple[CalibrationAlgorithm, ...], **plan_options: Any) -> tuple[GuidedPlan, optuna.Study]:
+    """(GuidedPlan, a real in-memory Optuna study under its GuidedSampler) over 20 single-layer groups, with FP32
+    (50.0) and an all-INT8 within the 1-point bound (49.5) under min-max calibration already told."""
+    import optuna
+
+    from sensisearch.quantize.config import CalibrationChoice
+    from sensisearch.study.search._guided import GuidedPlan, GuidedSampler
+    from sensisearch.study.search._space import SearchSpace
+
+    names = [f"conv{i}" for i in range(20)]
+    choice = CalibrationChoice(CalibrationAlgorithm.MINMAX, 32, 99.99)
+    space = SearchSpace(tuple(names), (Precision.INT8, Precision.FP32), algorithms, (32,), (99.99,), choice,
+                        groups=tuple((n,) for n in names))
+    plan = GuidedPlan(space, [(n,) for n in names], max_drop=1.0, budget=lambda study: 40, **plan_options)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=GuidedSampler(plan, seed=3))
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(range(20)), choice), distributions=plan.distributions, values=[50.0, 1.0],
+        user_attrs={"baseline": "fp32", "role": "evaluate"}))
+    study.add_trial(optuna.trial.create_trial(
+        params=plan.params(frozenset(), choice), distributions=plan.distributions, values=[49.5, 0.5],
+        user_attrs={"role": "evaluate"}))
+    return plan, study
+
+
 def test_the_sampler_phase_holds_the_least_sensitive_units_int8() -> None:
     """A real Optuna study: after FP32 and an all-INT8 within the bound (boundary k = 0), the sampler phase
     chooses only the 8 most sensitive of 20 groups; the 12 others come back INT8 in every proposal, and only the
     calibration whose all-INT8 is within the bound."""
     import optuna
 
-    from sensisearch.quantize.config import CalibrationAlgorithm, CalibrationChoice, Precision
-    from sensisearch.study.search._guided import GuidedPlan, GuidedSampler, SAMPLER_FREE_UNITS
-    from sensisearch.study.search._space import ALGORITHM, SearchSpace
+    from sensisearch.quantize.config import CalibrationChoice
+    from sensisearch.study.search._guided import SAMPLER_FREE_UNITS
+    from sensisearch.study.search._space import ALGORITHM
 
-    names = [f"conv{i}" for i in range(20)]
-    choice = CalibrationChoice(CalibrationAlgorithm.MINMAX, 32, 99.99)
-    space = SearchSpace(tuple(names), (Precision.INT8, Precision.FP32), (CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY),
-                        (32,), (99.99,), choice, groups=tuple((n,) for n in names))
-    plan = GuidedPlan(space, [(n,) for n in names], max_drop=1.0, budget=lambda study: 40)
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=GuidedSampler(plan, seed=3))
+    plan, study = _twenty_unit_study((CalibrationAlgorithm.MINMAX, CalibrationAlgorithm.ENTROPY))
     dists = plan.distributions
-    study.add_trial(optuna.trial.create_trial(
-        params=plan.params(frozenset(range(20)), choice), distributions=dists, values=[50.0, 1.0],
-        user_attrs={"baseline": "fp32", "role": "evaluate"}))
-    study.add_trial(optuna.trial.create_trial(
-        params=plan.params(frozenset(), choice), distributions=dists, values=[49.5, 0.5], user_attrs={"role": "evaluate"}))
     entropy = CalibrationChoice(CalibrationAlgorithm.ENTROPY, 32, 99.99)  # all-INT8 under entropy: far outside the bound
     study.add_trial(optuna.trial.create_trial(
         params=plan.params(frozenset(), entropy), distributions=dists, values=[40.0, 0.5], user_attrs={"role": "evaluate"}))
@@ -161,24 +181,10 @@ def test_the_speed_phase_follows_greedy_and_the_sampler_holds_what_it_kept_in_fl
     """A real Optuna study: all-INT8 within the bound (boundary k = 0, greedy has nothing to put back), unit 15 faster
     in float: the next proposal is all-INT8 but unit 15 (phase "speed"); once that is within the bound, the sampler's
     proposals keep unit 15 in float and the other held units INT8, and the speed trial is what verify is told of."""
-    import optuna
+    from sensisearch.study.search._guided import PHASE_ATTR, SAMPLER_FREE_UNITS, SPEED, speed_trials
 
-    from sensisearch.quantize.config import CalibrationChoice
-    from sensisearch.study.search._guided import PHASE_ATTR, SAMPLER_FREE_UNITS, SPEED, GuidedPlan, GuidedSampler, speed_trials
-    from sensisearch.study.search._space import SearchSpace
-
-    names = [f"conv{i}" for i in range(20)]
-    choice = CalibrationChoice(CalibrationAlgorithm.MINMAX, 32, 99.99)
-    space = SearchSpace(tuple(names), (Precision.INT8, Precision.FP32), (CalibrationAlgorithm.MINMAX,),
-                        (32,), (99.99,), choice, groups=tuple((n,) for n in names))
-    plan = GuidedPlan(space, [(n,) for n in names], max_drop=1.0, budget=lambda study: 40, faster_in_float=(15,))
-    study = optuna.create_study(directions=["maximize", "minimize"], sampler=GuidedSampler(plan, seed=3))
+    plan, study = _twenty_unit_study((CalibrationAlgorithm.MINMAX,), faster_in_float=(15,))
     dists = plan.distributions
-    study.add_trial(optuna.trial.create_trial(
-        params=plan.params(frozenset(range(20)), choice), distributions=dists, values=[50.0, 1.0],
-        user_attrs={"baseline": "fp32", "role": "evaluate"}))
-    study.add_trial(optuna.trial.create_trial(
-        params=plan.params(frozenset(), choice), distributions=dists, values=[49.5, 0.5], user_attrs={"role": "evaluate"}))
     trial = study.ask(dists)
     assert plan.floats_of(trial.params) == frozenset({15})
     assert study._storage.get_trial(trial._trial_id).system_attrs[PHASE_ATTR] == SPEED
