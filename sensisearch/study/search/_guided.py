@@ -186,9 +186,10 @@ def speed_next(
     goes back to float; the change is kept when the result stays at or above ``threshold``.
 
     Kept on accuracy alone, not on the trials' latencies: those are each timed against FP32 at
-    their own moment, and on the 2-core machine they contradicted the probe's direct comparison
-    by more than the gain (MNIST CNN, first conv in float: 1.78x against all-INT8's 2.54x in one
-    study, 2.41x against 2.10x in the next; interleaved with all-INT8, 1.14x [1.11, 1.16]).
+    their own moment, and on the 2-core machine such separate figures contradicted a direct
+    comparison by more than the gain (MNIST CNN: the first conv in float and all-INT8, each timed
+    with FP32, read 2.25x against 2.53x, while interleaved together the first read 1.14x faster;
+    one all-INT8 class read 2.54x in a study and 2.06x in its verify tournament).
     The verify tournament times these trials together with all-INT8 (:func:`speed_trials`).
     """
     current = start
