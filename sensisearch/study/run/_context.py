@@ -87,7 +87,7 @@ class StudyContext:
             # Probes on a fixed subset first, the layers near the ranking's cut on every image.
             "probes": "subset-first",
             # Timed here (not predicted): the probes are timed too and say which layers are faster in float.
-            "probe_timing": self.pipeline.timing is not None and self.pipeline.predictor is None,
+            "probe_timing": self.pipeline.timed_here,
             # Probes score the search images only when --holdout keeps some back.
             **({"holdout": self.evaluation.evaluation["holdout"]} if "holdout" in self.evaluation.evaluation else {}),
         }

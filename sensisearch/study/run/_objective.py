@@ -81,7 +81,7 @@ def make_objective(ctx: StudyContext, run_trial: RunTrial | None = None) -> Call
             "backend": ctx.backend.describe(),
             "config": config.to_dict(),
         }
-        timed_here = ctx.pipeline.timing is not None and ctx.pipeline.predictor is None
+        timed_here = ctx.pipeline.timed_here
         try:
             check_free_space(ctx.out, trial_bytes_estimate(ctx.trials_dir, model_bytes))
             trial_dir.mkdir(parents=True, exist_ok=True)

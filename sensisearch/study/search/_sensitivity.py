@@ -673,7 +673,7 @@ def measure_sensitivity(
             best = (value, choice)
     assert best is not None
     all_int8, choice = best
-    if pipeline.timing is not None and pipeline.predictor is None:
+    if pipeline.timed_here:
         timed_against = _kept_build(inputs, TrialConfig.uniform(layers, Precision.INT8, choice), timing_dir)
 
     def configs(layer: str) -> tuple[TrialConfig, TrialConfig]:

@@ -315,6 +315,11 @@ class TrialPipeline(ArtifactPipeline):
         self._reference_owner: int | None = None
         self._control_artifact: Path | None = None
 
+    @property
+    def timed_here(self) -> bool:
+        """Trials are timed on this machine (paired with FP32), not given a predictor's figure."""
+        return self.timing is not None and self.predictor is None
+
     def reference_artifact(self) -> Path:
         """The FP32 model's built artifact, built once per worker.
 
