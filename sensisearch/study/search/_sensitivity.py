@@ -354,7 +354,6 @@ PROBE_TIMING_SECONDS = 1.0
 """Cap on a probe's timing against all-INT8: a screen for layers faster in float, which a trial then times in full.
 The MNIST CNN's first conv in float: 1.13x [1.10, 1.15] and 1.14x [1.11, 1.16] over all-INT8 in two studies'
 probes, each within this second."""
-BASELINE_ARM, PROBE_ARM = "all-int8", "probe"
 
 
 class ProbeScore(NamedTuple):
@@ -381,14 +380,17 @@ def score_probe(
     when ``inputs.isolation`` is set (raising :class:`~sensisearch.study.trial._isolation.TrialProcessError`
     when the child crashes, exits or passes its deadline). ``metric=False``: the outputs only
     (metric None, no image scored). ``timed_against``: also time the probe interleaved with this built
-    artifact (:func:`time_against`)."""
+    artifact (:meth:`~sensisearch.study.trial._pipeline.TrialPipeline.time_against`)."""
     pipeline = inputs.pipeline
 
     def scored() -> ProbeScore:
         with _built(pipeline, config, work_dir) as (runner, artifact):
             outputs = [] if probe_feeds is None else _run_probe(runner, probe_feeds)
             result = _evaluated(pipeline, runner, positions) if metric else None
-            speedup = None if timed_against is None else time_against(pipeline, runner, artifact, timed_against)
+            speedup = None
+            if timed_against is not None:
+                paired = pipeline.time_against(runner, artifact, timed_against, PROBE_TIMING_SECONDS)
+                speedup = (paired.speedup, *paired.speedup_ci95)
             return ProbeScore(None if result is None else result.value, 0 if result is None else result.count, outputs, speedup)
 
     if inputs.isolation is None:
@@ -417,34 +419,6 @@ def score_probe(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)  # a child that crashed left its build behind
-
-
-def time_against(pipeline: TrialPipeline, runner: Runner, artifact: Path, baseline: Path) -> tuple[float, float, float]:
-    """``runner`` (built as ``artifact``) timed interleaved with the ``baseline`` artifact for at most
-    :data:`PROBE_TIMING_SECONDS`, with the study's timing plan (objective, batch, load policy):
-    its speed-up over the baseline (median, 95% CI)."""
-    import dataclasses
-
-    from sensisearch.measure import time_interleaved
-    from sensisearch.study.trial._pipeline import runs_per_round
-
-    plan = pipeline.timing
-    assert plan is not None
-    feeds = pipeline.timing_feeds()
-    timing = pipeline.backend.timing_backend()
-    opened = [timing.load(baseline)]
-    if pipeline.backend.separate_timing_sessions:  # timing sessions are set up unlike evaluation ones (see time_paired)
-        opened.append(timing.load(artifact))
-    try:
-        arms = {BASELINE_ARM: pipeline.arm(opened[0], feeds), PROBE_ARM: pipeline.arm(opened[-1] if len(opened) > 1 else runner, feeds)}
-        settings = dataclasses.replace(plan.settings, runs_per_round=runs_per_round(arms),
-                                       max_seconds=min(plan.settings.max_seconds, PROBE_TIMING_SECONDS))
-        paired = time_interleaved(arms, BASELINE_ARM, settings, load=plan.load)[PROBE_ARM]
-    finally:
-        for session in opened:
-            session.close()
-    low, high = paired.speedup_ci95
-    return paired.speedup, low, high
 
 
 def _run_probe(runner: Runner, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -747,17 +721,17 @@ def _kept_build(inputs: SensitivityInputs, config: TrialConfig, folder: Path) ->
 
     pipeline = inputs.pipeline
 
-    def build(scratch: Path) -> None:
+    def built() -> Path:
         deployable, _ = pipeline.emit(config, folder)
-        (scratch / "artifact.txt").write_text(str(pipeline.build(deployable, folder, config).artifact))
+        return pipeline.build(deployable, folder, config).artifact
 
     folder.mkdir(parents=True, exist_ok=True)
     scratch = folder.with_name(folder.name + "-hand-off")
     try:
         if inputs.isolation is None:
-            deployable, _ = pipeline.emit(config, folder)
-            return pipeline.build(deployable, folder, config).artifact
-        run_forked(build, scratch, inputs.isolation.build_timeout, "all-INT8 build for the probes' timing")
+            return built()
+        run_forked(lambda hand_off: (hand_off / "artifact.txt").write_text(str(built())), scratch,
+                   inputs.isolation.build_timeout, "all-INT8 build for the probes' timing")
         return Path((scratch / "artifact.txt").read_text())
     except (TrialProcessError, OSError) as exc:
         log.warning("sensitivity: the all-INT8 build to time the probes against failed, probes not timed: %s", exc)

@@ -408,7 +408,7 @@ class TrialPipeline(ArtifactPipeline):
         timing = self.backend.timing_backend()
         reference = timing.load(self.reference_artifact())
         control = timing.load(self.control_artifact()) if plan.control else None
-        candidate = timing.load(artifact) if artifact is not None and self.backend.separate_timing_sessions else None
+        candidate = self._timing_session(timing, artifact)
         try:
             arms = {REFERENCE_ARM: self.arm(reference, feeds), CANDIDATE_ARM: self.arm(candidate or runner, feeds)}
             if control is not None:
@@ -435,6 +435,31 @@ class TrialPipeline(ArtifactPipeline):
             paired = corrected(paired, checked)
             ratios = [r / checked.ratio for r in ratios]
         return ControlledTiming(paired, settings.runs_per_round, tuple(ratios), checked, fixed, attempts)
+
+    def _timing_session(self, timing: Backend, artifact: Path | None) -> Runner | None:
+        """``artifact`` loaded afresh for timing where the backend sets timing sessions up unlike evaluation
+        ones (None: time the evaluation runner itself)."""
+        return timing.load(artifact) if artifact is not None and self.backend.separate_timing_sessions else None
+
+    def time_against(self, runner: Runner, artifact: Path, baseline: Path, max_seconds: float) -> PairedLatency:
+        """``runner`` (built as ``artifact``) interleaved with the ``baseline`` artifact, with this plan's
+        objective, batch and load policy, for at most ``max_seconds``: its speed-up over the baseline
+        (a screening timing, e.g. a sensitivity probe's against all-INT8; no A/A control)."""
+        assert self.timing is not None
+        plan = self.timing
+        feeds = self.timing_feeds()
+        timing = self.backend.timing_backend()
+        against = timing.load(baseline)
+        candidate = self._timing_session(timing, artifact)
+        try:
+            arms = {"baseline": self.arm(against, feeds), CANDIDATE_ARM: self.arm(candidate or runner, feeds)}
+            settings = dataclasses.replace(plan.settings, runs_per_round=runs_per_round(arms),
+                                           max_seconds=min(plan.settings.max_seconds, max_seconds))
+            return time_interleaved(arms, "baseline", settings, load=plan.load)[CANDIDATE_ARM]
+        finally:
+            for opened in (against, candidate):
+                if opened is not None:
+                    opened.close()
 
     def latency_class_key(self, config: TrialConfig) -> str:
         """The key of ``config``'s latency class: its Q/DQ tensors (and whose scale each reuses) and its
