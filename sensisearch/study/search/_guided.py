@@ -392,14 +392,15 @@ def propose(plan: GuidedPlan, trials: Sequence[FrozenTrial]) -> Proposal:
     candidate, answer = greedy_next(start, known, threshold)
     if candidate is not None and len(candidate) < n:
         return Proposal(GREEDY, plan.params(candidate, calibration))
+    budget = plan.searched_budget or searched + 1
     if plan.faster_in_float:
         step, answer = speed_next(answer, plan.faster_in_float, known, threshold)
-        room = max(1, int(SPEED_SHARE * (plan.searched_budget or searched + 1)))
+        room = max(1, int(SPEED_SHARE * budget))
         if step is not None and len(step) < n and phases.get(SPEED, 0) < room:
             return Proposal(SPEED, plan.params(step, calibration))
     free = sampler_free_units(n, boundary)
     algorithms = competitive_algorithms([(v, c.algorithm.value) for v, c in all_int8], plan.max_drop) or None
-    local_from = int(round((plan.searched_budget or searched + 1) * (1 - LOCAL_SHARE)))
+    local_from = int(round(budget * (1 - LOCAL_SHARE)))
     if searched >= local_from:
         everything = {e.floats for e, _ in history}
         front = pareto([e for e, _ in history if e.value is not None and e.value >= threshold] or [e for e, _ in history])
